@@ -1,0 +1,179 @@
+#include "adapters/lora.h"
+
+#include <cmath>
+#include <regex>
+#include <set>
+
+#include "core/errors.h"
+
+namespace lorafit {
+
+namespace {
+
+using nlohmann::json;
+
+// PEFT's check_target_module_exists: a string is a regex that must match the whole module
+// name; a list matches a name equal to an entry or ending in "." + entry.
+bool targeted(const json& targets, const std::string& name) {
+  if (targets.is_string()) {
+    const auto& s = targets.get_ref<const std::string&>();
+    if (s == "all-linear") return name != "lm_head";
+    try {
+      return std::regex_match(name, std::regex(s));
+    } catch (const std::regex_error&) {
+      throw ConfigError("'target_modules' is '" + s + "', which is not a regular expression");
+    }
+  }
+  for (const auto& t : targets) {
+    const auto& s = t.get_ref<const std::string&>();
+    if (name == s || (name.size() > s.size() && name.compare(name.size() - s.size() - 1,
+                                                             s.size() + 1, "." + s) == 0)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// rank_pattern / alpha_pattern: the first key k for which `(.*\.)?(k)$` matches the module
+// name (PEFT's get_pattern_key).
+const json* pattern_value(const json& config, const char* key, const std::string& name) {
+  auto it = config.find(key);
+  if (it == config.end() || !it->is_object()) return nullptr;
+  for (const auto& [k, v] : it->items()) {
+    try {
+      if (std::regex_match(name, std::regex("(.*\\.)?(" + k + ")"))) return &v;
+    } catch (const std::regex_error&) {
+      throw ConfigError("'" + std::string(key) + "' key '" + k + "' is not a regular expression");
+    }
+  }
+  return nullptr;
+}
+
+std::string shape_of(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+}  // namespace
+
+LoraImpl::LoraImpl(int64_t in, int64_t out, int64_t r, double scaling_, double dropout_,
+                   const torch::TensorOptions& options)
+    : scaling(scaling_), dropout(dropout_) {
+  const auto o = options.dtype(torch::kFloat32);
+  lora_A = register_parameter("lora_A", torch::empty({r, in}, o));
+  lora_B = register_parameter("lora_B", torch::zeros({out, r}, o));
+  // PEFT's default: A like nn.Linear (kaiming_uniform, a = sqrt(5)), B = 0.
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(lora_A, std::sqrt(5.0));
+}
+
+torch::Tensor LoraImpl::forward(const torch::Tensor& x, const torch::Tensor& base) {
+  auto h = x.to(lora_A.scalar_type());
+  if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, /*train=*/true);
+  auto delta = torch::nn::functional::linear(torch::nn::functional::linear(h, lora_A), lora_B);
+  return (base + delta * scaling).to(base.scalar_type());
+}
+
+void lora_attach_saved(const json& config, const TensorMap& weights,
+                       const Projections& projections, const std::string& where) {
+  std::vector<std::string> problems;
+  auto unsupported = [&](const char* key, const json& ok) {
+    auto it = config.find(key);
+    if (it != config.end() && !it->is_null() && *it != ok) {
+      problems.push_back("'" + std::string(key) + "' is " + it->dump() + ", which lorafit does not "
+                         "support (expected " + ok.dump() + ")");
+    }
+  };
+  unsupported("use_dora", false);
+  unsupported("fan_in_fan_out", false);
+  unsupported("bias", "none");
+  unsupported("lora_bias", false);
+  unsupported("layers_to_transform", nullptr);
+  unsupported("modules_to_save", nullptr);
+
+  const auto targets_it = config.find("target_modules");
+  const bool targets_ok = targets_it != config.end() &&
+                          (targets_it->is_string() ||
+                           (targets_it->is_array() &&
+                            std::all_of(targets_it->begin(), targets_it->end(),
+                                        [](const json& t) { return t.is_string(); })));
+  if (!targets_ok) problems.push_back("'target_modules' must be a string or a list of strings");
+  const auto alpha_it = config.find("lora_alpha");
+  if (alpha_it == config.end() || !alpha_it->is_number()) {
+    problems.push_back("'lora_alpha' must be a number");
+  }
+  const auto dropout_it = config.find("lora_dropout");
+  const bool dropout_ok = dropout_it == config.end() || dropout_it->is_null() ||
+                          (dropout_it->is_number() && dropout_it->get<double>() >= 0 &&
+                           dropout_it->get<double>() < 1);
+  if (!dropout_ok) problems.push_back("'lora_dropout' must be a number in [0, 1)");
+  const double dropout = dropout_ok && dropout_it != config.end() && !dropout_it->is_null()
+                             ? dropout_it->get<double>() : 0.0;
+  const auto rslora_it = config.find("use_rslora");
+  if (rslora_it != config.end() && !rslora_it->is_boolean() && !rslora_it->is_null()) {
+    problems.push_back("'use_rslora' must be true or false");
+  }
+  const bool rslora = rslora_it != config.end() && rslora_it->is_boolean() && rslora_it->get<bool>();
+  const double default_alpha = alpha_it != config.end() && alpha_it->is_number() ? alpha_it->get<double>() : 0;
+  if (!problems.empty()) throw ConfigError("adapter '" + where + "': " + join_problems(problems));
+
+  std::set<std::string> used;
+  for (auto p : projections) {  // holders by value: attach() is not const
+    if (!targeted(*targets_it, p->name)) continue;
+    const std::string key_a = "base_model.model." + p->name + ".lora_A.weight";
+    const std::string key_b = "base_model.model." + p->name + ".lora_B.weight";
+    auto a = weights.find(key_a);
+    auto b = weights.find(key_b);
+    if (a == weights.end() || b == weights.end()) {
+      problems.push_back("missing tensor '" + (a == weights.end() ? key_a : key_b) + "'");
+      continue;
+    }
+    used.insert(key_a);
+    used.insert(key_b);
+    const auto r = a->second.dim() == 2 ? a->second.size(0) : -1;
+    if (r <= 0 || a->second.size(1) != p->in_features || b->second.dim() != 2 ||
+        b->second.size(0) != p->out_features || b->second.size(1) != r) {
+      problems.push_back("tensors '" + key_a + "' " + shape_of(a->second) + " and lora_B " +
+                         shape_of(b->second) + " do not fit the projection [" +
+                         std::to_string(p->out_features) + ", " + std::to_string(p->in_features) +
+                         "], expected [r, " + std::to_string(p->in_features) + "] and [" +
+                         std::to_string(p->out_features) + ", r]");
+      continue;
+    }
+    if (const json* pr = pattern_value(config, "rank_pattern", p->name);
+        pr && (!pr->is_number_integer() || pr->get<int64_t>() != r)) {
+      problems.push_back("rank_pattern gives " + pr->dump() + " for '" + p->name +
+                         "' but its tensors have rank " + std::to_string(r));
+      continue;
+    }
+    double alpha = default_alpha;
+    if (const json* pa = pattern_value(config, "alpha_pattern", p->name); pa && pa->is_number()) {
+      alpha = pa->get<double>();
+    }
+    const double scaling = rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    auto lora = Lora(p->in_features, p->out_features, r, scaling,
+                     dropout, torch::device(p->weight.device()));
+    {
+      torch::NoGradGuard no_grad;
+      lora->lora_A.copy_(a->second);
+      lora->lora_B.copy_(b->second);
+    }
+    p->attach(lora.ptr());
+  }
+  for (const auto& [name, t] : weights) {
+    if (!used.count(name)) {
+      problems.push_back("tensor '" + name + "' matches no targeted projection of the model");
+    }
+  }
+  if (used.empty() && problems.empty()) {
+    problems.push_back("target_modules " + targets_it->dump() + " select no projection of the model");
+  }
+  if (!problems.empty()) {
+    throw ModelMismatchError("adapter '" + where + "' does not fit the model: " +
+                             join_problems(problems) +
+                             " (hint: was it trained on this base model?)");
+  }
+}
+
+}  // namespace lorafit

@@ -1,0 +1,29 @@
+// LoRA with PEFT's math: y = x W^T + s * B(A(dropout(x))), s = alpha / r (or alpha / sqrt(r)
+// with rsLoRA); A and B in fp32 whatever the base dtype.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include "adapters/projection.h"
+
+namespace lorafit {
+
+struct LoraImpl : ProjectionAdapterImpl {
+  LoraImpl(int64_t in_features, int64_t out_features, int64_t r, double scaling, double dropout,
+           const torch::TensorOptions& options);
+  /// x: [..., in], base: [..., out] -> [..., out]
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) override;
+
+  torch::Tensor lora_A;  // [r, in]
+  torch::Tensor lora_B;  // [out, r]
+  double scaling;
+  double dropout;
+};
+TORCH_MODULE(Lora);
+
+/// Attaches a saved PEFT LoRA adapter (adapter_config.json already parsed, tensors read) to the
+/// projections that its target_modules select. `where` names the adapter folder in messages.
+void lora_attach_saved(const nlohmann::json& config, const TensorMap& weights,
+                       const Projections& projections, const std::string& where);
+
+}  // namespace lorafit

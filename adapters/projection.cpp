@@ -1,0 +1,27 @@
+#include "adapters/projection.h"
+
+namespace lorafit {
+
+ProjectionImpl::ProjectionImpl(std::string name_, int64_t in, int64_t out,
+                               const torch::TensorOptions& options, torch::Tensor shared_weight)
+    : name(std::move(name_)), in_features(in), out_features(out) {
+  weight = register_parameter(
+      "weight", shared_weight.defined() ? shared_weight : torch::empty({out, in}, options),
+      /*requires_grad=*/false);
+}
+
+torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
+  auto base = torch::nn::functional::linear(x, weight);
+  return adapter ? adapter->forward(x, base) : base;
+}
+
+void ProjectionImpl::attach(std::shared_ptr<ProjectionAdapterImpl> a) {
+  adapter = adapter ? replace_module("adapter", std::move(a)) : register_module("adapter", std::move(a));
+}
+
+std::string projection_kind(const std::string& name) {
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+}  // namespace lorafit

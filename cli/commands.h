@@ -1,0 +1,14 @@
+// One function per subcommand: each registers its options on the CLI11 app and returns the
+// action to run once parsing succeeded. Actions throw; cli/main.cpp catches.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace lorafit::cli {
+
+using Action = std::function<void()>;
+
+Action add_eval(CLI::App& app);
+
+}  // namespace lorafit::cli

@@ -1,0 +1,50 @@
+#include "core/adapter_io.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "adapters/registry.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+
+namespace lorafit {
+
+namespace fs = std::filesystem;
+
+void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
+  const fs::path config_path = fs::path(dir) / "adapter_config.json";
+  const fs::path weights_path = fs::path(dir) / "adapter_model.safetensors";
+  if (!fs::is_directory(dir)) throw IoError("adapter folder '" + dir + "' does not exist");
+  std::ifstream in(config_path);
+  if (!in) {
+    throw IoError("cannot read '" + config_path.string() +
+                  "' (hint: --adapter must be a PEFT adapter folder)");
+  }
+  nlohmann::json config;
+  try {
+    in >> config;
+  } catch (const nlohmann::json::exception& e) {
+    throw ConfigError("'" + config_path.string() + "' is not valid JSON: " + e.what());
+  }
+  if (!config.is_object() || !config.contains("peft_type") || !config["peft_type"].is_string()) {
+    throw ConfigError("'" + config_path.string() + "' has no \"peft_type\" string");
+  }
+  if (!fs::exists(weights_path)) {
+    throw IoError("'" + weights_path.string() + "' is missing (hint: lorafit reads adapters saved "
+                  "as safetensors, PEFT's default)");
+  }
+  const std::string peft_type = config["peft_type"];
+  const auto& spec = find_adapter_by_peft_type(peft_type, config_path.string());
+  SafetensorsFile file(weights_path.string());
+  TensorMap weights;
+  for (const auto& e : file.header().entries) {
+    if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
+      throw ModelMismatchError("adapter tensor '" + e.name + "' in '" + weights_path.string() +
+                               "' has dtype " + st_dtype_name(e.dtype) + ", expected F32, F16 or BF16");
+    }
+    weights[e.name] = file.tensor(e.name);
+  }
+  spec.attach_saved(config, weights, model->projections(), dir);
+}
+
+}  // namespace lorafit

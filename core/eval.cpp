@@ -1,0 +1,88 @@
+#include "core/eval.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "core/errors.h"
+
+namespace lorafit {
+
+namespace {
+// Rows of fp32 logits held at once: 2048 x 128256 x 4 bytes is about 1 GiB.
+constexpr int64_t kLogitRowsPerChunk = 2048;
+}  // namespace
+
+std::vector<std::vector<int64_t>> eval_sequences(const std::vector<TextRecord>& records,
+                                                 const Tokenizer& tokenizer, int64_t bos,
+                                                 int64_t max_seq_len) {
+  std::vector<std::vector<int64_t>> out;
+  out.reserve(records.size());
+  for (const auto& r : records) {
+    std::vector<int64_t> ids{bos};
+    const auto body = tokenizer.encode(r.text);
+    ids.insert(ids.end(), body.begin(), body.end());
+    if (static_cast<int64_t>(ids.size()) > max_seq_len) ids.resize(max_seq_len);
+    out.push_back(std::move(ids));
+  }
+  return out;
+}
+
+torch::Tensor target_log_prob_sum(LlamaForCausalLM& model, const torch::Tensor& hidden,
+                                  const torch::Tensor& targets) {
+  auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
+  for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
+    const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
+    auto logp = torch::log_softmax(model->logits(hidden.narrow(0, start, n)).to(torch::kFloat32), -1);
+    total += logp.gather(1, targets.narrow(0, start, n).unsqueeze(1)).to(torch::kFloat64).sum();
+  }
+  return total;
+}
+
+EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64_t>>& sequences,
+                    int64_t batch_size) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  const auto device = model->inv_freq.device();
+  const auto vocab = model->config.vocab_size;
+
+  // Longest first, so each batch pads little.
+  std::vector<size_t> order(sequences.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return sequences[a].size() > sequences[b].size();
+  });
+
+  double nll = 0;
+  int64_t scored = 0;
+  for (size_t start = 0; start < order.size(); start += batch_size) {
+    const size_t end = std::min(order.size(), start + static_cast<size_t>(batch_size));
+    const auto t = static_cast<int64_t>(sequences[order[start]].size());
+    if (t < 2) break;  // sorted: nothing after this scores a token
+    const auto b = static_cast<int64_t>(end - start);
+    std::vector<int64_t> ids_host(b * t, 0);  // right-padded with token 0, never scored
+    std::vector<uint8_t> mask_host(b * t, 0);
+    for (int64_t i = 0; i < b; ++i) {
+      const auto& seq = sequences[order[start + i]];
+      for (size_t j = 0; j < seq.size(); ++j) {
+        if (seq[j] < 0 || seq[j] >= vocab) {
+          throw Error("token id " + std::to_string(seq[j]) + " is outside the model's vocabulary of " +
+                      std::to_string(vocab) + " (hint: the tokenizer does not belong to this model)");
+        }
+        ids_host[i * t + j] = seq[j];
+        mask_host[i * t + j] = j + 1 < seq.size();  // this position predicts a real token
+      }
+    }
+    auto ids = torch::from_blob(ids_host.data(), {b, t}, torch::kInt64).to(device);  // [B, T]
+    auto scored_mask =
+        torch::from_blob(mask_host.data(), {b, t}, torch::kUInt8).to(device).to(torch::kBool);
+    auto hidden = model->forward(ids);  // [B, T, C]
+    auto next = torch::roll(ids, -1, 1);  // [B, T]: the token each position predicts
+    auto rows = hidden.index({scored_mask});  // [N, C]
+    auto targets = next.index({scored_mask});  // [N]
+    nll -= target_log_prob_sum(model, rows, targets).item<double>();
+    scored += targets.size(0);
+  }
+  return {scored ? nll / scored : 0.0, scored};
+}
+
+}  // namespace lorafit

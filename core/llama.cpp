@@ -1,0 +1,228 @@
+#include "core/llama.h"
+
+#include <cmath>
+#include <set>
+
+#include "core/compat.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+
+namespace lorafit {
+
+namespace {
+
+torch::Tensor frozen(torch::nn::Module& m, const char* name, torch::IntArrayRef shape,
+                     const torch::TensorOptions& o) {
+  return m.register_parameter(name, torch::empty(shape, o), /*requires_grad=*/false);
+}
+
+// x: [B, H, T, D]; rotate_half(x) = cat(-x2, x1) on the two halves of D.
+torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& rope) {
+  const auto half = x.size(-1) / 2;
+  auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * rope.cos + rotated * rope.sin;
+}
+
+// Python's `scalar / tensor` is `tensor.reciprocal() * scalar`; matching it keeps RoPE
+// frequencies bit-identical to transformers'.
+torch::Tensor rdiv(double scalar, const torch::Tensor& t) { return t.reciprocal() * scalar; }
+
+std::string shape_str(torch::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& o) : eps(eps_) {
+  weight = frozen(*this, "weight", {dim}, o);
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto x32 = x.to(torch::kFloat32);
+  x32 = x32 * torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * x32.to(x.scalar_type());
+}
+
+EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, const torch::TensorOptions& o) {
+  weight = frozen(*this, "weight", {vocab, dim}, o);
+}
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
+  return torch::embedding(weight, ids);
+}
+
+AttentionImpl::AttentionImpl(const LlamaConfig& c, const std::string& prefix,
+                             const torch::TensorOptions& o)
+    : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
+  const auto hidden = c.hidden_size;
+  q_proj = register_module("q_proj", Projection(prefix + ".q_proj", hidden, heads * head_dim, o));
+  k_proj = register_module("k_proj", Projection(prefix + ".k_proj", hidden, kv_heads * head_dim, o));
+  v_proj = register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv_heads * head_dim, o));
+  o_proj = register_module("o_proj", Projection(prefix + ".o_proj", heads * head_dim, hidden, o));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RopeTables& rope) {
+  const auto b = x.size(0), t = x.size(1);
+  auto q = q_proj(x).view({b, t, heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
+  auto k = k_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
+  auto v = v_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
+  q = apply_rope(q, rope);
+  k = apply_rope(k, rope);
+  if (kv_heads != heads) {
+    // Each KV head serves heads/kv_heads consecutive query heads (transformers' repeat_kv).
+    const auto rep = heads / kv_heads;
+    k = k.unsqueeze(2).expand({b, kv_heads, rep, t, head_dim}).reshape({b, heads, t, head_dim});
+    v = v.unsqueeze(2).expand({b, kv_heads, rep, t, head_dim}).reshape({b, heads, t, head_dim});
+  }
+  auto y = compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
+}
+
+MlpImpl::MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o) {
+  const auto h = c.hidden_size, i = c.intermediate_size;
+  gate_proj = register_module("gate_proj", Projection(prefix + ".gate_proj", h, i, o));
+  up_proj = register_module("up_proj", Projection(prefix + ".up_proj", h, i, o));
+  down_proj = register_module("down_proj", Projection(prefix + ".down_proj", i, h, o));
+}
+
+torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
+  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+}
+
+DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, int64_t index,
+                                   const torch::TensorOptions& o) {
+  const std::string prefix = "model.layers." + std::to_string(index);
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
+  self_attn = register_module("self_attn", Attention(c, prefix + ".self_attn", o));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
+  mlp = register_module("mlp", Mlp(c, prefix + ".mlp", o));
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const RopeTables& rope) {
+  auto x = h + self_attn(input_layernorm(h), rope);
+  return x + mlp(post_attention_layernorm(x));
+}
+
+LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c, const torch::TensorOptions& o) {
+  embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, o));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i, o));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
+}
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, const torch::TensorOptions& o)
+    : config(c) {
+  model = register_module("model", LlamaBody(c, o));
+  lm_head = register_module(
+      "lm_head", Projection("lm_head", c.hidden_size, c.vocab_size, o,
+                            c.tie_word_embeddings ? model->embed_tokens->weight : torch::Tensor()));
+  inv_freq = rope_inv_freq(c).to(o.device());
+}
+
+torch::Tensor rope_inv_freq(const LlamaConfig& c) {
+  const auto& r = c.rope;
+  const auto dim = c.head_dim;
+  auto exponents = torch::arange(0, dim, 2, torch::kInt64).to(torch::kFloat32) / dim;
+  auto inv_freq = rdiv(1.0, torch::pow(r.theta, exponents));  // [D/2] f32
+  if (r.type == RopeType::Linear) return inv_freq / r.factor;
+  if (r.type != RopeType::Llama3) return inv_freq;
+
+  const double old_len = static_cast<double>(r.original_max_position_embeddings);
+  const double low_wavelen = old_len / r.low_freq_factor;
+  const double high_wavelen = old_len / r.high_freq_factor;
+  auto wavelen = rdiv(2 * M_PI, inv_freq);
+  // Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+  auto scaled = torch::where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq);
+  auto smooth = (rdiv(old_len, wavelen) - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+  auto smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled;
+  auto medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+  return torch::where(medium, smoothed, scaled);
+}
+
+RopeTables LlamaForCausalLMImpl::rope_tables(int64_t t, torch::Dtype dtype) const {
+  auto positions = torch::arange(t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
+  auto freqs = torch::outer(positions, inv_freq);  // [T, D/2]
+  auto emb = torch::cat({freqs, freqs}, -1);        // [T, D]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids) {
+  auto h = model->embed_tokens(ids);  // [B, T, C]
+  const auto rope = rope_tables(ids.size(1), h.scalar_type());
+  for (const auto& layer : *model->layers) h = layer->as<DecoderLayer>()->forward(h, rope);
+  return model->norm(h);
+}
+
+torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& hidden) { return lm_head(hidden); }
+
+Projections LlamaForCausalLMImpl::projections() const {
+  Projections out;
+  for (const auto& m : *model->layers) {
+    auto* layer = m->as<DecoderLayerImpl>();
+    const auto& a = layer->self_attn;
+    const auto& f = layer->mlp;
+    for (const auto& p : {a->q_proj, a->k_proj, a->v_proj, a->o_proj, f->gate_proj, f->up_proj,
+                          f->down_proj}) {
+      out.push_back(p);
+    }
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> LlamaForCausalLMImpl::checkpoint_tensors() {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : named_parameters(/*recurse=*/true)) {
+    if (item.key().find(".adapter.") != std::string::npos) continue;
+    if (config.tie_word_embeddings && item.key() == "lm_head.weight") continue;
+    out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch::Dtype dtype) {
+  const LlamaConfig config = load_llama_config(dir);
+  SafetensorsCheckpoint checkpoint(dir);
+  LlamaForCausalLM model(config, torch::dtype(dtype).device(device));
+
+  const auto entries = checkpoint.entries();
+  std::vector<std::string> problems;
+  std::set<std::string> expected;
+  const auto wanted = model->checkpoint_tensors();
+  for (const auto& [name, t] : wanted) {
+    expected.insert(name);
+    auto it = entries.find(name);
+    if (it == entries.end()) {
+      problems.push_back("missing tensor '" + name + "' " + shape_str(t.sizes()));
+      continue;
+    }
+    const StEntry& e = *it->second;
+    if (torch::IntArrayRef(e.shape) != t.sizes()) {
+      problems.push_back("tensor '" + name + "' has shape " + shape_str(e.shape) + ", expected " +
+                         shape_str(t.sizes()));
+    } else if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
+      problems.push_back("tensor '" + name + "' has dtype " + st_dtype_name(e.dtype) +
+                         ", expected F32, F16 or BF16");
+    }
+  }
+  for (const auto& [name, e] : entries) {
+    const bool derived = name.size() > 13 && name.substr(name.size() - 13) == "rotary_emb.inv_freq";
+    const bool tied_head = config.tie_word_embeddings && name == "lm_head.weight";
+    if (!expected.count(name) && !derived && !tied_head) {
+      problems.push_back("unexpected tensor '" + name + "' " + shape_str(e->shape));
+    }
+  }
+  if (!problems.empty()) {
+    throw ModelMismatchError("checkpoint '" + dir + "' does not match its config.json: " +
+                             join_problems(problems) +
+                             " (hint: is config.json from the same model as the weights?)");
+  }
+
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, t] : wanted) t.copy_(checkpoint.tensor(name));
+  return model;
+}
+
+}  // namespace lorafit

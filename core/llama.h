@@ -1,0 +1,111 @@
+// The LLaMA decoder as transformers computes it (modeling_llama.py): RMSNorm, RoPE in the
+// rotate_half convention on HF-layout weights, grouped-query attention, SwiGLU MLP, tied or
+// untied head. Module and parameter names equal the checkpoint's keys, so loading is by name.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+#include "adapters/projection.h"
+#include "core/hf_config.h"
+
+namespace lorafit {
+
+struct RMSNormImpl : torch::nn::Module {
+  RMSNormImpl(int64_t dim, double eps, const torch::TensorOptions& options);
+  /// x: [..., C]; normalises in fp32, casts back, then scales (transformers' order).
+  torch::Tensor forward(const torch::Tensor& x);
+
+  torch::Tensor weight;  // [C]
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+struct EmbeddingImpl : torch::nn::Module {
+  EmbeddingImpl(int64_t vocab, int64_t dim, const torch::TensorOptions& options);
+  /// ids: [B, T] -> [B, T, C]
+  torch::Tensor forward(const torch::Tensor& ids);
+
+  torch::Tensor weight;  // [V, C]
+};
+TORCH_MODULE(Embedding);
+
+/// cos and sin of the rotary angles, each [T, head_dim], in the activations' dtype.
+struct RopeTables {
+  torch::Tensor cos;
+  torch::Tensor sin;
+};
+
+struct AttentionImpl : torch::nn::Module {
+  AttentionImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
+  /// x: [B, T, C] -> [B, T, C]
+  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope);
+
+  Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  int64_t heads, kv_heads, head_dim;
+};
+TORCH_MODULE(Attention);
+
+struct MlpImpl : torch::nn::Module {
+  MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
+  /// x: [B, T, C] -> [B, T, C]
+  torch::Tensor forward(const torch::Tensor& x);
+
+  Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+struct DecoderLayerImpl : torch::nn::Module {
+  DecoderLayerImpl(const LlamaConfig& c, int64_t index, const torch::TensorOptions& o);
+  /// h: [B, T, C] -> [B, T, C]
+  torch::Tensor forward(const torch::Tensor& h, const RopeTables& rope);
+
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  Mlp mlp{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+/// `LlamaForCausalLM.model`: embeddings, decoder layers, final norm.
+struct LlamaBodyImpl : torch::nn::Module {
+  LlamaBodyImpl(const LlamaConfig& c, const torch::TensorOptions& o);
+
+  Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(LlamaBody);
+
+struct LlamaForCausalLMImpl : torch::nn::Module {
+  LlamaForCausalLMImpl(const LlamaConfig& c, const torch::TensorOptions& o);
+
+  /// ids: [B, T] -> final-normed hidden states [B, T, C]. Causal attention only, so right
+  /// padding never changes the states of the real tokens before it.
+  torch::Tensor forward(const torch::Tensor& ids);
+  /// hidden: [..., C] -> logits [..., V] in the model's dtype.
+  torch::Tensor logits(const torch::Tensor& hidden);
+  /// cos/sin for positions 0..T-1, in `dtype`, on the model's device.
+  RopeTables rope_tables(int64_t t, torch::Dtype dtype) const;
+  /// Every projection that an adapter may target (the seven per layer, in layer order).
+  Projections projections() const;
+  /// The checkpoint keys this model reads, with their tensors (tied head excluded).
+  std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors();
+
+  LlamaConfig config;
+  LlamaBody model{nullptr};
+  Projection lm_head{nullptr};
+  torch::Tensor inv_freq;  // [head_dim / 2] f32, not a checkpoint tensor
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+/// Inverse RoPE frequencies [head_dim / 2] in f32, computed in transformers' op order
+/// (default, linear and llama3 types).
+torch::Tensor rope_inv_freq(const LlamaConfig& c);
+
+/// Builds the model from a Hugging Face folder (config.json + safetensors) onto `device` with
+/// frozen base weights in `dtype`. Missing, unexpected and mis-shaped tensors are all reported
+/// at once by name.
+LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch::Dtype dtype);
+
+}  // namespace lorafit

@@ -1,0 +1,70 @@
+// safetensors files as LibTorch tensors: read by mmap (one file, or shards with
+// model.safetensors.index.json) and written atomically (one file, or shards with an index).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "adapters/projection.h"
+#include "core/safetensors_format.h"
+
+namespace lorafit {
+
+/// One safetensors file, mapped read-only (copy-on-write) for as long as any tensor from it
+/// lives.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  const StHeader& header() const { return header_; }
+  const StEntry* find(const std::string& name) const;
+  /// A CPU tensor viewing the mapped bytes (no copy). Throws ModelMismatchError if absent.
+  torch::Tensor tensor(const std::string& name) const;
+
+ private:
+  struct Mapping;
+  std::string path_;
+  std::shared_ptr<Mapping> map_;
+  StHeader header_;
+  std::map<std::string, size_t> index_;  // name -> position in header_.entries
+};
+
+/// The tensors of a checkpoint folder: model.safetensors, or the shards that
+/// model.safetensors.index.json lists.
+class SafetensorsCheckpoint {
+ public:
+  explicit SafetensorsCheckpoint(const std::string& dir);
+
+  /// Every tensor name with its entry (dtype, shape), in name order.
+  std::map<std::string, const StEntry*> entries() const;
+  torch::Tensor tensor(const std::string& name) const;
+  /// Total bytes of tensor data.
+  uint64_t data_bytes() const;
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const SafetensorsFile*> owner_;
+};
+
+torch::Dtype to_torch_dtype(StDtype dtype);
+StDtype to_st_dtype(torch::Dtype dtype);
+
+/// Writes tensors (moved to the CPU, kept in their dtype) to `path` through a temporary name.
+void save_safetensors(const std::string& path, const TensorMap& tensors,
+                      const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+
+/// Writes tensors as shards of at most `max_shard_bytes` of data each, named
+/// model-0000i-of-0000n.safetensors, plus model.safetensors.index.json; one shard is written
+/// as model.safetensors with no index.
+void save_safetensors_sharded(const std::string& dir, const TensorMap& tensors,
+                              uint64_t max_shard_bytes);
+
+/// Writes `text` to `path` through a temporary name in the same folder, then renames it.
+void write_file_atomic(const std::string& path, const std::string& text);
+
+}  // namespace lorafit

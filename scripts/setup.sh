@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what lorafit needs to build and test on Debian 12 (idempotent; apt only).
+set -euo pipefail
+packages=(build-essential cmake ninja-build ccache libtorch-dev libyaml-cpp-dev libcli11-dev
+          libsentencepiece-dev libfmt-dev catch2 nlohmann-json3-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

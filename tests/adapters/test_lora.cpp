@@ -1,0 +1,120 @@
+#include <catch2/catch.hpp>
+
+#include "adapters/lora.h"
+#include "adapters/registry.h"
+#include "core/errors.h"
+#include "test_util.h"
+
+using namespace lorafit;
+
+namespace {
+
+Projections make_projections(const std::vector<std::string>& names, int64_t in, int64_t out) {
+  Projections ps;
+  torch::manual_seed(0);
+  for (const auto& n : names) {
+    ps.push_back(Projection(n, in, out, torch::kFloat32));
+    torch::NoGradGuard g;
+    ps.back()->weight.normal_();
+  }
+  return ps;
+}
+
+TensorMap lora_weights(const Projections& ps, int64_t r) {
+  TensorMap w;
+  for (const auto& p : ps) {
+    w["base_model.model." + p->name + ".lora_A.weight"] = torch::randn({r, p->in_features});
+    w["base_model.model." + p->name + ".lora_B.weight"] = torch::randn({p->out_features, r});
+  }
+  return w;
+}
+
+nlohmann::json lora_config(nlohmann::json targets) {
+  return {{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8}, {"target_modules", targets}};
+}
+
+}  // namespace
+
+TEST_CASE("a fresh LoRA leaves the projection's output unchanged", "[adapters][lora]") {
+  auto ps = make_projections({"model.layers.0.self_attn.q_proj"}, 6, 5);
+  auto x = torch::randn({2, 3, 6});
+  auto before = ps[0](x);
+  ps[0]->attach(Lora(6, 5, 4, 2.0, 0.0, torch::kFloat32).ptr());
+  REQUIRE(torch::equal(ps[0](x), before));
+}
+
+TEST_CASE("LoRA forward is x W^T + s B A x, computed in fp32 for a bf16 base", "[adapters][lora]") {
+  auto ps = make_projections({"q_proj"}, 6, 5);
+  auto lora = Lora(6, 5, 3, /*scaling=*/0.75, 0.0, torch::kFloat32);
+  {
+    torch::NoGradGuard g;
+    lora->lora_B.normal_();
+  }
+  ps[0]->attach(lora.ptr());
+  auto x = torch::randn({4, 6});
+  auto expected = x.matmul(ps[0]->weight.t()) +
+                  0.75 * x.matmul(lora->lora_A.t()).matmul(lora->lora_B.t());
+  REQUIRE(torch::allclose(ps[0](x), expected, 1e-5, 1e-6));
+
+  auto bf16 = Projection("q_proj", 6, 5, torch::kBFloat16);
+  {
+    torch::NoGradGuard g;
+    bf16->weight.copy_(ps[0]->weight);
+  }
+  bf16->attach(lora.ptr());
+  auto y = bf16(x.to(torch::kBFloat16));
+  REQUIRE(y.scalar_type() == torch::kBFloat16);
+  REQUIRE(lora->lora_A.scalar_type() == torch::kFloat32);
+}
+
+TEST_CASE("target_modules select projections by PEFT's rules", "[adapters][lora]") {
+  const std::vector<std::string> names = {"model.layers.0.self_attn.q_proj",
+                                          "model.layers.0.self_attn.v_proj",
+                                          "model.layers.0.mlp.up_proj"};
+  // The file holds tensors for exactly the expected projections, so selecting more (a missing
+  // tensor) or fewer (an unused tensor) throws.
+  auto expect_selected = [&](const nlohmann::json& targets, const std::vector<size_t>& expected) {
+    INFO(targets.dump());
+    auto ps = make_projections(names, 4, 4);
+    Projections chosen;
+    for (auto i : expected) chosen.push_back(ps[i]);
+    REQUIRE_NOTHROW(lora_attach_saved(lora_config(targets), lora_weights(chosen, 2), ps, "t"));
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const bool want = std::find(expected.begin(), expected.end(), i) != expected.end();
+      REQUIRE(static_cast<bool>(ps[i]->adapter) == want);
+    }
+  };
+  expect_selected({"q_proj", "up_proj"}, {0, 2});
+  expect_selected(".*self_attn\\.(q|v)_proj", {0, 1});
+  expect_selected("all-linear", {0, 1, 2});
+  auto ps = make_projections(names, 4, 4);
+  REQUIRE_THROWS_WITH(lora_attach_saved(lora_config({"proj"}), {}, ps, "t"),
+                      Catch::Contains("select no projection"));  // a suffix must follow a dot
+}
+
+TEST_CASE("rsLoRA and alpha_pattern set the scaling", "[adapters][lora]") {
+  auto ps = make_projections({"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"}, 4, 4);
+  auto config = lora_config({"q_proj", "up_proj"});
+  config["use_rslora"] = true;
+  config["alpha_pattern"] = {{"up_proj", 32}};
+  lora_attach_saved(config, lora_weights(ps, 4), ps, "t");
+  REQUIRE(ps[0]->adapter->as<LoraImpl>()->scaling == Approx(8.0 / 2.0));
+  REQUIRE(ps[1]->adapter->as<LoraImpl>()->scaling == Approx(32.0 / 2.0));
+}
+
+TEST_CASE("an adapter for another model is refused with the tensors named", "[adapters][lora]") {
+  auto ps = make_projections({"model.layers.0.self_attn.q_proj"}, 4, 4);
+  auto other = make_projections({"model.layers.0.self_attn.q_proj", "model.layers.5.self_attn.q_proj"}, 8, 4);
+  REQUIRE_THROWS_WITH(lora_attach_saved(lora_config({"q_proj"}), lora_weights(other, 2), ps, "dir"),
+                      Catch::Contains("lora_A.weight' [2, 8]") &&
+                          Catch::Contains("'base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight' "
+                                          "matches no targeted projection"));
+}
+
+TEST_CASE("unsupported adapter options and unknown types are refused", "[adapters][lora]") {
+  auto ps = make_projections({"q_proj"}, 4, 4);
+  auto config = lora_config({"q_proj"});
+  config["use_dora"] = true;
+  REQUIRE_THROWS_WITH(lora_attach_saved(config, lora_weights(ps, 2), ps, "d"), Catch::Contains("'use_dora'"));
+  REQUIRE_THROWS_WITH(find_adapter_by_peft_type("IA3", "cfg"), Catch::Contains("known: LORA"));
+}

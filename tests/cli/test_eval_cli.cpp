@@ -1,0 +1,182 @@
+// `lorafit eval` as a user runs it: the binary, its output and its exit codes.
+#include <catch2/catch.hpp>
+
+#include "core/safetensors.h"
+#include "test_util.h"
+
+using namespace lorafit;
+namespace fs = std::filesystem;
+using lorafit::test::fixture;
+using lorafit::test::run_lorafit;
+using lorafit::test::TempDir;
+
+namespace {
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+nlohmann::json eval_json(const std::string& args, const std::string& stdin_text = "") {
+  const auto r = run_lorafit("eval --json --device cpu " + args, stdin_text);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  return nlohmann::json::parse(r.out);
+}
+
+// Exit code 2 and one stderr line that starts with "lorafit: error:" and holds `fragment`.
+void expect_user_error(const std::string& args, const std::string& fragment) {
+  const auto r = run_lorafit(args);
+  INFO(args << "\n" << r.err);
+  REQUIRE(r.code == 2);
+  REQUIRE(r.err.rfind("lorafit: error: ", 0) == 0);
+  REQUIRE(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  REQUIRE_THAT(r.err, Catch::Contains(fragment));
+  REQUIRE(r.out.empty());
+}
+
+std::string eval_args(const std::string& model_dir, const std::string& data) {
+  return "eval --device cpu --max-seq-len 24 --model " + q(model_dir) + " --data " + q(data);
+}
+
+}  // namespace
+
+TEST_CASE("eval --json gives transformers' and PEFT's loss", "[cli][eval]") {
+  for (const auto& [name, adapter] : {std::pair{"gqa_llama3", "lora_all"}, {"mha_linear", "lora_rslora"}}) {
+    const std::string dir = fixture(name);
+    const auto expected = lorafit::test::read_json(dir + "/expected.json");
+    const auto base = eval_json("--max-seq-len 24 --model " + q(dir + "/model") + " --data " +
+                                q(dir + "/eval.jsonl"));
+    REQUIRE(base["loss"].get<double>() == Approx(expected["base"]["loss"].get<double>()).epsilon(1e-4));
+    REQUIRE(base["tokens"] == expected["base"]["tokens"]);
+    REQUIRE(base["perplexity"].get<double>() == Approx(std::exp(base["loss"].get<double>())));
+    const auto adapted = eval_json("--max-seq-len 24 --batch-size 2 --model " + q(dir + "/model") +
+                                   " --adapter " + q(dir + "/" + adapter) + " --data " +
+                                   q(dir + "/eval.jsonl"));
+    REQUIRE(adapted["loss"].get<double>() ==
+            Approx(expected[adapter]["loss"].get<double>()).epsilon(1e-4));
+  }
+}
+
+TEST_CASE("eval reads the dataset from standard input with --data -", "[cli][eval]") {
+  const std::string dir = fixture("gqa_llama3");
+  const auto from_file = eval_json("--model " + q(dir + "/model") + " --data " + q(dir + "/eval.jsonl"));
+  const auto from_stdin = eval_json("--model " + q(dir + "/model") + " --data -",
+                                    lorafit::test::read_text(dir + "/eval.jsonl"));
+  REQUIRE(from_stdin == from_file);
+}
+
+TEST_CASE("eval prints a readable line without --json", "[cli][eval]") {
+  const std::string dir = fixture("gqa_llama3");
+  const auto r = run_lorafit("eval --device cpu --model " + q(dir + "/model") + " --data " +
+                             q(dir + "/eval.jsonl"));
+  REQUIRE(r.code == 0);
+  REQUIRE_THAT(r.out, Catch::StartsWith("loss ") && Catch::Contains("perplexity") && Catch::Contains("tokens"));
+}
+
+TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][errors]") {
+  TempDir tmp;
+  const std::string data = fixture("gqa_llama3/eval.jsonl");
+  // A writable copy of a model folder, broken by `breaker`.
+  auto broken_model = [&](const std::string& name, const std::function<void(const std::string&)>& breaker) {
+    const auto dir = lorafit::test::copy_fixture("gqa_llama3/model", tmp / name);
+    breaker(dir);
+    return dir;
+  };
+  auto edit_config = [](const std::string& dir, const std::function<void(nlohmann::json&)>& edit) {
+    auto j = lorafit::test::read_json(dir + "/config.json");
+    edit(j);
+    lorafit::test::write_text(dir + "/config.json", j.dump());
+  };
+  auto st_bytes = [](const std::string& dir) { return lorafit::test::read_text(dir + "/model.safetensors"); };
+
+  SECTION("missing model folder") {
+    expect_user_error(eval_args(tmp / "nowhere", data), "nowhere/config.json");
+  }
+  SECTION("missing tokenizer") {
+    const auto dir = broken_model("m", [](const std::string& d) { fs::remove(d + "/tokenizer.model"); });
+    expect_user_error(eval_args(dir, data), "tokenizer.model' not found");
+  }
+  SECTION("config.json is not JSON") {
+    const auto dir = broken_model("m", [](const std::string& d) { lorafit::test::write_text(d + "/config.json", "{"); });
+    expect_user_error(eval_args(dir, data), "config.json' is not valid JSON");
+  }
+  SECTION("another architecture") {
+    const auto dir = broken_model("m", [&](const std::string& d) { edit_config(d, [](auto& j) { j["model_type"] = "gpt2"; }); });
+    expect_user_error(eval_args(dir, data), "model_type is \"gpt2\"");
+  }
+  SECTION("yarn rope") {
+    const auto dir = broken_model("m", [&](const std::string& d) {
+      edit_config(d, [](auto& j) { j["rope_parameters"]["rope_type"] = "yarn"; });
+    });
+    expect_user_error(eval_args(dir, data), "'yarn', which lorafit does not support");
+  }
+  SECTION("config disagrees with the weights") {
+    const auto dir = broken_model("m", [&](const std::string& d) { edit_config(d, [](auto& j) { j["intermediate_size"] = 80; }); });
+    expect_user_error(eval_args(dir, data), "'model.layers.0.mlp.gate_proj.weight' has shape [64, 32], expected [80, 32]");
+  }
+  SECTION("truncated safetensors") {
+    const auto dir = broken_model("m", [&](const std::string& d) {
+      const auto bytes = st_bytes(d);
+      lorafit::test::write_text(d + "/model.safetensors", bytes.substr(0, bytes.size() / 2));
+    });
+    expect_user_error(eval_args(dir, data), "model.safetensors': tensor");
+  }
+  SECTION("safetensors header that lies about its length") {
+    const auto dir = broken_model("m", [&](const std::string& d) {
+      auto bytes = st_bytes(d);
+      bytes[4] = 1;  // declares a header of over 4 GB
+      lorafit::test::write_text(d + "/model.safetensors", bytes);
+    });
+    expect_user_error(eval_args(dir, data), "declares a header of");
+  }
+  SECTION("unknown dtype in safetensors") {
+    const auto dir = broken_model("m", [&](const std::string& d) {
+      auto bytes = st_bytes(d);
+      const auto at = bytes.find("\"F32\"");
+      bytes.replace(at, 5, "\"F8X\"");
+      lorafit::test::write_text(d + "/model.safetensors", bytes);
+    });
+    expect_user_error(eval_args(dir, data), "has dtype 'F8X'");
+  }
+  SECTION("missing shard") {
+    const auto dir = lorafit::test::copy_fixture("mha_linear/model", tmp / "sharded");
+    fs::remove(dir + "/model-00003-of-00004.safetensors");
+    expect_user_error(eval_args(dir, data), "model-00003-of-00004.safetensors' listed in");
+  }
+  SECTION("adapter for another model") {
+    expect_user_error(eval_args(fixture("mha_linear/model"), data) + " --adapter " + q(fixture("gqa_llama3/lora_all")),
+                      "does not fit the model");
+  }
+  SECTION("adapter of an unknown kind") {
+    const auto ad = lorafit::test::copy_fixture("gqa_llama3/lora_all", tmp / "ad");
+    auto j = lorafit::test::read_json(ad + "/adapter_config.json");
+    j["peft_type"] = "PREFIX_TUNING";
+    lorafit::test::write_text(ad + "/adapter_config.json", j.dump());
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), data) + " --adapter " + q(ad),
+                      "peft_type 'PREFIX_TUNING'");
+  }
+  SECTION("bad dataset line") {
+    lorafit::test::write_text(tmp / "bad.jsonl", "{\"text\": \"ok\"}\n\n{\"txt\": \"typo\"}\n");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "bad.jsonl"), "bad.jsonl:3: expected a JSON object");
+  }
+  SECTION("dataset line that is not JSON") {
+    lorafit::test::write_text(tmp / "bad.jsonl", "{\"text\": \"ok\"}\n{oops\n");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "bad.jsonl"), "bad.jsonl:2: not valid JSON");
+  }
+  SECTION("missing dataset") {
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "none.jsonl"), "cannot read dataset");
+  }
+  SECTION("empty dataset") {
+    lorafit::test::write_text(tmp / "empty.jsonl", "\n");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "empty.jsonl"), "no token to score");
+  }
+  SECTION("usage errors") {
+    expect_user_error("eval --model x", "--data is required");
+    expect_user_error("eval --model x --data y --batch-size 0", "--batch-size");
+    expect_user_error("frobnicate", "frobnicate");
+  }
+}
+
+TEST_CASE("--help exits 0 and lists the commands", "[cli]") {
+  const auto r = run_lorafit("--help");
+  REQUIRE(r.code == 0);
+  REQUIRE_THAT(r.out, Catch::Contains("eval"));
+}

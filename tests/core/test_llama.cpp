@@ -1,0 +1,140 @@
+// The model against transformers and PEFT: tests/fixtures/*/reference.safetensors and
+// expected.json were written by scripts/make_reference_fixtures.py (fp32, CPU).
+#include <catch2/catch.hpp>
+
+#include "core/adapter_io.h"
+#include "core/errors.h"
+#include "core/eval.h"
+#include "core/llama.h"
+#include "core/safetensors.h"
+#include "test_util.h"
+
+using namespace lorafit;
+using lorafit::test::fixture;
+using lorafit::test::rel_err;
+
+namespace {
+
+constexpr double kTol = 1e-5;
+
+struct Case {
+  std::string name;     // fixture folder
+  std::string adapter;  // its PEFT adapter folder
+};
+
+const Case kCases[] = {{"gqa_llama3", "lora_all"}, {"mha_linear", "lora_rslora"}};
+
+torch::Tensor ids_tensor(const nlohmann::json& ids) {
+  return torch::tensor(ids.get<std::vector<int64_t>>(), torch::kInt64).unsqueeze(0);  // [1, T]
+}
+
+torch::Tensor logits_of(LlamaForCausalLM& model, const torch::Tensor& ids) {
+  torch::NoGradGuard no_grad;
+  model->eval();  // the rsLoRA fixture has dropout 0.1
+  return model->logits(model->forward(ids))[0];  // [T, V]
+}
+
+}  // namespace
+
+TEST_CASE("logits equal transformers' on the fixture checkpoints", "[core][llama]") {
+  for (const auto& c : kCases) {
+    INFO(c.name);
+    auto model = load_llama(fixture(c.name + "/model"), torch::kCPU, torch::kFloat32);
+    SafetensorsFile ref(fixture(c.name + "/reference.safetensors"));
+    const auto expected = lorafit::test::read_json(fixture(c.name + "/expected.json"));
+    REQUIRE(rel_err(logits_of(model, ids_tensor(expected["logits_ids"])), ref.tensor("logits_base")) < kTol);
+    // Positions far past the rope's original range: the scaling (llama3 or linear) must match.
+    auto long_logits = logits_of(model, ref.tensor("long_ids").unsqueeze(0));
+    REQUIRE(rel_err(long_logits.narrow(0, long_logits.size(0) - 4, 4), ref.tensor("logits_long")) < kTol);
+  }
+}
+
+TEST_CASE("a PEFT adapter applied unmerged gives PEFT's logits", "[core][llama][lora]") {
+  for (const auto& c : kCases) {
+    INFO(c.name);
+    auto model = load_llama(fixture(c.name + "/model"), torch::kCPU, torch::kFloat32);
+    load_adapter(fixture(c.name + "/" + c.adapter), model);
+    SafetensorsFile ref(fixture(c.name + "/reference.safetensors"));
+    const auto expected = lorafit::test::read_json(fixture(c.name + "/expected.json"));
+    auto logits = logits_of(model, ids_tensor(expected["logits_ids"]));
+    REQUIRE(rel_err(logits, ref.tensor("logits_" + c.adapter)) < kTol);
+    REQUIRE(rel_err(logits, ref.tensor("logits_base")) > 1e-3);  // the adapter does something
+  }
+}
+
+TEST_CASE("eval loss equals transformers' and PEFT's", "[core][eval]") {
+  for (const auto& c : kCases) {
+    INFO(c.name);
+    const auto expected = lorafit::test::read_json(fixture(c.name + "/expected.json"));
+    const auto seqs = eval_sequences(read_text_records(fixture(c.name + "/eval.jsonl")),
+                                     load_tokenizer(fixture(c.name + "/model")), /*bos=*/1,
+                                     expected["max_seq_len"].get<int64_t>());
+    REQUIRE(nlohmann::json(seqs) == expected["token_ids"]);
+    auto model = load_llama(fixture(c.name + "/model"), torch::kCPU, torch::kFloat32);
+    for (int64_t batch : {1, 4}) {  // padding in batches must not change the result
+      const auto base = evaluate(model, seqs, batch);
+      REQUIRE(base.tokens == expected["base"]["tokens"].get<int64_t>());
+      REQUIRE(base.loss == Approx(expected["base"]["loss"].get<double>()).epsilon(kTol));
+    }
+    load_adapter(fixture(c.name + "/" + c.adapter), model);
+    const auto adapted = evaluate(model, seqs, 3);
+    REQUIRE(adapted.loss == Approx(expected[c.adapter]["loss"].get<double>()).epsilon(kTol));
+  }
+}
+
+TEST_CASE("tied embeddings share one tensor with the head", "[core][llama]") {
+  auto tied = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  REQUIRE(tied->lm_head->weight.data_ptr() == tied->model->embed_tokens->weight.data_ptr());
+  auto untied = load_llama(fixture("mha_linear/model"), torch::kCPU, torch::kFloat32);
+  REQUIRE(untied->lm_head->weight.data_ptr() != untied->model->embed_tokens->weight.data_ptr());
+}
+
+TEST_CASE("base weights are frozen and every projection goes through the hook", "[core][llama]") {
+  auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  for (const auto& p : model->parameters()) REQUIRE_FALSE(p.requires_grad());
+  const auto projections = model->projections();
+  REQUIRE(projections.size() == 7 * 2);
+  REQUIRE(projections.front()->name == "model.layers.0.self_attn.q_proj");
+  REQUIRE(projections.back()->name == "model.layers.1.mlp.down_proj");
+}
+
+TEST_CASE("bf16 weights load into an f32 model exactly", "[core][llama]") {
+  auto model = load_llama(fixture("mha_linear/model"), torch::kCPU, torch::kFloat32);
+  SafetensorsCheckpoint ckpt(fixture("mha_linear/model"));
+  REQUIRE(model->model->norm->weight.scalar_type() == torch::kFloat32);
+  REQUIRE(torch::equal(model->model->norm->weight,
+                       ckpt.tensor("model.norm.weight").to(torch::kFloat32)));
+}
+
+TEST_CASE("llama3 rope frequencies cover all three bands", "[core][llama]") {
+  const auto c = load_llama_config(fixture("gqa_llama3/model"));
+  auto plain = c;
+  plain.rope.type = RopeType::Default;
+  const auto scaled = rope_inv_freq(c), base = rope_inv_freq(plain);
+  const auto ratio = (base / scaled);  // 1 (high freq), factor (low freq), or in between
+  REQUIRE(ratio[0].item<float>() == Approx(1.0));
+  REQUIRE(ratio[-1].item<float>() == Approx(c.rope.factor));
+  const auto between = ratio.gt(1.0001).logical_and(ratio.lt(c.rope.factor - 1e-4));
+  REQUIRE(between.any().item<bool>());
+}
+
+TEST_CASE("a checkpoint that does not match its config names every bad tensor", "[core][llama]") {
+  lorafit::test::TempDir tmp;
+  const auto dir = lorafit::test::copy_fixture("gqa_llama3/model", tmp / "m");
+  SafetensorsFile file(dir + "/model.safetensors");
+  TensorMap tensors;
+  for (const auto& e : file.header().entries) tensors[e.name] = file.tensor(e.name).clone();
+  tensors.erase("model.layers.1.mlp.up_proj.weight");
+  tensors["model.layers.0.self_attn.k_proj.weight"] = torch::zeros({3, 32});
+  tensors["model.layers.9.extra.weight"] = torch::zeros({1});
+  save_safetensors(dir + "/model.safetensors", tensors);
+  try {
+    load_llama(dir, torch::kCPU, torch::kFloat32);
+    FAIL("no error");
+  } catch (const ModelMismatchError& e) {
+    const std::string msg = e.what();
+    REQUIRE_THAT(msg, Catch::Contains("missing tensor 'model.layers.1.mlp.up_proj.weight' [64, 32]"));
+    REQUIRE_THAT(msg, Catch::Contains("'model.layers.0.self_attn.k_proj.weight' has shape [3, 32], expected [32, 32]"));
+    REQUIRE_THAT(msg, Catch::Contains("unexpected tensor 'model.layers.9.extra.weight'"));
+  }
+}

@@ -1,0 +1,85 @@
+// Shared helpers for the tests: fixture paths, reference numbers, temporary folders, and
+// running the lorafit binary.
+#pragma once
+
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+
+namespace lorafit::test {
+
+namespace fs = std::filesystem;
+
+/// tests/fixtures/NAME (made by scripts/make_reference_fixtures.py).
+inline std::string fixture(const std::string& name) { return std::string(LORAFIT_FIXTURES) + "/" + name; }
+
+inline std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+inline void write_text(const std::string& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary) << text;
+}
+
+inline nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(read_text(path)); }
+
+/// A fresh folder under the system's temporary directory, removed when the object dies.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("lorafit-test-" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+/// Copies a fixture folder into `dest` and returns dest.
+inline std::string copy_fixture(const std::string& name, const std::string& dest) {
+  fs::copy(fixture(name), dest, fs::copy_options::recursive);
+  return dest;
+}
+
+struct RunResult {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+/// Runs `lorafit ARGS` through the shell (args are quoted by the caller), capturing both
+/// streams. `stdin_text`, if given, is piped to standard input.
+inline RunResult run_lorafit(const std::string& args, const std::string& stdin_text = "") {
+  TempDir tmp;
+  const auto out = tmp / "out", err = tmp / "err", in = tmp / "in";
+  write_text(in, stdin_text);
+  const std::string cmd = std::string("'") + LORAFIT_BIN + "' " + args + " <'" + in + "' >'" + out +
+                          "' 2>'" + err + "'";
+  const int status = std::system(cmd.c_str());
+  RunResult r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = read_text(out);
+  r.err = read_text(err);
+  return r;
+}
+
+/// max |a - b| / max |b|: the relative error used against reference outputs.
+template <typename T>
+double rel_err(const T& a, const T& b) {
+  return (a - b).abs().max().template item<double>() / b.abs().max().template item<double>();
+}
+
+}  // namespace lorafit::test
