@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include <cmath>
+#include <filesystem>
 
 namespace lorafit::compat {
 
@@ -24,6 +25,17 @@ inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tenso
   scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
   return torch::matmul(torch::softmax(scores, -1), v);
 #endif
+}
+
+/// Removes a file or a folder with everything in it. The pip LibTorch (2.x) exports its own
+/// copy of std::filesystem::remove_all, which programs linked against it bind to and which
+/// crashes on any non-empty folder; this walks the tree with the calls that work in both.
+inline void remove_tree(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(std::filesystem::symlink_status(path, ec))) {
+    for (const auto& entry : std::filesystem::directory_iterator(path, ec)) remove_tree(entry.path());
+  }
+  std::filesystem::remove(path, ec);
 }
 
 }  // namespace lorafit::compat

@@ -1,6 +1,8 @@
 #include "core/llama.h"
 
 #include <cmath>
+#include <future>
+#include <numeric>
 #include <set>
 
 #include "core/compat.h"
@@ -10,6 +12,9 @@
 namespace lorafit {
 
 namespace {
+
+// Threads that copy checkpoint tensors to the model while loading.
+constexpr size_t kLoadThreads = 8;
 
 torch::Tensor frozen(torch::nn::Module& m, const char* name, torch::IntArrayRef shape,
                      const torch::TensorOptions& o) {
@@ -220,8 +225,26 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
                              " (hint: is config.json from the same model as the weights?)");
   }
 
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, t] : wanted) t.copy_(checkpoint.tensor(name));
+  // With a cold page cache the disk is the bottleneck: one thread reads the files
+  // sequentially at the disk's speed while the others copy tensors in file order behind it.
+  std::vector<size_t> order(wanted.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return checkpoint.position(wanted[a].first) < checkpoint.position(wanted[b].first);
+  });
+  std::vector<std::future<void>> jobs;
+  jobs.push_back(std::async(std::launch::async, [&] { checkpoint.read_ahead(); }));
+  const size_t workers = std::min<size_t>(kLoadThreads, wanted.size());
+  for (size_t w = 0; w < workers; ++w) {
+    jobs.push_back(std::async(std::launch::async, [&, w] {
+      torch::NoGradGuard no_grad;
+      for (size_t i = w; i < order.size(); i += workers) {
+        const auto& [name, t] = wanted[order[i]];
+        t.copy_(checkpoint.tensor(name));
+      }
+    }));
+  }
+  for (auto& job : jobs) job.get();
   return model;
 }
 

@@ -45,6 +45,11 @@ class SafetensorsCheckpoint {
   torch::Tensor tensor(const std::string& name) const;
   /// Total bytes of tensor data.
   uint64_t data_bytes() const;
+  /// (shard index, byte offset) of a tensor: the order in which reading is sequential.
+  std::pair<size_t, uint64_t> position(const std::string& name) const;
+  /// Reads every shard start to end in large blocks, so the page cache fills at the disk's
+  /// sequential speed while (or before) tensors are copied out of the mapping.
+  void read_ahead() const;
 
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;

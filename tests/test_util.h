@@ -13,6 +13,8 @@
 #include <sstream>
 #include <string>
 
+#include "core/compat.h"
+
 namespace lorafit::test {
 
 namespace fs = std::filesystem;
@@ -41,10 +43,7 @@ struct TempDir {
     path = fs::temp_directory_path() / ("lorafit-test-" + std::to_string(rd()) + std::to_string(rd()));
     fs::create_directories(path);
   }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+  ~TempDir() { compat::remove_tree(path); }
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
 
