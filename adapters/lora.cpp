@@ -1,5 +1,6 @@
 #include "adapters/lora.h"
 
+#include <algorithm>
 #include <cmath>
 #include <regex>
 #include <set>
@@ -73,6 +74,52 @@ torch::Tensor LoraImpl::forward(const torch::Tensor& x, const torch::Tensor& bas
   if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, /*train=*/true);
   auto delta = torch::nn::functional::linear(torch::nn::functional::linear(h, lora_A), lora_B);
   return (base + delta * scaling).to(base.scalar_type());
+}
+
+torch::Tensor LoraImpl::merged_delta() const {
+  return torch::matmul(lora_B.detach(), lora_A.detach()) * scaling;
+}
+
+namespace {
+
+double lora_scaling(double alpha, int64_t r, bool rslora) {
+  return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+}
+
+}  // namespace
+
+void lora_attach_new(const AdapterSettings& s, const Projections& projections) {
+  for (auto p : projections) {  // holders by value: attach() is not const
+    const auto kind = projection_kind(p->name);
+    if (std::find(s.targets.begin(), s.targets.end(), kind) == s.targets.end()) continue;
+    p->attach(Lora(p->in_features, p->out_features, s.r, lora_scaling(s.alpha, s.r, s.use_rslora),
+                   s.dropout, torch::device(p->weight.device()))
+                  .ptr());
+  }
+}
+
+SavedAdapter lora_save(const AdapterSettings& s, const Projections& projections,
+                       const std::string& base_model) {
+  SavedAdapter out;
+  std::set<std::string> kinds;
+  for (const auto& p : projections) {
+    const auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
+    if (!lora) continue;
+    kinds.insert(projection_kind(p->name));
+    out.tensors["base_model.model." + p->name + ".lora_A.weight"] = lora->lora_A.detach();
+    out.tensors["base_model.model." + p->name + ".lora_B.weight"] = lora->lora_B.detach();
+  }
+  out.config = {
+      {"alpha_pattern", json::object()}, {"base_model_name_or_path", base_model},
+      {"bias", "none"}, {"fan_in_fan_out", false}, {"inference_mode", true},
+      {"init_lora_weights", true},
+      {"lora_alpha", s.alpha == std::floor(s.alpha) ? json(static_cast<int64_t>(s.alpha)) : json(s.alpha)}, {"lora_dropout", s.dropout},
+      {"modules_to_save", nullptr}, {"peft_type", "LORA"}, {"r", s.r},
+      {"rank_pattern", json::object()}, {"revision", nullptr},
+      {"target_modules", std::vector<std::string>(kinds.begin(), kinds.end())},
+      {"task_type", "CAUSAL_LM"}, {"use_dora", false}, {"use_rslora", s.use_rslora},
+  };
+  return out;
 }
 
 void lora_attach_saved(const json& config, const TensorMap& weights,
@@ -151,7 +198,7 @@ void lora_attach_saved(const json& config, const TensorMap& weights,
     if (const json* pa = pattern_value(config, "alpha_pattern", p->name); pa && pa->is_number()) {
       alpha = pa->get<double>();
     }
-    const double scaling = rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    const double scaling = lora_scaling(alpha, r, rslora);
     auto lora = Lora(p->in_features, p->out_features, r, scaling,
                      dropout, torch::device(p->weight.device()));
     {

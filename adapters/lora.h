@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "adapters/projection.h"
+#include "adapters/registry.h"
 
 namespace lorafit {
 
@@ -13,6 +14,8 @@ struct LoraImpl : ProjectionAdapterImpl {
            const torch::TensorOptions& options);
   /// x: [..., in], base: [..., out] -> [..., out]
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) override;
+  /// scaling * B A, in fp32.
+  torch::Tensor merged_delta() const override;
 
   torch::Tensor lora_A;  // [r, in]
   torch::Tensor lora_B;  // [out, r]
@@ -25,5 +28,14 @@ TORCH_MODULE(Lora);
 /// projections that its target_modules select. `where` names the adapter folder in messages.
 void lora_attach_saved(const nlohmann::json& config, const TensorMap& weights,
                        const Projections& projections, const std::string& where);
+
+/// A fresh LoRA (A ~ kaiming_uniform(a=sqrt(5)), B = 0) on every projection whose kind is in
+/// settings.targets.
+void lora_attach_new(const AdapterSettings& settings, const Projections& projections);
+
+/// PEFT's adapter_config.json and tensors (keys base_model.model.<module>.lora_{A,B}.weight,
+/// fp32) for the LoRAs attached to `projections`.
+SavedAdapter lora_save(const AdapterSettings& settings, const Projections& projections,
+                       const std::string& base_model);
 
 }  // namespace lorafit

@@ -17,6 +17,9 @@ struct ProjectionAdapterImpl : torch::nn::Module {
   /// x: [..., in] the projection's input; base: [..., out] = x W^T.
   /// Returns the projection's output [..., out] in base's dtype.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) = 0;
+  /// The fp32 update [out, in] that merging adds to the base weight, or an undefined tensor
+  /// for an adapter that no dense weight can express.
+  virtual torch::Tensor merged_delta() const { return {}; }
 };
 
 /// A bias-free Linear with a frozen weight and an optional adapter.

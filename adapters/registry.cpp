@@ -8,9 +8,18 @@ namespace lorafit {
 const std::vector<AdapterSpec>& adapter_specs() {
   static const std::vector<AdapterSpec> specs = {
       {"lora", "LORA", "low-rank update B*A on each targeted projection (PEFT's LoRA)",
-       lora_attach_saved},
+       lora_attach_saved, lora_attach_new, lora_save},
   };
   return specs;
+}
+
+const AdapterSpec& find_adapter(const std::string& name) {
+  std::string known;
+  for (const auto& spec : adapter_specs()) {
+    if (spec.name == name) return spec;
+    known += (known.empty() ? "" : ", ") + std::string(spec.name);
+  }
+  throw ConfigError("adapter type '" + name + "' is not one lorafit knows (known: " + known + ")");
 }
 
 const AdapterSpec& find_adapter_by_peft_type(const std::string& peft_type,

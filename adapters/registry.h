@@ -10,6 +10,22 @@
 
 namespace lorafit {
 
+/// A new adapter's settings, from the recipe's `adapter:` block.
+struct AdapterSettings {
+  int64_t r = 16;
+  double alpha = 32;
+  double dropout = 0.0;
+  bool use_rslora = false;
+  std::vector<std::string> targets;  // projection kinds: "q_proj", ...
+};
+
+/// An adapter as it goes to disk: adapter_config.json and the tensors of
+/// adapter_model.safetensors.
+struct SavedAdapter {
+  nlohmann::json config;
+  TensorMap tensors;
+};
+
 struct AdapterSpec {
   std::string_view name;       // recipe's adapter.type
   std::string_view peft_type;  // adapter_config.json's peft_type
@@ -17,7 +33,15 @@ struct AdapterSpec {
   /// Attaches a saved adapter: its parsed adapter_config.json and its tensors.
   void (*attach_saved)(const nlohmann::json& config, const TensorMap& weights,
                        const Projections& projections, const std::string& where);
+  /// Attaches freshly initialised adapters to the projections the settings target.
+  void (*attach_new)(const AdapterSettings& settings, const Projections& projections);
+  /// The attached adapters in their on-disk form.
+  SavedAdapter (*save)(const AdapterSettings& settings, const Projections& projections,
+                       const std::string& base_model);
 };
+
+/// The strategy of a recipe's adapter.type; a ConfigError listing the known types otherwise.
+const AdapterSpec& find_adapter(const std::string& name);
 
 const std::vector<AdapterSpec>& adapter_specs();
 

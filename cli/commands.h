@@ -9,6 +9,9 @@ namespace lorafit::cli {
 
 using Action = std::function<void()>;
 
+Action add_train(CLI::App& app);
+Action add_validate(CLI::App& app);
 Action add_eval(CLI::App& app);
+Action add_merge(CLI::App& app);
 
 }  // namespace lorafit::cli

@@ -19,7 +19,10 @@ int main(int argc, char** argv) {
     auto action = make(app);
     actions[app.get_subcommands({}).back()] = std::move(action);
   };
+  add(lorafit::cli::add_train);
+  add(lorafit::cli::add_validate);
   add(lorafit::cli::add_eval);
+  add(lorafit::cli::add_merge);
 
   std::string known;
   bool is_command = false;

@@ -48,3 +48,25 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
 }
 
 }  // namespace lorafit
+
+namespace lorafit {
+
+void save_adapter(const std::string& dir, const AdapterSpec& spec, const AdapterSettings& settings,
+                  LlamaForCausalLM& model, const std::string& base_model) {
+  fs::create_directories(dir);
+  const auto saved = spec.save(settings, model->projections(), base_model);
+  save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), saved.tensors);
+  write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
+}
+
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model) {
+  std::vector<torch::Tensor> out;
+  for (auto& item : model->named_parameters(/*recurse=*/true)) {
+    const bool adapter = item.key().find(".adapter.") != std::string::npos;
+    item.value().set_requires_grad(adapter);
+    if (adapter) out.push_back(item.value());
+  }
+  return out;
+}
+
+}  // namespace lorafit

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "adapters/registry.h"
 #include "core/llama.h"
 
 namespace lorafit {
@@ -10,5 +11,14 @@ namespace lorafit {
 /// Reads the adapter in `dir` and attaches it to `model`'s projections through the strategy
 /// that its peft_type names. Every mismatch with the model is reported at once.
 void load_adapter(const std::string& dir, LlamaForCausalLM& model);
+
+/// Writes the model's attached adapters to `dir` (created if needed) as adapter_config.json
+/// and adapter_model.safetensors, each through a temporary name.
+void save_adapter(const std::string& dir, const AdapterSpec& spec, const AdapterSettings& settings,
+                  LlamaForCausalLM& model, const std::string& base_model);
+
+/// The one place that decides what trains: adapter parameters train, the base never does.
+/// Returns the trainable tensors in model order.
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model);
 
 }  // namespace lorafit

@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 #include <torch/version.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
 #include <filesystem>
@@ -25,6 +26,19 @@ inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tenso
   scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
   return torch::matmul(torch::softmax(scores, -1), v);
 #endif
+}
+
+/// The CPU generator's state (dropout's randomness), for checkpoints.
+inline torch::Tensor cpu_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+inline void set_cpu_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
 }
 
 /// Removes a file or a folder with everything in it. The pip LibTorch (2.x) exports its own

@@ -1,18 +1,27 @@
-// Text datasets: JSON Lines with a "text" string per line, a JSON array of such objects, or
-// plain text (one record per non-empty line). "-" reads JSON Lines from standard input.
+// Dataset files: JSON Lines (one object per line), a JSON array of objects, or plain text (one
+// record per non-empty line, as {"text": line}). "-" reads JSON Lines from standard input.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 namespace lorafit {
 
-struct TextRecord {
-  std::string text;
-  size_t line = 0;  // 1-based line (JSON Lines, text) or array index (JSON), for messages
+struct JsonRecord {
+  nlohmann::json value;
+  std::string where;  // "file:line" (or "file: element i"), for messages
 };
 
-/// Reads every record; a bad line is an IoError naming the file and line number.
+/// Every record of the file; a line that is not JSON is an IoError naming file and line.
+std::vector<JsonRecord> read_json_records(const std::string& path);
+
+struct TextRecord {
+  std::string text;
+  std::string where;
+};
+
+/// Records with a "text" string; any other record is an IoError naming file and line.
 std::vector<TextRecord> read_text_records(const std::string& path);
 
 }  // namespace lorafit

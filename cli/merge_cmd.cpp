@@ -1,0 +1,23 @@
+// `lorafit merge`: an adapter folded into its base, as a Hugging Face checkpoint.
+#include <fmt/core.h>
+
+#include "cli/commands.h"
+#include "core/merge.h"
+
+namespace lorafit::cli {
+
+Action add_merge(CLI::App& app) {
+  auto o = std::make_shared<MergeOptions>();
+  auto* cmd = app.add_subcommand("merge", "fold an adapter into its base model");
+  cmd->add_option("--model", o->model, "Hugging Face base model folder")->required();
+  cmd->add_option("--adapter", o->adapter, "adapter folder")->required();
+  cmd->add_option("--out", o->out, "new model folder (must not exist)")->required();
+  cmd->add_option("--dtype", o->dtype, "bf16 | f16 | f32 (default: the base checkpoint's)")
+      ->check(CLI::IsMember({"auto", "bf16", "f16", "f32"}));
+  return [o] {
+    merge_adapter(*o);
+    fmt::print(stderr, "merged model written to {}\n", o->out);
+  };
+}
+
+}  // namespace lorafit::cli

@@ -1,0 +1,214 @@
+#include "core/datasets.h"
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+#include "core/errors.h"
+#include "core/text_data.h"
+
+namespace lorafit {
+
+namespace {
+
+using nlohmann::json;
+
+void append(Example& ex, const std::vector<int64_t>& ids, bool train) {
+  ex.input_ids.insert(ex.input_ids.end(), ids.begin(), ids.end());
+  if (train) {
+    ex.labels.insert(ex.labels.end(), ids.begin(), ids.end());
+  } else {
+    ex.labels.insert(ex.labels.end(), ids.size(), kIgnoreLabel);
+  }
+}
+
+const std::string& string_field(const JsonRecord& r, const char* key, bool optional = false) {
+  static const std::string empty;
+  auto it = r.value.is_object() ? r.value.find(key) : r.value.end();
+  if (it == r.value.end() && optional) return empty;
+  if (it == r.value.end() || !it->is_string()) {
+    throw IoError(r.where + ": expected a \"" + key + "\" string");
+  }
+  return it->get_ref<const std::string&>();
+}
+
+std::vector<Example> text_examples(const std::vector<JsonRecord>& records, const Tokenizer& tok,
+                                   const DatasetOptions& o) {
+  std::vector<Example> docs;
+  for (const auto& r : records) {
+    Example ex;
+    append(ex, {o.bos}, true);
+    append(ex, tok.encode(string_field(r, "text")), true);
+    append(ex, {o.eos}, true);
+    docs.push_back(std::move(ex));
+  }
+  if (!o.packing) {
+    for (auto& d : docs) {
+      if (static_cast<int64_t>(d.input_ids.size()) > o.max_seq_len) {
+        d.input_ids.resize(o.max_seq_len);
+        d.labels.resize(o.max_seq_len);
+      }
+    }
+    return docs;
+  }
+  Example all;
+  for (const auto& d : docs) append(all, d.input_ids, true);
+  std::vector<Example> blocks;
+  for (size_t start = 0; start + 1 < all.input_ids.size(); start += o.max_seq_len) {
+    const size_t end = std::min(all.input_ids.size(), start + static_cast<size_t>(o.max_seq_len));
+    Example b;
+    b.input_ids.assign(all.input_ids.begin() + start, all.input_ids.begin() + end);
+    b.labels = b.input_ids;
+    blocks.push_back(std::move(b));
+  }
+  return blocks;
+}
+
+Example alpaca_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOptions& o) {
+  Example ex;
+  append(ex, {o.bos}, false);
+  append(ex, tok.encode(alpaca_prompt(string_field(r, "instruction"), string_field(r, "input", true))), false);
+  append(ex, tok.encode(string_field(r, "output")), true);
+  append(ex, {o.eos}, true);
+  return ex;
+}
+
+// LLaMA-2 chat: <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s> per turn.
+Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOptions& o) {
+  auto it = r.value.is_object() ? r.value.find("messages") : r.value.end();
+  if (it == r.value.end() || !it->is_array() || it->empty()) {
+    throw IoError(r.where + ": expected a non-empty \"messages\" list");
+  }
+  std::vector<std::pair<std::string, std::string>> turns;  // (role, content)
+  for (const auto& m : *it) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
+        !m["content"].is_string()) {
+      throw IoError(r.where + ": each message needs \"role\" and \"content\" strings");
+    }
+    turns.emplace_back(m["role"], m["content"]);
+  }
+  std::string system;
+  size_t i = 0;
+  if (turns[0].first == "system") system = turns[i++].second;
+  Example ex;
+  for (; i < turns.size(); i += 2) {
+    if (turns[i].first != "user" || i + 1 >= turns.size() || turns[i + 1].first != "assistant") {
+      throw IoError(r.where + ": messages must be an optional system message, then user and "
+                    "assistant turns in alternation, ending with an assistant turn");
+    }
+    std::string user = turns[i].second;
+    if (!system.empty()) {
+      user = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + user;
+      system.clear();
+    }
+    append(ex, {o.bos}, false);
+    append(ex, tok.encode("[INST] " + user + " [/INST]"), false);
+    append(ex, tok.encode(turns[i + 1].second), true);
+    append(ex, {o.eos}, true);
+  }
+  return ex;
+}
+
+Example tokens_example(const JsonRecord& r, const DatasetOptions& o) {
+  auto ids = r.value.is_object() ? r.value.find("input_ids") : r.value.end();
+  if (ids == r.value.end() || !ids->is_array()) throw IoError(r.where + ": expected an \"input_ids\" list");
+  Example ex;
+  for (const auto& v : *ids) {
+    if (!v.is_number_integer()) throw IoError(r.where + ": \"input_ids\" must hold integers");
+    ex.input_ids.push_back(v.get<int64_t>());
+  }
+  auto labels = r.value.find("labels");
+  if (labels == r.value.end()) {
+    ex.labels = ex.input_ids;
+  } else {
+    if (!labels->is_array() || labels->size() != ex.input_ids.size()) {
+      throw IoError(r.where + ": \"labels\" must be a list as long as \"input_ids\"");
+    }
+    for (const auto& v : *labels) {
+      if (!v.is_number_integer()) throw IoError(r.where + ": \"labels\" must hold integers");
+      ex.labels.push_back(v.get<int64_t>());
+    }
+  }
+  return ex;
+}
+
+}  // namespace
+
+std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
+  if (input.empty()) {
+    return "Below is an instruction that describes a task. Write a response that appropriately "
+           "completes the request.\n\n### Instruction:\n" + instruction + "\n\n### Response:\n";
+  }
+  return "Below is an instruction that describes a task, paired with an input that provides further "
+         "context. Write a response that appropriately completes the request.\n\n### Instruction:\n" +
+         instruction + "\n\n### Input:\n" + input + "\n\n### Response:\n";
+}
+
+std::vector<Example> load_examples(const std::string& path, const Tokenizer& tokenizer,
+                                   const DatasetOptions& o) {
+  const auto records = read_json_records(path);
+  std::vector<Example> out;
+  if (o.format == "text") {
+    out = text_examples(records, tokenizer, o);
+  } else {
+    for (const auto& r : records) {
+      Example ex = o.format == "alpaca" ? alpaca_example(r, tokenizer, o)
+                   : o.format == "chat" ? chat_example(r, tokenizer, o)
+                                        : tokens_example(r, o);
+      for (int64_t id : ex.input_ids) {
+        if (id < 0 || (o.vocab_size > 0 && id >= o.vocab_size)) {
+          throw IoError(r.where + ": token id " + std::to_string(id) + " is outside the vocabulary of " +
+                        std::to_string(o.vocab_size));
+        }
+      }
+      if (static_cast<int64_t>(ex.input_ids.size()) > o.max_seq_len) {
+        ex.input_ids.resize(o.max_seq_len);
+        ex.labels.resize(o.max_seq_len);
+      }
+      out.push_back(std::move(ex));
+    }
+  }
+  // A sequence trains only if some position has a target after it.
+  std::vector<Example> usable;
+  for (auto& ex : out) {
+    const bool trains = std::any_of(ex.labels.begin() + 1, ex.labels.end(),
+                                    [](int64_t l) { return l != kIgnoreLabel; });
+    if (ex.input_ids.size() >= 2 && trains) usable.push_back(std::move(ex));
+  }
+  if (usable.empty()) {
+    throw IoError("dataset '" + path + "' has no example with a token to train on");
+  }
+  return usable;
+}
+
+ExampleStream::ExampleStream(size_t size, uint64_t seed, DataPosition start)
+    : size_(size), seed_(seed), pos_(start) {
+  shuffle();
+}
+
+void ExampleStream::shuffle() {
+  order_.resize(size_);
+  std::iota(order_.begin(), order_.end(), 0);
+  // Fisher-Yates with mt19937_64, whose output the standard fixes: the same order on every
+  // platform (std::shuffle's algorithm is left to the library).
+  std::mt19937_64 rng(seed_ * 1000003ULL + static_cast<uint64_t>(pos_.epoch));
+  for (size_t i = size_; i > 1; --i) {
+    const size_t j = rng() % i;
+    std::swap(order_[i - 1], order_[j]);
+  }
+}
+
+std::vector<size_t> ExampleStream::next(size_t count) {
+  std::vector<size_t> out;
+  while (out.size() < count) {
+    if (pos_.cursor >= static_cast<int64_t>(size_)) {
+      ++pos_.epoch;
+      pos_.cursor = 0;
+      shuffle();
+    }
+    out.push_back(order_[pos_.cursor++]);
+  }
+  return out;
+}
+
+}  // namespace lorafit

@@ -1,0 +1,66 @@
+// Training examples from the four dataset formats, and their seeded order across epochs.
+//   text    {"text"} (or .txt lines): BOS + tokens + EOS per document; with packing, the
+//           documents are concatenated and cut into max_seq_len blocks. Every token trains.
+//   alpaca  {"instruction", "input"?, "output"}: Stanford Alpaca's prompt, then the response;
+//           only the response and its EOS train.
+//   chat    {"messages": [{"role": system|user|assistant, "content"}]}: LLaMA-2's [INST]
+//           template; only assistant turns (and their EOS) train.
+//   tokens  {"input_ids", "labels"?}: pre-tokenized; labels default to input_ids, -100 masks.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tokenizer/tokenizer.h"
+
+namespace lorafit {
+
+/// Label of a position that never counts in the loss (PyTorch's ignore_index).
+constexpr int64_t kIgnoreLabel = -100;
+
+struct Example {
+  std::vector<int64_t> input_ids;
+  std::vector<int64_t> labels;  // aligned with input_ids; the loss shifts them by one
+};
+
+struct DatasetOptions {
+  std::string format = "text";
+  int64_t max_seq_len = 512;
+  bool packing = true;  // text only
+  int64_t bos = 1;
+  int64_t eos = 2;
+  int64_t vocab_size = 0;  // ids must be below it
+};
+
+/// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line.
+std::vector<Example> load_examples(const std::string& path, const Tokenizer& tokenizer,
+                                   const DatasetOptions& options);
+
+/// The prompt Stanford Alpaca trains with (its "input" variant when input is non-empty).
+std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+/// Where a run is in its stream of examples: the epoch and the position in its order.
+struct DataPosition {
+  int64_t epoch = 0;
+  int64_t cursor = 0;
+};
+
+/// Example indices in a seeded order that is reshuffled every epoch; the same seed and
+/// position always give the same continuation.
+class ExampleStream {
+ public:
+  ExampleStream(size_t size, uint64_t seed, DataPosition start = {});
+  /// The next `count` indices, crossing into new epochs as needed.
+  std::vector<size_t> next(size_t count);
+  DataPosition position() const { return pos_; }
+
+ private:
+  void shuffle();
+  size_t size_;
+  uint64_t seed_;
+  DataPosition pos_;
+  std::vector<size_t> order_;
+};
+
+}  // namespace lorafit

@@ -1,0 +1,78 @@
+#include "core/loss_plot.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+namespace lorafit {
+
+namespace {
+
+constexpr double kWidth = 640, kHeight = 400, kLeft = 60, kRight = 20, kTop = 30, kBottom = 45;
+
+std::string fmt(double v) {
+  std::ostringstream s;
+  s.precision(4);
+  s << v;
+  return s.str();
+}
+
+}  // namespace
+
+LossHistory read_loss_history(const std::string& metrics_path) {
+  LossHistory h;
+  std::ifstream in(metrics_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object() || !j.contains("step")) continue;
+    if (j.contains("loss")) h.train.emplace_back(j["step"], j["loss"]);
+    if (j.contains("eval_loss")) h.valid.emplace_back(j["step"], j["eval_loss"]);
+  }
+  return h;
+}
+
+std::string loss_svg(const LossHistory& h) {
+  double x_max = 1, y_min = INFINITY, y_max = -INFINITY;
+  for (const auto* series : {&h.train, &h.valid}) {
+    for (const auto& [step, loss] : *series) {
+      x_max = std::max(x_max, static_cast<double>(step));
+      y_min = std::min(y_min, loss);
+      y_max = std::max(y_max, loss);
+    }
+  }
+  if (!std::isfinite(y_min)) y_min = 0, y_max = 1;
+  if (y_max - y_min < 1e-9) y_min -= 0.5, y_max += 0.5;
+  const double pw = kWidth - kLeft - kRight, ph = kHeight - kTop - kBottom;
+  auto px = [&](double step) { return kLeft + step / x_max * pw; };
+  auto py = [&](double loss) { return kTop + (y_max - loss) / (y_max - y_min) * ph; };
+
+  std::ostringstream svg;
+  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kWidth << "\" height=\"" << kHeight
+      << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "<text x=\"" << kLeft << "\" y=\"18\" font-size=\"14\">loss</text>\n";
+  for (int i = 0; i <= 4; ++i) {  // horizontal grid with loss values
+    const double v = y_min + (y_max - y_min) * i / 4;
+    svg << "<line x1=\"" << kLeft << "\" x2=\"" << kLeft + pw << "\" y1=\"" << py(v) << "\" y2=\"" << py(v)
+        << "\" stroke=\"#ddd\"/><text x=\"" << kLeft - 6 << "\" y=\"" << py(v) + 4
+        << "\" text-anchor=\"end\">" << fmt(v) << "</text>\n";
+  }
+  svg << "<text x=\"" << kLeft + pw / 2 << "\" y=\"" << kHeight - 8 << "\" text-anchor=\"middle\">step (last "
+      << fmt(x_max) << ")</text>\n";
+  const std::pair<const std::vector<std::pair<int64_t, double>>*, const char*> series[] = {
+      {&h.train, "#1f77b4"}, {&h.valid, "#d62728"}};
+  for (const auto& [points, color] : series) {
+    if (points->empty()) continue;
+    svg << "<polyline fill=\"none\" stroke=\"" << color << "\" stroke-width=\"2\" points=\"";
+    for (const auto& [step, loss] : *points) svg << px(step) << "," << py(loss) << " ";
+    svg << "\"/>\n";
+  }
+  svg << "<text x=\"" << kLeft + pw - 150 << "\" y=\"18\" fill=\"#1f77b4\">train</text>"
+      << "<text x=\"" << kLeft + pw - 90 << "\" y=\"18\" fill=\"#d62728\">validation</text>\n</svg>\n";
+  return svg.str();
+}
+
+}  // namespace lorafit

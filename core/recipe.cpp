@@ -1,0 +1,379 @@
+#include "core/recipe.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <iostream>
+#include <set>
+#include <sstream>
+
+#include "adapters/registry.h"
+#include "core/errors.h"
+#include "core/hf_config.h"
+
+namespace lorafit {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::vector<std::string> kProjections = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"};
+
+// What a field accepts beyond its type.
+struct Rule {
+  bool required = false;
+  std::optional<double> min;  // inclusive
+  bool positive = false;      // > 0
+  bool below_one = false;     // < 1
+  std::vector<std::string> one_of;
+};
+
+Rule required() {
+  Rule r;
+  r.required = true;
+  return r;
+}
+Rule at_least(double min) {
+  Rule r;
+  r.min = min;
+  return r;
+}
+Rule positive() {
+  Rule r;
+  r.positive = true;
+  return r;
+}
+Rule probability() {
+  Rule r;
+  r.min = 0.0;
+  r.below_one = true;
+  return r;
+}
+Rule one_of(std::vector<std::string> values) {
+  Rule r;
+  r.one_of = std::move(values);
+  return r;
+}
+
+// Every recipe key, in the order the resolved recipe prints them. One list serves reading,
+// printing, and the did-you-mean hints.
+template <class Recipe_, class F>
+void visit_fields(Recipe_& r, F&& f) {
+  f("model", r.model, required());
+  f("output", r.output, required());
+  f("seed", r.seed, at_least(0));
+  f("device", r.device, one_of({"auto", "cpu", "cuda"}));
+  f("dtype", r.dtype, one_of({"auto", "bf16", "f16", "f32"}));
+  f("data.train", r.data.train, required());
+  f("data.valid", r.data.valid, Rule{});
+  f("data.format", r.data.format, one_of({"text", "alpaca", "chat", "tokens"}));
+  f("data.max_seq_len", r.data.max_seq_len, at_least(2));
+  f("data.packing", r.data.packing, Rule{});
+  f("adapter.type", r.adapter.type, Rule{});
+  f("adapter.r", r.adapter.r, at_least(1));
+  f("adapter.alpha", r.adapter.alpha, positive());
+  f("adapter.dropout", r.adapter.dropout, probability());
+  f("adapter.targets", r.adapter.targets, Rule{});
+  f("adapter.use_rslora", r.adapter.use_rslora, Rule{});
+  f("train.steps", r.train.steps, at_least(0));
+  f("train.epochs", r.train.epochs, at_least(0));
+  f("train.batch_size", r.train.batch_size, at_least(1));
+  f("train.micro_batch_size", r.train.micro_batch_size, at_least(1));
+  f("train.lr", r.train.lr, positive());
+  f("train.schedule", r.train.schedule, one_of({"constant", "linear", "cosine"}));
+  f("train.warmup_steps", r.train.warmup_steps, at_least(0));
+  f("train.weight_decay", r.train.weight_decay, at_least(0));
+  f("train.max_grad_norm", r.train.max_grad_norm, at_least(0));
+  f("train.gradient_checkpointing", r.train.gradient_checkpointing, Rule{});
+  f("train.log_every", r.train.log_every, at_least(1));
+  f("train.eval_every", r.train.eval_every, at_least(0));
+  f("train.save_every", r.train.save_every, at_least(0));
+}
+
+std::vector<std::string> split(const std::string& key, char sep) {
+  std::vector<std::string> parts;
+  std::stringstream ss(key);
+  for (std::string p; std::getline(ss, p, sep);) parts.push_back(p);
+  return parts;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] != b[j - 1])});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+/// " (did you mean 'x'?)" for the closest candidate, if one is close.
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates) {
+  std::string best;
+  size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
+  for (const auto& c : candidates) {
+    const size_t d = edit_distance(word, c);
+    if (d < best_d) best_d = d, best = c;
+  }
+  return best.empty() ? "" : " (did you mean '" + best + "'?)";
+}
+
+// yaml-cpp's Node::operator= writes through to the node it refers to; reset() rebinds.
+YAML::Node find(const YAML::Node& root, const std::string& key) {
+  YAML::Node node;
+  node.reset(root);
+  for (const auto& part : split(key, '.')) {
+    if (!node.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
+    const YAML::Node child = static_cast<const YAML::Node&>(node)[part];
+    if (!child.IsDefined()) return child;
+    node.reset(child);
+  }
+  return node;
+}
+
+std::string where(const YAML::Node& n) {
+  return n.Mark().line >= 0 ? " (line " + std::to_string(n.Mark().line + 1) + ")" : "";
+}
+
+struct Reader {
+  const YAML::Node& root;
+  std::vector<std::string>& problems;
+
+  template <class T>
+  void operator()(const char* key, T& value, const Rule& rule) {
+    const YAML::Node n = find(root, key);
+    if (!n.IsDefined() || n.IsNull()) {
+      if (rule.required) problems.push_back("'" + std::string(key) + "' is required");
+      return;
+    }
+    if (!read(key, n, value)) return;
+    check(key, n, value, rule);
+  }
+
+  bool read(const char* key, const YAML::Node& n, std::vector<std::string>& value) {
+    if (n.IsScalar() && n.Scalar() == "all-linear") {
+      value = kProjections;
+      return true;
+    }
+    if (!n.IsSequence()) {
+      problems.push_back("'" + std::string(key) + "' must be a list of module names or all-linear" + where(n));
+      return false;
+    }
+    value.clear();
+    for (const auto& item : n) {
+      if (!item.IsScalar()) {
+        problems.push_back("'" + std::string(key) + "' must list module names" + where(n));
+        return false;
+      }
+      value.push_back(item.Scalar());
+    }
+    return true;
+  }
+
+  template <class T>
+  bool read(const char* key, const YAML::Node& n, T& value) {
+    const char* expected = std::is_same_v<T, bool>        ? "true or false"
+                           : std::is_same_v<T, int64_t>   ? "an integer"
+                           : std::is_same_v<T, double>    ? "a number"
+                                                          : "a string";
+    try {
+      if (!n.IsScalar()) throw YAML::BadConversion(n.Mark());
+      value = n.as<T>();
+      return true;
+    } catch (const YAML::BadConversion&) {
+      problems.push_back("'" + std::string(key) + "' must be " + expected + where(n));
+      return false;
+    }
+  }
+
+  template <class T>
+  void check(const char* key, const YAML::Node& n, const T& value, const Rule& rule) {
+    if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) {
+      const double v = static_cast<double>(value);
+      std::string expected;
+      if (rule.min && v < *rule.min) expected = ">= " + fmt_num(*rule.min);
+      if (rule.positive && !(v > 0)) expected = "> 0";
+      if (rule.below_one && !(v < 1)) expected = "in [0, 1)";
+      if (!expected.empty()) {
+        problems.push_back("'" + std::string(key) + "' must be " + expected + ", got " + n.Scalar() + where(n));
+      }
+    }
+    if constexpr (std::is_same_v<T, std::string>) {
+      if (!rule.one_of.empty() &&
+          std::find(rule.one_of.begin(), rule.one_of.end(), value) == rule.one_of.end()) {
+        std::string list;
+        for (const auto& o : rule.one_of) list += (list.empty() ? "" : " | ") + o;
+        problems.push_back("'" + std::string(key) + "' is '" + value + "', expected " + list +
+                           did_you_mean(value, rule.one_of) + where(n));
+      }
+    }
+  }
+
+  static std::string fmt_num(double v) {
+    std::ostringstream s;
+    s << v;
+    return s.str();
+  }
+};
+
+// Keys of the YAML tree that no field accepts.
+void unknown_keys(const YAML::Node& node, const std::string& prefix, const std::set<std::string>& known,
+                  const std::vector<std::string>& known_list, std::vector<std::string>& problems) {
+  if (!node.IsMap()) return;
+  for (const auto& kv : node) {
+    const std::string key = prefix + kv.first.as<std::string>();
+    if (known.count(key)) continue;
+    const bool group = std::any_of(known_list.begin(), known_list.end(), [&](const std::string& k) {
+      return k.rfind(key + ".", 0) == 0;
+    });
+    if (group) {
+      if (!kv.second.IsMap()) problems.push_back("'" + key + "' must be a mapping of keys" + where(kv.second));
+      unknown_keys(kv.second, key + ".", known, known_list, problems);
+      continue;
+    }
+    if (key == "cola" || key == "longlora" || key == "jobs") {
+      problems.push_back("'" + key + "' is not supported by this version of lorafit" + where(kv.first));
+      continue;
+    }
+    problems.push_back("unknown key '" + key + "'" + did_you_mean(key, known_list) + where(kv.first));
+  }
+}
+
+void apply_override(YAML::Node& root, const std::string& assignment, std::vector<std::string>& problems) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    problems.push_back("--set '" + assignment + "' must look like key.path=value");
+    return;
+  }
+  const auto parts = split(assignment.substr(0, eq), '.');
+  YAML::Node value;
+  try {
+    value = YAML::Load(assignment.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    problems.push_back("--set '" + assignment + "': the value is not valid YAML (" + e.msg + ")");
+    return;
+  }
+  YAML::Node node;
+  node.reset(root);
+  for (size_t i = 0; i + 1 < parts.size(); ++i) {
+    if (!node[parts[i]].IsMap()) node[parts[i]] = YAML::Node(YAML::NodeType::Map);
+    YAML::Node child = node[parts[i]];
+    node.reset(child);
+  }
+  node[parts.back()] = value;
+}
+
+// Checks that need several fields or the file system.
+void check_recipe(const Recipe& r, std::vector<std::string>& problems) {
+  if (!r.model.empty()) {
+    if (!fs::is_regular_file(fs::path(r.model) / "config.json")) {
+      problems.push_back("'model': '" + r.model + "' is not a Hugging Face model folder (no config.json)");
+    } else {
+      try {
+        load_llama_config(r.model);
+      } catch (const Error& e) {
+        problems.push_back(std::string("'model': ") + e.what());
+      }
+      if (!fs::is_regular_file(fs::path(r.model) / "tokenizer.model")) {
+        problems.push_back("'model': '" + r.model + "' has no tokenizer.model");
+      }
+    }
+  }
+  for (const auto& [key, path] : {std::pair{"data.train", r.data.train}, {"data.valid", r.data.valid}}) {
+    if (!path.empty() && path != "-" && !fs::is_regular_file(path)) {
+      problems.push_back("'" + std::string(key) + "': file '" + path + "' does not exist");
+    }
+  }
+  if ((r.train.steps > 0) == (r.train.epochs > 0)) {
+    problems.push_back("set exactly one of 'train.steps' and 'train.epochs'");
+  }
+  if (r.train.micro_batch_size > r.train.batch_size || r.train.batch_size % r.train.micro_batch_size != 0) {
+    problems.push_back("'train.batch_size' (" + std::to_string(r.train.batch_size) +
+                       ") must be a multiple of 'train.micro_batch_size' (" +
+                       std::to_string(r.train.micro_batch_size) + ")");
+  }
+  std::vector<std::string> types;
+  for (const auto& spec : adapter_specs()) types.emplace_back(spec.name);
+  if (std::find(types.begin(), types.end(), r.adapter.type) == types.end()) {
+    problems.push_back("'adapter.type' is '" + r.adapter.type + "', expected one of: " +
+                       join_problems(types) + did_you_mean(r.adapter.type, types));
+  }
+  if (r.adapter.targets.empty()) problems.push_back("'adapter.targets' is empty");
+  std::set<std::string> seen;
+  for (const auto& t : r.adapter.targets) {
+    if (std::find(kProjections.begin(), kProjections.end(), t) == kProjections.end()) {
+      problems.push_back("'adapter.targets': the model has no module '" + t + "'" +
+                         did_you_mean(t, kProjections) + " (LLaMA has q_proj, k_proj, v_proj, o_proj, "
+                         "gate_proj, up_proj, down_proj)");
+    } else if (!seen.insert(t).second) {
+      problems.push_back("'adapter.targets' lists '" + t + "' twice");
+    }
+  }
+}
+
+YAML::Node parse_yaml(const std::string& path) {
+  try {
+    if (path == "-") return YAML::Load(std::cin);
+    std::ifstream in(path);
+    if (!in) throw IoError("cannot read recipe '" + path + "'");
+    return YAML::Load(in);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError("recipe '" + path + "' is not valid YAML: " + e.what());
+  }
+}
+
+}  // namespace
+
+Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
+  YAML::Node root = parse_yaml(path);
+  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  if (!root.IsMap()) throw ConfigError("recipe '" + path + "' must be a mapping of keys");
+
+  std::vector<std::string> problems;
+  for (const auto& o : overrides) apply_override(root, o, problems);
+
+  Recipe recipe;
+  std::set<std::string> known;
+  std::vector<std::string> known_list;
+  visit_fields(recipe, [&](const char* key, auto&, const Rule&) {
+    known.insert(key);
+    known_list.push_back(key);
+  });
+  unknown_keys(root, "", known, known_list, problems);
+  visit_fields(recipe, Reader{root, problems});
+  check_recipe(recipe, problems);
+  if (!problems.empty()) {
+    throw ConfigError("recipe '" + path + "' has " + std::to_string(problems.size()) +
+                      (problems.size() == 1 ? " problem: " : " problems: ") +
+                      join_problems(problems, /*limit=*/100));
+  }
+  return recipe;
+}
+
+std::string recipe_to_yaml(const Recipe& recipe) {
+  YAML::Node root(YAML::NodeType::Map);
+  Recipe copy = recipe;
+  visit_fields(copy, [&](const char* key, auto& value, const Rule&) {
+    const auto parts = split(key, '.');
+    if (parts.size() == 1) {
+      root[parts[0]] = value;
+    } else {
+      root[parts[0]][parts[1]] = value;
+    }
+  });
+  YAML::Emitter out;
+  out.SetDoublePrecision(15);
+  out << root;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace lorafit

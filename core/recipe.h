@@ -1,0 +1,65 @@
+// Training recipes: YAML as DESIGN.md specifies, `--set key.path=value` overrides, and
+// validation that reports every problem at once, before any weights are loaded.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lorafit {
+
+struct DataRecipe {
+  std::string train;
+  std::string valid;           // optional
+  std::string format = "text";  // text | alpaca | chat | tokens
+  int64_t max_seq_len = 512;
+  bool packing = true;
+};
+
+struct AdapterRecipe {
+  std::string type = "lora";
+  int64_t r = 16;
+  double alpha = 32;
+  double dropout = 0.05;
+  std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj",
+                                   "gate_proj", "up_proj", "down_proj"};
+  bool use_rslora = false;
+};
+
+struct TrainRecipe {
+  int64_t steps = 0;   // exactly one of steps and epochs is set
+  int64_t epochs = 0;
+  int64_t batch_size = 16;       // sequences per optimizer step
+  int64_t micro_batch_size = 4;  // sequences per forward/backward
+  double lr = 2e-4;
+  std::string schedule = "cosine";  // constant | linear | cosine
+  int64_t warmup_steps = 20;
+  double weight_decay = 0.0;
+  double max_grad_norm = 1.0;  // 0 turns clipping off
+  bool gradient_checkpointing = false;
+  int64_t log_every = 10;
+  int64_t eval_every = 100;  // 0: no evaluation during training
+  int64_t save_every = 200;  // 0: no checkpoints during training
+};
+
+struct Recipe {
+  std::string model;
+  std::string output;
+  int64_t seed = 0;
+  std::string device = "auto";
+  std::string dtype = "auto";
+  DataRecipe data;
+  AdapterRecipe adapter;
+  TrainRecipe train;
+};
+
+/// Reads a recipe file ("-" for standard input), applies `overrides` ("data.max_seq_len=1024"),
+/// and checks everything that can be checked without loading weights: unknown keys (with a
+/// did-you-mean), types, ranges, files, and target modules against the model's config.json.
+/// Throws one ConfigError listing every problem.
+Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides = {});
+
+/// The resolved recipe as YAML, every key spelled out.
+std::string recipe_to_yaml(const Recipe& recipe);
+
+}  // namespace lorafit

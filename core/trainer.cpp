@@ -1,0 +1,288 @@
+// A training run, top to bottom: set up (model, data, adapter, optimizer, maybe a checkpoint
+// to resume), then the step loop (micro-batches, one token-mean loss per optimizer step,
+// clipping, AdamW), with logging, evaluation and checkpoints along the way.
+#include "core/trainer.h"
+
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "core/adapter_io.h"
+#include "core/compat.h"
+#include "core/datasets.h"
+#include "core/device.h"
+#include "core/errors.h"
+#include "core/eval.h"
+#include "core/loss_plot.h"
+#include "core/safetensors.h"
+
+namespace lorafit {
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+struct Batch {
+  torch::Tensor ids;     // [B, T] int64, right-padded with 0
+  torch::Tensor labels;  // [B, T] int64, kIgnoreLabel where nothing is learned
+  int64_t tokens = 0;    // real (unpadded) tokens
+};
+
+Batch collate(const std::vector<Example>& examples, const std::vector<size_t>& rows, torch::Device device) {
+  size_t t = 0;
+  for (auto r : rows) t = std::max(t, examples[r].input_ids.size());
+  const auto b = static_cast<int64_t>(rows.size());
+  std::vector<int64_t> ids(b * t, 0), labels(b * t, kIgnoreLabel);
+  Batch out;
+  for (int64_t i = 0; i < b; ++i) {
+    const auto& ex = examples[rows[i]];
+    std::copy(ex.input_ids.begin(), ex.input_ids.end(), ids.begin() + i * t);
+    std::copy(ex.labels.begin(), ex.labels.end(), labels.begin() + i * t);
+    out.tokens += static_cast<int64_t>(ex.input_ids.size());
+  }
+  const auto ti = static_cast<int64_t>(t);
+  // copy=true: on the CPU a plain .to() would keep viewing the local vectors.
+  out.ids = torch::from_blob(ids.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
+  out.labels = torch::from_blob(labels.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
+  return out;
+}
+
+// Targets that count in the loss: labels after the first position that are not ignored.
+int64_t target_count(const std::vector<Example>& examples, const std::vector<size_t>& rows) {
+  int64_t n = 0;
+  for (auto r : rows) {
+    const auto& l = examples[r].labels;
+    n += std::count_if(l.begin() + 1, l.end(), [](int64_t x) { return x != kIgnoreLabel; });
+  }
+  return n;
+}
+
+// Summed negative log-likelihood of a batch's targets: position t predicts label t+1.
+torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
+  auto hidden = model->forward(batch.ids);  // [B, T, C]
+  const auto t = hidden.size(1);
+  auto targets = batch.labels.narrow(1, 1, t - 1);  // [B, T-1]
+  auto mask = targets.ne(kIgnoreLabel);
+  auto rows = hidden.narrow(1, 0, t - 1).index({mask});  // [N, C]
+  return -target_log_prob_sum(model, rows, targets.index({mask}));
+}
+
+double validation_loss(LlamaForCausalLM& model, const std::vector<Example>& examples,
+                       int64_t micro_batch, torch::Device device) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  double nll = 0;
+  int64_t count = 0;
+  for (size_t start = 0; start < examples.size(); start += micro_batch) {
+    std::vector<size_t> rows;
+    for (size_t i = start; i < std::min(examples.size(), start + micro_batch); ++i) rows.push_back(i);
+    nll += nll_sum(model, collate(examples, rows, device)).item<double>();
+    count += target_count(examples, rows);
+  }
+  model->train();
+  return nll / count;
+}
+
+std::string format_duration(double seconds) {
+  const auto s = static_cast<int64_t>(seconds);
+  return fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60);
+}
+
+// What a checkpoint holds besides the adapter and the optimizer.
+struct TrainerState {
+  int64_t step = 0;
+  DataPosition data;
+};
+
+void write_checkpoint(const fs::path& dir, const TrainerState& state, torch::optim::Optimizer& opt,
+                      const std::function<void(const std::string&)>& save_adapter_to) {
+  // Everything goes into a temporary folder that is renamed into place at the end: a run
+  // killed at any moment leaves either the whole checkpoint or none.
+  const fs::path tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
+  compat::remove_tree(tmp);
+  fs::create_directories(tmp);
+  save_adapter_to(tmp.string());
+  torch::save(opt, (tmp / "optimizer.pt").string());
+  torch::save(compat::cpu_rng_state(), (tmp / "rng.pt").string());
+  nlohmann::json j = {{"step", state.step}, {"epoch", state.data.epoch}, {"cursor", state.data.cursor}};
+  write_file_atomic((tmp / "trainer_state.json").string(), j.dump(2) + "\n");
+  compat::remove_tree(dir);
+  fs::rename(tmp, dir);
+}
+
+fs::path latest_checkpoint(const std::string& resume) {
+  if (fs::exists(fs::path(resume) / "trainer_state.json")) return resume;
+  const fs::path root = fs::path(resume) / "checkpoints";
+  fs::path best;
+  int64_t best_step = -1;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const auto name = e.path().filename().string();
+    if (name.rfind("step-", 0) != 0 || name.find(".tmp") != std::string::npos) continue;
+    if (!fs::exists(e.path() / "trainer_state.json")) continue;
+    const int64_t step = std::stoll(name.substr(5));
+    if (step > best_step) best_step = step, best = e.path();
+  }
+  if (best.empty()) {
+    throw IoError("--resume '" + resume + "': no checkpoint found (expected trainer_state.json there "
+                  "or checkpoints/step-N/ under it)");
+  }
+  return best;
+}
+
+// Keeps the metrics lines of steps up to `step`: a resumed run rewrites what followed.
+void truncate_metrics(const fs::path& path, int64_t step) {
+  std::ifstream in(path);
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
+  }
+  write_file_atomic(path.string(), kept);
+}
+
+}  // namespace
+
+double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
+  if (step < t.warmup_steps) return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
+  const double span = static_cast<double>(std::max<int64_t>(1, total - t.warmup_steps));
+  const double progress = static_cast<double>(step - t.warmup_steps) / span;
+  if (t.schedule == "linear") return t.lr * std::max(0.0, static_cast<double>(total - step) / span);
+  if (t.schedule == "cosine") return t.lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
+  return t.lr;
+}
+
+void train(const Recipe& recipe, const TrainRun& run) {
+  const auto& tr = recipe.train;
+  const fs::path out = recipe.output;
+  fs::create_directories(out / "checkpoints");
+  write_file_atomic((out / "recipe.yaml").string(), recipe_to_yaml(recipe));
+
+  // --- Set-up: the data first (cheap, and its errors are the user's), then the model.
+  const auto tokenizer = load_tokenizer(recipe.model);
+  const auto config = load_llama_config(recipe.model);
+  DatasetOptions data_opts{recipe.data.format, recipe.data.max_seq_len, recipe.data.packing,
+                           config.bos_token_id, config.eos_token_ids.front(), config.vocab_size};
+  const auto train_examples = load_examples(recipe.data.train, tokenizer, data_opts);
+  const auto valid_examples = recipe.data.valid.empty()
+                                  ? std::vector<Example>{}
+                                  : load_examples(recipe.data.valid, tokenizer, data_opts);
+  const int64_t total_steps =
+      tr.steps > 0 ? tr.steps
+                   : (tr.epochs * static_cast<int64_t>(train_examples.size()) + tr.batch_size - 1) / tr.batch_size;
+
+  const auto device = pick_device(recipe.device);
+  torch::manual_seed(static_cast<uint64_t>(recipe.seed));
+  auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
+  const auto& spec = find_adapter(recipe.adapter.type);
+  const AdapterSettings settings{recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout,
+                                 recipe.adapter.use_rslora, recipe.adapter.targets};
+  spec.attach_new(settings, model->projections());
+  const auto params = trainable_parameters(model);
+  torch::optim::AdamW optimizer(
+      params, torch::optim::AdamWOptions(tr.lr).betas({0.9, 0.999}).eps(1e-8).weight_decay(tr.weight_decay));
+  auto save_adapter_to = [&](const std::string& dir) { save_adapter(dir, spec, settings, model, recipe.model); };
+
+  TrainerState state;
+  if (!run.resume.empty()) {
+    const auto ckpt = latest_checkpoint(run.resume);
+    const auto j = nlohmann::json::parse(std::ifstream(ckpt / "trainer_state.json"));
+    state.step = j.at("step");
+    state.data = {j.at("epoch"), j.at("cursor")};
+    SafetensorsFile saved((ckpt / "adapter_model.safetensors").string());
+    const auto now = spec.save(settings, model->projections(), recipe.model).tensors;
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, t] : now) t.copy_(saved.tensor(name));
+    torch::load(optimizer, (ckpt / "optimizer.pt").string());
+    torch::Tensor rng;
+    torch::load(rng, (ckpt / "rng.pt").string());
+    compat::set_cpu_rng_state(rng);
+    truncate_metrics(out / "metrics.jsonl", state.step);
+    fmt::print(stderr, "resuming from {} (step {})\n", ckpt.string(), state.step);
+  }
+
+  ExampleStream stream(train_examples.size(), static_cast<uint64_t>(recipe.seed), state.data);
+  std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
+  LossHistory history = read_loss_history((out / "metrics.jsonl").string());
+  const bool tty = isatty(STDERR_FILENO);
+  const auto started = Clock::now();
+  int64_t tokens_since_log = 0;
+  auto log_started = Clock::now();
+  const int64_t first_step = state.step;
+  model->train();
+
+  // --- The step loop.
+  while (state.step < total_steps) {
+    const auto rows = stream.next(tr.batch_size);
+    const int64_t targets = target_count(train_examples, rows);
+    double loss_sum = 0;
+    for (int64_t start = 0; start < tr.batch_size; start += tr.micro_batch_size) {
+      const std::vector<size_t> micro(rows.begin() + start, rows.begin() + start + tr.micro_batch_size);
+      const auto batch = collate(train_examples, micro, device);
+      // Each micro-batch adds its share of the step's token mean, so the gradient is that of
+      // the mean over every target token of the step, not a mean of micro-batch means.
+      auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
+      loss.backward();
+      loss_sum += loss.item<double>();
+      tokens_since_log += batch.tokens;
+    }
+    if (!std::isfinite(loss_sum)) {
+      throw Error(fmt::format("the training loss became {} at step {}; the last good checkpoint is "
+                              "under {} (hint: lower train.lr or raise train.warmup_steps)",
+                              loss_sum, state.step + 1, (out / "checkpoints").string()));
+    }
+    const double lr = scheduled_lr(tr, state.step, total_steps);
+    for (auto& group : optimizer.param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    }
+    const double grad_norm =
+        tr.max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(params, tr.max_grad_norm) : 0.0;
+    optimizer.step();
+    optimizer.zero_grad();
+    ++state.step;
+    state.data = stream.position();
+
+    if (state.step % tr.log_every == 0 || state.step == total_steps) {
+      const double secs = std::chrono::duration<double>(Clock::now() - log_started).count();
+      const double tok_s = tokens_since_log / std::max(secs, 1e-9);
+      const double done = std::chrono::duration<double>(Clock::now() - started).count();
+      const double eta = done / (state.step - first_step) * (total_steps - state.step);
+      metrics << nlohmann::json{{"step", state.step}, {"loss", loss_sum}, {"lr", lr},
+                                {"grad_norm", grad_norm}, {"tokens_per_s", tok_s}}
+                     .dump()
+              << "\n" << std::flush;
+      history.train.emplace_back(state.step, loss_sum);
+      fmt::print(stderr, "{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}", tty ? "\r\033[K" : "",
+                 state.step, total_steps, loss_sum, lr, tok_s, format_duration(eta), tty ? "" : "\n");
+      tokens_since_log = 0;
+      log_started = Clock::now();
+    }
+    if (!valid_examples.empty() && tr.eval_every > 0 &&
+        (state.step % tr.eval_every == 0 || state.step == total_steps)) {
+      const double v = validation_loss(model, valid_examples, tr.micro_batch_size, device);
+      metrics << nlohmann::json{{"step", state.step}, {"eval_loss", v}}.dump() << "\n" << std::flush;
+      history.valid.emplace_back(state.step, v);
+      fmt::print(stderr, "{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "", state.step, total_steps, v);
+    }
+    if (tr.save_every > 0 && state.step % tr.save_every == 0 && state.step < total_steps) {
+      write_checkpoint(out / "checkpoints" / ("step-" + std::to_string(state.step)), state, optimizer,
+                       save_adapter_to);
+    }
+  }
+  if (tty) fmt::print(stderr, "\n");
+
+  // --- Outputs.
+  save_adapter_to((out / "adapter").string());
+  write_file_atomic((out / "loss.svg").string(), loss_svg(history));
+  const auto adapter = (out / "adapter").string();
+  fmt::print(stderr, "adapter written to {}\n", adapter);
+  fmt::print(stderr, "evaluate: lorafit eval --model {} --adapter {} --data FILE\n", recipe.model, adapter);
+  fmt::print(stderr, "merge:    lorafit merge --model {} --adapter {} --out DIR\n", recipe.model, adapter);
+}
+
+}  // namespace lorafit
