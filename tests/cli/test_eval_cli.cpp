@@ -175,7 +175,7 @@ TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][error
   }
 }
 
-TEST_CASE("--help exits 0 and lists the commands", "[cli]") {
+TEST_CASE("lorafit --help exits 0 and lists the commands", "[cli]") {
   const auto r = run_lorafit("--help");
   REQUIRE(r.code == 0);
   REQUIRE_THAT(r.out, Catch::Contains("eval"));

@@ -1,0 +1,216 @@
+// `lorafit train`, `validate` and `merge` as a user runs them, on the tiny fixture model.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <thread>
+
+#include "core/adapter_io.h"
+#include "core/safetensors.h"
+#include "test_util.h"
+
+using namespace lorafit;
+namespace fs = std::filesystem;
+using lorafit::test::read_text;
+using lorafit::test::run_lorafit;
+using lorafit::test::TempDir;
+
+namespace {
+
+const std::string kRecipe = "recipes/quickstart.yaml";
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+// Trains the quickstart recipe into `out` with extra --set overrides.
+lorafit::test::RunResult train(const std::string& out, const std::string& sets = "") {
+  return run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) + " " + sets);
+}
+
+double eval_loss(const std::string& adapter) {
+  const auto r = run_lorafit("eval --device cpu --json --model tests/fixtures/gqa_llama3/model --data "
+                             "recipes/data/tiny_valid.jsonl" +
+                             (adapter.empty() ? "" : " --adapter " + q(adapter)));
+  REQUIRE(r.code == 0);
+  return nlohmann::json::parse(r.out)["loss"];
+}
+
+std::vector<double> metric(const std::string& out, const char* key) {
+  std::vector<double> v;
+  std::ifstream in(out + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains(key)) v.push_back(j[key]);
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("training lowers the loss and the adapter beats the base on held-out data", "[cli][train]") {
+  TempDir tmp;
+  const auto out = tmp / "run";
+  const auto r = train(out, "--set train.steps=60 --set train.eval_every=30 --set train.log_every=1");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto losses = metric(out, "loss");
+  REQUIRE(losses.size() == 60);
+  REQUIRE(losses.back() < losses.front() - 1.0);
+  REQUIRE(metric(out, "eval_loss").size() == 2);
+  REQUIRE(eval_loss(out + "/adapter") < eval_loss("") - 1.0);
+  for (const char* f : {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
+                        "loss.svg", "recipe.yaml"}) {
+    INFO(f);
+    REQUIRE(fs::exists(out + "/" + f));
+  }
+  REQUIRE_THAT(read_text(out + "/loss.svg"), Catch::StartsWith("<svg") && Catch::Contains("polyline"));
+  REQUIRE_THAT(r.err, Catch::Contains("lorafit eval --model") && Catch::Contains("lorafit merge --model"));
+}
+
+TEST_CASE("the adapter is in PEFT's format", "[cli][train]") {
+  TempDir tmp;
+  const auto out = tmp / "run";
+  REQUIRE(train(out, "--set train.steps=2 --set adapter.targets=[q_proj,down_proj] --set adapter.r=4").code == 0);
+  const auto config = lorafit::test::read_json(out + "/adapter/adapter_config.json");
+  REQUIRE(config["peft_type"] == "LORA");
+  REQUIRE(config["task_type"] == "CAUSAL_LM");
+  REQUIRE(config["r"] == 4);
+  REQUIRE(config["lora_alpha"] == 16);
+  REQUIRE(config["target_modules"] == nlohmann::json({"down_proj", "q_proj"}));
+  REQUIRE(config["base_model_name_or_path"] == "tests/fixtures/gqa_llama3/model");
+  SafetensorsFile file(out + "/adapter/adapter_model.safetensors");
+  REQUIRE(file.header().entries.size() == 2 * 2 * 2);  // 2 layers x 2 modules x (A, B)
+  const auto* a = file.find("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight");
+  const auto* b = file.find("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+  REQUIRE(a);
+  REQUIRE(b);
+  REQUIRE(a->shape == std::vector<int64_t>{4, 64});
+  REQUIRE(b->shape == std::vector<int64_t>{64, 4});
+  REQUIRE(a->dtype == StDtype::F32);
+}
+
+TEST_CASE("training is deterministic on the CPU for a given seed", "[cli][train]") {
+  TempDir tmp;
+  const std::string sets = "--set train.steps=6 --set adapter.dropout=0.1";
+  REQUIRE(train(tmp / "a", sets).code == 0);
+  REQUIRE(train(tmp / "b", sets).code == 0);
+  REQUIRE(train(tmp / "c", sets + " --set seed=1").code == 0);
+  const auto a = read_text(tmp / "a/adapter/adapter_model.safetensors");
+  REQUIRE(a == read_text(tmp / "b/adapter/adapter_model.safetensors"));
+  REQUIRE(a != read_text(tmp / "c/adapter/adapter_model.safetensors"));
+}
+
+TEST_CASE("gradient accumulation gives the gradient of the whole batch", "[cli][train]") {
+  TempDir tmp;
+  // Unpacked documents of different lengths: a mean of micro-batch means would weigh them
+  // differently from the token mean of the step.
+  const std::string sets = "--set train.steps=3 --set data.packing=false --set train.batch_size=8 ";
+  REQUIRE(train(tmp / "one", sets + "--set train.micro_batch_size=8").code == 0);
+  REQUIRE(train(tmp / "four", sets + "--set train.micro_batch_size=2").code == 0);
+  SafetensorsFile one(tmp / "one/adapter/adapter_model.safetensors");
+  SafetensorsFile four(tmp / "four/adapter/adapter_model.safetensors");
+  for (const auto& e : one.header().entries) {
+    INFO(e.name);
+    REQUIRE(torch::allclose(one.tensor(e.name), four.tensor(e.name), 1e-4, 1e-6));
+  }
+}
+
+TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[cli][train]") {
+  TempDir tmp;
+  const std::string sets = "--set train.steps=150 --set train.save_every=10 --set adapter.dropout=0.1";
+  REQUIRE(train(tmp / "whole", sets).code == 0);
+
+  const auto out = tmp / "killed";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string cmd = std::string(LORAFIT_BIN) + " train " + kRecipe + " --device cpu --set output=" +
+                            q(out) + " " + sets + " 2>/dev/null";
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
+    _exit(127);
+  }
+  // Kill it once a checkpoint exists, a little after, wherever it is then.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!fs::exists(out + "/checkpoints/step-30") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(37));
+  kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  REQUIRE(fs::exists(out + "/checkpoints/step-30"));
+  REQUIRE_FALSE(fs::exists(out + "/adapter/adapter_model.safetensors"));
+
+  const auto resumed = run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) + " " + sets +
+                                   " --resume " + q(out));
+  INFO(resumed.err);
+  REQUIRE(resumed.code == 0);
+  REQUIRE_THAT(resumed.err, Catch::Contains("resuming from"));
+  REQUIRE(read_text(out + "/adapter/adapter_model.safetensors") ==
+          read_text(tmp / "whole/adapter/adapter_model.safetensors"));
+  REQUIRE(metric(out, "loss") == metric(tmp / "whole", "loss"));
+}
+
+TEST_CASE("a loss that turns non-finite stops the run and names the step", "[cli][train]") {
+  TempDir tmp;
+  const auto r = train(tmp / "nan", "--set train.steps=50 --set train.lr=1e30 --set train.warmup_steps=0 "
+                                    "--set train.max_grad_norm=0 --set train.save_every=1");
+  REQUIRE(r.code == 2);
+  REQUIRE_THAT(r.err, Catch::Contains("the training loss became") && Catch::Contains("at step"));
+  REQUIRE(fs::exists(tmp / "nan/checkpoints/step-1"));
+  REQUIRE_FALSE(fs::exists(tmp / "nan/adapter"));
+}
+
+TEST_CASE("a merged checkpoint gives the loss of the adapter it merged", "[cli][merge]") {
+  TempDir tmp;
+  REQUIRE(train(tmp / "run", "--set train.steps=20").code == 0);
+  const auto merged = tmp / "merged";
+  const auto r = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " + q(tmp / "run/adapter") +
+                             " --out " + q(merged));
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.model", "generation_config.json"}) {
+    REQUIRE(fs::exists(merged + "/" + f));
+  }
+  const auto m = run_lorafit("eval --device cpu --json --model " + q(merged) + " --data recipes/data/tiny_valid.jsonl");
+  REQUIRE(m.code == 0);
+  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(eval_loss(tmp / "run/adapter")).epsilon(1e-5));
+  // Never overwrites.
+  const auto again = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " + q(tmp / "run/adapter") +
+                                 " --out " + q(merged));
+  REQUIRE(again.code == 2);
+  REQUIRE_THAT(again.err, Catch::Contains("already exists"));
+}
+
+TEST_CASE("broken recipes exit 2, name the key, and write nothing", "[cli][train]") {
+  TempDir tmp;
+  const auto out = tmp / "never";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--set adapter.rank=8", "unknown key 'adapter.rank'"},
+      {"--set train.lr=-1", "'train.lr'"},
+      {"--set data.format=csv", "'data.format'"},
+      {"--set adapter.targets=[lm_proj]", "no module 'lm_proj'"},
+      {"--set data.train=nope.jsonl", "'data.train'"},
+      {"--set model=nowhere", "'model'"},
+      {"--set train.micro_batch_size=5", "'train.batch_size'"},
+      {"--set train.steps=0", "'train.steps'"},
+      {"--set adapter.type=dora", "'adapter.type'"},
+      {"--set data.max_seq_len=1", "'data.max_seq_len'"},
+      {"--set seed=-3", "'seed'"},
+      {"--set broken", "key.path=value"},
+  };
+  for (const auto& [sets, fragment] : cases) {
+    INFO(sets);
+    for (const char* verb : {"train", "validate"}) {
+      const auto r = run_lorafit(std::string(verb) + " " + kRecipe + " --set output=" + q(out) + " " + sets);
+      INFO(r.err);
+      REQUIRE(r.code == 2);
+      REQUIRE(r.err.rfind("lorafit: error: ", 0) == 0);
+      REQUIRE_THAT(r.err, Catch::Contains(fragment));
+      REQUIRE_FALSE(fs::exists(out));
+    }
+  }
+  const auto ok = run_lorafit("validate " + kRecipe);
+  REQUIRE(ok.code == 0);
+  REQUIRE_THAT(ok.out, Catch::Contains("max_seq_len: 64"));
+}

@@ -1,0 +1,113 @@
+#include <catch2/catch.hpp>
+
+#include "core/errors.h"
+#include "core/recipe.h"
+#include "test_util.h"
+
+using namespace lorafit;
+using lorafit::test::TempDir;
+
+namespace {
+
+// A valid recipe (paths relative to the repository root, the tests' working directory).
+std::string base_recipe() {
+  return R"(model: tests/fixtures/gqa_llama3/model
+output: runs/x
+data:
+  train: recipes/data/tiny_train.jsonl
+  format: text
+  max_seq_len: 32
+adapter:
+  r: 4
+  alpha: 8
+train:
+  steps: 10
+  batch_size: 4
+  micro_batch_size: 2
+)";
+}
+
+Recipe load_text(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  TempDir tmp;
+  lorafit::test::write_text(tmp / "r.yaml", yaml);
+  return load_recipe(tmp / "r.yaml", overrides);
+}
+
+}  // namespace
+
+TEST_CASE("the shipped recipes validate", "[core][recipe]") {
+  for (const auto& e : std::filesystem::directory_iterator("recipes")) {
+    if (e.path().extension() != ".yaml") continue;
+    INFO(e.path());
+    REQUIRE_NOTHROW(load_recipe(e.path().string()));
+  }
+}
+
+TEST_CASE("a recipe reads its keys and keeps the defaults of the rest", "[core][recipe]") {
+  const auto r = load_text(base_recipe());
+  REQUIRE(r.data.max_seq_len == 32);
+  REQUIRE(r.adapter.r == 4);
+  REQUIRE(r.adapter.alpha == 8);
+  REQUIRE(r.adapter.targets.size() == 7);
+  REQUIRE(r.train.schedule == "cosine");
+  REQUIRE(r.train.lr == 2e-4);
+}
+
+TEST_CASE("overrides with --set reach any key by its dotted path", "[core][recipe]") {
+  const auto r = load_text(base_recipe(), {"data.max_seq_len=1024", "adapter.targets=[q_proj, v_proj]",
+                                           "train.lr=1e-3", "seed=7", "data.valid=recipes/data/tiny_valid.jsonl"});
+  REQUIRE(r.data.max_seq_len == 1024);
+  REQUIRE(r.adapter.targets == std::vector<std::string>{"q_proj", "v_proj"});
+  REQUIRE(r.train.lr == 1e-3);
+  REQUIRE(r.seed == 7);
+  REQUIRE(r.data.valid == "recipes/data/tiny_valid.jsonl");
+}
+
+TEST_CASE("the resolved recipe reads back as the same recipe", "[core][recipe]") {
+  const auto r = load_text(base_recipe(), {"adapter.targets=all-linear", "train.warmup_steps=3"});
+  const auto yaml = recipe_to_yaml(r);
+  REQUIRE(recipe_to_yaml(load_text(yaml)) == yaml);
+}
+
+TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"adapter.rank=8"}, "unknown key 'adapter.rank' (did you mean 'adapter.r'?)"},
+      {{"trian.steps=3"}, "unknown key 'trian'"},
+      {{"train.lr=fast"}, "'train.lr' must be a number"},
+      {{"train.lr=-1"}, "'train.lr' must be > 0"},
+      {{"adapter.r=0"}, "'adapter.r' must be >= 1"},
+      {{"adapter.dropout=1.5"}, "'adapter.dropout' must be in [0, 1)"},
+      {{"data.format=alpacca"}, "'data.format' is 'alpacca', expected text | alpaca | chat | tokens (did you mean 'alpaca'?)"},
+      {{"train.schedule=cosin"}, "(did you mean 'cosine'?)"},
+      {{"adapter.type=lorra"}, "'adapter.type' is 'lorra'"},
+      {{"adapter.targets=[q_proj, qkv_proj]"}, "the model has no module 'qkv_proj'"},
+      {{"data.train=missing.jsonl"}, "'data.train': file 'missing.jsonl' does not exist"},
+      {{"model=nowhere"}, "'model': 'nowhere' is not a Hugging Face model folder"},
+      {{"train.epochs=2"}, "set exactly one of 'train.steps' and 'train.epochs'"},
+      {{"train.micro_batch_size=3"}, "must be a multiple of 'train.micro_batch_size' (3)"},
+      {{"data.packing=maybe"}, "'data.packing' must be true or false"},
+      {{"cola.links=3"}, "'cola' is not supported"},
+      {{"train=5"}, "'train' must be a mapping of keys"},
+  };
+  for (const auto& [overrides, fragment] : cases) {
+    INFO(overrides[0]);
+    REQUIRE_THROWS_WITH(load_text(base_recipe(), overrides), Catch::Contains(fragment));
+  }
+}
+
+TEST_CASE("every problem of a recipe is reported at once", "[core][recipe]") {
+  try {
+    load_text(base_recipe(), {"adapter.rank=8", "train.lr=fast", "data.train=missing.jsonl"});
+    FAIL("no error");
+  } catch (const ConfigError& e) {
+    const std::string msg = e.what();
+    REQUIRE_THAT(msg, Catch::Contains("has 3 problems"));
+    REQUIRE_THAT(msg, Catch::Contains("adapter.rank") && Catch::Contains("train.lr") &&
+                          Catch::Contains("missing.jsonl"));
+  }
+}
+
+TEST_CASE("a recipe that is not YAML is refused with its path", "[core][recipe]") {
+  REQUIRE_THROWS_WITH(load_text("model: [unclosed"), Catch::Contains("is not valid YAML"));
+  REQUIRE_THROWS_WITH(load_recipe("no/such/recipe.yaml"), Catch::Contains("cannot read recipe 'no/such/recipe.yaml'"));
+}
