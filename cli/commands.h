@@ -13,5 +13,6 @@ Action add_train(CLI::App& app);
 Action add_validate(CLI::App& app);
 Action add_eval(CLI::App& app);
 Action add_merge(CLI::App& app);
+Action add_generate(CLI::App& app);
 
 }  // namespace lorafit::cli

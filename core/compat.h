@@ -10,20 +10,29 @@
 
 namespace lorafit::compat {
 
-/// Causal self-attention over heads of equal count (GQA already expanded).
-/// q, k, v: [B, H, T, D]; returns [B, H, T, D].
+/// Self-attention over heads of equal count (GQA already expanded) where query i sits at
+/// position offset + i and sees keys 0 .. offset + i (the keys before it are a KV cache).
+/// q: [B, H, Tq, D], k, v: [B, H, Tk, D] with Tk = offset + Tq; returns [B, H, Tq, D].
 inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
-                                      const torch::Tensor& v, double scale) {
+                                      const torch::Tensor& v, double scale, int64_t offset = 0) {
+  const auto tq = q.size(-2), tk = k.size(-2);
+  // SDPA's is_causal aligns queries with the first keys, right only when there is no cache; a
+  // single new query sees every key and needs no mask; anything else gets an explicit one.
+  torch::Tensor mask;  // [Tq, Tk] bool, true where attending is allowed
+  if (offset > 0 && tq > 1) {
+    auto qpos = torch::arange(offset, offset + tq, torch::dtype(torch::kInt64).device(q.device()));
+    mask = qpos.unsqueeze(1) >= torch::arange(tk, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0);
+  }
+  const bool causal = offset == 0 && tq > 1;
 #if TORCH_VERSION_MAJOR >= 2
   // SDPA picks flash attention on CUDA for bf16/f16 inputs.
-  return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
-                                          /*is_causal=*/true, scale);
+  return at::scaled_dot_product_attention(q, k, v, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
+                                          /*dropout_p=*/0.0, causal, scale);
 #else
   // LibTorch 1.13 has no public SDPA: the math path SDPA itself falls back to.
-  const auto t = q.size(-2);
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, H, T, T]
-  auto future = torch::ones({t, t}, torch::dtype(torch::kBool).device(q.device())).triu(1);
-  scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
+  if (causal) mask = torch::ones({tq, tk}, torch::dtype(torch::kBool).device(q.device())).tril();
+  if (mask.defined()) scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
   return torch::matmul(torch::softmax(scores, -1), v);
 #endif
 }

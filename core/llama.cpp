@@ -68,20 +68,33 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c, const std::string& prefix,
   o_proj = register_module("o_proj", Projection(prefix + ".o_proj", heads * head_dim, hidden, o));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RopeTables& rope) {
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RopeTables& rope, KVCache* cache,
+                                     size_t layer) {
   const auto b = x.size(0), t = x.size(1);
   auto q = q_proj(x).view({b, t, heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
   auto k = k_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
   auto v = v_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
   q = apply_rope(q, rope);
   k = apply_rope(k, rope);
+  int64_t offset = 0;
+  if (cache) {
+    offset = cache->length;
+    if (cache->k.size() <= layer) cache->k.resize(layer + 1), cache->v.resize(layer + 1);
+    if (cache->k[layer].defined()) {
+      k = torch::cat({cache->k[layer], k}, 2);
+      v = torch::cat({cache->v[layer], v}, 2);
+    }
+    cache->k[layer] = k;
+    cache->v[layer] = v;
+  }
+  const auto tk = k.size(2);
   if (kv_heads != heads) {
     // Each KV head serves heads/kv_heads consecutive query heads (transformers' repeat_kv).
     const auto rep = heads / kv_heads;
-    k = k.unsqueeze(2).expand({b, kv_heads, rep, t, head_dim}).reshape({b, heads, t, head_dim});
-    v = v.unsqueeze(2).expand({b, kv_heads, rep, t, head_dim}).reshape({b, heads, t, head_dim});
+    k = k.unsqueeze(2).expand({b, kv_heads, rep, tk, head_dim}).reshape({b, heads, tk, head_dim});
+    v = v.unsqueeze(2).expand({b, kv_heads, rep, tk, head_dim}).reshape({b, heads, tk, head_dim});
   }
-  auto y = compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  auto y = compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)), offset);
   return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
 
@@ -106,8 +119,9 @@ DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, int64_t index,
   mlp = register_module("mlp", Mlp(c, prefix + ".mlp", o));
 }
 
-torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const RopeTables& rope) {
-  auto x = h + self_attn(input_layernorm(h), rope);
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const RopeTables& rope, KVCache* cache,
+                                        size_t layer) {
+  auto x = h + self_attn(input_layernorm(h), rope, cache, layer);
   return x + mlp(post_attention_layernorm(x));
 }
 
@@ -147,17 +161,21 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c) {
   return torch::where(medium, smoothed, scaled);
 }
 
-RopeTables LlamaForCausalLMImpl::rope_tables(int64_t t, torch::Dtype dtype) const {
-  auto positions = torch::arange(t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
+RopeTables LlamaForCausalLMImpl::rope_tables(int64_t start, int64_t t, torch::Dtype dtype) const {
+  auto positions = torch::arange(start, start + t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
   auto freqs = torch::outer(positions, inv_freq);  // [T, D/2]
   auto emb = torch::cat({freqs, freqs}, -1);        // [T, D]
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
-torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids) {
+torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids, KVCache* cache) {
   auto h = model->embed_tokens(ids);  // [B, T, C]
-  const auto rope = rope_tables(ids.size(1), h.scalar_type());
-  for (const auto& layer : *model->layers) h = layer->as<DecoderLayer>()->forward(h, rope);
+  const int64_t start = cache ? cache->length : 0;
+  const auto rope = rope_tables(start, ids.size(1), h.scalar_type());
+  for (size_t i = 0; i < model->layers->size(); ++i) {
+    h = model->layers[i]->as<DecoderLayerImpl>()->forward(h, rope, cache, i);
+  }
+  if (cache) cache->length += ids.size(1);
   return model->norm(h);
 }
 

@@ -37,10 +37,19 @@ struct RopeTables {
   torch::Tensor sin;
 };
 
+/// Keys and values of the positions already processed, for incremental decoding.
+struct KVCache {
+  std::vector<torch::Tensor> k;  // per layer [B, KV, T, D], after RoPE
+  std::vector<torch::Tensor> v;  // per layer [B, KV, T, D]
+  int64_t length = 0;            // T
+};
+
 struct AttentionImpl : torch::nn::Module {
   AttentionImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
-  /// x: [B, T, C] -> [B, T, C]
-  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope);
+  /// x: [B, T, C] -> [B, T, C]. With a cache, x holds the positions after the cached ones,
+  /// and this layer's keys and values are appended to it.
+  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope, KVCache* cache = nullptr,
+                        size_t layer = 0);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t heads, kv_heads, head_dim;
@@ -59,7 +68,8 @@ TORCH_MODULE(Mlp);
 struct DecoderLayerImpl : torch::nn::Module {
   DecoderLayerImpl(const LlamaConfig& c, int64_t index, const torch::TensorOptions& o);
   /// h: [B, T, C] -> [B, T, C]
-  torch::Tensor forward(const torch::Tensor& h, const RopeTables& rope);
+  torch::Tensor forward(const torch::Tensor& h, const RopeTables& rope, KVCache* cache = nullptr,
+                        size_t layer = 0);
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
@@ -81,12 +91,13 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   LlamaForCausalLMImpl(const LlamaConfig& c, const torch::TensorOptions& o);
 
   /// ids: [B, T] -> final-normed hidden states [B, T, C]. Causal attention only, so right
-  /// padding never changes the states of the real tokens before it.
-  torch::Tensor forward(const torch::Tensor& ids);
+  /// padding never changes the states of the real tokens before it. With a cache, ids are
+  /// the positions after the cached ones, and the cache grows by T.
+  torch::Tensor forward(const torch::Tensor& ids, KVCache* cache = nullptr);
   /// hidden: [..., C] -> logits [..., V] in the model's dtype.
   torch::Tensor logits(const torch::Tensor& hidden);
-  /// cos/sin for positions 0..T-1, in `dtype`, on the model's device.
-  RopeTables rope_tables(int64_t t, torch::Dtype dtype) const;
+  /// cos/sin for positions start..start+T-1, in `dtype`, on the model's device.
+  RopeTables rope_tables(int64_t start, int64_t t, torch::Dtype dtype) const;
   /// Every projection that an adapter may target (the seven per layer, in layer order).
   Projections projections() const;
   /// The checkpoint keys this model reads, with their tensors (tied head excluded).

@@ -43,7 +43,7 @@ TEST_CASE("a fresh LoRA leaves the projection's output unchanged", "[adapters][l
   REQUIRE(torch::equal(ps[0](x), before));
 }
 
-TEST_CASE("LoRA forward is x W^T + s B A x, computed in fp32 for a bf16 base", "[adapters][lora]") {
+TEST_CASE("LoRA forward is x W^T + s B A x computed in fp32 for a bf16 base", "[adapters][lora]") {
   auto ps = make_projections({"q_proj"}, 6, 5);
   auto lora = Lora(6, 5, 3, /*scaling=*/0.75, 0.0, torch::kFloat32);
   {

@@ -180,3 +180,13 @@ TEST_CASE("lorafit --help exits 0 and lists the commands", "[cli]") {
   REQUIRE(r.code == 0);
   REQUIRE_THAT(r.out, Catch::Contains("eval"));
 }
+
+TEST_CASE("generate reads the prompt from standard input and prints a continuation", "[cli][generate]") {
+  const std::string model = q(fixture("gqa_llama3/model"));
+  const auto a = run_lorafit("generate --device cpu --model " + model + " --prompt 'The cat' --max-new-tokens 5");
+  const auto b = run_lorafit("generate --device cpu --model " + model + " --prompt - --max-new-tokens 5", "The cat");
+  INFO(a.err);
+  REQUIRE(a.code == 0);
+  REQUIRE(a.out == b.out);
+  REQUIRE(!a.out.empty());
+}

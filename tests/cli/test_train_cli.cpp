@@ -182,7 +182,7 @@ TEST_CASE("a merged checkpoint gives the loss of the adapter it merged", "[cli][
   REQUIRE_THAT(again.err, Catch::Contains("already exists"));
 }
 
-TEST_CASE("broken recipes exit 2, name the key, and write nothing", "[cli][train]") {
+TEST_CASE("broken recipes exit 2 and name the key and write nothing", "[cli][train]") {
   TempDir tmp;
   const auto out = tmp / "never";
   const std::vector<std::pair<std::string, std::string>> cases = {

@@ -59,7 +59,7 @@ TEST_CASE("alpaca trains on the response and its EOS only", "[core][datasets]") 
   REQUIRE_THAT(alpaca_prompt("Add.", "2 and 3"), Catch::Contains("### Input:\n2 and 3\n\n### Response:\n"));
 }
 
-TEST_CASE("chat trains on assistant turns only, in LLaMA-2's template", "[core][datasets]") {
+TEST_CASE("chat trains on assistant turns only in LLaMA-2's template", "[core][datasets]") {
   const auto ex = examples_of(
       R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},)"
       R"( {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},)"
