@@ -181,14 +181,15 @@ std::vector<Example> load_examples(const std::string& path, const Tokenizer& tok
   return usable;
 }
 
-ExampleStream::ExampleStream(size_t size, uint64_t seed, DataPosition start)
-    : size_(size), seed_(seed), pos_(start) {
+ExampleStream::ExampleStream(size_t size, uint64_t seed, DataPosition start, bool reshuffle)
+    : size_(size), seed_(seed), pos_(start), shuffle_(reshuffle) {
   shuffle();
 }
 
 void ExampleStream::shuffle() {
   order_.resize(size_);
   std::iota(order_.begin(), order_.end(), 0);
+  if (!shuffle_) return;
   // Fisher-Yates with mt19937_64, whose output the standard fixes: the same order on every
   // platform (std::shuffle's algorithm is left to the library).
   std::mt19937_64 rng(seed_ * 1000003ULL + static_cast<uint64_t>(pos_.epoch));

@@ -50,7 +50,8 @@ struct DataPosition {
 /// position always give the same continuation.
 class ExampleStream {
  public:
-  ExampleStream(size_t size, uint64_t seed, DataPosition start = {});
+  /// reshuffle = false keeps file order in every epoch.
+  ExampleStream(size_t size, uint64_t seed, DataPosition start = {}, bool reshuffle = true);
   /// The next `count` indices, crossing into new epochs as needed.
   std::vector<size_t> next(size_t count);
   DataPosition position() const { return pos_; }
@@ -60,6 +61,7 @@ class ExampleStream {
   size_t size_;
   uint64_t seed_;
   DataPosition pos_;
+  bool shuffle_;
   std::vector<size_t> order_;
 };
 

@@ -73,12 +73,14 @@ void visit_fields(Recipe_& r, F&& f) {
   f("data.format", r.data.format, one_of({"text", "alpaca", "chat", "tokens"}));
   f("data.max_seq_len", r.data.max_seq_len, at_least(2));
   f("data.packing", r.data.packing, Rule{});
+  f("data.shuffle", r.data.shuffle, Rule{});
   f("adapter.type", r.adapter.type, Rule{});
   f("adapter.r", r.adapter.r, at_least(1));
   f("adapter.alpha", r.adapter.alpha, positive());
   f("adapter.dropout", r.adapter.dropout, probability());
   f("adapter.targets", r.adapter.targets, Rule{});
   f("adapter.use_rslora", r.adapter.use_rslora, Rule{});
+  f("adapter.init", r.adapter.init, Rule{});
   f("train.steps", r.train.steps, at_least(0));
   f("train.epochs", r.train.epochs, at_least(0));
   f("train.batch_size", r.train.batch_size, at_least(1));
@@ -292,6 +294,9 @@ void check_recipe(const Recipe& r, std::vector<std::string>& problems) {
     if (!path.empty() && path != "-" && !fs::is_regular_file(path)) {
       problems.push_back("'" + std::string(key) + "': file '" + path + "' does not exist");
     }
+  }
+  if (!r.adapter.init.empty() && !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors")) {
+    problems.push_back("'adapter.init': '" + r.adapter.init + "' holds no adapter_model.safetensors");
   }
   if ((r.train.steps > 0) == (r.train.epochs > 0)) {
     problems.push_back("set exactly one of 'train.steps' and 'train.epochs'");

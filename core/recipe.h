@@ -14,6 +14,7 @@ struct DataRecipe {
   std::string format = "text";  // text | alpaca | chat | tokens
   int64_t max_seq_len = 512;
   bool packing = true;
+  bool shuffle = true;  // false: file order, every epoch
 };
 
 struct AdapterRecipe {
@@ -24,6 +25,7 @@ struct AdapterRecipe {
   std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj",
                                    "gate_proj", "up_proj", "down_proj"};
   bool use_rslora = false;
+  std::string init;  // optional: a saved adapter to start from instead of PEFT's init
 };
 
 struct TrainRecipe {

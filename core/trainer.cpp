@@ -187,6 +187,24 @@ void train(const Recipe& recipe, const TrainRun& run) {
   torch::optim::AdamW optimizer(
       params, torch::optim::AdamWOptions(tr.lr).betas({0.9, 0.999}).eps(1e-8).weight_decay(tr.weight_decay));
   auto save_adapter_to = [&](const std::string& dir) { save_adapter(dir, spec, settings, model, recipe.model); };
+  // Overwrites the attached adapter's tensors with those saved in `dir` (same keys and shapes).
+  auto copy_adapter_weights = [&](const std::string& dir) {
+    SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, t] : spec.save(settings, model->projections(), recipe.model).tensors) {
+      if (!saved.find(name)) {
+        throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
+                                 "' (hint: its targets and rank must match the recipe's adapter)");
+      }
+      const auto src = saved.tensor(name);
+      if (src.sizes() != t.sizes()) {
+        throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir + "' does not have the "
+                                 "recipe's shape (hint: adapter.r must match)");
+      }
+      t.copy_(src);
+    }
+  };
+  if (!recipe.adapter.init.empty()) copy_adapter_weights(recipe.adapter.init);
 
   TrainerState state;
   if (!run.resume.empty()) {
@@ -194,10 +212,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     const auto j = nlohmann::json::parse(std::ifstream(ckpt / "trainer_state.json"));
     state.step = j.at("step");
     state.data = {j.at("epoch"), j.at("cursor")};
-    SafetensorsFile saved((ckpt / "adapter_model.safetensors").string());
-    const auto now = spec.save(settings, model->projections(), recipe.model).tensors;
-    torch::NoGradGuard no_grad;
-    for (const auto& [name, t] : now) t.copy_(saved.tensor(name));
+    copy_adapter_weights(ckpt.string());
     torch::load(optimizer, (ckpt / "optimizer.pt").string());
     torch::Tensor rng;
     torch::load(rng, (ckpt / "rng.pt").string());
@@ -206,7 +221,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     fmt::print(stderr, "resuming from {} (step {})\n", ckpt.string(), state.step);
   }
 
-  ExampleStream stream(train_examples.size(), static_cast<uint64_t>(recipe.seed), state.data);
+  ExampleStream stream(train_examples.size(), static_cast<uint64_t>(recipe.seed), state.data, recipe.data.shuffle);
   std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
   LossHistory history = read_loss_history((out / "metrics.jsonl").string());
   const bool tty = isatty(STDERR_FILENO);

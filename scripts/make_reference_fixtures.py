@@ -17,6 +17,8 @@ Cases (each covers a point of the loader that can silently go wrong):
   mha_linear   MHA, untied head, linear rope scaling in transformers 4's `rope_theta` +
                `rope_scaling` spelling, bf16 weights in several shards with an index;
                PEFT rsLoRA on q_proj and v_proj only (`lora_rslora`).
+  trained_tiny a tiny LLaMA that transformers trains on the corpus, so that its greedy
+               continuations (recorded from transformers' generate) are meaningful text.
 """
 import json
 import math
@@ -168,6 +170,50 @@ def make_case(out, name, cfg_kwargs, spelling, dtype, shard, adapter):
     print(name, json.dumps({k: v for k, v in expected.items() if isinstance(v, dict)}))
 
 
+def make_trained_case(out):
+    folder = os.path.join(out, "trained_tiny")
+    model_dir = os.path.join(folder, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, hidden_size=48,
+                      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=128, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = LlamaForCausalLM(cfg).float()
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
+    stream = []
+    for line in corpus(3000, seed=3):
+        stream += [1] + sp.encode(line) + [2]
+    data = torch.tensor(stream)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(4)
+    model.train()
+    for step in range(600):
+        starts = torch.randint(0, len(stream) - 33, (32,), generator=g)
+        batch = torch.stack([data[i:i + 32] for i in starts])
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    print("trained_tiny final training loss", loss.item())
+    model.eval()
+    model.save_pretrained(model_dir)
+    shutil.copy(os.path.join(out, "tokenizer.model"), model_dir)
+    greedy = []
+    for prompt in ["The cat", "Children played in the", "Light rain fell"]:
+        ids = [1] + sp.encode(prompt)
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
+                                 eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
+        new = gen[:gen.index(2)] if 2 in gen else gen
+        greedy.append({"prompt": prompt, "prompt_ids": ids, "new_ids": new,
+                       "text": sp.decode(new)})
+    with open(os.path.join(folder, "expected.json"), "w") as f:
+        json.dump({"greedy": greedy}, f, indent=1)
+    print("trained_tiny", json.dumps(greedy))
+
+
 def to_v5_spelling(cfg):
     rp = cfg.get("rope_parameters") or {}
     rp.setdefault("rope_theta", cfg.pop("rope_theta", 10000.0))
@@ -209,6 +255,7 @@ def main():
         adapter=("lora_rslora", LoraConfig(r=8, lora_alpha=4, lora_dropout=0.1, use_rslora=True,
                                             target_modules=["q_proj", "v_proj"],
                                             task_type="CAUSAL_LM")))
+    make_trained_case(out)
     os.remove(os.path.join(out, "tokenizer.model"))  # each model folder holds its copy
     for root, _, files in os.walk(out):
         for f in files:

@@ -190,3 +190,13 @@ TEST_CASE("generate reads the prompt from standard input and prints a continuati
   REQUIRE(a.out == b.out);
   REQUIRE(!a.out.empty());
 }
+
+TEST_CASE("generate --temperature 0 prints transformers' greedy text", "[cli][generate]") {
+  const auto expected = lorafit::test::read_json(fixture("trained_tiny/expected.json"));
+  for (const auto& case_ : expected["greedy"]) {
+    const auto r = run_lorafit("generate --device cpu --temperature 0 --max-new-tokens 12 --model " +
+                               q(fixture("trained_tiny/model")) + " --prompt " + q(case_["prompt"]));
+    REQUIRE(r.code == 0);
+    REQUIRE(r.out == case_["text"].get<std::string>() + "\n");
+  }
+}

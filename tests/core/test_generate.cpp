@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include "core/generate.h"
+#include "tokenizer/tokenizer.h"
 #include "test_util.h"
 
 using namespace lorafit;
@@ -67,4 +68,20 @@ TEST_CASE("sampling is seeded and top-p keeps only the most likely tokens", "[co
   std::set<int64_t> seen;
   for (int i = 0; i < 50; ++i) seen.insert(pick_token(logits, nucleus, gen));
   REQUIRE(seen == std::set<int64_t>{1, 3});
+}
+
+TEST_CASE("greedy generation prints transformers' continuation token for token", "[core][generate]") {
+  // trained_tiny was trained by transformers, which also recorded its greedy continuations.
+  auto model = load_llama(fixture("trained_tiny/model"), torch::kCPU, torch::kFloat32);
+  const auto expected = lorafit::test::read_json(fixture("trained_tiny/expected.json"));
+  const auto tokenizer = load_tokenizer(fixture("trained_tiny/model"));
+  GenerateOptions o;
+  o.max_new_tokens = 12;
+  for (const auto& case_ : expected["greedy"]) {
+    INFO(case_["prompt"]);
+    std::vector<int64_t> prompt{1};
+    for (auto id : tokenizer.encode(case_["prompt"])) prompt.push_back(id);
+    REQUIRE(nlohmann::json(prompt) == case_["prompt_ids"]);
+    REQUIRE(nlohmann::json(generate(model, prompt, o)) == case_["new_ids"]);
+  }
 }
