@@ -2,6 +2,7 @@
 // expected.json were written by scripts/make_reference_fixtures.py (fp32, CPU).
 #include <catch2/catch.hpp>
 
+#include "adapters/registry.h"
 #include "core/adapter_io.h"
 #include "core/errors.h"
 #include "core/eval.h"
@@ -137,4 +138,23 @@ TEST_CASE("a checkpoint that does not match its config names every bad tensor", 
     REQUIRE_THAT(msg, Catch::Contains("'model.layers.0.self_attn.k_proj.weight' has shape [3, 32], expected [32, 32]"));
     REQUIRE_THAT(msg, Catch::Contains("unexpected tensor 'model.layers.9.extra.weight'"));
   }
+}
+
+TEST_CASE("only adapter tensors train and a step leaves the base untouched", "[core][llama][lora]") {
+  auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  const auto& spec = find_adapter("lora");
+  spec.attach_new({4, 8.0, 0.0, false, {"q_proj", "up_proj"}}, model->projections());
+  const auto params = trainable_parameters(model);
+  REQUIRE(params.size() == 2 * 2 * 2);  // layers x targets x (A, B)
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& item : model->named_parameters()) {
+    const bool adapter = item.key().find(".adapter.") != std::string::npos;
+    REQUIRE(item.value().requires_grad() == adapter);
+    if (!adapter) before[item.key()] = item.value().clone();
+  }
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-2));
+  auto ids = torch::randint(3, 320, {2, 8}, torch::kInt64);
+  model->logits(model->forward(ids)).pow(2).mean().backward();
+  opt.step();
+  for (const auto& [name, t] : before) REQUIRE(torch::equal(model->named_parameters()[name], t));
 }
