@@ -4,8 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "core/adapter_io.h"
-#include "core/device.h"
+#include "cli/model_options.h"
 #include "core/errors.h"
 #include "core/eval.h"
 
@@ -14,22 +13,17 @@ namespace lorafit::cli {
 namespace {
 
 struct EvalOptions {
-  std::string model;
-  std::string adapter;
+  ModelOptions model;
   std::string data;
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
   int64_t batch_size = 8;
   bool json = false;
-  std::string device = "auto";
-  std::string dtype = "auto";
 };
 
 void run_eval(const EvalOptions& o) {
   const auto records = read_text_records(o.data);
-  const auto device = pick_device(o.device);
-  auto model = load_llama(o.model, device, pick_dtype(o.dtype, device));
-  if (!o.adapter.empty()) load_adapter(o.adapter, model);
-  const auto tokenizer = load_tokenizer(o.model);
+  auto model = load_model(o.model);
+  const auto tokenizer = load_tokenizer(o.model.model);
   const auto max_len = o.max_seq_len > 0 ? o.max_seq_len : model->config.max_position_embeddings;
   const auto seqs = eval_sequences(records, tokenizer, model->config.bos_token_id, max_len);
   const auto result = evaluate(model, seqs, o.batch_size);
@@ -52,8 +46,7 @@ void run_eval(const EvalOptions& o) {
 Action add_eval(CLI::App& app) {
   auto o = std::make_shared<EvalOptions>();
   auto* cmd = app.add_subcommand("eval", "loss and perplexity of a model on a text dataset");
-  cmd->add_option("--model", o->model, "Hugging Face model folder")->required();
-  cmd->add_option("--adapter", o->adapter, "PEFT adapter folder, applied unmerged");
+  add_model_options(cmd, o->model);
   cmd->add_option("--data", o->data, "text dataset (.jsonl, .json, .txt, or - for stdin)")
       ->required();
   cmd->add_option("--max-seq-len", o->max_seq_len, "cut each record to N tokens (with BOS)")
@@ -61,10 +54,6 @@ Action add_eval(CLI::App& app) {
   cmd->add_option("--batch-size", o->batch_size, "records per forward pass")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", o->json, "print {\"loss\", \"perplexity\", \"tokens\"} as JSON");
-  cmd->add_option("--device", o->device, "auto | cpu | cuda")
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  cmd->add_option("--dtype", o->dtype, "base weights: auto (bf16 on cuda, f32 on cpu) | bf16 | f32")
-      ->check(CLI::IsMember({"auto", "bf16", "f16", "f32"}));
   return [o] { run_eval(*o); };
 }
 

@@ -53,6 +53,9 @@ inline std::string copy_fixture(const std::string& name, const std::string& dest
   return dest;
 }
 
+/// `s` in single quotes, for a shell command line.
+inline std::string quote(const std::string& s) { return "'" + s + "'"; }
+
 struct RunResult {
   int code = -1;
   std::string out;

@@ -8,11 +8,10 @@ using namespace lorafit;
 namespace fs = std::filesystem;
 using lorafit::test::fixture;
 using lorafit::test::run_lorafit;
+constexpr auto q = lorafit::test::quote;
 using lorafit::test::TempDir;
 
 namespace {
-
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 nlohmann::json eval_json(const std::string& args, const std::string& stdin_text = "") {
   const auto r = run_lorafit("eval --json --device cpu " + args, stdin_text);

@@ -15,13 +15,12 @@ using namespace lorafit;
 namespace fs = std::filesystem;
 using lorafit::test::read_text;
 using lorafit::test::run_lorafit;
+constexpr auto q = lorafit::test::quote;
 using lorafit::test::TempDir;
 
 namespace {
 
 const std::string kRecipe = "recipes/quickstart.yaml";
-
-std::string q(const std::string& s) { return "'" + s + "'"; }
 
 // Trains the quickstart recipe into `out` with extra --set overrides.
 lorafit::test::RunResult train(const std::string& out, const std::string& sets = "") {
