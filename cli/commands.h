@@ -14,5 +14,6 @@ Action add_validate(CLI::App& app);
 Action add_eval(CLI::App& app);
 Action add_merge(CLI::App& app);
 Action add_generate(CLI::App& app);
+Action add_bench(CLI::App& app);
 
 }  // namespace lorafit::cli

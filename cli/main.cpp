@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   add(lorafit::cli::add_eval);
   add(lorafit::cli::add_merge);
   add(lorafit::cli::add_generate);
+  add(lorafit::cli::add_bench);
 
   std::string known;
   bool is_command = false;

@@ -4,6 +4,12 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <sys/resource.h>
+#ifdef LORAFIT_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/cuda.h>
+#endif
 
 #include <cmath>
 #include <filesystem>
@@ -48,6 +54,57 @@ inline void set_cpu_rng_state(const torch::Tensor& state) {
   auto gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());
   gen.set_state(state);
+}
+
+/// The random state that dropout on `device` draws from, and setting it back (activation
+/// checkpointing replays it).
+inline torch::Tensor rng_state(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) {
+    auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index() < 0 ? 0 : device.index());
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    return gen.get_state();
+  }
+#endif
+  return cpu_rng_state();
+}
+
+inline void set_rng_state(torch::Device device, const torch::Tensor& state) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) {
+    auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index() < 0 ? 0 : device.index());
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+    return;
+  }
+#endif
+  set_cpu_rng_state(state);
+}
+
+/// Peak memory that tensors on `device` have held since the last reset, in GiB: the CUDA
+/// caching allocator's peak on a GPU, the process's peak resident set on the CPU.
+inline double peak_memory_gib(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    return static_cast<double>(stats.allocated_bytes[0].peak) / (1 << 30);  // [0]: all pools
+  }
+#endif
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / (1 << 20);  // KiB
+}
+
+inline void reset_peak_memory(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+#endif
+}
+
+inline void synchronize(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) torch::cuda::synchronize();
+#endif
 }
 
 /// Removes a file or a folder with everything in it. The pip LibTorch (2.x) exports its own

@@ -168,12 +168,53 @@ RopeTables LlamaForCausalLMImpl::rope_tables(int64_t start, int64_t t, torch::Dt
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
+namespace {
+
+// Activation checkpointing for one decoder layer: the forward keeps only the layer's input;
+// the backward runs the layer again with gradients on and back-propagates through it. The RNG
+// state is replayed so the recomputation draws the same dropout masks.
+struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor h, torch::Tensor cos,
+                               torch::Tensor sin, int64_t layer_address) {
+    ctx->save_for_backward({h, cos, sin});
+    ctx->saved_data["layer"] = layer_address;
+    ctx->saved_data["rng"] = compat::rng_state(h.device());
+    torch::NoGradGuard no_grad;
+    return reinterpret_cast<DecoderLayerImpl*>(layer_address)->forward(h, {cos, sin});
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    auto h = saved[0].detach().requires_grad_(true);
+    const auto now = compat::rng_state(h.device());
+    compat::set_rng_state(h.device(), ctx->saved_data["rng"].toTensor());
+    torch::Tensor out;
+    {
+      torch::AutoGradMode grad_on(true);
+      out = layer->forward(h, {saved[1], saved[2]});
+    }
+    compat::set_rng_state(h.device(), now);
+    torch::autograd::backward({out}, {grads[0]});
+    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids, KVCache* cache) {
   auto h = model->embed_tokens(ids);  // [B, T, C]
   const int64_t start = cache ? cache->length : 0;
   const auto rope = rope_tables(start, ids.size(1), h.scalar_type());
+  const bool checkpoint = checkpoint_layers && is_training() && torch::GradMode::is_enabled() && !cache;
+  // A checkpointed layer's output needs grad only if an input does (its adapter's weights are
+  // not inputs); with a frozen embedding, mark its output.
+  if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
-    h = model->layers[i]->as<DecoderLayerImpl>()->forward(h, rope, cache, i);
+    auto* layer = model->layers[i]->as<DecoderLayerImpl>();
+    h = checkpoint ? CheckpointedLayer::apply(h, rope.cos, rope.sin, reinterpret_cast<int64_t>(layer))
+                   : layer->forward(h, rope, cache, i);
   }
   if (cache) cache->length += ids.size(1);
   return model->norm(h);
@@ -203,6 +244,49 @@ std::vector<std::pair<std::string, torch::Tensor>> LlamaForCausalLMImpl::checkpo
     out.emplace_back(item.key(), item.value());
   }
   return out;
+}
+
+LlamaConfig builtin_shape(const std::string& name) {
+  LlamaConfig c;
+  c.rms_norm_eps = 1e-5;
+  if (name == "tiny") {
+    c.hidden_size = 64, c.intermediate_size = 128, c.num_hidden_layers = 2, c.num_attention_heads = 4;
+    c.num_key_value_heads = 2, c.head_dim = 16, c.vocab_size = 320, c.tie_word_embeddings = true;
+  } else if (name == "llama-1b") {
+    c.hidden_size = 2048, c.intermediate_size = 8192, c.num_hidden_layers = 16, c.num_attention_heads = 32;
+    c.num_key_value_heads = 8, c.head_dim = 64, c.vocab_size = 128256, c.tie_word_embeddings = true;
+    c.rope = {RopeType::Llama3, 500000.0, 32.0, 1.0, 4.0, 8192};
+  } else if (name == "llama2-7b") {
+    c.hidden_size = 4096, c.intermediate_size = 11008, c.num_hidden_layers = 32, c.num_attention_heads = 32;
+    c.num_key_value_heads = 32, c.head_dim = 128, c.vocab_size = 32000;
+  } else if (name == "llama3-8b") {
+    c.hidden_size = 4096, c.intermediate_size = 14336, c.num_hidden_layers = 32, c.num_attention_heads = 32;
+    c.num_key_value_heads = 8, c.head_dim = 128, c.vocab_size = 128256;
+    c.rope.theta = 500000.0;
+  } else {
+    throw ConfigError("shape '" + name + "' is not built in (tiny, llama-1b, llama2-7b, llama3-8b)");
+  }
+  c.max_position_embeddings = 131072;
+  return c;
+}
+
+LlamaForCausalLM random_llama(const LlamaConfig& config, torch::Device device, torch::Dtype dtype,
+                              uint64_t seed) {
+  LlamaForCausalLM model(config, torch::dtype(dtype).device(device));
+  torch::NoGradGuard no_grad;
+  auto gen = torch::make_generator<at::CPUGeneratorImpl>(seed);
+  for (auto& [name, t] : model->checkpoint_tensors()) {
+    if (t.dim() == 1) {
+      t.fill_(1.0);
+    } else {
+      // Drawn on the CPU in chunks of rows, so a large matrix needs no full f32 copy.
+      for (int64_t r = 0; r < t.size(0); r += 4096) {
+        const auto n = std::min<int64_t>(4096, t.size(0) - r);
+        t.narrow(0, r, n).copy_(torch::empty({n, t.size(1)}).normal_(0.0, 0.02, gen));
+      }
+    }
+  }
+  return model;
 }
 
 LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch::Dtype dtype) {

@@ -104,6 +104,9 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors();
 
   LlamaConfig config;
+  /// Recompute each decoder layer in the backward pass instead of keeping its activations
+  /// (training only): less memory for one more forward.
+  bool checkpoint_layers = false;
   LlamaBody model{nullptr};
   Projection lm_head{nullptr};
   torch::Tensor inv_freq;  // [head_dim / 2] f32, not a checkpoint tensor
@@ -113,6 +116,15 @@ TORCH_MODULE(LlamaForCausalLM);
 /// Inverse RoPE frequencies [head_dim / 2] in f32, computed in transformers' op order
 /// (default, linear and llama3 types).
 torch::Tensor rope_inv_freq(const LlamaConfig& c);
+
+/// The config of a built-in shape: tiny, llama-1b (Llama-3.2-1B), llama2-7b, llama3-8b.
+/// ConfigError listing the shapes otherwise.
+LlamaConfig builtin_shape(const std::string& name);
+
+/// A model with random weights (N(0, 0.02), norms 1, as transformers initialises), for
+/// benchmarks that need no checkpoint.
+LlamaForCausalLM random_llama(const LlamaConfig& config, torch::Device device, torch::Dtype dtype,
+                              uint64_t seed);
 
 /// Builds the model from a Hugging Face folder (config.json + safetensors) onto `device` with
 /// frozen base weights in `dtype`. Missing, unexpected and mis-shaped tensors are all reported

@@ -274,9 +274,9 @@ void apply_override(YAML::Node& root, const std::string& assignment, std::vector
   node[parts.back()] = value;
 }
 
-// Checks that need several fields or the file system.
-void check_recipe(const Recipe& r, std::vector<std::string>& problems) {
-  if (!r.model.empty()) {
+// Checks that need several fields or, with check_files, the file system.
+void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& problems) {
+  if (check_files && !r.model.empty()) {
     if (!fs::is_regular_file(fs::path(r.model) / "config.json")) {
       problems.push_back("'model': '" + r.model + "' is not a Hugging Face model folder (no config.json)");
     } else {
@@ -291,11 +291,11 @@ void check_recipe(const Recipe& r, std::vector<std::string>& problems) {
     }
   }
   for (const auto& [key, path] : {std::pair{"data.train", r.data.train}, {"data.valid", r.data.valid}}) {
-    if (!path.empty() && path != "-" && !fs::is_regular_file(path)) {
+    if (check_files && !path.empty() && path != "-" && !fs::is_regular_file(path)) {
       problems.push_back("'" + std::string(key) + "': file '" + path + "' does not exist");
     }
   }
-  if (!r.adapter.init.empty() && !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors")) {
+  if (check_files && !r.adapter.init.empty() && !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors")) {
     problems.push_back("'adapter.init': '" + r.adapter.init + "' holds no adapter_model.safetensors");
   }
   if ((r.train.steps > 0) == (r.train.epochs > 0)) {
@@ -336,12 +336,11 @@ YAML::Node parse_yaml(const std::string& path) {
   }
 }
 
-}  // namespace
-
-Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
-  YAML::Node root = parse_yaml(path);
+// Reads a recipe from its YAML tree after the overrides; `name` says where it came from.
+Recipe read_recipe(YAML::Node root, const std::string& name, const std::vector<std::string>& overrides,
+                   bool check_files) {
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
-  if (!root.IsMap()) throw ConfigError("recipe '" + path + "' must be a mapping of keys");
+  if (!root.IsMap()) throw ConfigError("recipe '" + name + "' must be a mapping of keys");
 
   std::vector<std::string> problems;
   for (const auto& o : overrides) apply_override(root, o, problems);
@@ -355,13 +354,23 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   });
   unknown_keys(root, "", known, known_list, problems);
   visit_fields(recipe, Reader{root, problems});
-  check_recipe(recipe, problems);
+  check_recipe(recipe, check_files, problems);
   if (!problems.empty()) {
-    throw ConfigError("recipe '" + path + "' has " + std::to_string(problems.size()) +
+    throw ConfigError("recipe '" + name + "' has " + std::to_string(problems.size()) +
                       (problems.size() == 1 ? " problem: " : " problems: ") +
                       join_problems(problems, /*limit=*/100));
   }
   return recipe;
+}
+
+}  // namespace
+
+Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
+  return read_recipe(parse_yaml(path), path, overrides, /*check_files=*/true);
+}
+
+Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overrides) {
+  return read_recipe(YAML::Load(recipe_to_yaml(base)), "--set", overrides, /*check_files=*/false);
 }
 
 std::string recipe_to_yaml(const Recipe& recipe) {

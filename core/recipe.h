@@ -61,6 +61,10 @@ struct Recipe {
 /// Throws one ConfigError listing every problem.
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides = {});
 
+/// `base` with `overrides` applied and checked like a recipe file, but without looking at
+/// files (for `lorafit bench`, which has no model folder or dataset).
+Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overrides);
+
 /// The resolved recipe as YAML, every key spelled out.
 std::string recipe_to_yaml(const Recipe& recipe);
 

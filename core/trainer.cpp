@@ -27,12 +27,6 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-struct Batch {
-  torch::Tensor ids;     // [B, T] int64, right-padded with 0
-  torch::Tensor labels;  // [B, T] int64, kIgnoreLabel where nothing is learned
-  int64_t tokens = 0;    // real (unpadded) tokens
-};
-
 Batch collate(const std::vector<Example>& examples, const std::vector<size_t>& rows, torch::Device device) {
   size_t t = 0;
   for (auto r : rows) t = std::max(t, examples[r].input_ids.size());
@@ -148,6 +142,29 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 }  // namespace
 
+double accumulate_gradients(LlamaForCausalLM& model, const std::vector<Batch>& micro_batches, int64_t targets) {
+  double loss_sum = 0;
+  for (const auto& batch : micro_batches) {
+    // Each micro-batch adds its share of the step's token mean, so the gradient is that of the
+    // mean over every target token of the step, not a mean of micro-batch means.
+    auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
+    loss.backward();
+    loss_sum += loss.item<double>();
+  }
+  return loss_sum;
+}
+
+double apply_update(torch::optim::AdamW& optimizer, const std::vector<torch::Tensor>& params, double lr,
+                    double max_grad_norm) {
+  for (auto& group : optimizer.param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+  const double grad_norm = max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(params, max_grad_norm) : 0.0;
+  optimizer.step();
+  optimizer.zero_grad();
+  return grad_norm;
+}
+
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
   if (step < t.warmup_steps) return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
   const double span = static_cast<double>(std::max<int64_t>(1, total - t.warmup_steps));
@@ -235,30 +252,20 @@ void train(const Recipe& recipe, const TrainRun& run) {
   while (state.step < total_steps) {
     const auto rows = stream.next(tr.batch_size);
     const int64_t targets = target_count(train_examples, rows);
-    double loss_sum = 0;
+    std::vector<Batch> micro_batches;
     for (int64_t start = 0; start < tr.batch_size; start += tr.micro_batch_size) {
       const std::vector<size_t> micro(rows.begin() + start, rows.begin() + start + tr.micro_batch_size);
-      const auto batch = collate(train_examples, micro, device);
-      // Each micro-batch adds its share of the step's token mean, so the gradient is that of
-      // the mean over every target token of the step, not a mean of micro-batch means.
-      auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
-      loss.backward();
-      loss_sum += loss.item<double>();
-      tokens_since_log += batch.tokens;
+      micro_batches.push_back(collate(train_examples, micro, device));
+      tokens_since_log += micro_batches.back().tokens;
     }
+    const double loss_sum = accumulate_gradients(model, micro_batches, targets);
     if (!std::isfinite(loss_sum)) {
       throw Error(fmt::format("the training loss became {} at step {}; the last good checkpoint is "
                               "under {} (hint: lower train.lr or raise train.warmup_steps)",
                               loss_sum, state.step + 1, (out / "checkpoints").string()));
     }
     const double lr = scheduled_lr(tr, state.step, total_steps);
-    for (auto& group : optimizer.param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-    }
-    const double grad_norm =
-        tr.max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(params, tr.max_grad_norm) : 0.0;
-    optimizer.step();
-    optimizer.zero_grad();
+    const double grad_norm = apply_update(optimizer, params, lr, tr.max_grad_norm);
     ++state.step;
     state.data = stream.position();
 

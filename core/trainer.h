@@ -2,8 +2,12 @@
 // outputs, with resumable checkpoints.
 #pragma once
 
-#include <string>
+#include <torch/torch.h>
 
+#include <string>
+#include <vector>
+
+#include "core/llama.h"
 #include "core/recipe.h"
 
 namespace lorafit {
@@ -16,6 +20,22 @@ struct TrainRun {
 /// Trains as the recipe says and writes OUTPUT/{adapter, checkpoints, metrics.jsonl,
 /// loss.svg, recipe.yaml}.
 void train(const Recipe& recipe, const TrainRun& run);
+
+/// A micro-batch on the model's device.
+struct Batch {
+  torch::Tensor ids;     // [B, T] int64, right-padded with 0
+  torch::Tensor labels;  // [B, T] int64, -100 where nothing is learned
+  int64_t tokens = 0;    // real (unpadded) tokens
+};
+
+/// Forward and backward over the micro-batches of one optimizer step, each weighted so the
+/// gradient is that of the mean loss over all `targets` tokens of the step. Returns that loss.
+double accumulate_gradients(LlamaForCausalLM& model, const std::vector<Batch>& micro_batches, int64_t targets);
+
+/// Sets the learning rate, clips the gradients' global norm to max_grad_norm (0: no clipping),
+/// steps AdamW and clears the gradients. Returns the norm before clipping (0 if not clipped).
+double apply_update(torch::optim::AdamW& optimizer, const std::vector<torch::Tensor>& params, double lr,
+                    double max_grad_norm);
 
 /// HF transformers' learning rate at optimizer step `step` (0-based) of `total`: linear warmup
 /// from 0, then constant, linear decay to 0, or half a cosine to 0.

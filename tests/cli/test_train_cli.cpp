@@ -213,3 +213,26 @@ TEST_CASE("broken recipes exit 2 and name the key and write nothing", "[cli][tra
   REQUIRE(ok.code == 0);
   REQUIRE_THAT(ok.out, Catch::Contains("max_seq_len: 64"));
 }
+
+TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]") {
+  const auto r = run_lorafit("bench --shape tiny --seq 64 --batch 2 --steps 2 --warmup 1 --device cpu --json");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto j = nlohmann::json::parse(r.out);
+  for (const char* key : {"tokens_per_s", "step_ms", "peak_mem_gib", "mfu"}) {
+    INFO(key);
+    REQUIRE(j.contains(key));
+  }
+  REQUIRE(j["tokens_per_s"].get<double>() > 0);
+  // r (in + out) per targeted projection: q, k, v, o (hidden 64, 2 KV heads of 16), gate, up,
+  // down (intermediate 128), r = 16, 2 layers.
+  REQUIRE(j["trainable_params"] == 2 * 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128)));
+  // Same seed, same steps: checkpointing changes the memory, not the numbers.
+  const auto ckpt = run_lorafit("bench --shape tiny --seq 64 --batch 2 --steps 2 --warmup 1 --device cpu --json "
+                                "--set train.gradient_checkpointing=true");
+  REQUIRE(ckpt.code == 0);
+  REQUIRE(nlohmann::json::parse(ckpt.out)["loss"].get<double>() == Approx(j["loss"].get<double>()).epsilon(1e-5));
+  const auto bad = run_lorafit("bench --shape tiny --set adapter.rank=3");
+  REQUIRE(bad.code == 2);
+  REQUIRE_THAT(bad.err, Catch::Contains("adapter.rank"));
+}

@@ -2,6 +2,7 @@
 // expected.json were written by scripts/make_reference_fixtures.py (fp32, CPU).
 #include <catch2/catch.hpp>
 
+#include "adapters/lora.h"
 #include "adapters/registry.h"
 #include "core/adapter_io.h"
 #include "core/errors.h"
@@ -157,4 +158,34 @@ TEST_CASE("only adapter tensors train and a step leaves the base untouched", "[c
   model->logits(model->forward(ids)).pow(2).mean().backward();
   opt.step();
   for (const auto& [name, t] : before) REQUIRE(torch::equal(model->named_parameters()[name], t));
+}
+
+TEST_CASE("activation checkpointing gives the gradients of the plain backward", "[core][llama]") {
+  // In float64, with LoRA dropout: the recomputation must replay the same dropout masks.
+  auto grads = [](bool checkpoint) {
+    torch::manual_seed(5);
+    auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+    find_adapter("lora").attach_new({4, 8.0, 0.2, false, {"q_proj", "v_proj", "down_proj"}}, model->projections());
+    for (auto p : model->projections()) {
+      if (p->adapter) {
+        torch::NoGradGuard g;
+        p->adapter->as<LoraImpl>()->lora_B.normal_();
+      }
+    }
+    model->to(torch::kFloat64);
+    const auto params = trainable_parameters(model);
+    model->train();
+    model->checkpoint_layers = checkpoint;
+    auto ids = torch::randint(3, 320, {2, 10}, torch::kInt64);
+    model->logits(model->forward(ids)).pow(2).mean().backward();
+    std::vector<torch::Tensor> out;
+    for (const auto& p : params) out.push_back(p.grad().clone());
+    return out;
+  };
+  const auto plain = grads(false), checkpointed = grads(true);
+  REQUIRE(plain.size() == checkpointed.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    REQUIRE(plain[i].abs().sum().item<double>() > 0);
+    REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
+  }
 }

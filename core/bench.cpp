@@ -1,0 +1,85 @@
+#include "core/bench.h"
+
+#include <chrono>
+
+#include "adapters/registry.h"
+#include "core/adapter_io.h"
+#include "core/compat.h"
+#include "core/device.h"
+#include "core/trainer.h"
+
+namespace lorafit {
+
+namespace {
+
+// Dense bf16 matrix throughput of an H100/H200 as measured on the GPU machine (8192^3 GEMM).
+constexpr double kPeakFlops = 798e12;
+
+// Model FLOPs per trained token: 2N forward and 2N for the input gradients of the frozen
+// matrices (4N; one more forward, 6N, when layers are recomputed), plus causal attention
+// (forward 2*T*H*D per layer and token, backward twice that, recomputation once more).
+double flops_per_token(const LlamaForCausalLM& model, int64_t seq, bool checkpointing) {
+  const auto& c = model->config;
+  double matmul = 0;
+  for (const auto& p : model->projections()) matmul += static_cast<double>(p->in_features) * p->out_features;
+  matmul += static_cast<double>(c.hidden_size) * c.vocab_size;  // the head
+  const double attn = 2.0 * seq * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
+  return (checkpointing ? 6 : 4) * matmul + (checkpointing ? 4 : 3) * attn;
+}
+
+}  // namespace
+
+BenchResult run_bench(const BenchOptions& o) {
+  Recipe base;
+  base.model = base.output = base.data.train = "bench";
+  base.train.steps = 1;
+  base.adapter.dropout = 0.0;
+  const Recipe recipe = override_recipe(base, o.overrides);
+
+  const auto device = pick_device(o.device);
+  const auto dtype = pick_dtype(recipe.dtype, device);
+  torch::manual_seed(static_cast<uint64_t>(recipe.seed));
+  auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0)
+                               : load_llama(o.model, device, dtype);
+  model->checkpoint_layers = recipe.train.gradient_checkpointing;
+  const auto& spec = find_adapter(recipe.adapter.type);
+  spec.attach_new({recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout, recipe.adapter.use_rslora,
+                   recipe.adapter.targets},
+                  model->projections());
+  const auto params = trainable_parameters(model);
+  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(recipe.train.lr).weight_decay(0.0));
+  model->train();
+
+  const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
+  std::vector<Batch> batches;
+  for (int64_t done = 0; done < o.batch; done += micro) {
+    const auto n = std::min(micro, o.batch - done);
+    auto ids = torch::randint(0, model->config.vocab_size, {n, o.seq}, torch::dtype(torch::kInt64).device(device));
+    batches.push_back({ids, ids, n * o.seq});
+  }
+  const int64_t targets = o.batch * (o.seq - 1);
+  BenchResult r;
+  auto step = [&] {
+    r.loss = accumulate_gradients(model, batches, targets);
+    apply_update(optimizer, params, recipe.train.lr, recipe.train.max_grad_norm);
+  };
+  for (int64_t i = 0; i < o.warmup_steps; ++i) step();
+  compat::synchronize(device);
+  compat::reset_peak_memory(device);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < o.steps; ++i) step();
+  compat::synchronize(device);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  r.step_ms = secs / o.steps * 1e3;
+  r.tokens_per_s = static_cast<double>(o.batch * o.seq * o.steps) / secs;
+  r.peak_mem_gib = compat::peak_memory_gib(device);
+  r.mfu = device.is_cuda()
+              ? r.tokens_per_s * flops_per_token(model, o.seq, recipe.train.gradient_checkpointing) / kPeakFlops
+              : 0.0;
+  for (const auto& p : params) r.trainable_params += p.numel();
+  r.device = device.str();
+  return r;
+}
+
+}  // namespace lorafit

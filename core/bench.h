@@ -1,0 +1,33 @@
+// `lorafit bench`: the speed and memory of training steps (forward, backward, optimizer) on a
+// built-in shape with random weights or on a checkpoint.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace lorafit {
+
+struct BenchOptions {
+  std::string shape;  // a built-in shape, or empty with `model`
+  std::string model;  // a Hugging Face folder
+  int64_t seq = 2048;
+  int64_t batch = 1;
+  std::vector<std::string> overrides;  // recipe keys: adapter.*, train.gradient_checkpointing, ...
+  std::string device = "auto";
+  int64_t warmup_steps = 3;
+  int64_t steps = 10;
+};
+
+struct BenchResult {
+  double tokens_per_s = 0;
+  double step_ms = 0;
+  double peak_mem_gib = 0;
+  double mfu = 0;  // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU
+  double loss = 0;  // of the last step, to show the run is sane
+  int64_t trainable_params = 0;
+  std::string device;
+};
+
+BenchResult run_bench(const BenchOptions& options);
+
+}  // namespace lorafit
