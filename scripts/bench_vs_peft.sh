@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 4's table in one GPU call: lorafit bench and PEFT + transformers (eager, and under
+# torch.compile where COMPILED lists the row) on the same shapes, then the ratios.
+# Needs build-gpu (scripts/gpu_check.sh builds it) and .gpu-deps.
+#   ROWS="llama-1b:2048:4:0 ..." COMPILED="llama-1b:2048:4:0" bash scripts/bench_vs_peft.sh
+set -uo pipefail
+out="${OUT:-/tmp/lorafit-gpu}"
+mkdir -p "$out"
+source .gpu-deps/env.sh
+export PYTHONUNBUFFERED=1
+rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1}"
+compiled="${COMPILED:-llama-1b:2048:4:0}"
+results="$out/bench.jsonl"
+: > "$results"
+for row in $rows; do
+  IFS=: read -r shape seq batch ckpt <<< "$row"
+  flag=$([ "$ckpt" = 1 ] && echo true || echo false)
+  ours=$(./build-gpu/lorafit bench --shape "$shape" --seq "$seq" --batch "$batch" --device cuda --json \
+         --set train.gradient_checkpointing=$flag 2>> "$out/bench.log" || echo '{}')
+  eager=$(python3 scripts/peft_bench.py "$shape" "$seq" "$batch" "$ckpt" 0 2>> "$out/bench.log" || echo '{}')
+  comp='{}'
+  [[ " $compiled " == *" $row "* ]] && comp=$(python3 scripts/peft_bench.py "$shape" "$seq" "$batch" "$ckpt" 1 2>> "$out/bench.log" || echo '{}')
+  echo "{\"row\": \"$row\", \"lorafit\": $ours, \"peft\": $eager, \"peft_compiled\": $comp}" >> "$results"
+done
+python3 - "$results" <<'PY'
+import json, sys
+print(f"{'row':24s} {'lorafit tok/s':>13s} {'GiB':>6s} {'MFU':>5s} | {'PEFT tok/s':>10s} {'GiB':>6s} {'x':>5s} | {'compiled':>9s} {'GiB':>6s} {'x':>5s}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    o, e, c = r["lorafit"], r["peft"], r["peft_compiled"]
+    def ratio(ref):
+        return f"{o['tokens_per_s'] / ref['tokens_per_s']:5.2f}" if o and ref else "    -"
+    print(f"{r['row']:24s} {o.get('tokens_per_s', 0):13.0f} {o.get('peak_mem_gib', 0):6.1f} {o.get('mfu', 0):5.2f} | "
+          f"{e.get('tokens_per_s', 0):10.0f} {e.get('peak_mem_gib', 0):6.1f} {ratio(e)} | "
+          f"{c.get('tokens_per_s', 0):9.0f} {c.get('peak_mem_gib', 0):6.1f} {ratio(c)}")
+PY
