@@ -27,8 +27,64 @@ std::vector<std::vector<int64_t>> eval_sequences(const std::vector<TextRecord>& 
   return out;
 }
 
+namespace {
+
+// fp32 for bf16/f16/f32 heads (as transformers upcasts logits), f64 for an f64 head.
+torch::Dtype softmax_dtype(const torch::Tensor& weight) {
+  return c10::promoteTypes(weight.scalar_type(), torch::kFloat32);
+}
+
+// Sum over rows of log softmax(hidden W^T)[target], holding fp32 logits for one chunk of rows
+// at a time in both passes: the backward recomputes each chunk's softmax instead of keeping
+// [N, V] fp32 logits alive between forward and backward. Logits are computed in the weight's
+// dtype and softmaxed in fp32, as transformers does.
+struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor hidden /*[N, C]*/,
+                               torch::Tensor weight /*[V, C]*/, torch::Tensor targets /*[N]*/) {
+    ctx->save_for_backward({hidden, weight, targets});
+    const auto acc = softmax_dtype(weight);
+    auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
+    for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
+      const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
+      auto logits = torch::nn::functional::linear(hidden.narrow(0, start, n), weight).to(acc);
+      auto picked = logits.gather(1, targets.narrow(0, start, n).unsqueeze(1)).squeeze(1);
+      total += (picked - logits.logsumexp(-1)).to(torch::kFloat64).sum();
+    }
+    return total;
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &hidden = saved[0], &weight = saved[1], &targets = saved[2];
+    const double g = grads[0].item<double>();
+    const auto acc = softmax_dtype(weight);
+    torch::Tensor grad_hidden, grad_weight;
+    if (ctx->needs_input_grad(0)) grad_hidden = torch::empty_like(hidden);
+    if (ctx->needs_input_grad(1)) grad_weight = torch::zeros_like(weight, acc);
+    for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
+      const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
+      const auto h = hidden.narrow(0, start, n);
+      auto logits = torch::nn::functional::linear(h, weight).to(acc);
+      // d/dlogits of log p(target) = onehot(target) - softmax(logits)
+      auto d = torch::softmax(logits, -1).neg_();
+      d.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), torch::ones({n, 1}, d.options()));
+      d = (d * g).to(weight.scalar_type());
+      if (grad_hidden.defined()) grad_hidden.narrow(0, start, n).copy_(d.matmul(weight));
+      if (grad_weight.defined()) grad_weight += d.t().matmul(h).to(acc);
+    }
+    if (grad_weight.defined()) grad_weight = grad_weight.to(weight.scalar_type());
+    return {grad_hidden, grad_weight, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor target_log_prob_sum(LlamaForCausalLM& model, const torch::Tensor& hidden,
                                   const torch::Tensor& targets) {
+  // The fused path reads the head's weight directly; an adapter on the head goes through the
+  // projection hook instead.
+  if (!model->lm_head->adapter) return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
   auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
   for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
     const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);

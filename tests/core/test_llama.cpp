@@ -189,3 +189,22 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
     REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
   }
 }
+
+TEST_CASE("the chunked loss head gives the composite log-softmax and its gradients", "[core][eval]") {
+  // Float64, more rows than one chunk, gradients for both the hidden states and the head.
+  auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+  auto hidden = torch::randn({2500, 32}, torch::kFloat64).requires_grad_(true);
+  auto targets = torch::randint(0, 320, {2500}, torch::kInt64);
+  auto weight = model->lm_head->weight;
+  weight.set_requires_grad(true);
+  auto fused = target_log_prob_sum(model, hidden, targets);
+  fused.backward();
+  const auto fused_h = hidden.grad().clone(), fused_w = weight.grad().clone();
+  hidden.mutable_grad().reset();
+  weight.mutable_grad().reset();
+  auto composite = torch::log_softmax(hidden.matmul(weight.t()), -1).gather(1, targets.unsqueeze(1)).sum();
+  composite.backward();
+  REQUIRE(fused.item<double>() == Approx(composite.item<double>()).epsilon(1e-12));
+  REQUIRE(torch::allclose(fused_h, hidden.grad(), 1e-10, 1e-12));
+  REQUIRE(torch::allclose(fused_w, weight.grad(), 1e-10, 1e-12));
+}
