@@ -35,46 +35,49 @@ torch::Dtype softmax_dtype(const torch::Tensor& weight) {
 }
 
 // Sum over rows of log softmax(hidden W^T)[target], holding fp32 logits for one chunk of rows
-// at a time in both passes: the backward recomputes each chunk's softmax instead of keeping
-// [N, V] fp32 logits alive between forward and backward. Logits are computed in the weight's
-// dtype and softmaxed in fp32, as transformers does.
+// at a time. The loss is the graph's end, so its gradient is known up to the incoming scale:
+// the forward computes d/dhidden (and d/dW when the head trains) chunk by chunk right away,
+// and the backward only scales them. No [N, V] logits live from forward to backward, and
+// nothing is recomputed. Logits are computed in the weight's dtype and softmaxed in fp32, as
+// transformers does.
 struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor hidden /*[N, C]*/,
                                torch::Tensor weight /*[V, C]*/, torch::Tensor targets /*[N]*/) {
-    ctx->save_for_backward({hidden, weight, targets});
     const auto acc = softmax_dtype(weight);
+    const bool want_h = hidden.requires_grad(), want_w = weight.requires_grad();
+    torch::Tensor grad_hidden = want_h ? torch::empty_like(hidden) : torch::Tensor();       // [N, C]
+    torch::Tensor grad_weight = want_w ? torch::zeros_like(weight, acc) : torch::Tensor();  // [V, C]
     auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
     for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
       const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
-      auto logits = torch::nn::functional::linear(hidden.narrow(0, start, n), weight).to(acc);
-      auto picked = logits.gather(1, targets.narrow(0, start, n).unsqueeze(1)).squeeze(1);
-      total += (picked - logits.logsumexp(-1)).to(torch::kFloat64).sum();
+      const auto h = hidden.narrow(0, start, n);
+      const auto t = targets.narrow(0, start, n).unsqueeze(1);
+      auto logits = torch::nn::functional::linear(h, weight).to(acc);  // [n, V]
+      auto lse = logits.logsumexp(-1, /*keepdim=*/true);
+      total += (logits.gather(1, t) - lse).to(torch::kFloat64).sum();
+      if (!want_h && !want_w) continue;
+      // d/dlogits of log p(target) = onehot(target) - softmax(logits)
+      auto d = logits.sub_(lse).exp_().neg_();
+      d.scatter_add_(1, t, torch::ones({n, 1}, d.options()));
+      d = d.to(weight.scalar_type());
+      if (want_h) grad_hidden.narrow(0, start, n).copy_(d.matmul(weight));
+      if (want_w) grad_weight += d.t().matmul(h).to(acc);
     }
+    ctx->save_for_backward({grad_hidden, want_w ? grad_weight.to(weight.scalar_type()) : grad_weight});
     return total;
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &hidden = saved[0], &weight = saved[1], &targets = saved[2];
-    const double g = grads[0].item<double>();
-    const auto acc = softmax_dtype(weight);
-    torch::Tensor grad_hidden, grad_weight;
-    if (ctx->needs_input_grad(0)) grad_hidden = torch::empty_like(hidden);
-    if (ctx->needs_input_grad(1)) grad_weight = torch::zeros_like(weight, acc);
-    for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
-      const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
-      const auto h = hidden.narrow(0, start, n);
-      auto logits = torch::nn::functional::linear(h, weight).to(acc);
-      // d/dlogits of log p(target) = onehot(target) - softmax(logits)
-      auto d = torch::softmax(logits, -1).neg_();
-      d.scatter_add_(1, targets.narrow(0, start, n).unsqueeze(1), torch::ones({n, 1}, d.options()));
-      d = (d * g).to(weight.scalar_type());
-      if (grad_hidden.defined()) grad_hidden.narrow(0, start, n).copy_(d.matmul(weight));
-      if (grad_weight.defined()) grad_weight += d.t().matmul(h).to(acc);
-    }
-    if (grad_weight.defined()) grad_weight = grad_weight.to(weight.scalar_type());
-    return {grad_hidden, grad_weight, torch::Tensor()};
+    const auto g = grads[0];  // scalar
+    // Scaled in at least fp32: g (1 / target count) is not exact in bf16.
+    auto scaled = [&](const torch::Tensor& x) {
+      if (!x.defined()) return x;
+      const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
+      return (x.to(acc) * g.to(acc)).to(x.scalar_type());
+    };
+    return {scaled(saved[0]), scaled(saved[1]), torch::Tensor()};
   }
 };
 

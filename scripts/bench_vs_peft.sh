@@ -9,7 +9,7 @@ mkdir -p "$out"
 source .gpu-deps/env.sh
 export PYTHONUNBUFFERED=1
 rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1}"
-compiled="${COMPILED:-llama-1b:2048:4:0}"
+compiled="${COMPILED-llama-1b:2048:4:0}"
 results="$out/bench.jsonl"
 : > "$results"
 for row in $rows; do
