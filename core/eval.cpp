@@ -85,16 +85,10 @@ struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
 
 torch::Tensor target_log_prob_sum(LlamaForCausalLM& model, const torch::Tensor& hidden,
                                   const torch::Tensor& targets) {
-  // The fused path reads the head's weight directly; an adapter on the head goes through the
-  // projection hook instead.
-  if (!model->lm_head->adapter) return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
-  auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
-  for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
-    const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
-    auto logp = torch::log_softmax(model->logits(hidden.narrow(0, start, n)).to(torch::kFloat32), -1);
-    total += logp.gather(1, targets.narrow(0, start, n).unsqueeze(1)).to(torch::kFloat64).sum();
-  }
-  return total;
+  // The head is never an adapter target (projections() lists the seven per layer), so its
+  // weight is the whole head.
+  TORCH_CHECK(!model->lm_head->adapter, "target_log_prob_sum: the head carries an adapter");
+  return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
 }
 
 EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64_t>>& sequences,

@@ -177,8 +177,6 @@ double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
 void train(const Recipe& recipe, const TrainRun& run) {
   const auto& tr = recipe.train;
   const fs::path out = recipe.output;
-  fs::create_directories(out / "checkpoints");
-  write_file_atomic((out / "recipe.yaml").string(), recipe_to_yaml(recipe));
 
   // --- Set-up: the data first (cheap, and its errors are the user's), then the model.
   const auto tokenizer = load_tokenizer(recipe.model);
@@ -200,6 +198,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   const AdapterSettings settings{recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout,
                                  recipe.adapter.use_rslora, recipe.adapter.targets};
   spec.attach_new(settings, model->projections());
+  model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);
   torch::optim::AdamW optimizer(
       params, torch::optim::AdamWOptions(tr.lr).betas({0.9, 0.999}).eps(1e-8).weight_decay(tr.weight_decay));
@@ -222,6 +221,10 @@ void train(const Recipe& recipe, const TrainRun& run) {
     }
   };
   if (!recipe.adapter.init.empty()) copy_adapter_weights(recipe.adapter.init);
+
+  // Only now, with data and model loaded, does the run write anything.
+  fs::create_directories(out / "checkpoints");
+  write_file_atomic((out / "recipe.yaml").string(), recipe_to_yaml(recipe));
 
   TrainerState state;
   if (!run.resume.empty()) {

@@ -236,3 +236,25 @@ TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]
   REQUIRE(bad.code == 2);
   REQUIRE_THAT(bad.err, Catch::Contains("adapter.rank"));
 }
+
+TEST_CASE("gradient checkpointing trains to the same adapter", "[cli][train]") {
+  TempDir tmp;
+  const std::string sets = "--set train.steps=4 --set adapter.dropout=0.1";
+  REQUIRE(train(tmp / "plain", sets).code == 0);
+  REQUIRE(train(tmp / "ckpt", sets + " --set train.gradient_checkpointing=true").code == 0);
+  SafetensorsFile plain(tmp / "plain/adapter/adapter_model.safetensors");
+  SafetensorsFile ckpt(tmp / "ckpt/adapter/adapter_model.safetensors");
+  for (const auto& e : plain.header().entries) {
+    INFO(e.name);
+    REQUIRE(torch::allclose(plain.tensor(e.name), ckpt.tensor(e.name), 1e-4, 1e-6));
+  }
+}
+
+TEST_CASE("a bad dataset line stops training before anything is written", "[cli][train]") {
+  TempDir tmp;
+  lorafit::test::write_text(tmp / "bad.jsonl", "{\"text\": \"fine\"}\n{\"txt\": \"typo\"}\n");
+  const auto r = train(tmp / "out", "--set data.train=" + q(tmp / "bad.jsonl"));
+  REQUIRE(r.code == 2);
+  REQUIRE_THAT(r.err, Catch::Contains("bad.jsonl:2"));
+  REQUIRE_FALSE(fs::exists(tmp / "out"));
+}
