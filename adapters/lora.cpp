@@ -9,13 +9,9 @@
 
 namespace lorafit {
 
-namespace {
-
 using nlohmann::json;
 
-// PEFT's check_target_module_exists: a string is a regex that must match the whole module
-// name; a list matches a name equal to an entry or ending in "." + entry.
-bool targeted(const json& targets, const std::string& name) {
+bool peft_targets(const json& targets, const std::string& name) {
   if (targets.is_string()) {
     const auto& s = targets.get_ref<const std::string&>();
     if (s == "all-linear") return name != "lm_head";
@@ -34,6 +30,8 @@ bool targeted(const json& targets, const std::string& name) {
   }
   return false;
 }
+
+namespace {
 
 // rank_pattern / alpha_pattern: the first key k for which `(.*\.)?(k)$` matches the module
 // name (PEFT's get_pattern_key).
@@ -80,13 +78,9 @@ torch::Tensor LoraImpl::merged_delta() const {
   return torch::matmul(lora_B.detach(), lora_A.detach()) * scaling;
 }
 
-namespace {
-
 double lora_scaling(double alpha, int64_t r, bool rslora) {
   return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
 }
-
-}  // namespace
 
 void lora_attach_new(const AdapterSettings& s, const Projections& projections) {
   for (auto p : projections) {  // holders by value: attach() is not const
@@ -167,7 +161,7 @@ void lora_attach_saved(const json& config, const TensorMap& weights,
 
   std::set<std::string> used;
   for (auto p : projections) {  // holders by value: attach() is not const
-    if (!targeted(*targets_it, p->name)) continue;
+    if (!peft_targets(*targets_it, p->name)) continue;
     const std::string key_a = "base_model.model." + p->name + ".lora_A.weight";
     const std::string key_b = "base_model.model." + p->name + ".lora_B.weight";
     auto a = weights.find(key_a);

@@ -24,6 +24,14 @@ struct LoraImpl : ProjectionAdapterImpl {
 };
 TORCH_MODULE(Lora);
 
+/// PEFT's rule for which modules an adapter_config.json's target_modules selects: a string is
+/// a regular expression over the whole module name ("all-linear": every projection but the
+/// head); a list matches a name equal to an entry or ending in "." + entry.
+bool peft_targets(const nlohmann::json& targets, const std::string& name);
+
+/// alpha / r, or alpha / sqrt(r) with rsLoRA.
+double lora_scaling(double alpha, int64_t r, bool rslora);
+
 /// Attaches a saved PEFT LoRA adapter (adapter_config.json already parsed, tensors read) to the
 /// projections that its target_modules select. `where` names the adapter folder in messages.
 void lora_attach_saved(const nlohmann::json& config, const TensorMap& weights,

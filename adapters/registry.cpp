@@ -1,6 +1,7 @@
 #include "adapters/registry.h"
 
 #include "adapters/lora.h"
+#include "adapters/multilora.h"
 #include "core/errors.h"
 
 namespace lorafit {
@@ -9,6 +10,8 @@ const std::vector<AdapterSpec>& adapter_specs() {
   static const std::vector<AdapterSpec> specs = {
       {"lora", "LORA", "low-rank update B*A on each targeted projection (PEFT's LoRA)",
        lora_attach_saved, lora_attach_new, lora_save},
+      {"multilora", "MULTILORA", "n parallel LoRA modules with learnable scales (MultiLoRA)",
+       multilora_attach_saved, multilora_attach_new, multilora_save},
   };
   return specs;
 }

@@ -17,6 +17,8 @@ struct AdapterSettings {
   double dropout = 0.0;
   bool use_rslora = false;
   std::vector<std::string> targets;  // projection kinds: "q_proj", ...
+  int64_t n = 3;              // multilora: parallel modules per projection
+  bool vector_scale = true;   // multilora: a scale per output channel, else one per module
 };
 
 /// An adapter as it goes to disk: adapter_config.json and the tensors of

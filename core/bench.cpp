@@ -43,9 +43,7 @@ BenchResult run_bench(const BenchOptions& o) {
                                : load_llama(o.model, device, dtype);
   model->checkpoint_layers = recipe.train.gradient_checkpointing;
   const auto& spec = find_adapter(recipe.adapter.type);
-  spec.attach_new({recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout, recipe.adapter.use_rslora,
-                   recipe.adapter.targets},
-                  model->projections());
+  spec.attach_new(adapter_settings(recipe.adapter), model->projections());
   const auto params = trainable_parameters(model);
   torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(recipe.train.lr).weight_decay(0.0));
   model->train();

@@ -81,6 +81,8 @@ void visit_fields(Recipe_& r, F&& f) {
   f("adapter.targets", r.adapter.targets, Rule{});
   f("adapter.use_rslora", r.adapter.use_rslora, Rule{});
   f("adapter.init", r.adapter.init, Rule{});
+  f("adapter.n", r.adapter.n, at_least(1));
+  f("adapter.scale", r.adapter.scale, one_of({"vector", "scalar"}));
   f("train.steps", r.train.steps, at_least(0));
   f("train.epochs", r.train.epochs, at_least(0));
   f("train.batch_size", r.train.batch_size, at_least(1));
@@ -371,6 +373,10 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
 
 Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overrides) {
   return read_recipe(YAML::Load(recipe_to_yaml(base)), "--set", overrides, /*check_files=*/false);
+}
+
+AdapterSettings adapter_settings(const AdapterRecipe& a) {
+  return {a.r, a.alpha, a.dropout, a.use_rslora, a.targets, a.n, a.scale == "vector"};
 }
 
 std::string recipe_to_yaml(const Recipe& recipe) {

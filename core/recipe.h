@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "adapters/registry.h"
+
 namespace lorafit {
 
 struct DataRecipe {
@@ -26,6 +28,8 @@ struct AdapterRecipe {
                                    "gate_proj", "up_proj", "down_proj"};
   bool use_rslora = false;
   std::string init;  // optional: a saved adapter to start from instead of PEFT's init
+  int64_t n = 3;                  // multilora: parallel LoRA modules per projection
+  std::string scale = "vector";   // multilora: vector (per output channel) | scalar
 };
 
 struct TrainRecipe {
@@ -64,6 +68,9 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
 /// `base` with `overrides` applied and checked like a recipe file, but without looking at
 /// files (for `lorafit bench`, which has no model folder or dataset).
 Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overrides);
+
+/// The adapter block as the strategy registry takes it.
+AdapterSettings adapter_settings(const AdapterRecipe& adapter);
 
 /// The resolved recipe as YAML, every key spelled out.
 std::string recipe_to_yaml(const Recipe& recipe);

@@ -195,8 +195,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
   const auto& spec = find_adapter(recipe.adapter.type);
-  const AdapterSettings settings{recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout,
-                                 recipe.adapter.use_rslora, recipe.adapter.targets};
+  const AdapterSettings settings = adapter_settings(recipe.adapter);
   spec.attach_new(settings, model->projections());
   model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);

@@ -258,3 +258,22 @@ TEST_CASE("a bad dataset line stops training before anything is written", "[cli]
   REQUIRE_THAT(r.err, Catch::Contains("bad.jsonl:2"));
   REQUIRE_FALSE(fs::exists(tmp / "out"));
 }
+
+TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk", "[cli][multilora]") {
+  TempDir tmp;
+  const auto r = train(tmp / "ml", "--set train.steps=60 --set adapter.type=multilora --set adapter.n=3 "
+                                   "--set adapter.r=4 --set adapter.scale=scalar");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto config = lorafit::test::read_json(tmp / "ml/adapter/adapter_config.json");
+  REQUIRE(config["peft_type"] == "MULTILORA");
+  REQUIRE(config["scale"] == "scalar");
+  const double adapted = eval_loss(tmp / "ml/adapter");
+  REQUIRE(adapted < eval_loss("") - 1.0);
+  const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " + q(tmp / "ml/adapter") +
+                                 " --out " + q(tmp / "merged"));
+  REQUIRE(merge.code == 0);
+  const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
+                             " --data recipes/data/tiny_valid.jsonl");
+  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(adapted).epsilon(1e-5));
+}
