@@ -60,8 +60,12 @@ std::string loss_svg(const LossHistory& h) {
         << "\" stroke=\"#ddd\"/><text x=\"" << kLeft - 6 << "\" y=\"" << py(v) + 4
         << "\" text-anchor=\"end\">" << fmt(v) << "</text>\n";
   }
-  svg << "<text x=\"" << kLeft + pw / 2 << "\" y=\"" << kHeight - 8 << "\" text-anchor=\"middle\">step (last "
-      << fmt(x_max) << ")</text>\n";
+  for (int i = 0; i <= 4; ++i) {  // step ticks
+    const double step = x_max * i / 4;
+    svg << "<text x=\"" << px(step) << "\" y=\"" << kTop + ph + 16 << "\" text-anchor=\"middle\">"
+        << fmt(std::round(step)) << "</text>\n";
+  }
+  svg << "<text x=\"" << kLeft + pw / 2 << "\" y=\"" << kHeight - 8 << "\" text-anchor=\"middle\">step</text>\n";
   const std::pair<const std::vector<std::pair<int64_t, double>>*, const char*> series[] = {
       {&h.train, "#1f77b4"}, {&h.valid, "#d62728"}};
   for (const auto& [points, color] : series) {
