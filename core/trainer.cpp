@@ -271,20 +271,24 @@ void train(const Recipe& recipe, const TrainRun& run) {
     ++state.step;
     state.data = stream.position();
 
-    if (state.step % tr.log_every == 0 || state.step == total_steps) {
+    const bool log_step = state.step % tr.log_every == 0 || state.step == total_steps;
+    if (log_step || tty) {
       const double secs = std::chrono::duration<double>(Clock::now() - log_started).count();
       const double tok_s = tokens_since_log / std::max(secs, 1e-9);
       const double done = std::chrono::duration<double>(Clock::now() - started).count();
       const double eta = done / (state.step - first_step) * (total_steps - state.step);
-      metrics << nlohmann::json{{"step", state.step}, {"loss", loss_sum}, {"lr", lr},
-                                {"grad_norm", grad_norm}, {"tokens_per_s", tok_s}}
-                     .dump()
-              << "\n" << std::flush;
-      history.train.emplace_back(state.step, loss_sum);
+      // A terminal gets one line updated every step; a pipe gets a line per log step.
       fmt::print(stderr, "{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}", tty ? "\r\033[K" : "",
                  state.step, total_steps, loss_sum, lr, tok_s, format_duration(eta), tty ? "" : "\n");
-      tokens_since_log = 0;
-      log_started = Clock::now();
+      if (log_step) {
+        metrics << nlohmann::json{{"step", state.step}, {"loss", loss_sum}, {"lr", lr},
+                                  {"grad_norm", grad_norm}, {"tokens_per_s", tok_s}}
+                       .dump()
+                << "\n" << std::flush;
+        history.train.emplace_back(state.step, loss_sum);
+        tokens_since_log = 0;
+        log_started = Clock::now();
+      }
     }
     if (!valid_examples.empty() && tr.eval_every > 0 &&
         (state.step % tr.eval_every == 0 || state.step == total_steps)) {
