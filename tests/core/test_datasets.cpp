@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include "core/datasets.h"
+#include "core/text_data.h"
 #include "core/errors.h"
 #include "core/trainer.h"
 #include "test_util.h"
@@ -150,4 +151,23 @@ TEST_CASE("learning-rate schedules follow transformers'", "[core][trainer]") {
   t.schedule = "cosine";
   REQUIRE(scheduled_lr(t, 35, total) == Approx(0.5 * (1 + std::cos(M_PI * 0.25))));
   REQUIRE(scheduled_lr(t, 110, total) == Approx(0.0).margin(1e-12));
+}
+
+TEST_CASE("text records come from JSON Lines and JSON arrays and plain text alike", "[core][datasets]") {
+  TempDir tmp;
+  lorafit::test::write_text(tmp / "a.jsonl", "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n");
+  lorafit::test::write_text(tmp / "a.json", "[{\"text\": \"one\"}, {\"text\": \"two\"}]");
+  lorafit::test::write_text(tmp / "a.txt", "one\r\n\ntwo\n");
+  for (const char* name : {"a.jsonl", "a.json", "a.txt"}) {
+    INFO(name);
+    const auto records = read_text_records(tmp / name);
+    REQUIRE(records.size() == 2);
+    REQUIRE(records[0].text == "one");
+    REQUIRE(records[1].text == "two");
+  }
+  REQUIRE(read_text_records(tmp / "a.jsonl")[1].where == tmp / "a.jsonl:3");
+  lorafit::test::write_text(tmp / "a.csv", "text\none\n");
+  REQUIRE_THROWS_WITH(read_text_records(tmp / "a.csv"), Catch::Contains("unknown extension"));
+  lorafit::test::write_text(tmp / "b.json", "{\"text\": \"one\"}");
+  REQUIRE_THROWS_WITH(read_text_records(tmp / "b.json"), Catch::Contains("expected a JSON array"));
 }
