@@ -16,12 +16,20 @@
 
 namespace lorafit::compat {
 
-/// Self-attention over heads of equal count (GQA already expanded) where query i sits at
-/// position offset + i and sees keys 0 .. offset + i (the keys before it are a KV cache).
-/// q: [B, H, Tq, D], k, v: [B, H, Tk, D] with Tk = offset + Tq; returns [B, H, Tq, D].
+/// Each KV head serving heads/kv_heads consecutive query heads, as transformers' repeat_kv.
+/// x: [B, KV, T, D] -> [B, H, T, D]
+inline torch::Tensor repeat_kv(const torch::Tensor& x, int64_t heads) {
+  const auto b = x.size(0), kv = x.size(1), t = x.size(2), d = x.size(3);
+  if (kv == heads) return x;
+  return x.unsqueeze(2).expand({b, kv, heads / kv, t, d}).reshape({b, heads, t, d});
+}
+
+/// Causal self-attention with grouped KV heads, where query i sits at position offset + i and
+/// sees keys 0 .. offset + i (the keys before it are a KV cache).
+/// q: [B, H, Tq, D], k, v: [B, KV, Tk, D] with Tk = offset + Tq; returns [B, H, Tq, D].
 inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
                                       const torch::Tensor& v, double scale, int64_t offset = 0) {
-  const auto tq = q.size(-2), tk = k.size(-2);
+  const auto heads = q.size(1), tq = q.size(-2), tk = k.size(-2);
   // SDPA's is_causal aligns queries with the first keys, right only when there is no cache; a
   // single new query sees every key and needs no mask; anything else gets an explicit one.
   torch::Tensor mask;  // [Tq, Tk] bool, true where attending is allowed
@@ -31,15 +39,20 @@ inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tenso
   }
   const bool causal = offset == 0 && tq > 1;
 #if TORCH_VERSION_MAJOR >= 2
-  // SDPA picks flash attention on CUDA for bf16/f16 inputs.
-  return at::scaled_dot_product_attention(q, k, v, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
-                                          /*dropout_p=*/0.0, causal, scale);
+  // SDPA picks flash attention on CUDA for bf16/f16. Flash alone reads grouped KV heads in
+  // place (enable_gqa); any other backend would fall back to the slow math kernel with it, so
+  // the heads are expanded there instead.
+  const bool flash_gqa = k.size(1) != heads && q.is_cuda() && !mask.defined() && q.size(-1) <= 256 &&
+                         (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16);
+  const auto kk = flash_gqa ? k : repeat_kv(k, heads), vv = flash_gqa ? v : repeat_kv(v, heads);
+  return at::scaled_dot_product_attention(q, kk, vv, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
+                                          /*dropout_p=*/0.0, causal, scale, flash_gqa);
 #else
   // LibTorch 1.13 has no public SDPA: the math path SDPA itself falls back to.
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
+  auto scores = torch::matmul(q, repeat_kv(k, heads).transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
   if (causal) mask = torch::ones({tq, tk}, torch::dtype(torch::kBool).device(q.device())).tril();
   if (mask.defined()) scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
-  return torch::matmul(torch::softmax(scores, -1), v);
+  return torch::matmul(torch::softmax(scores, -1), repeat_kv(v, heads));
 #endif
 }
 

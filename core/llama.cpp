@@ -87,13 +87,6 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RopeTables& r
     cache->k[layer] = k;
     cache->v[layer] = v;
   }
-  const auto tk = k.size(2);
-  if (kv_heads != heads) {
-    // Each KV head serves heads/kv_heads consecutive query heads (transformers' repeat_kv).
-    const auto rep = heads / kv_heads;
-    k = k.unsqueeze(2).expand({b, kv_heads, rep, tk, head_dim}).reshape({b, heads, tk, head_dim});
-    v = v.unsqueeze(2).expand({b, kv_heads, rep, tk, head_dim}).reshape({b, heads, tk, head_dim});
-  }
   auto y = compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)), offset);
   return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
