@@ -23,8 +23,8 @@ bool peft_targets(const json& targets, const std::string& name) {
   }
   for (const auto& t : targets) {
     const auto& s = t.get_ref<const std::string&>();
-    if (name == s || (name.size() > s.size() && name.compare(name.size() - s.size() - 1,
-                                                             s.size() + 1, "." + s) == 0)) {
+    if (name == s || (name.size() > s.size() &&
+                      name.compare(name.size() - s.size() - 1, s.size() + 1, "." + s) == 0)) {
       return true;
     }
   }
@@ -56,7 +56,11 @@ std::string shape_of(const torch::Tensor& t) {
 
 }  // namespace
 
-LoraImpl::LoraImpl(int64_t in, int64_t out, int64_t r, double scaling_, double dropout_,
+LoraImpl::LoraImpl(int64_t in,
+                   int64_t out,
+                   int64_t r,
+                   double scaling_,
+                   double dropout_,
                    const torch::TensorOptions& options)
     : scaling(scaling_), dropout(dropout_) {
   const auto o = options.dtype(torch::kFloat32);
@@ -92,7 +96,8 @@ void lora_attach_new(const AdapterSettings& s, const Projections& projections) {
   }
 }
 
-SavedAdapter lora_save(const AdapterSettings& s, const Projections& projections,
+SavedAdapter lora_save(const AdapterSettings& s,
+                       const Projections& projections,
                        const std::string& base_model) {
   SavedAdapter out;
   std::set<std::string> kinds;
@@ -104,26 +109,40 @@ SavedAdapter lora_save(const AdapterSettings& s, const Projections& projections,
     out.tensors["base_model.model." + p->name + ".lora_B.weight"] = lora->lora_B.detach();
   }
   out.config = {
-      {"alpha_pattern", json::object()}, {"base_model_name_or_path", base_model},
-      {"bias", "none"}, {"fan_in_fan_out", false}, {"inference_mode", true},
+      {"alpha_pattern", json::object()},
+      {"base_model_name_or_path", base_model},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"inference_mode", true},
       {"init_lora_weights", true},
-      {"lora_alpha", s.alpha == std::floor(s.alpha) ? json(static_cast<int64_t>(s.alpha)) : json(s.alpha)}, {"lora_dropout", s.dropout},
-      {"modules_to_save", nullptr}, {"peft_type", "LORA"}, {"r", s.r},
-      {"rank_pattern", json::object()}, {"revision", nullptr},
+      {"lora_alpha",
+       s.alpha == std::floor(s.alpha) ? json(static_cast<int64_t>(s.alpha)) : json(s.alpha)},
+      {"lora_dropout", s.dropout},
+      {"modules_to_save", nullptr},
+      {"peft_type", "LORA"},
+      {"r", s.r},
+      {"rank_pattern", json::object()},
+      {"revision", nullptr},
       {"target_modules", std::vector<std::string>(kinds.begin(), kinds.end())},
-      {"task_type", "CAUSAL_LM"}, {"use_dora", false}, {"use_rslora", s.use_rslora},
+      {"task_type", "CAUSAL_LM"},
+      {"use_dora", false},
+      {"use_rslora", s.use_rslora},
   };
   return out;
 }
 
-void lora_attach_saved(const json& config, const TensorMap& weights,
-                       const Projections& projections, const std::string& where) {
+void lora_attach_saved(const json& config,
+                       const TensorMap& weights,
+                       const Projections& projections,
+                       const std::string& where) {
   std::vector<std::string> problems;
   auto unsupported = [&](const char* key, const json& ok) {
     auto it = config.find(key);
     if (it != config.end() && !it->is_null() && *it != ok) {
-      problems.push_back("'" + std::string(key) + "' is " + it->dump() + ", which lorafit does not "
-                         "support (expected " + ok.dump() + ")");
+      problems.push_back("'" + std::string(key) + "' is " + it->dump() +
+                         ", which lorafit does not "
+                         "support (expected " +
+                         ok.dump() + ")");
     }
   };
   unsupported("use_dora", false);
@@ -134,29 +153,32 @@ void lora_attach_saved(const json& config, const TensorMap& weights,
   unsupported("modules_to_save", nullptr);
 
   const auto targets_it = config.find("target_modules");
-  const bool targets_ok = targets_it != config.end() &&
-                          (targets_it->is_string() ||
-                           (targets_it->is_array() &&
-                            std::all_of(targets_it->begin(), targets_it->end(),
-                                        [](const json& t) { return t.is_string(); })));
+  const bool targets_ok =
+      targets_it != config.end() &&
+      (targets_it->is_string() ||
+       (targets_it->is_array() && std::all_of(targets_it->begin(), targets_it->end(),
+                                              [](const json& t) { return t.is_string(); })));
   if (!targets_ok) problems.push_back("'target_modules' must be a string or a list of strings");
   const auto alpha_it = config.find("lora_alpha");
   if (alpha_it == config.end() || !alpha_it->is_number()) {
     problems.push_back("'lora_alpha' must be a number");
   }
   const auto dropout_it = config.find("lora_dropout");
-  const bool dropout_ok = dropout_it == config.end() || dropout_it->is_null() ||
-                          (dropout_it->is_number() && dropout_it->get<double>() >= 0 &&
-                           dropout_it->get<double>() < 1);
+  const bool dropout_ok =
+      dropout_it == config.end() || dropout_it->is_null() ||
+      (dropout_it->is_number() && dropout_it->get<double>() >= 0 && dropout_it->get<double>() < 1);
   if (!dropout_ok) problems.push_back("'lora_dropout' must be a number in [0, 1)");
   const double dropout = dropout_ok && dropout_it != config.end() && !dropout_it->is_null()
-                             ? dropout_it->get<double>() : 0.0;
+                             ? dropout_it->get<double>()
+                             : 0.0;
   const auto rslora_it = config.find("use_rslora");
   if (rslora_it != config.end() && !rslora_it->is_boolean() && !rslora_it->is_null()) {
     problems.push_back("'use_rslora' must be true or false");
   }
-  const bool rslora = rslora_it != config.end() && rslora_it->is_boolean() && rslora_it->get<bool>();
-  const double default_alpha = alpha_it != config.end() && alpha_it->is_number() ? alpha_it->get<double>() : 0;
+  const bool rslora =
+      rslora_it != config.end() && rslora_it->is_boolean() && rslora_it->get<bool>();
+  const double default_alpha =
+      alpha_it != config.end() && alpha_it->is_number() ? alpha_it->get<double>() : 0;
   if (!problems.empty()) throw ConfigError("adapter '" + where + "': " + join_problems(problems));
 
   std::set<std::string> used;
@@ -193,8 +215,8 @@ void lora_attach_saved(const json& config, const TensorMap& weights,
       alpha = pa->get<double>();
     }
     const double scaling = lora_scaling(alpha, r, rslora);
-    auto lora = Lora(p->in_features, p->out_features, r, scaling,
-                     dropout, torch::device(p->weight.device()));
+    auto lora = Lora(p->in_features, p->out_features, r, scaling, dropout,
+                     torch::device(p->weight.device()));
     {
       torch::NoGradGuard no_grad;
       lora->lora_A.copy_(a->second);
@@ -208,11 +230,12 @@ void lora_attach_saved(const json& config, const TensorMap& weights,
     }
   }
   if (used.empty() && problems.empty()) {
-    problems.push_back("target_modules " + targets_it->dump() + " select no projection of the model");
+    problems.push_back("target_modules " + targets_it->dump() +
+                       " select no projection of the model");
   }
   if (!problems.empty()) {
-    throw ModelMismatchError("adapter '" + where + "' does not fit the model: " +
-                             join_problems(problems) +
+    throw ModelMismatchError("adapter '" + where +
+                             "' does not fit the model: " + join_problems(problems) +
                              " (hint: was it trained on this base model?)");
   }
 }

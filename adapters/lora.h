@@ -10,7 +10,11 @@
 namespace lorafit {
 
 struct LoraImpl : ProjectionAdapterImpl {
-  LoraImpl(int64_t in_features, int64_t out_features, int64_t r, double scaling, double dropout,
+  LoraImpl(int64_t in_features,
+           int64_t out_features,
+           int64_t r,
+           double scaling,
+           double dropout,
            const torch::TensorOptions& options);
   /// x: [..., in], base: [..., out] -> [..., out]
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) override;
@@ -34,8 +38,10 @@ double lora_scaling(double alpha, int64_t r, bool rslora);
 
 /// Attaches a saved PEFT LoRA adapter (adapter_config.json already parsed, tensors read) to the
 /// projections that its target_modules select. `where` names the adapter folder in messages.
-void lora_attach_saved(const nlohmann::json& config, const TensorMap& weights,
-                       const Projections& projections, const std::string& where);
+void lora_attach_saved(const nlohmann::json& config,
+                       const TensorMap& weights,
+                       const Projections& projections,
+                       const std::string& where);
 
 /// A fresh LoRA (A ~ kaiming_uniform(a=sqrt(5)), B = 0) on every projection whose kind is in
 /// settings.targets.
@@ -43,7 +49,8 @@ void lora_attach_new(const AdapterSettings& settings, const Projections& project
 
 /// PEFT's adapter_config.json and tensors (keys base_model.model.<module>.lora_{A,B}.weight,
 /// fp32) for the LoRAs attached to `projections`.
-SavedAdapter lora_save(const AdapterSettings& settings, const Projections& projections,
+SavedAdapter lora_save(const AdapterSettings& settings,
+                       const Projections& projections,
                        const std::string& base_model);
 
 }  // namespace lorafit

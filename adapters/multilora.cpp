@@ -14,13 +14,20 @@ using nlohmann::json;
 namespace {
 
 std::string key(const std::string& module, const char* what, int64_t i, bool weight) {
-  return "base_model.model." + module + "." + what + "." + std::to_string(i) + (weight ? ".weight" : "");
+  return "base_model.model." + module + "." + what + "." + std::to_string(i) +
+         (weight ? ".weight" : "");
 }
 
 }  // namespace
 
-MultiLoraImpl::MultiLoraImpl(int64_t in, int64_t out, int64_t r, int64_t n, double scaling_, double dropout_,
-                             bool vector_scale, const torch::TensorOptions& options)
+MultiLoraImpl::MultiLoraImpl(int64_t in,
+                             int64_t out,
+                             int64_t r,
+                             int64_t n,
+                             double scaling_,
+                             double dropout_,
+                             bool vector_scale,
+                             const torch::TensorOptions& options)
     : scaling(scaling_), dropout(dropout_) {
   const auto o = options.dtype(torch::kFloat32);
   lora_A = register_parameter("lora_A", torch::empty({n, r, in}, o));
@@ -38,27 +45,32 @@ torch::Tensor MultiLoraImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto h = x.to(lora_A.scalar_type());
   if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, /*train=*/true);
   // All modules in two GEMMs: x [A_1; ...; A_n]^T, then [s_1 B_1, ..., s_n B_n].
-  auto xa = torch::nn::functional::linear(h, lora_A.reshape({n * r, in}));             // [..., n*r]
+  auto xa = torch::nn::functional::linear(h, lora_A.reshape({n * r, in}));           // [..., n*r]
   auto b = (scale.unsqueeze(-1) * lora_B).permute({1, 0, 2}).reshape({out, n * r});  // [out, n*r]
   return (base + torch::nn::functional::linear(xa, b) * scaling).to(base.scalar_type());
 }
 
 torch::Tensor MultiLoraImpl::merged_delta() const {
   const auto n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
-  auto b = (scale.detach().unsqueeze(-1) * lora_B.detach()).permute({1, 0, 2}).reshape({out, n * r});
+  auto b =
+      (scale.detach().unsqueeze(-1) * lora_B.detach()).permute({1, 0, 2}).reshape({out, n * r});
   return torch::matmul(b, lora_A.detach().reshape({n * r, in})) * scaling;
 }
 
 void multilora_attach_new(const AdapterSettings& s, const Projections& projections) {
   for (auto p : projections) {  // holders by value: attach() is not const
-    if (std::find(s.targets.begin(), s.targets.end(), projection_kind(p->name)) == s.targets.end()) continue;
-    p->attach(MultiLora(p->in_features, p->out_features, s.r, s.n, lora_scaling(s.alpha, s.r, s.use_rslora),
-                        s.dropout, s.vector_scale, torch::device(p->weight.device()))
+    if (std::find(s.targets.begin(), s.targets.end(), projection_kind(p->name)) == s.targets.end())
+      continue;
+    p->attach(MultiLora(p->in_features, p->out_features, s.r, s.n,
+                        lora_scaling(s.alpha, s.r, s.use_rslora), s.dropout, s.vector_scale,
+                        torch::device(p->weight.device()))
                   .ptr());
   }
 }
 
-SavedAdapter multilora_save(const AdapterSettings& s, const Projections& projections, const std::string& base_model) {
+SavedAdapter multilora_save(const AdapterSettings& s,
+                            const Projections& projections,
+                            const std::string& base_model) {
   SavedAdapter out;
   std::set<std::string> kinds;
   for (const auto& p : projections) {
@@ -71,14 +83,22 @@ SavedAdapter multilora_save(const AdapterSettings& s, const Projections& project
       out.tensors[key(p->name, "lora_scale", i, false)] = m->scale[i].detach();
     }
   }
-  out.config = {{"peft_type", "MULTILORA"}, {"task_type", "CAUSAL_LM"}, {"base_model_name_or_path", base_model},
-                {"r", s.r}, {"lora_alpha", s.alpha}, {"lora_dropout", s.dropout}, {"use_rslora", s.use_rslora},
-                {"n", s.n}, {"scale", s.vector_scale ? "vector" : "scalar"},
+  out.config = {{"peft_type", "MULTILORA"},
+                {"task_type", "CAUSAL_LM"},
+                {"base_model_name_or_path", base_model},
+                {"r", s.r},
+                {"lora_alpha", s.alpha},
+                {"lora_dropout", s.dropout},
+                {"use_rslora", s.use_rslora},
+                {"n", s.n},
+                {"scale", s.vector_scale ? "vector" : "scalar"},
                 {"target_modules", std::vector<std::string>(kinds.begin(), kinds.end())}};
   return out;
 }
 
-void multilora_attach_saved(const json& config, const TensorMap& weights, const Projections& projections,
+void multilora_attach_saved(const json& config,
+                            const TensorMap& weights,
+                            const Projections& projections,
                             const std::string& where) {
   std::vector<std::string> problems;
   auto number = [&](const char* k) -> double {
@@ -93,22 +113,25 @@ void multilora_attach_saved(const json& config, const TensorMap& weights, const 
   const double dropout = config.value("lora_dropout", 0.0);
   const bool rslora = config.value("use_rslora", false);
   const auto targets = config.find("target_modules");
-  if (targets == config.end() || !targets->is_array()) problems.push_back("'target_modules' must be a list");
+  if (targets == config.end() || !targets->is_array())
+    problems.push_back("'target_modules' must be a list");
   const auto scale = config.value("scale", std::string("vector"));
-  if (scale != "vector" && scale != "scalar") problems.push_back("'scale' must be \"vector\" or \"scalar\"");
+  if (scale != "vector" && scale != "scalar")
+    problems.push_back("'scale' must be \"vector\" or \"scalar\"");
   if (!problems.empty()) throw ConfigError("adapter '" + where + "': " + join_problems(problems));
   const auto r = static_cast<int64_t>(r_cfg), n = static_cast<int64_t>(n_cfg);
 
   std::set<std::string> used;
   for (auto p : projections) {
     if (!peft_targets(*targets, p->name)) continue;
-    auto m = MultiLora(p->in_features, p->out_features, r, n, lora_scaling(alpha, r, rslora), dropout,
-                       scale == "vector", torch::device(p->weight.device()));
+    auto m = MultiLora(p->in_features, p->out_features, r, n, lora_scaling(alpha, r, rslora),
+                       dropout, scale == "vector", torch::device(p->weight.device()));
     torch::NoGradGuard no_grad;
     for (int64_t i = 0; i < n; ++i) {
-      const std::pair<std::string, torch::Tensor> parts[] = {{key(p->name, "lora_A", i, true), m->lora_A[i]},
-                                                             {key(p->name, "lora_B", i, true), m->lora_B[i]},
-                                                             {key(p->name, "lora_scale", i, false), m->scale[i]}};
+      const std::pair<std::string, torch::Tensor> parts[] = {
+          {key(p->name, "lora_A", i, true), m->lora_A[i]},
+          {key(p->name, "lora_B", i, true), m->lora_B[i]},
+          {key(p->name, "lora_scale", i, false), m->scale[i]}};
       for (const auto& [name, dst] : parts) {
         auto it = weights.find(name);
         if (it == weights.end()) {
@@ -124,10 +147,12 @@ void multilora_attach_saved(const json& config, const TensorMap& weights, const 
     p->attach(m.ptr());
   }
   for (const auto& [name, t] : weights) {
-    if (!used.count(name)) problems.push_back("tensor '" + name + "' matches no targeted projection of the model");
+    if (!used.count(name))
+      problems.push_back("tensor '" + name + "' matches no targeted projection of the model");
   }
   if (!problems.empty()) {
-    throw ModelMismatchError("adapter '" + where + "' does not fit the model: " + join_problems(problems) +
+    throw ModelMismatchError("adapter '" + where +
+                             "' does not fit the model: " + join_problems(problems) +
                              " (hint: was it trained on this base model?)");
   }
 }

@@ -20,8 +20,14 @@
 namespace lorafit {
 
 struct MultiLoraImpl : ProjectionAdapterImpl {
-  MultiLoraImpl(int64_t in_features, int64_t out_features, int64_t r, int64_t n, double scaling,
-                double dropout, bool vector_scale, const torch::TensorOptions& options);
+  MultiLoraImpl(int64_t in_features,
+                int64_t out_features,
+                int64_t r,
+                int64_t n,
+                double scaling,
+                double dropout,
+                bool vector_scale,
+                const torch::TensorOptions& options);
   /// x: [..., in], base: [..., out] -> [..., out]
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) override;
   /// scaling * sum_i diag(s_i) B_i A_i, in fp32.
@@ -36,9 +42,12 @@ struct MultiLoraImpl : ProjectionAdapterImpl {
 TORCH_MODULE(MultiLora);
 
 void multilora_attach_new(const AdapterSettings& settings, const Projections& projections);
-SavedAdapter multilora_save(const AdapterSettings& settings, const Projections& projections,
+SavedAdapter multilora_save(const AdapterSettings& settings,
+                            const Projections& projections,
                             const std::string& base_model);
-void multilora_attach_saved(const nlohmann::json& config, const TensorMap& weights,
-                            const Projections& projections, const std::string& where);
+void multilora_attach_saved(const nlohmann::json& config,
+                            const TensorMap& weights,
+                            const Projections& projections,
+                            const std::string& where);
 
 }  // namespace lorafit

@@ -2,8 +2,11 @@
 
 namespace lorafit {
 
-ProjectionImpl::ProjectionImpl(std::string name_, int64_t in, int64_t out,
-                               const torch::TensorOptions& options, torch::Tensor shared_weight)
+ProjectionImpl::ProjectionImpl(std::string name_,
+                               int64_t in,
+                               int64_t out,
+                               const torch::TensorOptions& options,
+                               torch::Tensor shared_weight)
     : name(std::move(name_)), in_features(in), out_features(out) {
   weight = register_parameter(
       "weight", shared_weight.defined() ? shared_weight : torch::empty({out, in}, options),
@@ -16,7 +19,8 @@ torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
 }
 
 void ProjectionImpl::attach(std::shared_ptr<ProjectionAdapterImpl> a) {
-  adapter = adapter ? replace_module("adapter", std::move(a)) : register_module("adapter", std::move(a));
+  adapter =
+      adapter ? replace_module("adapter", std::move(a)) : register_module("adapter", std::move(a));
 }
 
 std::string projection_kind(const std::string& name) {

@@ -25,8 +25,11 @@ struct ProjectionAdapterImpl : torch::nn::Module {
 /// A bias-free Linear with a frozen weight and an optional adapter.
 struct ProjectionImpl : torch::nn::Module {
   /// `shared_weight`, when given, is used as the weight (tied embeddings).
-  ProjectionImpl(std::string name, int64_t in_features, int64_t out_features,
-                 const torch::TensorOptions& options, torch::Tensor shared_weight = {});
+  ProjectionImpl(std::string name,
+                 int64_t in_features,
+                 int64_t out_features,
+                 const torch::TensorOptions& options,
+                 torch::Tensor shared_weight = {});
 
   /// x: [..., in] -> [..., out]
   torch::Tensor forward(const torch::Tensor& x);

@@ -17,8 +17,8 @@ struct AdapterSettings {
   double dropout = 0.0;
   bool use_rslora = false;
   std::vector<std::string> targets;  // projection kinds: "q_proj", ...
-  int64_t n = 3;              // multilora: parallel modules per projection
-  bool vector_scale = true;   // multilora: a scale per output channel, else one per module
+  int64_t n = 3;                     // multilora: parallel modules per projection
+  bool vector_scale = true;          // multilora: a scale per output channel, else one per module
 };
 
 /// An adapter as it goes to disk: adapter_config.json and the tensors of
@@ -33,12 +33,15 @@ struct AdapterSpec {
   std::string_view peft_type;  // adapter_config.json's peft_type
   std::string_view summary;
   /// Attaches a saved adapter: its parsed adapter_config.json and its tensors.
-  void (*attach_saved)(const nlohmann::json& config, const TensorMap& weights,
-                       const Projections& projections, const std::string& where);
+  void (*attach_saved)(const nlohmann::json& config,
+                       const TensorMap& weights,
+                       const Projections& projections,
+                       const std::string& where);
   /// Attaches freshly initialised adapters to the projections the settings target.
   void (*attach_new)(const AdapterSettings& settings, const Projections& projections);
   /// The attached adapters in their on-disk form.
-  SavedAdapter (*save)(const AdapterSettings& settings, const Projections& projections,
+  SavedAdapter (*save)(const AdapterSettings& settings,
+                       const Projections& projections,
                        const std::string& base_model);
 };
 

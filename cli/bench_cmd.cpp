@@ -11,30 +11,41 @@ namespace lorafit::cli {
 Action add_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   auto json = std::make_shared<bool>(false);
-  auto* cmd = app.add_subcommand("bench", "time training steps on a built-in shape or a checkpoint");
+  auto* cmd =
+      app.add_subcommand("bench", "time training steps on a built-in shape or a checkpoint");
   auto* shape = cmd->add_option("--shape", o->shape, "random weights of a built-in shape")
                     ->check(CLI::IsMember({"tiny", "llama-1b", "llama2-7b", "llama3-8b"}));
   auto* model = cmd->add_option("--model", o->model, "a Hugging Face model folder instead");
   shape->excludes(model);
   cmd->add_option("--seq", o->seq, "tokens per sequence")->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--batch", o->batch, "sequences per step")->check(CLI::PositiveNumber);
-  cmd->add_option("--set", o->overrides, "recipe keys: --set adapter.r=8 --set train.gradient_checkpointing=true");
-  cmd->add_option("--device", o->device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_option("--set", o->overrides,
+                  "recipe keys: --set adapter.r=8 --set train.gradient_checkpointing=true");
+  cmd->add_option("--device", o->device, "auto | cpu | cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--steps", o->steps, "timed steps")->check(CLI::PositiveNumber);
-  cmd->add_option("--warmup", o->warmup_steps, "untimed steps first")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--warmup", o->warmup_steps, "untimed steps first")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--json", *json, "print the result as JSON");
   return [o, json, shape, model] {
     if (shape->count() == 0 && model->count() == 0) o->shape = "tiny";
     const auto r = run_bench(*o);
     if (*json) {
-      fmt::print("{}\n", nlohmann::json{{"tokens_per_s", r.tokens_per_s}, {"step_ms", r.step_ms},
-                                        {"peak_mem_gib", r.peak_mem_gib}, {"mfu", r.mfu},
-                                        {"loss", r.loss}, {"trainable_params", r.trainable_params},
-                                        {"device", r.device}, {"seq", o->seq}, {"batch", o->batch}}
+      fmt::print("{}\n", nlohmann::json{{"tokens_per_s", r.tokens_per_s},
+                                        {"step_ms", r.step_ms},
+                                        {"peak_mem_gib", r.peak_mem_gib},
+                                        {"mfu", r.mfu},
+                                        {"loss", r.loss},
+                                        {"trainable_params", r.trainable_params},
+                                        {"device", r.device},
+                                        {"seq", o->seq},
+                                        {"batch", o->batch}}
                              .dump());
     } else {
-      fmt::print("{:.0f} tokens/s  {:.1f} ms/step  peak {:.2f} GiB  MFU {:.3f}  loss {:.4f}  ({} trainable, {})\n",
-                 r.tokens_per_s, r.step_ms, r.peak_mem_gib, r.mfu, r.loss, r.trainable_params, r.device);
+      fmt::print(
+          "{:.0f} tokens/s  {:.1f} ms/step  peak {:.2f} GiB  MFU {:.3f}  loss {:.4f}  ({} "
+          "trainable, {})\n",
+          r.tokens_per_s, r.step_ms, r.peak_mem_gib, r.mfu, r.loss, r.trainable_params, r.device);
     }
   };
 }

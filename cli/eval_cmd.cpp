@@ -28,12 +28,13 @@ void run_eval(const EvalOptions& o) {
   const auto seqs = eval_sequences(records, tokenizer, model->config.bos_token_id, max_len);
   const auto result = evaluate(model, seqs, o.batch_size);
   if (result.tokens == 0) {
-    throw Error("dataset '" + o.data + "' has no token to score (every record is empty, or "
+    throw Error("dataset '" + o.data +
+                "' has no token to score (every record is empty, or "
                 "--max-seq-len is 1)");
   }
   if (o.json) {
-    nlohmann::json j = {{"loss", result.loss}, {"perplexity", result.perplexity()},
-                        {"tokens", result.tokens}};
+    nlohmann::json j = {
+        {"loss", result.loss}, {"perplexity", result.perplexity()}, {"tokens", result.tokens}};
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("loss {:.6f}  perplexity {:.4f}  tokens {}\n", result.loss, result.perplexity(),

@@ -41,7 +41,8 @@ Action add_generate(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--temperature", o->options.temperature, "0 for greedy decoding")
       ->check(CLI::Range(0.0, 100.0));
-  cmd->add_option("--top-p", o->options.top_p, "nucleus sampling threshold")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--top-p", o->options.top_p, "nucleus sampling threshold")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->options.seed, "sampling seed");
   return [o] { run_generate(*o); };
 }

@@ -8,8 +8,10 @@ namespace lorafit::cli {
 void add_model_options(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model", o.model, "Hugging Face model folder")->required();
   cmd->add_option("--adapter", o.adapter, "adapter folder (PEFT format), applied unmerged");
-  cmd->add_option("--device", o.device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  cmd->add_option("--dtype", o.dtype, "base weights: auto (bf16 on cuda, f32 on cpu) | bf16 | f16 | f32")
+  cmd->add_option("--device", o.device, "auto | cpu | cuda")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_option("--dtype", o.dtype,
+                  "base weights: auto (bf16 on cuda, f32 on cpu) | bf16 | f16 | f32")
       ->check(CLI::IsMember({"auto", "bf16", "f16", "f32"}));
 }
 

@@ -30,7 +30,8 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
     throw ConfigError("'" + config_path.string() + "' has no \"peft_type\" string");
   }
   if (!fs::exists(weights_path)) {
-    throw IoError("'" + weights_path.string() + "' is missing (hint: lorafit reads adapters saved "
+    throw IoError("'" + weights_path.string() +
+                  "' is missing (hint: lorafit reads adapters saved "
                   "as safetensors, PEFT's default)");
   }
   const std::string peft_type = config["peft_type"];
@@ -40,7 +41,8 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
   for (const auto& e : file.header().entries) {
     if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
       throw ModelMismatchError("adapter tensor '" + e.name + "' in '" + weights_path.string() +
-                               "' has dtype " + st_dtype_name(e.dtype) + ", expected F32, F16 or BF16");
+                               "' has dtype " + st_dtype_name(e.dtype) +
+                               ", expected F32, F16 or BF16");
     }
     weights[e.name] = file.tensor(e.name);
   }
@@ -51,8 +53,11 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
 
 namespace lorafit {
 
-void save_adapter(const std::string& dir, const AdapterSpec& spec, const AdapterSettings& settings,
-                  LlamaForCausalLM& model, const std::string& base_model) {
+void save_adapter(const std::string& dir,
+                  const AdapterSpec& spec,
+                  const AdapterSettings& settings,
+                  LlamaForCausalLM& model,
+                  const std::string& base_model) {
   fs::create_directories(dir);
   const auto saved = spec.save(settings, model->projections(), base_model);
   save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), saved.tensors);

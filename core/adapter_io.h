@@ -14,8 +14,11 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model);
 
 /// Writes the model's attached adapters to `dir` (created if needed) as adapter_config.json
 /// and adapter_model.safetensors, each through a temporary name.
-void save_adapter(const std::string& dir, const AdapterSpec& spec, const AdapterSettings& settings,
-                  LlamaForCausalLM& model, const std::string& base_model);
+void save_adapter(const std::string& dir,
+                  const AdapterSpec& spec,
+                  const AdapterSettings& settings,
+                  LlamaForCausalLM& model,
+                  const std::string& base_model);
 
 /// The one place that decides what trains: adapter parameters train, the base never does.
 /// Returns the trainable tensors in model order.

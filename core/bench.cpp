@@ -21,7 +21,8 @@ constexpr double kPeakFlops = 798e12;
 double flops_per_token(const LlamaForCausalLM& model, int64_t seq, bool checkpointing) {
   const auto& c = model->config;
   double matmul = 0;
-  for (const auto& p : model->projections()) matmul += static_cast<double>(p->in_features) * p->out_features;
+  for (const auto& p : model->projections())
+    matmul += static_cast<double>(p->in_features) * p->out_features;
   matmul += static_cast<double>(c.hidden_size) * c.vocab_size;  // the head
   const double attn = 2.0 * seq * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
   return (checkpointing ? 6 : 4) * matmul + (checkpointing ? 4 : 3) * attn;
@@ -45,14 +46,16 @@ BenchResult run_bench(const BenchOptions& o) {
   const auto& spec = find_adapter(recipe.adapter.type);
   spec.attach_new(adapter_settings(recipe.adapter), model->projections());
   const auto params = trainable_parameters(model);
-  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(recipe.train.lr).weight_decay(0.0));
+  torch::optim::AdamW optimizer(params,
+                                torch::optim::AdamWOptions(recipe.train.lr).weight_decay(0.0));
   model->train();
 
   const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
   std::vector<Batch> batches;
   for (int64_t done = 0; done < o.batch; done += micro) {
     const auto n = std::min(micro, o.batch - done);
-    auto ids = torch::randint(0, model->config.vocab_size, {n, o.seq}, torch::dtype(torch::kInt64).device(device));
+    auto ids = torch::randint(0, model->config.vocab_size, {n, o.seq},
+                              torch::dtype(torch::kInt64).device(device));
     batches.push_back({ids, ids, n * o.seq});
   }
   const int64_t targets = o.batch * (o.seq - 1);
@@ -67,13 +70,15 @@ BenchResult run_bench(const BenchOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) step();
   compat::synchronize(device);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
   r.step_ms = secs / o.steps * 1e3;
   r.tokens_per_s = static_cast<double>(o.batch * o.seq * o.steps) / secs;
   r.peak_mem_gib = compat::peak_memory_gib(device);
   r.mfu = device.is_cuda()
-              ? r.tokens_per_s * flops_per_token(model, o.seq, recipe.train.gradient_checkpointing) / kPeakFlops
+              ? r.tokens_per_s *
+                    flops_per_token(model, o.seq, recipe.train.gradient_checkpointing) / kPeakFlops
               : 0.0;
   for (const auto& p : params) r.trainable_params += p.numel();
   r.device = device.str();

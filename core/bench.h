@@ -22,7 +22,7 @@ struct BenchResult {
   double tokens_per_s = 0;
   double step_ms = 0;
   double peak_mem_gib = 0;
-  double mfu = 0;  // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU
+  double mfu = 0;   // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU
   double loss = 0;  // of the last step, to show the run is sane
   int64_t trainable_params = 0;
   std::string device;

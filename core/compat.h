@@ -1,10 +1,10 @@
 // The one place where LibTorch 1.13 (Debian, CPU) and LibTorch 2.x (CUDA) differ for lorafit.
 #pragma once
 
-#include <torch/torch.h>
-#include <torch/version.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <sys/resource.h>
+#include <torch/torch.h>
+#include <torch/version.h>
 #ifdef LORAFIT_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -27,31 +27,38 @@ inline torch::Tensor repeat_kv(const torch::Tensor& x, int64_t heads) {
 /// Causal self-attention with grouped KV heads, where query i sits at position offset + i and
 /// sees keys 0 .. offset + i (the keys before it are a KV cache).
 /// q: [B, H, Tq, D], k, v: [B, KV, Tk, D] with Tk = offset + Tq; returns [B, H, Tq, D].
-inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
-                                      const torch::Tensor& v, double scale, int64_t offset = 0) {
+inline torch::Tensor causal_attention(const torch::Tensor& q,
+                                      const torch::Tensor& k,
+                                      const torch::Tensor& v,
+                                      double scale,
+                                      int64_t offset = 0) {
   const auto heads = q.size(1), tq = q.size(-2), tk = k.size(-2);
   // SDPA's is_causal aligns queries with the first keys, right only when there is no cache; a
   // single new query sees every key and needs no mask; anything else gets an explicit one.
   torch::Tensor mask;  // [Tq, Tk] bool, true where attending is allowed
   if (offset > 0 && tq > 1) {
     auto qpos = torch::arange(offset, offset + tq, torch::dtype(torch::kInt64).device(q.device()));
-    mask = qpos.unsqueeze(1) >= torch::arange(tk, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0);
+    mask = qpos.unsqueeze(1) >=
+           torch::arange(tk, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0);
   }
   const bool causal = offset == 0 && tq > 1;
 #if TORCH_VERSION_MAJOR >= 2
   // SDPA picks flash attention on CUDA for bf16/f16. Flash alone reads grouped KV heads in
   // place (enable_gqa); any other backend would fall back to the slow math kernel with it, so
   // the heads are expanded there instead.
-  const bool flash_gqa = k.size(1) != heads && q.is_cuda() && !mask.defined() && q.size(-1) <= 256 &&
-                         (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16);
+  const bool flash_gqa =
+      k.size(1) != heads && q.is_cuda() && !mask.defined() && q.size(-1) <= 256 &&
+      (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16);
   const auto kk = flash_gqa ? k : repeat_kv(k, heads), vv = flash_gqa ? v : repeat_kv(v, heads);
-  return at::scaled_dot_product_attention(q, kk, vv, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
-                                          /*dropout_p=*/0.0, causal, scale, flash_gqa);
+  return at::scaled_dot_product_attention(
+      q, kk, vv, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
+      /*dropout_p=*/0.0, causal, scale, flash_gqa);
 #else
   // LibTorch 1.13 has no public SDPA: the math path SDPA itself falls back to.
   auto scores = torch::matmul(q, repeat_kv(k, heads).transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
   if (causal) mask = torch::ones({tq, tk}, torch::dtype(torch::kBool).device(q.device())).tril();
-  if (mask.defined()) scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  if (mask.defined())
+    scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
   return torch::matmul(torch::softmax(scores, -1), repeat_kv(v, heads));
 #endif
 }
@@ -99,7 +106,8 @@ inline void set_rng_state(torch::Device device, const torch::Tensor& state) {
 inline double peak_memory_gib(torch::Device device) {
 #ifdef LORAFIT_WITH_CUDA
   if (device.is_cuda()) {
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    const auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
     return static_cast<double>(stats.allocated_bytes[0].peak) / (1 << 30);  // [0]: all pools
   }
 #endif
@@ -110,7 +118,8 @@ inline double peak_memory_gib(torch::Device device) {
 
 inline void reset_peak_memory(torch::Device device) {
 #ifdef LORAFIT_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+  if (device.is_cuda())
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
 #endif
 }
 
@@ -126,7 +135,8 @@ inline void synchronize(torch::Device device) {
 inline void remove_tree(const std::filesystem::path& path) {
   std::error_code ec;
   if (std::filesystem::is_directory(std::filesystem::symlink_status(path, ec))) {
-    for (const auto& entry : std::filesystem::directory_iterator(path, ec)) remove_tree(entry.path());
+    for (const auto& entry : std::filesystem::directory_iterator(path, ec))
+      remove_tree(entry.path());
   }
   std::filesystem::remove(path, ec);
 }

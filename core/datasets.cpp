@@ -32,7 +32,8 @@ const std::string& string_field(const JsonRecord& r, const char* key, bool optio
   return it->get_ref<const std::string&>();
 }
 
-std::vector<Example> text_examples(const std::vector<JsonRecord>& records, const Tokenizer& tok,
+std::vector<Example> text_examples(const std::vector<JsonRecord>& records,
+                                   const Tokenizer& tok,
                                    const DatasetOptions& o) {
   std::vector<Example> docs;
   for (const auto& r : records) {
@@ -67,7 +68,9 @@ std::vector<Example> text_examples(const std::vector<JsonRecord>& records, const
 Example alpaca_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOptions& o) {
   Example ex;
   append(ex, {o.bos}, false);
-  append(ex, tok.encode(alpaca_prompt(string_field(r, "instruction"), string_field(r, "input", true))), false);
+  append(ex,
+         tok.encode(alpaca_prompt(string_field(r, "instruction"), string_field(r, "input", true))),
+         false);
   append(ex, tok.encode(string_field(r, "output")), true);
   append(ex, {o.eos}, true);
   return ex;
@@ -93,7 +96,8 @@ Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOpt
   Example ex;
   for (; i < turns.size(); i += 2) {
     if (turns[i].first != "user" || i + 1 >= turns.size() || turns[i + 1].first != "assistant") {
-      throw IoError(r.where + ": messages must be an optional system message, then user and "
+      throw IoError(r.where +
+                    ": messages must be an optional system message, then user and "
                     "assistant turns in alternation, ending with an assistant turn");
     }
     std::string user = turns[i].second;
@@ -111,7 +115,8 @@ Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOpt
 
 Example tokens_example(const JsonRecord& r, const DatasetOptions& o) {
   auto ids = r.value.is_object() ? r.value.find("input_ids") : r.value.end();
-  if (ids == r.value.end() || !ids->is_array()) throw IoError(r.where + ": expected an \"input_ids\" list");
+  if (ids == r.value.end() || !ids->is_array())
+    throw IoError(r.where + ": expected an \"input_ids\" list");
   Example ex;
   for (const auto& v : *ids) {
     if (!v.is_number_integer()) throw IoError(r.where + ": \"input_ids\" must hold integers");
@@ -137,14 +142,18 @@ Example tokens_example(const JsonRecord& r, const DatasetOptions& o) {
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
   if (input.empty()) {
     return "Below is an instruction that describes a task. Write a response that appropriately "
-           "completes the request.\n\n### Instruction:\n" + instruction + "\n\n### Response:\n";
+           "completes the request.\n\n### Instruction:\n" +
+           instruction + "\n\n### Response:\n";
   }
-  return "Below is an instruction that describes a task, paired with an input that provides further "
-         "context. Write a response that appropriately completes the request.\n\n### Instruction:\n" +
+  return "Below is an instruction that describes a task, paired with an input that provides "
+         "further "
+         "context. Write a response that appropriately completes the request.\n\n### "
+         "Instruction:\n" +
          instruction + "\n\n### Input:\n" + input + "\n\n### Response:\n";
 }
 
-std::vector<Example> load_examples(const std::string& path, const Tokenizer& tokenizer,
+std::vector<Example> load_examples(const std::string& path,
+                                   const Tokenizer& tokenizer,
                                    const DatasetOptions& o) {
   const auto records = read_json_records(path);
   std::vector<Example> out;
@@ -157,8 +166,8 @@ std::vector<Example> load_examples(const std::string& path, const Tokenizer& tok
                                         : tokens_example(r, o);
       for (int64_t id : ex.input_ids) {
         if (id < 0 || (o.vocab_size > 0 && id >= o.vocab_size)) {
-          throw IoError(r.where + ": token id " + std::to_string(id) + " is outside the vocabulary of " +
-                        std::to_string(o.vocab_size));
+          throw IoError(r.where + ": token id " + std::to_string(id) +
+                        " is outside the vocabulary of " + std::to_string(o.vocab_size));
         }
       }
       if (static_cast<int64_t>(ex.input_ids.size()) > o.max_seq_len) {

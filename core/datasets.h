@@ -34,7 +34,8 @@ struct DatasetOptions {
 };
 
 /// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line.
-std::vector<Example> load_examples(const std::string& path, const Tokenizer& tokenizer,
+std::vector<Example> load_examples(const std::string& path,
+                                   const Tokenizer& tokenizer,
                                    const DatasetOptions& options);
 
 /// The prompt Stanford Alpaca trains with (its "input" variant when input is non-empty).

@@ -14,7 +14,8 @@ inline torch::Device pick_device(const std::string& name) {
   if (name == "cpu") return torch::kCPU;
   if (name == "cuda") {
     if (!torch::cuda::is_available()) {
-      throw ConfigError("--device cuda: no CUDA device is visible to LibTorch (hint: --device cpu)");
+      throw ConfigError(
+          "--device cuda: no CUDA device is visible to LibTorch (hint: --device cpu)");
     }
     return torch::kCUDA;
   }

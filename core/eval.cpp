@@ -13,7 +13,8 @@ constexpr int64_t kLogitRowsPerChunk = 2048;
 }  // namespace
 
 std::vector<std::vector<int64_t>> eval_sequences(const std::vector<TextRecord>& records,
-                                                 const Tokenizer& tokenizer, int64_t bos,
+                                                 const Tokenizer& tokenizer,
+                                                 int64_t bos,
                                                  int64_t max_seq_len) {
   std::vector<std::vector<int64_t>> out;
   out.reserve(records.size());
@@ -41,12 +42,15 @@ torch::Dtype softmax_dtype(const torch::Tensor& weight) {
 // nothing is recomputed. Logits are computed in the weight's dtype and softmaxed in fp32, as
 // transformers does.
 struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor hidden /*[N, C]*/,
-                               torch::Tensor weight /*[V, C]*/, torch::Tensor targets /*[N]*/) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
+                               torch::Tensor hidden /*[N, C]*/,
+                               torch::Tensor weight /*[V, C]*/,
+                               torch::Tensor targets /*[N]*/) {
     const auto acc = softmax_dtype(weight);
     const bool want_h = hidden.requires_grad(), want_w = weight.requires_grad();
-    torch::Tensor grad_hidden = want_h ? torch::empty_like(hidden) : torch::Tensor();       // [N, C]
-    torch::Tensor grad_weight = want_w ? torch::zeros_like(weight, acc) : torch::Tensor();  // [V, C]
+    torch::Tensor grad_hidden = want_h ? torch::empty_like(hidden) : torch::Tensor();  // [N, C]
+    torch::Tensor grad_weight =
+        want_w ? torch::zeros_like(weight, acc) : torch::Tensor();  // [V, C]
     auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
     for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
       const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
@@ -63,7 +67,8 @@ struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
       if (want_h) grad_hidden.narrow(0, start, n).copy_(d.matmul(weight));
       if (want_w) grad_weight += d.t().matmul(h).to(acc);
     }
-    ctx->save_for_backward({grad_hidden, want_w ? grad_weight.to(weight.scalar_type()) : grad_weight});
+    ctx->save_for_backward(
+        {grad_hidden, want_w ? grad_weight.to(weight.scalar_type()) : grad_weight});
     return total;
   }
 
@@ -83,7 +88,8 @@ struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
 
 }  // namespace
 
-torch::Tensor target_log_prob_sum(LlamaForCausalLM& model, const torch::Tensor& hidden,
+torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
+                                  const torch::Tensor& hidden,
                                   const torch::Tensor& targets) {
   // The head is never an adapter target (projections() lists the seven per layer), so its
   // weight is the whole head.
@@ -91,7 +97,8 @@ torch::Tensor target_log_prob_sum(LlamaForCausalLM& model, const torch::Tensor& 
   return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
 }
 
-EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64_t>>& sequences,
+EvalResult evaluate(LlamaForCausalLM& model,
+                    const std::vector<std::vector<int64_t>>& sequences,
                     int64_t batch_size) {
   torch::NoGradGuard no_grad;
   model->eval();
@@ -101,9 +108,8 @@ EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64
   // Longest first, so each batch pads little.
   std::vector<size_t> order(sequences.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return sequences[a].size() > sequences[b].size();
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return sequences[a].size() > sequences[b].size(); });
 
   double nll = 0;
   int64_t scored = 0;
@@ -118,8 +124,9 @@ EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64
       const auto& seq = sequences[order[start + i]];
       for (size_t j = 0; j < seq.size(); ++j) {
         if (seq[j] < 0 || seq[j] >= vocab) {
-          throw Error("token id " + std::to_string(seq[j]) + " is outside the model's vocabulary of " +
-                      std::to_string(vocab) + " (hint: the tokenizer does not belong to this model)");
+          throw Error("token id " + std::to_string(seq[j]) +
+                      " is outside the model's vocabulary of " + std::to_string(vocab) +
+                      " (hint: the tokenizer does not belong to this model)");
         }
         ids_host[i * t + j] = seq[j];
         mask_host[i * t + j] = j + 1 < seq.size();  // this position predicts a real token
@@ -128,9 +135,9 @@ EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64
     auto ids = torch::from_blob(ids_host.data(), {b, t}, torch::kInt64).to(device);  // [B, T]
     auto scored_mask =
         torch::from_blob(mask_host.data(), {b, t}, torch::kUInt8).to(device).to(torch::kBool);
-    auto hidden = model->forward(ids);  // [B, T, C]
-    auto next = torch::roll(ids, -1, 1);  // [B, T]: the token each position predicts
-    auto rows = hidden.index({scored_mask});  // [N, C]
+    auto hidden = model->forward(ids);         // [B, T, C]
+    auto next = torch::roll(ids, -1, 1);       // [B, T]: the token each position predicts
+    auto rows = hidden.index({scored_mask});   // [N, C]
     auto targets = next.index({scored_mask});  // [N]
     nll -= target_log_prob_sum(model, rows, targets).item<double>();
     scored += targets.size(0);

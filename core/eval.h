@@ -20,19 +20,22 @@ struct EvalResult {
 
 /// BOS + encode(text), cut to max_seq_len tokens, for each record.
 std::vector<std::vector<int64_t>> eval_sequences(const std::vector<TextRecord>& records,
-                                                 const Tokenizer& tokenizer, int64_t bos,
+                                                 const Tokenizer& tokenizer,
+                                                 int64_t bos,
                                                  int64_t max_seq_len);
 
 /// Scores the sequences in batches of `batch_size` (right-padded; causal attention keeps the
 /// padding from reaching real tokens).
-EvalResult evaluate(LlamaForCausalLM& model, const std::vector<std::vector<int64_t>>& sequences,
+EvalResult evaluate(LlamaForCausalLM& model,
+                    const std::vector<std::vector<int64_t>>& sequences,
                     int64_t batch_size);
 
 /// Sum of log p(targets[i] | hidden[i]) over rows, computing the head's logits a chunk of rows
 /// at a time so fp32 logits never exist for all rows at once; differentiable with respect to
 /// hidden (its gradient is computed in the same pass).
 /// hidden: [N, C], targets: [N] -> f64 scalar.
-torch::Tensor target_log_prob_sum(LlamaForCausalLM& model, const torch::Tensor& hidden,
+torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
+                                  const torch::Tensor& hidden,
                                   const torch::Tensor& targets);
 
 }  // namespace lorafit

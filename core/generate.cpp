@@ -18,7 +18,8 @@ int64_t pick_token(const torch::Tensor& logits, const GenerateOptions& o, torch:
   return torch::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
 }
 
-std::vector<int64_t> generate(LlamaForCausalLM& model, const std::vector<int64_t>& prompt,
+std::vector<int64_t> generate(LlamaForCausalLM& model,
+                              const std::vector<int64_t>& prompt,
                               const GenerateOptions& o) {
   torch::NoGradGuard no_grad;
   model->eval();

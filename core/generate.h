@@ -17,12 +17,15 @@ struct GenerateOptions {
 };
 
 /// New token ids after `prompt` (which includes BOS).
-std::vector<int64_t> generate(LlamaForCausalLM& model, const std::vector<int64_t>& prompt,
+std::vector<int64_t> generate(LlamaForCausalLM& model,
+                              const std::vector<int64_t>& prompt,
                               const GenerateOptions& options);
 
 /// The token to emit from next-token logits [V]: argmax at temperature 0, else a sample from
 /// softmax(logits / temperature) restricted to the smallest set of tokens whose probability
 /// reaches top_p.
-int64_t pick_token(const torch::Tensor& logits, const GenerateOptions& options, torch::Generator& gen);
+int64_t pick_token(const torch::Tensor& logits,
+                   const GenerateOptions& options,
+                   torch::Generator& gen);
 
 }  // namespace lorafit

@@ -30,8 +30,8 @@ struct Reader {
       return fallback;
     }
     if (!v->is_number_integer() || v->get<int64_t>() < min) {
-      problems.push_back("'" + std::string(key) + "' must be an integer >= " +
-                         std::to_string(min) + ", got " + v->dump());
+      problems.push_back("'" + std::string(key) + "' must be an integer >= " + std::to_string(min) +
+                         ", got " + v->dump());
       return fallback;
     }
     return v->get<int64_t>();
@@ -97,9 +97,9 @@ RopeConfig parse_rope(Reader& r) {
   if (rope.type == RopeType::Llama3) {
     rope.low_freq_factor = r.number(*block, prefix, "low_freq_factor", rope.low_freq_factor);
     rope.high_freq_factor = r.number(*block, prefix, "high_freq_factor", rope.high_freq_factor);
-    rope.original_max_position_embeddings = static_cast<int64_t>(
-        r.number(*block, prefix, "original_max_position_embeddings",
-                 static_cast<double>(rope.original_max_position_embeddings)));
+    rope.original_max_position_embeddings =
+        static_cast<int64_t>(r.number(*block, prefix, "original_max_position_embeddings",
+                                      static_cast<double>(rope.original_max_position_embeddings)));
     if (rope.high_freq_factor <= rope.low_freq_factor) {
       r.problems.push_back("'" + prefix + "high_freq_factor' must exceed low_freq_factor");
     }
@@ -145,7 +145,8 @@ LlamaConfig parse_llama_config(const std::string& json_text, const std::string& 
   }
   for (const char* key : {"attention_bias", "mlp_bias"}) {
     if (r.boolean(key, false)) {
-      r.problems.push_back("'" + std::string(key) + "' is true; lorafit supports bias-free LLaMA only");
+      r.problems.push_back("'" + std::string(key) +
+                           "' is true; lorafit supports bias-free LLaMA only");
     }
   }
   if (const json* act = r.find(j, "hidden_act"); act && *act != "silu") {
@@ -162,7 +163,8 @@ LlamaConfig parse_llama_config(const std::string& json_text, const std::string& 
   c.num_attention_heads = r.integer("num_attention_heads", 1, true);
   c.num_key_value_heads = r.integer("num_key_value_heads", c.num_attention_heads, false);
   c.vocab_size = r.integer("vocab_size", 0, true);
-  c.max_position_embeddings = r.integer("max_position_embeddings", c.max_position_embeddings, false);
+  c.max_position_embeddings =
+      r.integer("max_position_embeddings", c.max_position_embeddings, false);
   c.rms_norm_eps = r.number(j, "", "rms_norm_eps", c.rms_norm_eps);
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", c.tie_word_embeddings);
   c.bos_token_id = token_ids(r, "bos_token_id", {c.bos_token_id}).front();
@@ -179,8 +181,9 @@ LlamaConfig parse_llama_config(const std::string& json_text, const std::string& 
   c.head_dim = r.integer("head_dim", 0, false);
   if (!has_head_dim && c.num_attention_heads > 0) {
     if (c.hidden_size % c.num_attention_heads != 0) {
-      r.problems.push_back("'hidden_size' must be a multiple of 'num_attention_heads' when "
-                           "'head_dim' is absent");
+      r.problems.push_back(
+          "'hidden_size' must be a multiple of 'num_attention_heads' when "
+          "'head_dim' is absent");
     }
     c.head_dim = c.hidden_size / c.num_attention_heads;
   }

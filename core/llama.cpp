@@ -16,7 +16,9 @@ namespace {
 // Threads that copy checkpoint tensors to the model while loading.
 constexpr size_t kLoadThreads = 8;
 
-torch::Tensor frozen(torch::nn::Module& m, const char* name, torch::IntArrayRef shape,
+torch::Tensor frozen(torch::nn::Module& m,
+                     const char* name,
+                     torch::IntArrayRef shape,
                      const torch::TensorOptions& o) {
   return m.register_parameter(name, torch::empty(shape, o), /*requires_grad=*/false);
 }
@@ -30,7 +32,9 @@ torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& rope) {
 
 // Python's `scalar / tensor` is `tensor.reciprocal() * scalar`; matching it keeps RoPE
 // frequencies bit-identical to transformers'.
-torch::Tensor rdiv(double scalar, const torch::Tensor& t) { return t.reciprocal() * scalar; }
+torch::Tensor rdiv(double scalar, const torch::Tensor& t) {
+  return t.reciprocal() * scalar;
+}
 
 std::string shape_str(torch::IntArrayRef shape) {
   std::string s = "[";
@@ -58,17 +62,22 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
   return torch::embedding(weight, ids);
 }
 
-AttentionImpl::AttentionImpl(const LlamaConfig& c, const std::string& prefix,
+AttentionImpl::AttentionImpl(const LlamaConfig& c,
+                             const std::string& prefix,
                              const torch::TensorOptions& o)
     : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
   const auto hidden = c.hidden_size;
   q_proj = register_module("q_proj", Projection(prefix + ".q_proj", hidden, heads * head_dim, o));
-  k_proj = register_module("k_proj", Projection(prefix + ".k_proj", hidden, kv_heads * head_dim, o));
-  v_proj = register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv_heads * head_dim, o));
+  k_proj =
+      register_module("k_proj", Projection(prefix + ".k_proj", hidden, kv_heads * head_dim, o));
+  v_proj =
+      register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv_heads * head_dim, o));
   o_proj = register_module("o_proj", Projection(prefix + ".o_proj", heads * head_dim, hidden, o));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RopeTables& rope, KVCache* cache,
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
+                                     const RopeTables& rope,
+                                     KVCache* cache,
                                      size_t layer) {
   const auto b = x.size(0), t = x.size(1);
   auto q = q_proj(x).view({b, t, heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
@@ -87,7 +96,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RopeTables& r
     cache->k[layer] = k;
     cache->v[layer] = v;
   }
-  auto y = compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)), offset);
+  auto y =
+      compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)), offset);
   return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
 
@@ -102,7 +112,8 @@ torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
   return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
 }
 
-DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, int64_t index,
+DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c,
+                                   int64_t index,
                                    const torch::TensorOptions& o) {
   const std::string prefix = "model.layers." + std::to_string(index);
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
@@ -112,7 +123,9 @@ DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, int64_t index,
   mlp = register_module("mlp", Mlp(c, prefix + ".mlp", o));
 }
 
-torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h, const RopeTables& rope, KVCache* cache,
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
+                                        const RopeTables& rope,
+                                        KVCache* cache,
                                         size_t layer) {
   auto x = h + self_attn(input_layernorm(h), rope, cache, layer);
   return x + mlp(post_attention_layernorm(x));
@@ -148,16 +161,18 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c) {
   auto wavelen = rdiv(2 * M_PI, inv_freq);
   // Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
   auto scaled = torch::where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq);
-  auto smooth = (rdiv(old_len, wavelen) - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+  auto smooth =
+      (rdiv(old_len, wavelen) - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
   auto smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled;
   auto medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
   return torch::where(medium, smoothed, scaled);
 }
 
 RopeTables LlamaForCausalLMImpl::rope_tables(int64_t start, int64_t t, torch::Dtype dtype) const {
-  auto positions = torch::arange(start, start + t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
+  auto positions =
+      torch::arange(start, start + t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
   auto freqs = torch::outer(positions, inv_freq);  // [T, D/2]
-  auto emb = torch::cat({freqs, freqs}, -1);        // [T, D]
+  auto emb = torch::cat({freqs, freqs}, -1);       // [T, D]
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
@@ -167,8 +182,11 @@ namespace {
 // the backward runs the layer again with gradients on and back-propagates through it. The RNG
 // state is replayed so the recomputation draws the same dropout masks.
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor h, torch::Tensor cos,
-                               torch::Tensor sin, int64_t layer_address) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
+                               torch::Tensor h,
+                               torch::Tensor cos,
+                               torch::Tensor sin,
+                               int64_t layer_address) {
     ctx->save_for_backward({h, cos, sin});
     ctx->saved_data["layer"] = layer_address;
     ctx->saved_data["rng"] = compat::rng_state(h.device());
@@ -200,20 +218,24 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids, KVCache* c
   auto h = model->embed_tokens(ids);  // [B, T, C]
   const int64_t start = cache ? cache->length : 0;
   const auto rope = rope_tables(start, ids.size(1), h.scalar_type());
-  const bool checkpoint = checkpoint_layers && is_training() && torch::GradMode::is_enabled() && !cache;
+  const bool checkpoint =
+      checkpoint_layers && is_training() && torch::GradMode::is_enabled() && !cache;
   // A checkpointed layer's output needs grad only if an input does (its adapter's weights are
   // not inputs); with a frozen embedding, mark its output.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto* layer = model->layers[i]->as<DecoderLayerImpl>();
-    h = checkpoint ? CheckpointedLayer::apply(h, rope.cos, rope.sin, reinterpret_cast<int64_t>(layer))
-                   : layer->forward(h, rope, cache, i);
+    h = checkpoint
+            ? CheckpointedLayer::apply(h, rope.cos, rope.sin, reinterpret_cast<int64_t>(layer))
+            : layer->forward(h, rope, cache, i);
   }
   if (cache) cache->length += ids.size(1);
   return model->norm(h);
 }
 
-torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& hidden) { return lm_head(hidden); }
+torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& hidden) {
+  return lm_head(hidden);
+}
 
 Projections LlamaForCausalLMImpl::projections() const {
   Projections out;
@@ -221,8 +243,8 @@ Projections LlamaForCausalLMImpl::projections() const {
     auto* layer = m->as<DecoderLayerImpl>();
     const auto& a = layer->self_attn;
     const auto& f = layer->mlp;
-    for (const auto& p : {a->q_proj, a->k_proj, a->v_proj, a->o_proj, f->gate_proj, f->up_proj,
-                          f->down_proj}) {
+    for (const auto& p :
+         {a->q_proj, a->k_proj, a->v_proj, a->o_proj, f->gate_proj, f->up_proj, f->down_proj}) {
       out.push_back(p);
     }
   }
@@ -243,27 +265,34 @@ LlamaConfig builtin_shape(const std::string& name) {
   LlamaConfig c;
   c.rms_norm_eps = 1e-5;
   if (name == "tiny") {
-    c.hidden_size = 64, c.intermediate_size = 128, c.num_hidden_layers = 2, c.num_attention_heads = 4;
+    c.hidden_size = 64, c.intermediate_size = 128, c.num_hidden_layers = 2,
+    c.num_attention_heads = 4;
     c.num_key_value_heads = 2, c.head_dim = 16, c.vocab_size = 320, c.tie_word_embeddings = true;
   } else if (name == "llama-1b") {
-    c.hidden_size = 2048, c.intermediate_size = 8192, c.num_hidden_layers = 16, c.num_attention_heads = 32;
+    c.hidden_size = 2048, c.intermediate_size = 8192, c.num_hidden_layers = 16,
+    c.num_attention_heads = 32;
     c.num_key_value_heads = 8, c.head_dim = 64, c.vocab_size = 128256, c.tie_word_embeddings = true;
     c.rope = {RopeType::Llama3, 500000.0, 32.0, 1.0, 4.0, 8192};
   } else if (name == "llama2-7b") {
-    c.hidden_size = 4096, c.intermediate_size = 11008, c.num_hidden_layers = 32, c.num_attention_heads = 32;
+    c.hidden_size = 4096, c.intermediate_size = 11008, c.num_hidden_layers = 32,
+    c.num_attention_heads = 32;
     c.num_key_value_heads = 32, c.head_dim = 128, c.vocab_size = 32000;
   } else if (name == "llama3-8b") {
-    c.hidden_size = 4096, c.intermediate_size = 14336, c.num_hidden_layers = 32, c.num_attention_heads = 32;
+    c.hidden_size = 4096, c.intermediate_size = 14336, c.num_hidden_layers = 32,
+    c.num_attention_heads = 32;
     c.num_key_value_heads = 8, c.head_dim = 128, c.vocab_size = 128256;
     c.rope.theta = 500000.0;
   } else {
-    throw ConfigError("shape '" + name + "' is not built in (tiny, llama-1b, llama2-7b, llama3-8b)");
+    throw ConfigError("shape '" + name +
+                      "' is not built in (tiny, llama-1b, llama2-7b, llama3-8b)");
   }
   c.max_position_embeddings = 131072;
   return c;
 }
 
-LlamaForCausalLM random_llama(const LlamaConfig& config, torch::Device device, torch::Dtype dtype,
+LlamaForCausalLM random_llama(const LlamaConfig& config,
+                              torch::Device device,
+                              torch::Dtype dtype,
                               uint64_t seed) {
   LlamaForCausalLM model(config, torch::dtype(dtype).device(device));
   torch::NoGradGuard no_grad;
@@ -311,8 +340,8 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
     }
   }
   if (!problems.empty()) {
-    throw ModelMismatchError("checkpoint '" + dir + "' does not match its config.json: " +
-                             join_problems(problems) +
+    throw ModelMismatchError("checkpoint '" + dir +
+                             "' does not match its config.json: " + join_problems(problems) +
                              " (hint: is config.json from the same model as the weights?)");
   }
 

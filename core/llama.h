@@ -48,7 +48,9 @@ struct AttentionImpl : torch::nn::Module {
   AttentionImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
   /// x: [B, T, C] -> [B, T, C]. With a cache, x holds the positions after the cached ones,
   /// and this layer's keys and values are appended to it.
-  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope, KVCache* cache = nullptr,
+  torch::Tensor forward(const torch::Tensor& x,
+                        const RopeTables& rope,
+                        KVCache* cache = nullptr,
                         size_t layer = 0);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
@@ -68,7 +70,9 @@ TORCH_MODULE(Mlp);
 struct DecoderLayerImpl : torch::nn::Module {
   DecoderLayerImpl(const LlamaConfig& c, int64_t index, const torch::TensorOptions& o);
   /// h: [B, T, C] -> [B, T, C]
-  torch::Tensor forward(const torch::Tensor& h, const RopeTables& rope, KVCache* cache = nullptr,
+  torch::Tensor forward(const torch::Tensor& h,
+                        const RopeTables& rope,
+                        KVCache* cache = nullptr,
                         size_t layer = 0);
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
@@ -123,7 +127,9 @@ LlamaConfig builtin_shape(const std::string& name);
 
 /// A model with random weights (N(0, 0.02), norms 1, as transformers initialises), for
 /// benchmarks that need no checkpoint.
-LlamaForCausalLM random_llama(const LlamaConfig& config, torch::Device device, torch::Dtype dtype,
+LlamaForCausalLM random_llama(const LlamaConfig& config,
+                              torch::Device device,
+                              torch::Dtype dtype,
                               uint64_t seed);
 
 /// Builds the model from a Hugging Face folder (config.json + safetensors) onto `device` with

@@ -56,8 +56,8 @@ std::string loss_svg(const LossHistory& h) {
       << "<text x=\"" << kLeft << "\" y=\"18\" font-size=\"14\">loss</text>\n";
   for (int i = 0; i <= 4; ++i) {  // horizontal grid with loss values
     const double v = y_min + (y_max - y_min) * i / 4;
-    svg << "<line x1=\"" << kLeft << "\" x2=\"" << kLeft + pw << "\" y1=\"" << py(v) << "\" y2=\"" << py(v)
-        << "\" stroke=\"#ddd\"/><text x=\"" << kLeft - 6 << "\" y=\"" << py(v) + 4
+    svg << "<line x1=\"" << kLeft << "\" x2=\"" << kLeft + pw << "\" y1=\"" << py(v) << "\" y2=\""
+        << py(v) << "\" stroke=\"#ddd\"/><text x=\"" << kLeft - 6 << "\" y=\"" << py(v) + 4
         << "\" text-anchor=\"end\">" << fmt(v) << "</text>\n";
   }
   for (int i = 0; i <= 4; ++i) {  // step ticks
@@ -65,7 +65,8 @@ std::string loss_svg(const LossHistory& h) {
     svg << "<text x=\"" << px(step) << "\" y=\"" << kTop + ph + 16 << "\" text-anchor=\"middle\">"
         << fmt(std::round(step)) << "</text>\n";
   }
-  svg << "<text x=\"" << kLeft + pw / 2 << "\" y=\"" << kHeight - 8 << "\" text-anchor=\"middle\">step</text>\n";
+  svg << "<text x=\"" << kLeft + pw / 2 << "\" y=\"" << kHeight - 8
+      << "\" text-anchor=\"middle\">step</text>\n";
   const std::pair<const std::vector<std::pair<int64_t, double>>*, const char*> series[] = {
       {&h.train, "#1f77b4"}, {&h.valid, "#d62728"}};
   for (const auto& [points, color] : series) {
@@ -75,7 +76,8 @@ std::string loss_svg(const LossHistory& h) {
     svg << "\"/>\n";
   }
   svg << "<text x=\"" << kLeft + pw - 150 << "\" y=\"18\" fill=\"#1f77b4\">train</text>"
-      << "<text x=\"" << kLeft + pw - 90 << "\" y=\"18\" fill=\"#d62728\">validation</text>\n</svg>\n";
+      << "<text x=\"" << kLeft + pw - 90
+      << "\" y=\"18\" fill=\"#d62728\">validation</text>\n</svg>\n";
   return svg.str();
 }
 

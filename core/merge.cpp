@@ -40,7 +40,8 @@ const char* hf_dtype_name(torch::Dtype d) {
 
 void merge_adapter(const MergeOptions& o) {
   if (fs::exists(o.out)) {
-    throw IoError("--out '" + o.out + "' already exists (hint: choose a new folder; merge never "
+    throw IoError("--out '" + o.out +
+                  "' already exists (hint: choose a new folder; merge never "
                   "overwrites)");
   }
   const auto dtype = output_dtype(o.dtype, o.model);
@@ -52,7 +53,8 @@ void merge_adapter(const MergeOptions& o) {
     if (!p->adapter) continue;
     const auto delta = p->adapter->merged_delta();  // [out, in] fp32
     if (!delta.defined()) {
-      throw ConfigError("adapter '" + o.adapter + "' cannot be merged into a dense checkpoint "
+      throw ConfigError("adapter '" + o.adapter +
+                        "' cannot be merged into a dense checkpoint "
                         "(hint: use it unmerged with --adapter)");
     }
     p->weight.add_(delta);

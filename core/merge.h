@@ -6,9 +6,9 @@
 namespace lorafit {
 
 struct MergeOptions {
-  std::string model;    // base model folder
-  std::string adapter;  // adapter folder
-  std::string out;      // new model folder; must not exist yet
+  std::string model;           // base model folder
+  std::string adapter;         // adapter folder
+  std::string out;             // new model folder; must not exist yet
   std::string dtype = "auto";  // bf16 | f16 | f32 | auto (the base checkpoint's)
 };
 

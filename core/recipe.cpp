@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
-#include <optional>
 #include <iostream>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -20,7 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const std::vector<std::string> kProjections = {"q_proj", "k_proj", "v_proj", "o_proj",
+const std::vector<std::string> kProjections = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                "gate_proj", "up_proj", "down_proj"};
 
 // What a field accepts beyond its type.
@@ -169,7 +169,8 @@ struct Reader {
       return true;
     }
     if (!n.IsSequence()) {
-      problems.push_back("'" + std::string(key) + "' must be a list of module names or all-linear" + where(n));
+      problems.push_back("'" + std::string(key) + "' must be a list of module names or all-linear" +
+                         where(n));
       return false;
     }
     value.clear();
@@ -185,10 +186,10 @@ struct Reader {
 
   template <class T>
   bool read(const char* key, const YAML::Node& n, T& value) {
-    const char* expected = std::is_same_v<T, bool>        ? "true or false"
-                           : std::is_same_v<T, int64_t>   ? "an integer"
-                           : std::is_same_v<T, double>    ? "a number"
-                                                          : "a string";
+    const char* expected = std::is_same_v<T, bool>      ? "true or false"
+                           : std::is_same_v<T, int64_t> ? "an integer"
+                           : std::is_same_v<T, double>  ? "a number"
+                                                        : "a string";
     try {
       if (!n.IsScalar()) throw YAML::BadConversion(n.Mark());
       value = n.as<T>();
@@ -208,7 +209,8 @@ struct Reader {
       if (rule.positive && !(v > 0)) expected = "> 0";
       if (rule.below_one && !(v < 1)) expected = "in [0, 1)";
       if (!expected.empty()) {
-        problems.push_back("'" + std::string(key) + "' must be " + expected + ", got " + n.Scalar() + where(n));
+        problems.push_back("'" + std::string(key) + "' must be " + expected + ", got " +
+                           n.Scalar() + where(n));
       }
     }
     if constexpr (std::is_same_v<T, std::string>) {
@@ -230,8 +232,11 @@ struct Reader {
 };
 
 // Keys of the YAML tree that no field accepts.
-void unknown_keys(const YAML::Node& node, const std::string& prefix, const std::set<std::string>& known,
-                  const std::vector<std::string>& known_list, std::vector<std::string>& problems) {
+void unknown_keys(const YAML::Node& node,
+                  const std::string& prefix,
+                  const std::set<std::string>& known,
+                  const std::vector<std::string>& known_list,
+                  std::vector<std::string>& problems) {
   if (!node.IsMap()) return;
   for (const auto& kv : node) {
     const std::string key = prefix + kv.first.as<std::string>();
@@ -240,19 +245,24 @@ void unknown_keys(const YAML::Node& node, const std::string& prefix, const std::
       return k.rfind(key + ".", 0) == 0;
     });
     if (group) {
-      if (!kv.second.IsMap()) problems.push_back("'" + key + "' must be a mapping of keys" + where(kv.second));
+      if (!kv.second.IsMap())
+        problems.push_back("'" + key + "' must be a mapping of keys" + where(kv.second));
       unknown_keys(kv.second, key + ".", known, known_list, problems);
       continue;
     }
     if (key == "cola" || key == "longlora" || key == "jobs") {
-      problems.push_back("'" + key + "' is not supported by this version of lorafit" + where(kv.first));
+      problems.push_back("'" + key + "' is not supported by this version of lorafit" +
+                         where(kv.first));
       continue;
     }
-    problems.push_back("unknown key '" + key + "'" + did_you_mean(key, known_list) + where(kv.first));
+    problems.push_back("unknown key '" + key + "'" + did_you_mean(key, known_list) +
+                       where(kv.first));
   }
 }
 
-void apply_override(YAML::Node& root, const std::string& assignment, std::vector<std::string>& problems) {
+void apply_override(YAML::Node& root,
+                    const std::string& assignment,
+                    std::vector<std::string>& problems) {
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0) {
     problems.push_back("--set '" + assignment + "' must look like key.path=value");
@@ -280,7 +290,8 @@ void apply_override(YAML::Node& root, const std::string& assignment, std::vector
 void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& problems) {
   if (check_files && !r.model.empty()) {
     if (!fs::is_regular_file(fs::path(r.model) / "config.json")) {
-      problems.push_back("'model': '" + r.model + "' is not a Hugging Face model folder (no config.json)");
+      problems.push_back("'model': '" + r.model +
+                         "' is not a Hugging Face model folder (no config.json)");
     } else {
       try {
         load_llama_config(r.model);
@@ -292,18 +303,22 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
       }
     }
   }
-  for (const auto& [key, path] : {std::pair{"data.train", r.data.train}, {"data.valid", r.data.valid}}) {
+  for (const auto& [key, path] :
+       {std::pair{"data.train", r.data.train}, {"data.valid", r.data.valid}}) {
     if (check_files && !path.empty() && path != "-" && !fs::is_regular_file(path)) {
       problems.push_back("'" + std::string(key) + "': file '" + path + "' does not exist");
     }
   }
-  if (check_files && !r.adapter.init.empty() && !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors")) {
-    problems.push_back("'adapter.init': '" + r.adapter.init + "' holds no adapter_model.safetensors");
+  if (check_files && !r.adapter.init.empty() &&
+      !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors")) {
+    problems.push_back("'adapter.init': '" + r.adapter.init +
+                       "' holds no adapter_model.safetensors");
   }
   if ((r.train.steps > 0) == (r.train.epochs > 0)) {
     problems.push_back("set exactly one of 'train.steps' and 'train.epochs'");
   }
-  if (r.train.micro_batch_size > r.train.batch_size || r.train.batch_size % r.train.micro_batch_size != 0) {
+  if (r.train.micro_batch_size > r.train.batch_size ||
+      r.train.batch_size % r.train.micro_batch_size != 0) {
     problems.push_back("'train.batch_size' (" + std::to_string(r.train.batch_size) +
                        ") must be a multiple of 'train.micro_batch_size' (" +
                        std::to_string(r.train.micro_batch_size) + ")");
@@ -319,7 +334,8 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   for (const auto& t : r.adapter.targets) {
     if (std::find(kProjections.begin(), kProjections.end(), t) == kProjections.end()) {
       problems.push_back("'adapter.targets': the model has no module '" + t + "'" +
-                         did_you_mean(t, kProjections) + " (LLaMA has q_proj, k_proj, v_proj, o_proj, "
+                         did_you_mean(t, kProjections) +
+                         " (LLaMA has q_proj, k_proj, v_proj, o_proj, "
                          "gate_proj, up_proj, down_proj)");
     } else if (!seen.insert(t).second) {
       problems.push_back("'adapter.targets' lists '" + t + "' twice");
@@ -339,7 +355,9 @@ YAML::Node parse_yaml(const std::string& path) {
 }
 
 // Reads a recipe from its YAML tree after the overrides; `name` says where it came from.
-Recipe read_recipe(YAML::Node root, const std::string& name, const std::vector<std::string>& overrides,
+Recipe read_recipe(YAML::Node root,
+                   const std::string& name,
+                   const std::vector<std::string>& overrides,
                    bool check_files) {
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   if (!root.IsMap()) throw ConfigError("recipe '" + name + "' must be a mapping of keys");

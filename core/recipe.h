@@ -12,7 +12,7 @@ namespace lorafit {
 
 struct DataRecipe {
   std::string train;
-  std::string valid;           // optional
+  std::string valid;            // optional
   std::string format = "text";  // text | alpaca | chat | tokens
   int64_t max_seq_len = 512;
   bool packing = true;
@@ -24,16 +24,16 @@ struct AdapterRecipe {
   int64_t r = 16;
   double alpha = 32;
   double dropout = 0.05;
-  std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj",
+  std::vector<std::string> targets{"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                    "gate_proj", "up_proj", "down_proj"};
   bool use_rslora = false;
-  std::string init;  // optional: a saved adapter to start from instead of PEFT's init
-  int64_t n = 3;                  // multilora: parallel LoRA modules per projection
-  std::string scale = "vector";   // multilora: vector (per output channel) | scalar
+  std::string init;              // optional: a saved adapter to start from instead of PEFT's init
+  int64_t n = 3;                 // multilora: parallel LoRA modules per projection
+  std::string scale = "vector";  // multilora: vector (per output channel) | scalar
 };
 
 struct TrainRecipe {
-  int64_t steps = 0;   // exactly one of steps and epochs is set
+  int64_t steps = 0;  // exactly one of steps and epochs is set
   int64_t epochs = 0;
   int64_t batch_size = 16;       // sequences per optimizer step
   int64_t micro_batch_size = 4;  // sequences per forward/backward

@@ -141,7 +141,8 @@ std::map<std::string, const StEntry*> SafetensorsCheckpoint::entries() const {
 
 torch::Tensor SafetensorsCheckpoint::tensor(const std::string& name) const {
   auto it = owner_.find(name);
-  if (it == owner_.end()) throw ModelMismatchError("tensor '" + name + "' is not in the checkpoint");
+  if (it == owner_.end())
+    throw ModelMismatchError("tensor '" + name + "' is not in the checkpoint");
   return it->second->tensor(name);
 }
 
@@ -176,16 +177,26 @@ void SafetensorsCheckpoint::read_ahead() const {
 
 torch::Dtype to_torch_dtype(StDtype dtype) {
   switch (dtype) {
-    case StDtype::F64: return torch::kFloat64;
-    case StDtype::F32: return torch::kFloat32;
-    case StDtype::F16: return torch::kFloat16;
-    case StDtype::BF16: return torch::kBFloat16;
-    case StDtype::I64: return torch::kInt64;
-    case StDtype::I32: return torch::kInt32;
-    case StDtype::I16: return torch::kInt16;
-    case StDtype::I8: return torch::kInt8;
-    case StDtype::U8: return torch::kUInt8;
-    case StDtype::BOOL: return torch::kBool;
+    case StDtype::F64:
+      return torch::kFloat64;
+    case StDtype::F32:
+      return torch::kFloat32;
+    case StDtype::F16:
+      return torch::kFloat16;
+    case StDtype::BF16:
+      return torch::kBFloat16;
+    case StDtype::I64:
+      return torch::kInt64;
+    case StDtype::I32:
+      return torch::kInt32;
+    case StDtype::I16:
+      return torch::kInt16;
+    case StDtype::I8:
+      return torch::kInt8;
+    case StDtype::U8:
+      return torch::kUInt8;
+    case StDtype::BOOL:
+      return torch::kBool;
   }
   throw std::logic_error("unhandled safetensors dtype");
 }
@@ -195,8 +206,7 @@ StDtype to_st_dtype(torch::Dtype dtype) {
                     StDtype::I32, StDtype::I16, StDtype::I8, StDtype::U8, StDtype::BOOL}) {
     if (to_torch_dtype(d) == dtype) return d;
   }
-  throw std::invalid_argument(std::string("safetensors cannot hold dtype ") +
-                              c10::toString(dtype));
+  throw std::invalid_argument(std::string("safetensors cannot hold dtype ") + c10::toString(dtype));
 }
 
 void write_file_atomic(const std::string& path, const std::string& text) {
@@ -216,7 +226,8 @@ void write_file_atomic(const std::string& path, const std::string& text) {
   }
 }
 
-void save_safetensors(const std::string& path, const TensorMap& tensors,
+void save_safetensors(const std::string& path,
+                      const TensorMap& tensors,
                       const std::map<std::string, std::string>& metadata) {
   std::vector<StEntry> entries;
   std::vector<torch::Tensor> cpu;
@@ -235,7 +246,8 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
   write_file_atomic(path, bytes);
 }
 
-void save_safetensors_sharded(const std::string& dir, const TensorMap& tensors,
+void save_safetensors_sharded(const std::string& dir,
+                              const TensorMap& tensors,
                               uint64_t max_shard_bytes) {
   std::vector<TensorMap> shards(1);
   uint64_t current = 0, total = 0;
@@ -255,7 +267,8 @@ void save_safetensors_sharded(const std::string& dir, const TensorMap& tensors,
   }
   nlohmann::ordered_json index;
   index["metadata"] = {{"total_size", total}};
-  nlohmann::json weight_map = nlohmann::json::object();  // sorted by name, as transformers writes it
+  nlohmann::json weight_map =
+      nlohmann::json::object();  // sorted by name, as transformers writes it
   char name[64];
   for (size_t i = 0; i < shards.size(); ++i) {
     std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());

@@ -60,13 +60,15 @@ torch::Dtype to_torch_dtype(StDtype dtype);
 StDtype to_st_dtype(torch::Dtype dtype);
 
 /// Writes tensors (moved to the CPU, kept in their dtype) to `path` through a temporary name.
-void save_safetensors(const std::string& path, const TensorMap& tensors,
+void save_safetensors(const std::string& path,
+                      const TensorMap& tensors,
                       const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
 /// Writes tensors as shards of at most `max_shard_bytes` of data each, named
 /// model-0000i-of-0000n.safetensors, plus model.safetensors.index.json; one shard is written
 /// as model.safetensors with no index.
-void save_safetensors_sharded(const std::string& dir, const TensorMap& tensors,
+void save_safetensors_sharded(const std::string& dir,
+                              const TensorMap& tensors,
                               uint64_t max_shard_bytes);
 
 /// Writes `text` to `path` through a temporary name in the same folder, then renames it.

@@ -18,9 +18,9 @@ struct DtypeInfo {
 };
 
 constexpr DtypeInfo kDtypes[] = {
-    {StDtype::F64, "F64", 8}, {StDtype::F32, "F32", 4}, {StDtype::F16, "F16", 2},
+    {StDtype::F64, "F64", 8},   {StDtype::F32, "F32", 4}, {StDtype::F16, "F16", 2},
     {StDtype::BF16, "BF16", 2}, {StDtype::I64, "I64", 8}, {StDtype::I32, "I32", 4},
-    {StDtype::I16, "I16", 2}, {StDtype::I8, "I8", 1}, {StDtype::U8, "U8", 1},
+    {StDtype::I16, "I16", 2},   {StDtype::I8, "I8", 1},   {StDtype::U8, "U8", 1},
     {StDtype::BOOL, "BOOL", 1},
 };
 
@@ -35,7 +35,9 @@ const DtypeInfo& info(StDtype dtype) {
   throw IoError("safetensors file '" + path + "': " + what);
 }
 
-StEntry parse_entry(const std::string& path, const std::string& name, const nlohmann::json& j,
+StEntry parse_entry(const std::string& path,
+                    const std::string& name,
+                    const nlohmann::json& j,
                     uint64_t data_size) {
   const std::string where = "tensor '" + name + "'";
   if (!j.is_object()) fail(path, where + " is not a JSON object");
@@ -92,11 +94,17 @@ StEntry parse_entry(const std::string& path, const std::string& name, const nloh
 
 }  // namespace
 
-size_t st_dtype_size(StDtype dtype) { return info(dtype).size; }
+size_t st_dtype_size(StDtype dtype) {
+  return info(dtype).size;
+}
 
-const char* st_dtype_name(StDtype dtype) { return info(dtype).name; }
+const char* st_dtype_name(StDtype dtype) {
+  return info(dtype).name;
+}
 
-StHeader parse_st_header(const uint8_t* data, size_t available, uint64_t file_size,
+StHeader parse_st_header(const uint8_t* data,
+                         size_t available,
+                         uint64_t file_size,
                          const std::string& path) {
   if (file_size < 8 || available < 8) {
     fail(path, "is " + std::to_string(file_size) +
@@ -162,8 +170,8 @@ std::string make_st_header(std::vector<StEntry>& entries,
     e.begin = offset;
     e.end = offset + numel * st_dtype_size(e.dtype);
     offset = e.end;
-    j[e.name] = {{"dtype", st_dtype_name(e.dtype)}, {"shape", e.shape},
-                 {"data_offsets", {e.begin, e.end}}};
+    j[e.name] = {
+        {"dtype", st_dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {e.begin, e.end}}};
   }
   std::string text = j.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // the data buffer starts 8-byte aligned

@@ -41,7 +41,9 @@ constexpr uint64_t kMaxStHeaderBytes = 100'000'000;
 /// `available` bytes are at `data` (at least the 8-byte length plus the JSON must be there).
 /// Every entry is checked: known dtype, non-negative shape, offsets inside the file, size equal
 /// to numel * itemsize, no overlaps. Throws IoError naming `path` on any problem.
-StHeader parse_st_header(const uint8_t* data, size_t available, uint64_t file_size,
+StHeader parse_st_header(const uint8_t* data,
+                         size_t available,
+                         uint64_t file_size,
                          const std::string& path);
 
 /// Builds the 8-byte length and the JSON header (padded with spaces to a multiple of 8) for

@@ -27,7 +27,9 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-Batch collate(const std::vector<Example>& examples, const std::vector<size_t>& rows, torch::Device device) {
+Batch collate(const std::vector<Example>& examples,
+              const std::vector<size_t>& rows,
+              torch::Device device) {
   size_t t = 0;
   for (auto r : rows) t = std::max(t, examples[r].input_ids.size());
   const auto b = static_cast<int64_t>(rows.size());
@@ -41,8 +43,10 @@ Batch collate(const std::vector<Example>& examples, const std::vector<size_t>& r
   }
   const auto ti = static_cast<int64_t>(t);
   // copy=true: on the CPU a plain .to() would keep viewing the local vectors.
-  out.ids = torch::from_blob(ids.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
-  out.labels = torch::from_blob(labels.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
+  out.ids =
+      torch::from_blob(ids.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
+  out.labels = torch::from_blob(labels.data(), {b, ti}, torch::kInt64)
+                   .to(device, torch::kInt64, false, true);
   return out;
 }
 
@@ -66,15 +70,18 @@ torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
   return -target_log_prob_sum(model, rows, targets.index({mask}));
 }
 
-double validation_loss(LlamaForCausalLM& model, const std::vector<Example>& examples,
-                       int64_t micro_batch, torch::Device device) {
+double validation_loss(LlamaForCausalLM& model,
+                       const std::vector<Example>& examples,
+                       int64_t micro_batch,
+                       torch::Device device) {
   torch::NoGradGuard no_grad;
   model->eval();
   double nll = 0;
   int64_t count = 0;
   for (size_t start = 0; start < examples.size(); start += micro_batch) {
     std::vector<size_t> rows;
-    for (size_t i = start; i < std::min(examples.size(), start + micro_batch); ++i) rows.push_back(i);
+    for (size_t i = start; i < std::min(examples.size(), start + micro_batch); ++i)
+      rows.push_back(i);
     nll += nll_sum(model, collate(examples, rows, device)).item<double>();
     count += target_count(examples, rows);
   }
@@ -93,7 +100,9 @@ struct TrainerState {
   DataPosition data;
 };
 
-void write_checkpoint(const fs::path& dir, const TrainerState& state, torch::optim::Optimizer& opt,
+void write_checkpoint(const fs::path& dir,
+                      const TrainerState& state,
+                      torch::optim::Optimizer& opt,
                       const std::function<void(const std::string&)>& save_adapter_to) {
   // Everything goes into a temporary folder that is renamed into place at the end: a run
   // killed at any moment leaves either the whole checkpoint or none.
@@ -103,7 +112,8 @@ void write_checkpoint(const fs::path& dir, const TrainerState& state, torch::opt
   save_adapter_to(tmp.string());
   torch::save(opt, (tmp / "optimizer.pt").string());
   torch::save(compat::cpu_rng_state(), (tmp / "rng.pt").string());
-  nlohmann::json j = {{"step", state.step}, {"epoch", state.data.epoch}, {"cursor", state.data.cursor}};
+  nlohmann::json j = {
+      {"step", state.step}, {"epoch", state.data.epoch}, {"cursor", state.data.cursor}};
   write_file_atomic((tmp / "trainer_state.json").string(), j.dump(2) + "\n");
   compat::remove_tree(dir);
   fs::rename(tmp, dir);
@@ -123,7 +133,8 @@ fs::path latest_checkpoint(const std::string& resume) {
     if (step > best_step) best_step = step, best = e.path();
   }
   if (best.empty()) {
-    throw IoError("--resume '" + resume + "': no checkpoint found (expected trainer_state.json there "
+    throw IoError("--resume '" + resume +
+                  "': no checkpoint found (expected trainer_state.json there "
                   "or checkpoints/step-N/ under it)");
   }
   return best;
@@ -142,7 +153,9 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 }  // namespace
 
-double accumulate_gradients(LlamaForCausalLM& model, const std::vector<Batch>& micro_batches, int64_t targets) {
+double accumulate_gradients(LlamaForCausalLM& model,
+                            const std::vector<Batch>& micro_batches,
+                            int64_t targets) {
   double loss_sum = 0;
   for (const auto& batch : micro_batches) {
     // Each micro-batch adds its share of the step's token mean, so the gradient is that of the
@@ -154,19 +167,23 @@ double accumulate_gradients(LlamaForCausalLM& model, const std::vector<Batch>& m
   return loss_sum;
 }
 
-double apply_update(torch::optim::AdamW& optimizer, const std::vector<torch::Tensor>& params, double lr,
+double apply_update(torch::optim::AdamW& optimizer,
+                    const std::vector<torch::Tensor>& params,
+                    double lr,
                     double max_grad_norm) {
   for (auto& group : optimizer.param_groups()) {
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
   }
-  const double grad_norm = max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(params, max_grad_norm) : 0.0;
+  const double grad_norm =
+      max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(params, max_grad_norm) : 0.0;
   optimizer.step();
   optimizer.zero_grad();
   return grad_norm;
 }
 
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
-  if (step < t.warmup_steps) return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
+  if (step < t.warmup_steps)
+    return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
   const double span = static_cast<double>(std::max<int64_t>(1, total - t.warmup_steps));
   const double progress = static_cast<double>(step - t.warmup_steps) / span;
   if (t.schedule == "linear") return t.lr * std::max(0.0, static_cast<double>(total - step) / span);
@@ -181,7 +198,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   // --- Set-up: the data first (cheap, and its errors are the user's), then the model.
   const auto tokenizer = load_tokenizer(recipe.model);
   const auto config = load_llama_config(recipe.model);
-  DatasetOptions data_opts{recipe.data.format, recipe.data.max_seq_len, recipe.data.packing,
+  DatasetOptions data_opts{recipe.data.format,  recipe.data.max_seq_len,      recipe.data.packing,
                            config.bos_token_id, config.eos_token_ids.front(), config.vocab_size};
   const auto train_examples = load_examples(recipe.data.train, tokenizer, data_opts);
   const auto valid_examples = recipe.data.valid.empty()
@@ -189,7 +206,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
                                   : load_examples(recipe.data.valid, tokenizer, data_opts);
   const int64_t total_steps =
       tr.steps > 0 ? tr.steps
-                   : (tr.epochs * static_cast<int64_t>(train_examples.size()) + tr.batch_size - 1) / tr.batch_size;
+                   : (tr.epochs * static_cast<int64_t>(train_examples.size()) + tr.batch_size - 1) /
+                         tr.batch_size;
 
   const auto device = pick_device(recipe.device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
@@ -199,9 +217,13 @@ void train(const Recipe& recipe, const TrainRun& run) {
   spec.attach_new(settings, model->projections());
   model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);
-  torch::optim::AdamW optimizer(
-      params, torch::optim::AdamWOptions(tr.lr).betas({0.9, 0.999}).eps(1e-8).weight_decay(tr.weight_decay));
-  auto save_adapter_to = [&](const std::string& dir) { save_adapter(dir, spec, settings, model, recipe.model); };
+  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(tr.lr)
+                                            .betas({0.9, 0.999})
+                                            .eps(1e-8)
+                                            .weight_decay(tr.weight_decay));
+  auto save_adapter_to = [&](const std::string& dir) {
+    save_adapter(dir, spec, settings, model, recipe.model);
+  };
   // Overwrites the attached adapter's tensors with those saved in `dir` (same keys and shapes).
   auto copy_adapter_weights = [&](const std::string& dir) {
     SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
@@ -213,7 +235,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
       }
       const auto src = saved.tensor(name);
       if (src.sizes() != t.sizes()) {
-        throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir + "' does not have the "
+        throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir +
+                                 "' does not have the "
                                  "recipe's shape (hint: adapter.r must match)");
       }
       t.copy_(src);
@@ -240,7 +263,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
     fmt::print(stderr, "resuming from {} (step {})\n", ckpt.string(), state.step);
   }
 
-  ExampleStream stream(train_examples.size(), static_cast<uint64_t>(recipe.seed), state.data, recipe.data.shuffle);
+  ExampleStream stream(train_examples.size(), static_cast<uint64_t>(recipe.seed), state.data,
+                       recipe.data.shuffle);
   std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
   LossHistory history = read_loss_history((out / "metrics.jsonl").string());
   const bool tty = isatty(STDERR_FILENO);
@@ -256,15 +280,17 @@ void train(const Recipe& recipe, const TrainRun& run) {
     const int64_t targets = target_count(train_examples, rows);
     std::vector<Batch> micro_batches;
     for (int64_t start = 0; start < tr.batch_size; start += tr.micro_batch_size) {
-      const std::vector<size_t> micro(rows.begin() + start, rows.begin() + start + tr.micro_batch_size);
+      const std::vector<size_t> micro(rows.begin() + start,
+                                      rows.begin() + start + tr.micro_batch_size);
       micro_batches.push_back(collate(train_examples, micro, device));
       tokens_since_log += micro_batches.back().tokens;
     }
     const double loss_sum = accumulate_gradients(model, micro_batches, targets);
     if (!std::isfinite(loss_sum)) {
-      throw Error(fmt::format("the training loss became {} at step {}; the last good checkpoint is "
-                              "under {} (hint: lower train.lr or raise train.warmup_steps)",
-                              loss_sum, state.step + 1, (out / "checkpoints").string()));
+      throw Error(
+          fmt::format("the training loss became {} at step {}; the last good checkpoint is "
+                      "under {} (hint: lower train.lr or raise train.warmup_steps)",
+                      loss_sum, state.step + 1, (out / "checkpoints").string()));
     }
     const double lr = scheduled_lr(tr, state.step, total_steps);
     const double grad_norm = apply_update(optimizer, params, lr, tr.max_grad_norm);
@@ -278,13 +304,18 @@ void train(const Recipe& recipe, const TrainRun& run) {
       const double done = std::chrono::duration<double>(Clock::now() - started).count();
       const double eta = done / (state.step - first_step) * (total_steps - state.step);
       // A terminal gets one line updated every step; a pipe gets a line per log step.
-      fmt::print(stderr, "{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}", tty ? "\r\033[K" : "",
-                 state.step, total_steps, loss_sum, lr, tok_s, format_duration(eta), tty ? "" : "\n");
+      fmt::print(stderr, "{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}",
+                 tty ? "\r\033[K" : "", state.step, total_steps, loss_sum, lr, tok_s,
+                 format_duration(eta), tty ? "" : "\n");
       if (log_step) {
-        metrics << nlohmann::json{{"step", state.step}, {"loss", loss_sum}, {"lr", lr},
-                                  {"grad_norm", grad_norm}, {"tokens_per_s", tok_s}}
+        metrics << nlohmann::json{{"step", state.step},
+                                  {"loss", loss_sum},
+                                  {"lr", lr},
+                                  {"grad_norm", grad_norm},
+                                  {"tokens_per_s", tok_s}}
                        .dump()
-                << "\n" << std::flush;
+                << "\n"
+                << std::flush;
         history.train.emplace_back(state.step, loss_sum);
         tokens_since_log = 0;
         log_started = Clock::now();
@@ -293,13 +324,15 @@ void train(const Recipe& recipe, const TrainRun& run) {
     if (!valid_examples.empty() && tr.eval_every > 0 &&
         (state.step % tr.eval_every == 0 || state.step == total_steps)) {
       const double v = validation_loss(model, valid_examples, tr.micro_batch_size, device);
-      metrics << nlohmann::json{{"step", state.step}, {"eval_loss", v}}.dump() << "\n" << std::flush;
+      metrics << nlohmann::json{{"step", state.step}, {"eval_loss", v}}.dump() << "\n"
+              << std::flush;
       history.valid.emplace_back(state.step, v);
-      fmt::print(stderr, "{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "", state.step, total_steps, v);
+      fmt::print(stderr, "{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "", state.step,
+                 total_steps, v);
     }
     if (tr.save_every > 0 && state.step % tr.save_every == 0 && state.step < total_steps) {
-      write_checkpoint(out / "checkpoints" / ("step-" + std::to_string(state.step)), state, optimizer,
-                       save_adapter_to);
+      write_checkpoint(out / "checkpoints" / ("step-" + std::to_string(state.step)), state,
+                       optimizer, save_adapter_to);
     }
   }
   if (tty) fmt::print(stderr, "\n");
@@ -309,8 +342,10 @@ void train(const Recipe& recipe, const TrainRun& run) {
   write_file_atomic((out / "loss.svg").string(), loss_svg(history));
   const auto adapter = (out / "adapter").string();
   fmt::print(stderr, "adapter written to {}\n", adapter);
-  fmt::print(stderr, "evaluate: lorafit eval --model {} --adapter {} --data FILE\n", recipe.model, adapter);
-  fmt::print(stderr, "merge:    lorafit merge --model {} --adapter {} --out DIR\n", recipe.model, adapter);
+  fmt::print(stderr, "evaluate: lorafit eval --model {} --adapter {} --data FILE\n", recipe.model,
+             adapter);
+  fmt::print(stderr, "merge:    lorafit merge --model {} --adapter {} --out DIR\n", recipe.model,
+             adapter);
 }
 
 }  // namespace lorafit

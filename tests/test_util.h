@@ -20,7 +20,9 @@ namespace lorafit::test {
 namespace fs = std::filesystem;
 
 /// tests/fixtures/NAME (made by scripts/make_reference_fixtures.py).
-inline std::string fixture(const std::string& name) { return std::string(LORAFIT_FIXTURES) + "/" + name; }
+inline std::string fixture(const std::string& name) {
+  return std::string(LORAFIT_FIXTURES) + "/" + name;
+}
 
 inline std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -33,14 +35,17 @@ inline void write_text(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
 }
 
-inline nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(read_text(path)); }
+inline nlohmann::json read_json(const std::string& path) {
+  return nlohmann::json::parse(read_text(path));
+}
 
 /// A fresh folder under the system's temporary directory, removed when the object dies.
 struct TempDir {
   fs::path path;
   TempDir() {
     std::random_device rd;
-    path = fs::temp_directory_path() / ("lorafit-test-" + std::to_string(rd()) + std::to_string(rd()));
+    path =
+        fs::temp_directory_path() / ("lorafit-test-" + std::to_string(rd()) + std::to_string(rd()));
     fs::create_directories(path);
   }
   ~TempDir() { compat::remove_tree(path); }
@@ -54,7 +59,9 @@ inline std::string copy_fixture(const std::string& name, const std::string& dest
 }
 
 /// `s` in single quotes, for a shell command line.
-inline std::string quote(const std::string& s) { return "'" + s + "'"; }
+inline std::string quote(const std::string& s) {
+  return "'" + s + "'";
+}
 
 struct RunResult {
   int code = -1;

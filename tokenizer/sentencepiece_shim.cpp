@@ -33,7 +33,9 @@ void* lorafit_spm_load(const char* path, char* err, size_t err_size) {
   return sp;
 }
 
-void lorafit_spm_free(void* sp) { delete static_cast<sentencepiece::SentencePieceProcessor*>(sp); }
+void lorafit_spm_free(void* sp) {
+  delete static_cast<sentencepiece::SentencePieceProcessor*>(sp);
+}
 
 int64_t lorafit_spm_piece_size(void* sp) {
   return static_cast<sentencepiece::SentencePieceProcessor*>(sp)->GetPieceSize();
@@ -41,8 +43,8 @@ int64_t lorafit_spm_piece_size(void* sp) {
 
 // Writes up to `cap` ids; returns the number of ids (which may exceed cap: call again), or -1
 // with a message in err.
-int64_t lorafit_spm_encode(void* sp, const char* text, size_t len, int64_t* ids, size_t cap,
-                           char* err, size_t err_size) {
+int64_t lorafit_spm_encode(
+    void* sp, const char* text, size_t len, int64_t* ids, size_t cap, char* err, size_t err_size) {
   std::vector<int> out;
   const auto status =
       static_cast<sentencepiece::SentencePieceProcessor*>(sp)->Encode(std::string(text, len), &out);
@@ -56,8 +58,8 @@ int64_t lorafit_spm_encode(void* sp, const char* text, size_t len, int64_t* ids,
 
 // Writes up to `cap` bytes of the decoded text; returns its length (which may exceed cap), or
 // -1 with a message in err.
-int64_t lorafit_spm_decode(void* sp, const int64_t* ids, size_t n, char* text, size_t cap,
-                           char* err, size_t err_size) {
+int64_t lorafit_spm_decode(
+    void* sp, const int64_t* ids, size_t n, char* text, size_t cap, char* err, size_t err_size) {
   std::string out;
   const auto status = static_cast<sentencepiece::SentencePieceProcessor*>(sp)->Decode(
       std::vector<int>(ids, ids + n), &out);

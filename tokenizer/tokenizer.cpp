@@ -64,8 +64,9 @@ struct Tokenizer::Impl {
 
 Tokenizer::Tokenizer(const std::string& model_path) : impl_(std::make_unique<Impl>()) {
   if (!fs::is_regular_file(model_path)) {
-    throw IoError("tokenizer '" + model_path +
-                  "' not found (hint: lorafit reads LLaMA 1/2 sentencepiece tokenizer.model files)");
+    throw IoError(
+        "tokenizer '" + model_path +
+        "' not found (hint: lorafit reads LLaMA 1/2 sentencepiece tokenizer.model files)");
   }
   char err[kErrSize] = {0};
   impl_->sp = shim().load(model_path.c_str(), err, sizeof(err));
@@ -81,7 +82,8 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
   // Pieces are at least one byte each, so text.size() + 1 ids always suffice.
   std::vector<int64_t> ids(text.size() + 1);
   char err[kErrSize] = {0};
-  const auto n = shim().encode(impl_->sp, text.data(), text.size(), ids.data(), ids.size(), err, sizeof(err));
+  const auto n =
+      shim().encode(impl_->sp, text.data(), text.size(), ids.data(), ids.size(), err, sizeof(err));
   if (n < 0) throw IoError(std::string("cannot tokenize text: ") + err);
   if (static_cast<size_t>(n) > ids.size()) {
     ids.resize(n);
@@ -94,7 +96,8 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
 std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   std::string text(ids.size() * 8 + 16, '\0');
   char err[kErrSize] = {0};
-  auto n = shim().decode(impl_->sp, ids.data(), ids.size(), text.data(), text.size(), err, sizeof(err));
+  auto n =
+      shim().decode(impl_->sp, ids.data(), ids.size(), text.data(), text.size(), err, sizeof(err));
   if (n < 0) throw IoError(std::string("cannot decode token ids: ") + err);
   if (static_cast<size_t>(n) > text.size()) {
     text.resize(n);
@@ -104,7 +107,9 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   return text;
 }
 
-int64_t Tokenizer::vocab_size() const { return shim().piece_size(impl_->sp); }
+int64_t Tokenizer::vocab_size() const {
+  return shim().piece_size(impl_->sp);
+}
 
 Tokenizer load_tokenizer(const std::string& model_dir) {
   return Tokenizer((fs::path(model_dir) / "tokenizer.model").string());

@@ -52,8 +52,8 @@ TEST_CASE("LoRA forward is x W^T + s B A x computed in fp32 for a bf16 base", "[
   }
   ps[0]->attach(lora.ptr());
   auto x = torch::randn({4, 6});
-  auto expected = x.matmul(ps[0]->weight.t()) +
-                  0.75 * x.matmul(lora->lora_A.t()).matmul(lora->lora_B.t());
+  auto expected =
+      x.matmul(ps[0]->weight.t()) + 0.75 * x.matmul(lora->lora_A.t()).matmul(lora->lora_B.t());
   REQUIRE(torch::allclose(ps[0](x), expected, 1e-5, 1e-6));
 
   auto bf16 = Projection("q_proj", 6, 5, torch::kBFloat16);
@@ -93,7 +93,8 @@ TEST_CASE("target_modules select projections by PEFT's rules", "[adapters][lora]
 }
 
 TEST_CASE("rsLoRA and alpha_pattern set the scaling", "[adapters][lora]") {
-  auto ps = make_projections({"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"}, 4, 4);
+  auto ps =
+      make_projections({"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"}, 4, 4);
   auto config = lora_config({"q_proj", "up_proj"});
   config["use_rslora"] = true;
   config["alpha_pattern"] = {{"up_proj", 32}};
@@ -104,17 +105,20 @@ TEST_CASE("rsLoRA and alpha_pattern set the scaling", "[adapters][lora]") {
 
 TEST_CASE("an adapter for another model is refused with the tensors named", "[adapters][lora]") {
   auto ps = make_projections({"model.layers.0.self_attn.q_proj"}, 4, 4);
-  auto other = make_projections({"model.layers.0.self_attn.q_proj", "model.layers.5.self_attn.q_proj"}, 8, 4);
-  REQUIRE_THROWS_WITH(lora_attach_saved(lora_config({"q_proj"}), lora_weights(other, 2), ps, "dir"),
-                      Catch::Contains("lora_A.weight' [2, 8]") &&
-                          Catch::Contains("'base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight' "
-                                          "matches no targeted projection"));
+  auto other = make_projections(
+      {"model.layers.0.self_attn.q_proj", "model.layers.5.self_attn.q_proj"}, 8, 4);
+  REQUIRE_THROWS_WITH(
+      lora_attach_saved(lora_config({"q_proj"}), lora_weights(other, 2), ps, "dir"),
+      Catch::Contains("lora_A.weight' [2, 8]") &&
+          Catch::Contains("'base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight' "
+                          "matches no targeted projection"));
 }
 
 TEST_CASE("unsupported adapter options and unknown types are refused", "[adapters][lora]") {
   auto ps = make_projections({"q_proj"}, 4, 4);
   auto config = lora_config({"q_proj"});
   config["use_dora"] = true;
-  REQUIRE_THROWS_WITH(lora_attach_saved(config, lora_weights(ps, 2), ps, "d"), Catch::Contains("'use_dora'"));
+  REQUIRE_THROWS_WITH(lora_attach_saved(config, lora_weights(ps, 2), ps, "d"),
+                      Catch::Contains("'use_dora'"));
   REQUIRE_THROWS_WITH(find_adapter_by_peft_type("IA3", "cfg"), Catch::Contains("known: LORA"));
 }

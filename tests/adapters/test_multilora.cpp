@@ -7,7 +7,10 @@ using namespace lorafit;
 
 namespace {
 
-Projection projection(const std::string& name, int64_t in, int64_t out, torch::Dtype dtype = torch::kFloat32) {
+Projection projection(const std::string& name,
+                      int64_t in,
+                      int64_t out,
+                      torch::Dtype dtype = torch::kFloat32) {
   auto p = Projection(name, in, out, dtype);
   torch::NoGradGuard g;
   p->weight.normal_();
@@ -22,7 +25,8 @@ void randomize_scales(MultiLoraImpl& m) {
 
 }  // namespace
 
-TEST_CASE("a fresh MultiLoRA leaves the projection unchanged though B is not zero", "[adapters][multilora]") {
+TEST_CASE("a fresh MultiLoRA leaves the projection unchanged though B is not zero",
+          "[adapters][multilora]") {
   auto p = projection("q_proj", 6, 5);
   auto x = torch::randn({2, 3, 6});
   const auto before = p(x);
@@ -42,12 +46,13 @@ TEST_CASE("MultiLoRA gradients match a float64 composite", "[adapters][multilora
     auto x = torch::randn({4, 6}, torch::kFloat64).requires_grad_(true);
     auto base = torch::randn({4, 5}, torch::kFloat64);
     m->forward(x, base).pow(2).sum().backward();
-    const auto gA = m->lora_A.grad().clone(), gB = m->lora_B.grad().clone(), gS = m->scale.grad().clone(),
-               gx = x.grad().clone();
+    const auto gA = m->lora_A.grad().clone(), gB = m->lora_B.grad().clone(),
+               gS = m->scale.grad().clone(), gx = x.grad().clone();
     for (auto* t : {&m->lora_A, &m->lora_B, &m->scale, &x}) t->mutable_grad().reset();
     // y = base + scaling * sum_i (x A_i^T B_i^T) * s_i, one module at a time.
     auto y = base.clone();
-    for (int64_t i = 0; i < 3; ++i) y = y + 0.5 * x.matmul(m->lora_A[i].t()).matmul(m->lora_B[i].t()) * m->scale[i];
+    for (int64_t i = 0; i < 3; ++i)
+      y = y + 0.5 * x.matmul(m->lora_A[i].t()).matmul(m->lora_B[i].t()) * m->scale[i];
     y.pow(2).sum().backward();
     REQUIRE(torch::allclose(gA, m->lora_A.grad(), 1e-10, 1e-12));
     REQUIRE(torch::allclose(gB, m->lora_B.grad(), 1e-10, 1e-12));
@@ -67,7 +72,8 @@ TEST_CASE("merged MultiLoRA equals unmerged", "[adapters][multilora]") {
 }
 
 TEST_CASE("MultiLoRA saves and loads back bit for bit", "[adapters][multilora]") {
-  const std::vector<std::string> names = {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"};
+  const std::vector<std::string> names = {"model.layers.0.self_attn.q_proj",
+                                          "model.layers.0.mlp.up_proj"};
   Projections a{projection(names[0], 6, 5), projection(names[1], 6, 7)};
   AdapterSettings s;
   s.r = 2, s.alpha = 4, s.n = 3, s.vector_scale = false, s.targets = {"q_proj", "up_proj"};
@@ -95,6 +101,7 @@ TEST_CASE("MultiLoRA saves and loads back bit for bit", "[adapters][multilora]")
     REQUIRE(torch::equal(a[i](x), b[i](x)));
   }
   Projections other{projection(names[0], 8, 5)};
-  REQUIRE_THROWS_WITH(multilora_attach_saved(saved.config, saved.tensors, other, "dir"),
-                      Catch::Contains("wrong shape") && Catch::Contains("matches no targeted projection"));
+  REQUIRE_THROWS_WITH(
+      multilora_attach_saved(saved.config, saved.tensors, other, "dir"),
+      Catch::Contains("wrong shape") && Catch::Contains("matches no targeted projection"));
 }

@@ -38,17 +38,19 @@ std::string eval_args(const std::string& model_dir, const std::string& data) {
 }  // namespace
 
 TEST_CASE("eval --json gives transformers' and PEFT's loss", "[cli][eval]") {
-  for (const auto& [name, adapter] : {std::pair{"gqa_llama3", "lora_all"}, {"mha_linear", "lora_rslora"}}) {
+  for (const auto& [name, adapter] :
+       {std::pair{"gqa_llama3", "lora_all"}, {"mha_linear", "lora_rslora"}}) {
     const std::string dir = fixture(name);
     const auto expected = lorafit::test::read_json(dir + "/expected.json");
     const auto base = eval_json("--max-seq-len 24 --model " + q(dir + "/model") + " --data " +
                                 q(dir + "/eval.jsonl"));
-    REQUIRE(base["loss"].get<double>() == Approx(expected["base"]["loss"].get<double>()).epsilon(1e-4));
+    REQUIRE(base["loss"].get<double>() ==
+            Approx(expected["base"]["loss"].get<double>()).epsilon(1e-4));
     REQUIRE(base["tokens"] == expected["base"]["tokens"]);
     REQUIRE(base["perplexity"].get<double>() == Approx(std::exp(base["loss"].get<double>())));
-    const auto adapted = eval_json("--max-seq-len 24 --batch-size 2 --model " + q(dir + "/model") +
-                                   " --adapter " + q(dir + "/" + adapter) + " --data " +
-                                   q(dir + "/eval.jsonl"));
+    const auto adapted =
+        eval_json("--max-seq-len 24 --batch-size 2 --model " + q(dir + "/model") + " --adapter " +
+                  q(dir + "/" + adapter) + " --data " + q(dir + "/eval.jsonl"));
     REQUIRE(adapted["loss"].get<double>() ==
             Approx(expected[adapter]["loss"].get<double>()).epsilon(1e-4));
   }
@@ -56,7 +58,8 @@ TEST_CASE("eval --json gives transformers' and PEFT's loss", "[cli][eval]") {
 
 TEST_CASE("eval reads the dataset from standard input with --data -", "[cli][eval]") {
   const std::string dir = fixture("gqa_llama3");
-  const auto from_file = eval_json("--model " + q(dir + "/model") + " --data " + q(dir + "/eval.jsonl"));
+  const auto from_file =
+      eval_json("--model " + q(dir + "/model") + " --data " + q(dir + "/eval.jsonl"));
   const auto from_stdin = eval_json("--model " + q(dir + "/model") + " --data -",
                                     lorafit::test::read_text(dir + "/eval.jsonl"));
   REQUIRE(from_stdin == from_file);
@@ -67,14 +70,16 @@ TEST_CASE("eval prints a readable line without --json", "[cli][eval]") {
   const auto r = run_lorafit("eval --device cpu --model " + q(dir + "/model") + " --data " +
                              q(dir + "/eval.jsonl"));
   REQUIRE(r.code == 0);
-  REQUIRE_THAT(r.out, Catch::StartsWith("loss ") && Catch::Contains("perplexity") && Catch::Contains("tokens"));
+  REQUIRE_THAT(r.out, Catch::StartsWith("loss ") && Catch::Contains("perplexity") &&
+                          Catch::Contains("tokens"));
 }
 
 TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][errors]") {
   TempDir tmp;
   const std::string data = fixture("gqa_llama3/eval.jsonl");
   // A writable copy of a model folder, broken by `breaker`.
-  auto broken_model = [&](const std::string& name, const std::function<void(const std::string&)>& breaker) {
+  auto broken_model = [&](const std::string& name,
+                          const std::function<void(const std::string&)>& breaker) {
     const auto dir = lorafit::test::copy_fixture("gqa_llama3/model", tmp / name);
     breaker(dir);
     return dir;
@@ -84,21 +89,27 @@ TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][error
     edit(j);
     lorafit::test::write_text(dir + "/config.json", j.dump());
   };
-  auto st_bytes = [](const std::string& dir) { return lorafit::test::read_text(dir + "/model.safetensors"); };
+  auto st_bytes = [](const std::string& dir) {
+    return lorafit::test::read_text(dir + "/model.safetensors");
+  };
 
   SECTION("missing model folder") {
     expect_user_error(eval_args(tmp / "nowhere", data), "nowhere/config.json");
   }
   SECTION("missing tokenizer") {
-    const auto dir = broken_model("m", [](const std::string& d) { fs::remove(d + "/tokenizer.model"); });
+    const auto dir =
+        broken_model("m", [](const std::string& d) { fs::remove(d + "/tokenizer.model"); });
     expect_user_error(eval_args(dir, data), "tokenizer.model' not found");
   }
   SECTION("config.json is not JSON") {
-    const auto dir = broken_model("m", [](const std::string& d) { lorafit::test::write_text(d + "/config.json", "{"); });
+    const auto dir = broken_model(
+        "m", [](const std::string& d) { lorafit::test::write_text(d + "/config.json", "{"); });
     expect_user_error(eval_args(dir, data), "config.json' is not valid JSON");
   }
   SECTION("another architecture") {
-    const auto dir = broken_model("m", [&](const std::string& d) { edit_config(d, [](auto& j) { j["model_type"] = "gpt2"; }); });
+    const auto dir = broken_model("m", [&](const std::string& d) {
+      edit_config(d, [](auto& j) { j["model_type"] = "gpt2"; });
+    });
     expect_user_error(eval_args(dir, data), "model_type is \"gpt2\"");
   }
   SECTION("yarn rope") {
@@ -108,8 +119,12 @@ TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][error
     expect_user_error(eval_args(dir, data), "'yarn', which lorafit does not support");
   }
   SECTION("config disagrees with the weights") {
-    const auto dir = broken_model("m", [&](const std::string& d) { edit_config(d, [](auto& j) { j["intermediate_size"] = 80; }); });
-    expect_user_error(eval_args(dir, data), "'model.layers.0.mlp.gate_proj.weight' has shape [64, 32], expected [80, 32]");
+    const auto dir = broken_model("m", [&](const std::string& d) {
+      edit_config(d, [](auto& j) { j["intermediate_size"] = 80; });
+    });
+    expect_user_error(
+        eval_args(dir, data),
+        "'model.layers.0.mlp.gate_proj.weight' has shape [64, 32], expected [80, 32]");
   }
   SECTION("truncated safetensors") {
     const auto dir = broken_model("m", [&](const std::string& d) {
@@ -141,7 +156,8 @@ TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][error
     expect_user_error(eval_args(dir, data), "model-00003-of-00004.safetensors' listed in");
   }
   SECTION("adapter for another model") {
-    expect_user_error(eval_args(fixture("mha_linear/model"), data) + " --adapter " + q(fixture("gqa_llama3/lora_all")),
+    expect_user_error(eval_args(fixture("mha_linear/model"), data) + " --adapter " +
+                          q(fixture("gqa_llama3/lora_all")),
                       "does not fit the model");
   }
   SECTION("adapter of an unknown kind") {
@@ -154,18 +170,22 @@ TEST_CASE("broken inputs exit 2 with a message naming the problem", "[cli][error
   }
   SECTION("bad dataset line") {
     lorafit::test::write_text(tmp / "bad.jsonl", "{\"text\": \"ok\"}\n\n{\"txt\": \"typo\"}\n");
-    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "bad.jsonl"), "bad.jsonl:3: expected a JSON object");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "bad.jsonl"),
+                      "bad.jsonl:3: expected a JSON object");
   }
   SECTION("dataset line that is not JSON") {
     lorafit::test::write_text(tmp / "bad.jsonl", "{\"text\": \"ok\"}\n{oops\n");
-    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "bad.jsonl"), "bad.jsonl:2: not valid JSON");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "bad.jsonl"),
+                      "bad.jsonl:2: not valid JSON");
   }
   SECTION("missing dataset") {
-    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "none.jsonl"), "cannot read dataset");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "none.jsonl"),
+                      "cannot read dataset");
   }
   SECTION("empty dataset") {
     lorafit::test::write_text(tmp / "empty.jsonl", "\n");
-    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "empty.jsonl"), "no token to score");
+    expect_user_error(eval_args(fixture("gqa_llama3/model"), tmp / "empty.jsonl"),
+                      "no token to score");
   }
   SECTION("usage errors") {
     expect_user_error("eval --model x", "--data is required");
@@ -180,10 +200,13 @@ TEST_CASE("lorafit --help exits 0 and lists the commands", "[cli]") {
   REQUIRE_THAT(r.out, Catch::Contains("eval"));
 }
 
-TEST_CASE("generate reads the prompt from standard input and prints a continuation", "[cli][generate]") {
+TEST_CASE("generate reads the prompt from standard input and prints a continuation",
+          "[cli][generate]") {
   const std::string model = q(fixture("gqa_llama3/model"));
-  const auto a = run_lorafit("generate --device cpu --model " + model + " --prompt 'The cat' --max-new-tokens 5");
-  const auto b = run_lorafit("generate --device cpu --model " + model + " --prompt - --max-new-tokens 5", "The cat");
+  const auto a = run_lorafit("generate --device cpu --model " + model +
+                             " --prompt 'The cat' --max-new-tokens 5");
+  const auto b = run_lorafit(
+      "generate --device cpu --model " + model + " --prompt - --max-new-tokens 5", "The cat");
   INFO(a.err);
   REQUIRE(a.code == 0);
   REQUIRE(a.out == b.out);
@@ -193,8 +216,9 @@ TEST_CASE("generate reads the prompt from standard input and prints a continuati
 TEST_CASE("generate --temperature 0 prints transformers' greedy text", "[cli][generate]") {
   const auto expected = lorafit::test::read_json(fixture("trained_tiny/expected.json"));
   for (const auto& case_ : expected["greedy"]) {
-    const auto r = run_lorafit("generate --device cpu --temperature 0 --max-new-tokens 12 --model " +
-                               q(fixture("trained_tiny/model")) + " --prompt " + q(case_["prompt"]));
+    const auto r =
+        run_lorafit("generate --device cpu --temperature 0 --max-new-tokens 12 --model " +
+                    q(fixture("trained_tiny/model")) + " --prompt " + q(case_["prompt"]));
     REQUIRE(r.code == 0);
     REQUIRE(r.out == case_["text"].get<std::string>() + "\n");
   }

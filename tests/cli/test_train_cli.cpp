@@ -28,9 +28,10 @@ lorafit::test::RunResult train(const std::string& out, const std::string& sets =
 }
 
 double eval_loss(const std::string& adapter) {
-  const auto r = run_lorafit("eval --device cpu --json --model tests/fixtures/gqa_llama3/model --data "
-                             "recipes/data/tiny_valid.jsonl" +
-                             (adapter.empty() ? "" : " --adapter " + q(adapter)));
+  const auto r = run_lorafit(
+      "eval --device cpu --json --model tests/fixtures/gqa_llama3/model --data "
+      "recipes/data/tiny_valid.jsonl" +
+      (adapter.empty() ? "" : " --adapter " + q(adapter)));
   REQUIRE(r.code == 0);
   return nlohmann::json::parse(r.out)["loss"];
 }
@@ -47,10 +48,12 @@ std::vector<double> metric(const std::string& out, const char* key) {
 
 }  // namespace
 
-TEST_CASE("training lowers the loss and the adapter beats the base on held-out data", "[cli][train]") {
+TEST_CASE("training lowers the loss and the adapter beats the base on held-out data",
+          "[cli][train]") {
   TempDir tmp;
   const auto out = tmp / "run";
-  const auto r = train(out, "--set train.steps=60 --set train.eval_every=30 --set train.log_every=1");
+  const auto r =
+      train(out, "--set train.steps=60 --set train.eval_every=30 --set train.log_every=1");
   INFO(r.err);
   REQUIRE(r.code == 0);
   const auto losses = metric(out, "loss");
@@ -58,19 +61,23 @@ TEST_CASE("training lowers the loss and the adapter beats the base on held-out d
   REQUIRE(losses.back() < losses.front() - 1.0);
   REQUIRE(metric(out, "eval_loss").size() == 2);
   REQUIRE(eval_loss(out + "/adapter") < eval_loss("") - 1.0);
-  for (const char* f : {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
-                        "loss.svg", "recipe.yaml"}) {
+  for (const char* f : {"adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                        "metrics.jsonl", "loss.svg", "recipe.yaml"}) {
     INFO(f);
     REQUIRE(fs::exists(out + "/" + f));
   }
-  REQUIRE_THAT(read_text(out + "/loss.svg"), Catch::StartsWith("<svg") && Catch::Contains("polyline"));
-  REQUIRE_THAT(r.err, Catch::Contains("lorafit eval --model") && Catch::Contains("lorafit merge --model"));
+  REQUIRE_THAT(read_text(out + "/loss.svg"),
+               Catch::StartsWith("<svg") && Catch::Contains("polyline"));
+  REQUIRE_THAT(r.err,
+               Catch::Contains("lorafit eval --model") && Catch::Contains("lorafit merge --model"));
 }
 
 TEST_CASE("the adapter is in PEFT's format", "[cli][train]") {
   TempDir tmp;
   const auto out = tmp / "run";
-  REQUIRE(train(out, "--set train.steps=2 --set adapter.targets=[q_proj,down_proj] --set adapter.r=4").code == 0);
+  REQUIRE(
+      train(out, "--set train.steps=2 --set adapter.targets=[q_proj,down_proj] --set adapter.r=4")
+          .code == 0);
   const auto config = lorafit::test::read_json(out + "/adapter/adapter_config.json");
   REQUIRE(config["peft_type"] == "LORA");
   REQUIRE(config["task_type"] == "CAUSAL_LM");
@@ -117,14 +124,15 @@ TEST_CASE("gradient accumulation gives the gradient of the whole batch", "[cli][
 
 TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[cli][train]") {
   TempDir tmp;
-  const std::string sets = "--set train.steps=150 --set train.save_every=10 --set adapter.dropout=0.1";
+  const std::string sets =
+      "--set train.steps=150 --set train.save_every=10 --set adapter.dropout=0.1";
   REQUIRE(train(tmp / "whole", sets).code == 0);
 
   const auto out = tmp / "killed";
   const pid_t pid = fork();
   if (pid == 0) {
-    const std::string cmd = std::string(LORAFIT_BIN) + " train " + kRecipe + " --device cpu --set output=" +
-                            q(out) + " " + sets + " 2>/dev/null";
+    const std::string cmd = std::string(LORAFIT_BIN) + " train " + kRecipe +
+                            " --device cpu --set output=" + q(out) + " " + sets + " 2>/dev/null";
     execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
     _exit(127);
   }
@@ -140,8 +148,8 @@ TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[
   REQUIRE(fs::exists(out + "/checkpoints/step-30"));
   REQUIRE_FALSE(fs::exists(out + "/adapter/adapter_model.safetensors"));
 
-  const auto resumed = run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) + " " + sets +
-                                   " --resume " + q(out));
+  const auto resumed = run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) +
+                                   " " + sets + " --resume " + q(out));
   INFO(resumed.err);
   REQUIRE(resumed.code == 0);
   REQUIRE_THAT(resumed.err, Catch::Contains("resuming from"));
@@ -152,8 +160,9 @@ TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[
 
 TEST_CASE("a loss that turns non-finite stops the run and names the step", "[cli][train]") {
   TempDir tmp;
-  const auto r = train(tmp / "nan", "--set train.steps=50 --set train.lr=1e30 --set train.warmup_steps=0 "
-                                    "--set train.max_grad_norm=0 --set train.save_every=1");
+  const auto r = train(tmp / "nan",
+                       "--set train.steps=50 --set train.lr=1e30 --set train.warmup_steps=0 "
+                       "--set train.max_grad_norm=0 --set train.save_every=1");
   REQUIRE(r.code == 2);
   REQUIRE_THAT(r.err, Catch::Contains("the training loss became") && Catch::Contains("at step"));
   REQUIRE(fs::exists(tmp / "nan/checkpoints/step-1"));
@@ -164,19 +173,22 @@ TEST_CASE("a merged checkpoint gives the loss of the adapter it merged", "[cli][
   TempDir tmp;
   REQUIRE(train(tmp / "run", "--set train.steps=20").code == 0);
   const auto merged = tmp / "merged";
-  const auto r = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " + q(tmp / "run/adapter") +
-                             " --out " + q(merged));
+  const auto r = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                             q(tmp / "run/adapter") + " --out " + q(merged));
   INFO(r.err);
   REQUIRE(r.code == 0);
-  for (const char* f : {"config.json", "model.safetensors", "tokenizer.model", "generation_config.json"}) {
+  for (const char* f :
+       {"config.json", "model.safetensors", "tokenizer.model", "generation_config.json"}) {
     REQUIRE(fs::exists(merged + "/" + f));
   }
-  const auto m = run_lorafit("eval --device cpu --json --model " + q(merged) + " --data recipes/data/tiny_valid.jsonl");
+  const auto m = run_lorafit("eval --device cpu --json --model " + q(merged) +
+                             " --data recipes/data/tiny_valid.jsonl");
   REQUIRE(m.code == 0);
-  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(eval_loss(tmp / "run/adapter")).epsilon(1e-5));
+  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() ==
+          Approx(eval_loss(tmp / "run/adapter")).epsilon(1e-5));
   // Never overwrites.
-  const auto again = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " + q(tmp / "run/adapter") +
-                                 " --out " + q(merged));
+  const auto again = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                                 q(tmp / "run/adapter") + " --out " + q(merged));
   REQUIRE(again.code == 2);
   REQUIRE_THAT(again.err, Catch::Contains("already exists"));
 }
@@ -201,7 +213,8 @@ TEST_CASE("broken recipes exit 2 and name the key and write nothing", "[cli][tra
   for (const auto& [sets, fragment] : cases) {
     INFO(sets);
     for (const char* verb : {"train", "validate"}) {
-      const auto r = run_lorafit(std::string(verb) + " " + kRecipe + " --set output=" + q(out) + " " + sets);
+      const auto r =
+          run_lorafit(std::string(verb) + " " + kRecipe + " --set output=" + q(out) + " " + sets);
       INFO(r.err);
       REQUIRE(r.code == 2);
       REQUIRE(r.err.rfind("lorafit: error: ", 0) == 0);
@@ -215,7 +228,8 @@ TEST_CASE("broken recipes exit 2 and name the key and write nothing", "[cli][tra
 }
 
 TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]") {
-  const auto r = run_lorafit("bench --shape tiny --seq 64 --batch 2 --steps 2 --warmup 1 --device cpu --json");
+  const auto r =
+      run_lorafit("bench --shape tiny --seq 64 --batch 2 --steps 2 --warmup 1 --device cpu --json");
   INFO(r.err);
   REQUIRE(r.code == 0);
   const auto j = nlohmann::json::parse(r.out);
@@ -226,12 +240,15 @@ TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]
   REQUIRE(j["tokens_per_s"].get<double>() > 0);
   // r (in + out) per targeted projection: q, k, v, o (hidden 64, 2 KV heads of 16), gate, up,
   // down (intermediate 128), r = 16, 2 layers.
-  REQUIRE(j["trainable_params"] == 2 * 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128)));
+  REQUIRE(j["trainable_params"] ==
+          2 * 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128)));
   // Same seed, same steps: checkpointing changes the memory, not the numbers.
-  const auto ckpt = run_lorafit("bench --shape tiny --seq 64 --batch 2 --steps 2 --warmup 1 --device cpu --json "
-                                "--set train.gradient_checkpointing=true");
+  const auto ckpt = run_lorafit(
+      "bench --shape tiny --seq 64 --batch 2 --steps 2 --warmup 1 --device cpu --json "
+      "--set train.gradient_checkpointing=true");
   REQUIRE(ckpt.code == 0);
-  REQUIRE(nlohmann::json::parse(ckpt.out)["loss"].get<double>() == Approx(j["loss"].get<double>()).epsilon(1e-5));
+  REQUIRE(nlohmann::json::parse(ckpt.out)["loss"].get<double>() ==
+          Approx(j["loss"].get<double>()).epsilon(1e-5));
   const auto bad = run_lorafit("bench --shape tiny --set adapter.rank=3");
   REQUIRE(bad.code == 2);
   REQUIRE_THAT(bad.err, Catch::Contains("adapter.rank"));
@@ -259,10 +276,12 @@ TEST_CASE("a bad dataset line stops training before anything is written", "[cli]
   REQUIRE_FALSE(fs::exists(tmp / "out"));
 }
 
-TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk", "[cli][multilora]") {
+TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk",
+          "[cli][multilora]") {
   TempDir tmp;
-  const auto r = train(tmp / "ml", "--set train.steps=60 --set adapter.type=multilora --set adapter.n=3 "
-                                   "--set adapter.r=4 --set adapter.scale=scalar");
+  const auto r = train(tmp / "ml",
+                       "--set train.steps=60 --set adapter.type=multilora --set adapter.n=3 "
+                       "--set adapter.r=4 --set adapter.scale=scalar");
   INFO(r.err);
   REQUIRE(r.code == 0);
   const auto config = lorafit::test::read_json(tmp / "ml/adapter/adapter_config.json");
@@ -270,8 +289,8 @@ TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk
   REQUIRE(config["scale"] == "scalar");
   const double adapted = eval_loss(tmp / "ml/adapter");
   REQUIRE(adapted < eval_loss("") - 1.0);
-  const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " + q(tmp / "ml/adapter") +
-                                 " --out " + q(tmp / "merged"));
+  const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                                 q(tmp / "ml/adapter") + " --out " + q(tmp / "merged"));
   REQUIRE(merge.code == 0);
   const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
                              " --data recipes/data/tiny_valid.jsonl");

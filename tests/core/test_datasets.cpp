@@ -1,8 +1,8 @@
 #include <catch2/catch.hpp>
 
 #include "core/datasets.h"
-#include "core/text_data.h"
 #include "core/errors.h"
+#include "core/text_data.h"
 #include "core/trainer.h"
 #include "test_util.h"
 
@@ -16,7 +16,9 @@ const Tokenizer& tokenizer() {
   return tok;
 }
 
-std::vector<Example> examples_of(const std::string& jsonl, const std::string& format, int64_t max_len = 512,
+std::vector<Example> examples_of(const std::string& jsonl,
+                                 const std::string& format,
+                                 int64_t max_len = 512,
                                  bool packing = false) {
   TempDir tmp;
   lorafit::test::write_text(tmp / "d.jsonl", jsonl);
@@ -43,10 +45,11 @@ void require_equal(const Example& a, const Example& b) {
 }  // namespace
 
 TEST_CASE("alpaca trains on the response and its EOS only", "[core][datasets]") {
-  const auto ex = examples_of(R"({"instruction": "Name a bird.", "input": "", "output": "A sparrow."})"
-                              "\n"
-                              R"({"instruction": "Add.", "input": "2 and 3", "output": "5"})",
-                              "alpaca");
+  const auto ex =
+      examples_of(R"({"instruction": "Name a bird.", "input": "", "output": "A sparrow."})"
+                  "\n"
+                  R"({"instruction": "Add.", "input": "2 and 3", "output": "5"})",
+                  "alpaca");
   REQUIRE(ex.size() == 2);
   const auto& tok = tokenizer();
   require_equal(ex[0], expected({{{1}, false},
@@ -57,7 +60,8 @@ TEST_CASE("alpaca trains on the response and its EOS only", "[core][datasets]") 
                                  {tok.encode(alpaca_prompt("Add.", "2 and 3")), false},
                                  {tok.encode("5"), true},
                                  {{2}, true}}));
-  REQUIRE_THAT(alpaca_prompt("Add.", "2 and 3"), Catch::Contains("### Input:\n2 and 3\n\n### Response:\n"));
+  REQUIRE_THAT(alpaca_prompt("Add.", "2 and 3"),
+               Catch::Contains("### Input:\n2 and 3\n\n### Response:\n"));
 }
 
 TEST_CASE("chat trains on assistant turns only in LLaMA-2's template", "[core][datasets]") {
@@ -67,20 +71,22 @@ TEST_CASE("chat trains on assistant turns only in LLaMA-2's template", "[core][d
       R"( {"role": "assistant", "content": "Bye now."}]})",
       "chat");
   const auto& tok = tokenizer();
-  require_equal(ex[0], expected({{{1}, false},
-                                 {tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"), false},
-                                 {tok.encode("Hello."), true},
-                                 {{2}, true},
-                                 {{1}, false},
-                                 {tok.encode("[INST] Bye [/INST]"), false},
-                                 {tok.encode("Bye now."), true},
-                                 {{2}, true}}));
+  require_equal(ex[0],
+                expected({{{1}, false},
+                          {tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"), false},
+                          {tok.encode("Hello."), true},
+                          {{2}, true},
+                          {{1}, false},
+                          {tok.encode("[INST] Bye [/INST]"), false},
+                          {tok.encode("Bye now."), true},
+                          {{2}, true}}));
 }
 
 TEST_CASE("text documents are packed into blocks with EOS between them", "[core][datasets]") {
   const auto& tok = tokenizer();
-  const auto packed = examples_of("{\"text\": \"The cat sat.\"}\n{\"text\": \"A dog ran far away.\"}\n",
-                                  "text", /*max_len=*/8, /*packing=*/true);
+  const auto packed =
+      examples_of("{\"text\": \"The cat sat.\"}\n{\"text\": \"A dog ran far away.\"}\n", "text",
+                  /*max_len=*/8, /*packing=*/true);
   std::vector<int64_t> stream{1};
   for (auto id : tok.encode("The cat sat.")) stream.push_back(id);
   stream.push_back(2);
@@ -101,24 +107,30 @@ TEST_CASE("text documents are packed into blocks with EOS between them", "[core]
 }
 
 TEST_CASE("tokens records keep their ids and labels", "[core][datasets]") {
-  const auto ex = examples_of("{\"input_ids\": [1, 5, 6, 7], \"labels\": [-100, -100, 6, 7]}\n"
-                              "{\"input_ids\": [1, 9, 10]}\n",
-                              "tokens");
+  const auto ex = examples_of(
+      "{\"input_ids\": [1, 5, 6, 7], \"labels\": [-100, -100, 6, 7]}\n"
+      "{\"input_ids\": [1, 9, 10]}\n",
+      "tokens");
   REQUIRE(ex[0].labels == std::vector<int64_t>{-100, -100, 6, 7});
   REQUIRE(ex[1].labels == ex[1].input_ids);
 }
 
 TEST_CASE("a bad record names its file and line", "[core][datasets]") {
-  REQUIRE_THROWS_WITH(examples_of("{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n", "alpaca"),
-                      Catch::Contains("d.jsonl:2: expected a \"output\" string"));
-  REQUIRE_THROWS_WITH(examples_of("{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}\n", "chat"),
-                      Catch::Contains("d.jsonl:1: messages must be"));
+  REQUIRE_THROWS_WITH(
+      examples_of("{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n",
+                  "alpaca"),
+      Catch::Contains("d.jsonl:2: expected a \"output\" string"));
+  REQUIRE_THROWS_WITH(
+      examples_of("{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}\n", "chat"),
+      Catch::Contains("d.jsonl:1: messages must be"));
   REQUIRE_THROWS_WITH(examples_of("{\"input_ids\": [1, 999]}\n", "tokens"),
                       Catch::Contains("d.jsonl:1: token id 999 is outside the vocabulary"));
-  REQUIRE_THROWS_WITH(examples_of("{\"text\": \"ok\"}\nnot json\n", "text"), Catch::Contains("d.jsonl:2: not valid JSON"));
+  REQUIRE_THROWS_WITH(examples_of("{\"text\": \"ok\"}\nnot json\n", "text"),
+                      Catch::Contains("d.jsonl:2: not valid JSON"));
 }
 
-TEST_CASE("the example stream is a seeded permutation per epoch and resumes exactly", "[core][datasets]") {
+TEST_CASE("the example stream is a seeded permutation per epoch and resumes exactly",
+          "[core][datasets]") {
   ExampleStream a(10, 42);
   const auto first = a.next(10), second = a.next(10);
   auto sorted = first;
@@ -153,7 +165,8 @@ TEST_CASE("learning-rate schedules follow transformers'", "[core][trainer]") {
   REQUIRE(scheduled_lr(t, 110, total) == Approx(0.0).margin(1e-12));
 }
 
-TEST_CASE("text records come from JSON Lines and JSON arrays and plain text alike", "[core][datasets]") {
+TEST_CASE("text records come from JSON Lines and JSON arrays and plain text alike",
+          "[core][datasets]") {
   TempDir tmp;
   lorafit::test::write_text(tmp / "a.jsonl", "{\"text\": \"one\"}\n\n{\"text\": \"two\"}\n");
   lorafit::test::write_text(tmp / "a.json", "[{\"text\": \"one\"}, {\"text\": \"two\"}]");

@@ -1,15 +1,17 @@
 #include <catch2/catch.hpp>
 
 #include "core/generate.h"
-#include "tokenizer/tokenizer.h"
 #include "test_util.h"
+#include "tokenizer/tokenizer.h"
 
 using namespace lorafit;
 using lorafit::test::fixture;
 
 namespace {
 
-LlamaForCausalLM tiny() { return load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32); }
+LlamaForCausalLM tiny() {
+  return load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+}
 
 }  // namespace
 
@@ -25,13 +27,15 @@ TEST_CASE("a KV cache gives the logits of the full sequence", "[core][generate]"
     // then single positions.
     std::vector<torch::Tensor> parts{model->logits(model->forward(ids.narrow(1, 0, 5), &cache))};
     parts.push_back(model->logits(model->forward(ids.narrow(1, 5, 4), &cache)));
-    for (int64_t t = 9; t < 12; ++t) parts.push_back(model->logits(model->forward(ids.narrow(1, t, 1), &cache)));
+    for (int64_t t = 9; t < 12; ++t)
+      parts.push_back(model->logits(model->forward(ids.narrow(1, t, 1), &cache)));
     REQUIRE(cache.length == 12);
     REQUIRE(lorafit::test::rel_err(torch::cat(parts, 1), full) < 1e-5);
   }
 }
 
-TEST_CASE("greedy generation picks the argmax of the whole sequence at each step", "[core][generate]") {
+TEST_CASE("greedy generation picks the argmax of the whole sequence at each step",
+          "[core][generate]") {
   auto model = tiny();
   const std::vector<int64_t> prompt{1, 273, 312, 286};
   GenerateOptions o;
@@ -70,7 +74,8 @@ TEST_CASE("sampling is seeded and top-p keeps only the most likely tokens", "[co
   REQUIRE(seen == std::set<int64_t>{1, 3});
 }
 
-TEST_CASE("greedy generation prints transformers' continuation token for token", "[core][generate]") {
+TEST_CASE("greedy generation prints transformers' continuation token for token",
+          "[core][generate]") {
   // trained_tiny was trained by transformers, which also recorded its greedy continuations.
   auto model = load_llama(fixture("trained_tiny/model"), torch::kCPU, torch::kFloat32);
   const auto expected = lorafit::test::read_json(fixture("trained_tiny/expected.json"));

@@ -9,11 +9,13 @@ using namespace lorafit;
 namespace {
 
 nlohmann::json base_config() {
-  return {{"model_type", "llama"}, {"hidden_size", 64}, {"intermediate_size", 128},
+  return {{"model_type", "llama"},  {"hidden_size", 64},        {"intermediate_size", 128},
           {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"vocab_size", 100}};
 }
 
-LlamaConfig parse(const nlohmann::json& j) { return parse_llama_config(j.dump(), "config.json"); }
+LlamaConfig parse(const nlohmann::json& j) {
+  return parse_llama_config(j.dump(), "config.json");
+}
 
 }  // namespace
 
@@ -29,8 +31,11 @@ TEST_CASE("config defaults follow transformers", "[core][config]") {
 TEST_CASE("both rope spellings parse to the same settings", "[core][config]") {
   auto v4 = base_config();
   v4["rope_theta"] = 500000.0;
-  v4["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 32.0}, {"low_freq_factor", 1.0},
-                        {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
+  v4["rope_scaling"] = {{"rope_type", "llama3"},
+                        {"factor", 32.0},
+                        {"low_freq_factor", 1.0},
+                        {"high_freq_factor", 4.0},
+                        {"original_max_position_embeddings", 8192}};
   auto v5 = base_config();
   v5["rope_parameters"] = v4["rope_scaling"];
   v5["rope_parameters"]["rope_theta"] = 500000.0;

@@ -32,7 +32,7 @@ torch::Tensor ids_tensor(const nlohmann::json& ids) {
 
 torch::Tensor logits_of(LlamaForCausalLM& model, const torch::Tensor& ids) {
   torch::NoGradGuard no_grad;
-  model->eval();  // the rsLoRA fixture has dropout 0.1
+  model->eval();                                 // the rsLoRA fixture has dropout 0.1
   return model->logits(model->forward(ids))[0];  // [T, V]
 }
 
@@ -44,10 +44,12 @@ TEST_CASE("logits equal transformers' on the fixture checkpoints", "[core][llama
     auto model = load_llama(fixture(c.name + "/model"), torch::kCPU, torch::kFloat32);
     SafetensorsFile ref(fixture(c.name + "/reference.safetensors"));
     const auto expected = lorafit::test::read_json(fixture(c.name + "/expected.json"));
-    REQUIRE(rel_err(logits_of(model, ids_tensor(expected["logits_ids"])), ref.tensor("logits_base")) < kTol);
+    REQUIRE(rel_err(logits_of(model, ids_tensor(expected["logits_ids"])),
+                    ref.tensor("logits_base")) < kTol);
     // Positions far past the rope's original range: the scaling (llama3 or linear) must match.
     auto long_logits = logits_of(model, ref.tensor("long_ids").unsqueeze(0));
-    REQUIRE(rel_err(long_logits.narrow(0, long_logits.size(0) - 4, 4), ref.tensor("logits_long")) < kTol);
+    REQUIRE(rel_err(long_logits.narrow(0, long_logits.size(0) - 4, 4), ref.tensor("logits_long")) <
+            kTol);
   }
 }
 
@@ -135,13 +137,17 @@ TEST_CASE("a checkpoint that does not match its config names every bad tensor", 
     FAIL("no error");
   } catch (const ModelMismatchError& e) {
     const std::string msg = e.what();
-    REQUIRE_THAT(msg, Catch::Contains("missing tensor 'model.layers.1.mlp.up_proj.weight' [64, 32]"));
-    REQUIRE_THAT(msg, Catch::Contains("'model.layers.0.self_attn.k_proj.weight' has shape [3, 32], expected [32, 32]"));
+    REQUIRE_THAT(msg,
+                 Catch::Contains("missing tensor 'model.layers.1.mlp.up_proj.weight' [64, 32]"));
+    REQUIRE_THAT(
+        msg, Catch::Contains(
+                 "'model.layers.0.self_attn.k_proj.weight' has shape [3, 32], expected [32, 32]"));
     REQUIRE_THAT(msg, Catch::Contains("unexpected tensor 'model.layers.9.extra.weight'"));
   }
 }
 
-TEST_CASE("only adapter tensors train and a step leaves the base untouched", "[core][llama][lora]") {
+TEST_CASE("only adapter tensors train and a step leaves the base untouched",
+          "[core][llama][lora]") {
   auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
   const auto& spec = find_adapter("lora");
   spec.attach_new({4, 8.0, 0.0, false, {"q_proj", "up_proj"}}, model->projections());
@@ -165,7 +171,8 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
   auto grads = [](bool checkpoint) {
     torch::manual_seed(5);
     auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
-    find_adapter("lora").attach_new({4, 8.0, 0.2, false, {"q_proj", "v_proj", "down_proj"}}, model->projections());
+    find_adapter("lora").attach_new({4, 8.0, 0.2, false, {"q_proj", "v_proj", "down_proj"}},
+                                    model->projections());
     for (auto p : model->projections()) {
       if (p->adapter) {
         torch::NoGradGuard g;
@@ -190,7 +197,8 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
   }
 }
 
-TEST_CASE("the chunked loss head gives the composite log-softmax and its gradients", "[core][eval]") {
+TEST_CASE("the chunked loss head gives the composite log-softmax and its gradients",
+          "[core][eval]") {
   // Float64, more rows than one chunk, gradients for both the hidden states and the head.
   auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
   auto hidden = torch::randn({2500, 32}, torch::kFloat64).requires_grad_(true);
@@ -202,7 +210,8 @@ TEST_CASE("the chunked loss head gives the composite log-softmax and its gradien
   const auto fused_h = hidden.grad().clone(), fused_w = weight.grad().clone();
   hidden.mutable_grad().reset();
   weight.mutable_grad().reset();
-  auto composite = torch::log_softmax(hidden.matmul(weight.t()), -1).gather(1, targets.unsqueeze(1)).sum();
+  auto composite =
+      torch::log_softmax(hidden.matmul(weight.t()), -1).gather(1, targets.unsqueeze(1)).sum();
   composite.backward();
   REQUIRE(fused.item<double>() == Approx(composite.item<double>()).epsilon(1e-12));
   REQUIRE(torch::allclose(fused_h, hidden.grad(), 1e-10, 1e-12));

@@ -54,8 +54,9 @@ TEST_CASE("a recipe reads its keys and keeps the defaults of the rest", "[core][
 }
 
 TEST_CASE("overrides with --set reach any key by its dotted path", "[core][recipe]") {
-  const auto r = load_text(base_recipe(), {"data.max_seq_len=1024", "adapter.targets=[q_proj, v_proj]",
-                                           "train.lr=1e-3", "seed=7", "data.valid=recipes/data/tiny_valid.jsonl"});
+  const auto r = load_text(
+      base_recipe(), {"data.max_seq_len=1024", "adapter.targets=[q_proj, v_proj]", "train.lr=1e-3",
+                      "seed=7", "data.valid=recipes/data/tiny_valid.jsonl"});
   REQUIRE(r.data.max_seq_len == 1024);
   REQUIRE(r.adapter.targets == std::vector<std::string>{"q_proj", "v_proj"});
   REQUIRE(r.train.lr == 1e-3);
@@ -77,7 +78,9 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"train.lr=-1"}, "'train.lr' must be > 0"},
       {{"adapter.r=0"}, "'adapter.r' must be >= 1"},
       {{"adapter.dropout=1.5"}, "'adapter.dropout' must be in [0, 1)"},
-      {{"data.format=alpacca"}, "'data.format' is 'alpacca', expected text | alpaca | chat | tokens (did you mean 'alpaca'?)"},
+      {{"data.format=alpacca"},
+       "'data.format' is 'alpacca', expected text | alpaca | chat | tokens (did you mean "
+       "'alpaca'?)"},
       {{"train.schedule=cosin"}, "(did you mean 'cosine'?)"},
       {{"adapter.type=lorra"}, "'adapter.type' is 'lorra'"},
       {{"adapter.targets=[q_proj, qkv_proj]"}, "the model has no module 'qkv_proj'"},
@@ -109,5 +112,6 @@ TEST_CASE("every problem of a recipe is reported at once", "[core][recipe]") {
 
 TEST_CASE("a recipe that is not YAML is refused with its path", "[core][recipe]") {
   REQUIRE_THROWS_WITH(load_text("model: [unclosed"), Catch::Contains("is not valid YAML"));
-  REQUIRE_THROWS_WITH(load_recipe("no/such/recipe.yaml"), Catch::Contains("cannot read recipe 'no/such/recipe.yaml'"));
+  REQUIRE_THROWS_WITH(load_recipe("no/such/recipe.yaml"),
+                      Catch::Contains("cannot read recipe 'no/such/recipe.yaml'"));
 }

@@ -22,7 +22,8 @@ TensorMap sample_tensors() {
   };
 }
 
-void require_same(const TensorMap& expected, const std::function<torch::Tensor(const std::string&)>& get) {
+void require_same(const TensorMap& expected,
+                  const std::function<torch::Tensor(const std::string&)>& get) {
   for (const auto& [name, t] : expected) {
     auto got = get(name);
     INFO(name);
@@ -79,7 +80,8 @@ TEST_CASE("one shard is written as model.safetensors without an index", "[core][
 TEST_CASE("the fixtures' transformers-written shards are read through their index",
           "[core][safetensors]") {
   SafetensorsCheckpoint ckpt(lorafit::test::fixture("mha_linear/model"));
-  const auto index = lorafit::test::read_json(lorafit::test::fixture("mha_linear/model/model.safetensors.index.json"));
+  const auto index = lorafit::test::read_json(
+      lorafit::test::fixture("mha_linear/model/model.safetensors.index.json"));
   REQUIRE(ckpt.entries().size() == index["weight_map"].size());
   REQUIRE(ckpt.tensor("model.norm.weight").scalar_type() == torch::kBFloat16);
 }
@@ -91,19 +93,28 @@ TEST_CASE("broken safetensors files are refused with the file named", "[core][sa
   auto expect_error = [&](const std::string& bytes, const std::string& fragment) {
     lorafit::test::write_text(path, bytes);
     INFO(fragment);
-    REQUIRE_THROWS_WITH(SafetensorsFile(path),
-                        Catch::Contains(path) && Catch::Contains(fragment));
+    REQUIRE_THROWS_WITH(SafetensorsFile(path), Catch::Contains(path) && Catch::Contains(fragment));
   };
-  SECTION("empty file") { expect_error("", "shorter than the 8-byte header length"); }
-  SECTION("truncated data") { expect_error(good.substr(0, good.size() - 5), "outside the data buffer"); }
-  SECTION("truncated header") { expect_error(good.substr(0, 20), "declares a header of"); }
+  SECTION("empty file") {
+    expect_error("", "shorter than the 8-byte header length");
+  }
+  SECTION("truncated data") {
+    expect_error(good.substr(0, good.size() - 5), "outside the data buffer");
+  }
+  SECTION("truncated header") {
+    expect_error(good.substr(0, 20), "declares a header of");
+  }
   SECTION("header length beyond the limit") {
     std::string bytes = good;
     bytes[7] = 0x7f;
     expect_error(bytes, "more than the limit");
   }
-  SECTION("not JSON") { expect_error(with_header("{nope", 0), "not valid JSON"); }
-  SECTION("not an object") { expect_error(with_header("[1,2]   ", 0), "not a JSON object"); }
+  SECTION("not JSON") {
+    expect_error(with_header("{nope", 0), "not valid JSON");
+  }
+  SECTION("not an object") {
+    expect_error(with_header("[1,2]   ", 0), "not a JSON object");
+  }
   SECTION("unknown dtype") {
     expect_error(with_header(R"({"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})", 2),
                  "dtype 'F8_E4M3'");
@@ -114,7 +125,8 @@ TEST_CASE("broken safetensors files are refused with the file named", "[core][sa
   }
   SECTION("overlapping tensors") {
     expect_error(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+                             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                             12),
                  "overlapping tensors");
   }
   SECTION("offsets past the end") {
@@ -127,7 +139,8 @@ TEST_CASE("broken safetensors files are refused with the file named", "[core][sa
   }
   SECTION("shape product overflows") {
     expect_error(with_header(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,16],)"
-                             R"("data_offsets":[0,4]}})", 4),
+                             R"("data_offsets":[0,4]}})",
+                             4),
                  "does not match its shape");
   }
   SECTION("metadata value not a string") {
@@ -139,8 +152,9 @@ TEST_CASE("a checkpoint index naming a missing shard is refused", "[core][safete
   TempDir tmp;
   save_safetensors_sharded(tmp.path.string(), sample_tensors(), /*max_shard_bytes=*/40);
   fs::remove(tmp / "model-00002-of-00004.safetensors");
-  REQUIRE_THROWS_WITH(SafetensorsCheckpoint(tmp.path.string()),
-                      Catch::Contains("model-00002-of-00004.safetensors") && Catch::Contains("missing"));
+  REQUIRE_THROWS_WITH(
+      SafetensorsCheckpoint(tmp.path.string()),
+      Catch::Contains("model-00002-of-00004.safetensors") && Catch::Contains("missing"));
 }
 
 TEST_CASE("a folder with no safetensors is refused", "[core][safetensors]") {

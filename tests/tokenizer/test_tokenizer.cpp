@@ -18,7 +18,9 @@ TEST_CASE("the tokenizer gives sentencepiece's ids and decodes back", "[tokenize
 
 TEST_CASE("a missing or broken tokenizer is refused with its path", "[tokenizer]") {
   lorafit::test::TempDir tmp;
-  REQUIRE_THROWS_WITH(load_tokenizer(tmp.path.string()), Catch::Contains("tokenizer.model' not found"));
+  REQUIRE_THROWS_WITH(load_tokenizer(tmp.path.string()),
+                      Catch::Contains("tokenizer.model' not found"));
   lorafit::test::write_text(tmp / "tokenizer.model", "not a model");
-  REQUIRE_THROWS_WITH(load_tokenizer(tmp.path.string()), Catch::Contains("is not a sentencepiece model"));
+  REQUIRE_THROWS_WITH(load_tokenizer(tmp.path.string()),
+                      Catch::Contains("is not a sentencepiece model"));
 }
