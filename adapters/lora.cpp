@@ -87,13 +87,11 @@ double lora_scaling(double alpha, int64_t r, bool rslora) {
 }
 
 void lora_attach_new(const AdapterSettings& s, const Projections& projections) {
-  for (auto p : projections) {  // holders by value: attach() is not const
-    const auto kind = projection_kind(p->name);
-    if (std::find(s.targets.begin(), s.targets.end(), kind) == s.targets.end()) continue;
-    p->attach(Lora(p->in_features, p->out_features, s.r, lora_scaling(s.alpha, s.r, s.use_rslora),
-                   s.dropout, torch::device(p->weight.device()))
-                  .ptr());
-  }
+  attach_to_kinds(projections, s.targets, [&](const ProjectionImpl& p) {
+    return Lora(p.in_features, p.out_features, s.r, lora_scaling(s.alpha, s.r, s.use_rslora),
+                s.dropout, torch::device(p.weight.device()))
+        .ptr();
+  });
 }
 
 SavedAdapter lora_save(const AdapterSettings& s,

@@ -58,14 +58,12 @@ torch::Tensor MultiLoraImpl::merged_delta() const {
 }
 
 void multilora_attach_new(const AdapterSettings& s, const Projections& projections) {
-  for (auto p : projections) {  // holders by value: attach() is not const
-    if (std::find(s.targets.begin(), s.targets.end(), projection_kind(p->name)) == s.targets.end())
-      continue;
-    p->attach(MultiLora(p->in_features, p->out_features, s.r, s.n,
-                        lora_scaling(s.alpha, s.r, s.use_rslora), s.dropout, s.vector_scale,
-                        torch::device(p->weight.device()))
-                  .ptr());
-  }
+  attach_to_kinds(projections, s.targets, [&](const ProjectionImpl& p) {
+    return MultiLora(p.in_features, p.out_features, s.r, s.n,
+                     lora_scaling(s.alpha, s.r, s.use_rslora), s.dropout, s.vector_scale,
+                     torch::device(p.weight.device()))
+        .ptr();
+  });
 }
 
 SavedAdapter multilora_save(const AdapterSettings& s,

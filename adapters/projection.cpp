@@ -1,5 +1,7 @@
 #include "adapters/projection.h"
 
+#include <algorithm>
+
 namespace lorafit {
 
 ProjectionImpl::ProjectionImpl(std::string name_,
@@ -26,6 +28,16 @@ void ProjectionImpl::attach(std::shared_ptr<ProjectionAdapterImpl> a) {
 std::string projection_kind(const std::string& name) {
   const auto dot = name.rfind('.');
   return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+void attach_to_kinds(
+    const Projections& projections,
+    const std::vector<std::string>& kinds,
+    const std::function<std::shared_ptr<ProjectionAdapterImpl>(const ProjectionImpl&)>& make) {
+  for (auto p : projections) {  // holders by value: attach() is not const
+    if (std::find(kinds.begin(), kinds.end(), projection_kind(p->name)) != kinds.end())
+      p->attach(make(*p));
+  }
 }
 
 }  // namespace lorafit

@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -52,5 +53,12 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 
 /// The module name's last component ("q_proj"), which PEFT's target_modules lists match.
 std::string projection_kind(const std::string& name);
+
+/// Attaches make(projection) to every projection whose kind is in `kinds`: the one loop
+/// by which each strategy puts fresh adapters on a model.
+void attach_to_kinds(
+    const Projections& projections,
+    const std::vector<std::string>& kinds,
+    const std::function<std::shared_ptr<ProjectionAdapterImpl>(const ProjectionImpl&)>& make);
 
 }  // namespace lorafit
