@@ -72,10 +72,12 @@ LoraImpl::LoraImpl(int64_t in,
 }
 
 torch::Tensor LoraImpl::forward(const torch::Tensor& x, const torch::Tensor& base) {
-  auto h = x.to(lora_A.scalar_type());
-  if (dropout > 0 && is_training()) h = torch::dropout(h, dropout, /*train=*/true);
-  auto delta = torch::nn::functional::linear(torch::nn::functional::linear(h, lora_A), lora_B);
-  return (base + delta * scaling).to(base.scalar_type());
+  // The product runs in the activations' dtype from the fp32 weights (autocast's mixed
+  // precision, as PEFT under the HF Trainer with bf16): fp32 GEMMs and casts of x would cost
+  // a bf16 model more than its own projections.
+  auto h = dropout > 0 && is_training() ? torch::dropout(x, dropout, /*train=*/true) : x;
+  auto xa = torch::nn::functional::linear(h, lora_A.to(x.scalar_type()));  // [..., r]
+  return add_low_rank(base, xa, lora_B, scaling);
 }
 
 torch::Tensor LoraImpl::merged_delta() const {

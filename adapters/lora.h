@@ -1,5 +1,5 @@
 // LoRA with PEFT's math: y = x W^T + s * B(A(dropout(x))), s = alpha / r (or alpha / sqrt(r)
-// with rsLoRA); A and B in fp32 whatever the base dtype.
+// with rsLoRA); A and B kept in fp32 whatever the base dtype, computed in the base's.
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -30,6 +30,16 @@ std::string projection_kind(const std::string& name) {
   return dot == std::string::npos ? name : name.substr(dot + 1);
 }
 
+torch::Tensor add_low_rank(const torch::Tensor& base,
+                           const torch::Tensor& xa,
+                           const torch::Tensor& b,
+                           double scaling) {
+  const auto out = base.size(-1);
+  return torch::addmm(base.reshape({-1, out}), xa.reshape({-1, xa.size(-1)}),
+                      b.to(base.scalar_type()).t(), /*beta=*/1, /*alpha=*/scaling)
+      .view(base.sizes());
+}
+
 void attach_to_kinds(
     const Projections& projections,
     const std::vector<std::string>& kinds,

@@ -54,6 +54,15 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 /// The module name's last component ("q_proj"), which PEFT's target_modules lists match.
 std::string projection_kind(const std::string& name);
 
+/// base + scaling * xa b^T, the up-projection of a low-rank adapter, as one GEMM with the scale
+/// and the residual add in its epilogue, in base's dtype (b is cast: fp32 adapter weights
+/// computed in bf16, as autocast does).
+/// base: [..., out], xa: [..., k], b: [out, k] -> [..., out]
+torch::Tensor add_low_rank(const torch::Tensor& base,
+                           const torch::Tensor& xa,
+                           const torch::Tensor& b,
+                           double scaling);
+
 /// Attaches make(projection) to every projection whose kind is in `kinds`: the one loop
 /// by which each strategy puts fresh adapters on a model.
 void attach_to_kinds(

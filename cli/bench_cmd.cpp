@@ -26,6 +26,8 @@ Action add_bench(CLI::App& app) {
   cmd->add_option("--steps", o->steps, "timed steps")->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", o->warmup_steps, "untimed steps first")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--profile", o->profile,
+                  "write a Chrome trace of the timed steps here (LibTorch 2.x)");
   cmd->add_flag("--json", *json, "print the result as JSON");
   return [o, json, shape, model] {
     if (shape->count() == 0 && model->count() == 0) o->shape = "tiny";

@@ -6,6 +6,7 @@
 #include "core/adapter_io.h"
 #include "core/compat.h"
 #include "core/device.h"
+#include "core/optimizer.h"
 #include "core/trainer.h"
 
 namespace lorafit {
@@ -46,8 +47,7 @@ BenchResult run_bench(const BenchOptions& o) {
   const auto& spec = find_adapter(recipe.adapter.type);
   spec.attach_new(adapter_settings(recipe.adapter), model->projections());
   const auto params = trainable_parameters(model);
-  torch::optim::AdamW optimizer(params,
-                                torch::optim::AdamWOptions(recipe.train.lr).weight_decay(0.0));
+  AdamW optimizer(params, AdamWSettings{});
   model->train();
 
   const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
@@ -61,18 +61,21 @@ BenchResult run_bench(const BenchOptions& o) {
   const int64_t targets = o.batch * (o.seq - 1);
   BenchResult r;
   auto step = [&] {
-    r.loss = accumulate_gradients(model, batches, targets);
-    apply_update(optimizer, params, recipe.train.lr, recipe.train.max_grad_norm);
+    // As the trainer: the loss is read (waiting for the backward pass) before the update.
+    r.loss = accumulate_gradients(model, batches, targets).item<double>();
+    optimizer.step(recipe.train.lr, recipe.train.max_grad_norm);
   };
   for (int64_t i = 0; i < o.warmup_steps; ++i) step();
   compat::synchronize(device);
   compat::reset_peak_memory(device);
+  if (!o.profile.empty()) compat::profile_start();
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) step();
   compat::synchronize(device);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
+  if (!o.profile.empty()) compat::profile_stop(o.profile);
   r.step_ms = secs / o.steps * 1e3;
   r.tokens_per_s = static_cast<double>(o.batch * o.seq * o.steps) / secs;
   r.peak_mem_gib = compat::peak_memory_gib(device);

@@ -16,6 +16,7 @@ struct BenchOptions {
   std::string device = "auto";
   int64_t warmup_steps = 3;
   int64_t steps = 10;
+  std::string profile;  // a Chrome trace of the timed steps is written here when set
 };
 
 struct BenchResult {

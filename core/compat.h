@@ -5,6 +5,9 @@
 #include <sys/resource.h>
 #include <torch/torch.h>
 #include <torch/version.h>
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/autograd/profiler_kineto.h>
+#endif
 #ifdef LORAFIT_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -126,6 +129,39 @@ inline void reset_peak_memory(torch::Device device) {
 inline void synchronize(torch::Device device) {
 #ifdef LORAFIT_WITH_CUDA
   if (device.is_cuda()) torch::cuda::synchronize();
+#endif
+}
+
+/// Multiplies every tensor in place by a 0-dim tensor without reading it on the host (2.x has
+/// the multi-tensor overload; 1.13, CPU only here, reads the value).
+inline void foreach_scale_(std::vector<torch::Tensor>& tensors, const torch::Tensor& factor) {
+#if TORCH_VERSION_MAJOR >= 2
+  at::_foreach_mul_(tensors, factor);
+#else
+  at::_foreach_mul_(tensors, factor.item<double>());
+#endif
+}
+
+/// Records CPU ops and CUDA kernels from `profile_start` until `profile_stop`, which writes them
+/// as a Chrome trace (chrome://tracing, Perfetto). Kineto's C++ entry points are LibTorch 2.x's.
+inline void profile_start() {
+#if TORCH_VERSION_MAJOR >= 2
+  namespace prof = torch::autograd::profiler;
+  const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+  const std::set<torch::profiler::impl::ActivityType> activities{
+      torch::profiler::impl::ActivityType::CPU, torch::profiler::impl::ActivityType::CUDA};
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+#else
+  throw std::runtime_error("profiling needs LibTorch 2.x (this build has " TORCH_VERSION ")");
+#endif
+}
+
+inline void profile_stop(const std::string& trace_path) {
+#if TORCH_VERSION_MAJOR >= 2
+  torch::autograd::profiler::disableProfiler()->save(trace_path);
+#else
+  (void)trace_path;
 #endif
 }
 

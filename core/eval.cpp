@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <numeric>
 
+#include "core/datasets.h"
 #include "core/errors.h"
+#include "core/fused_ops.h"
 
 namespace lorafit {
 
@@ -35,8 +37,8 @@ torch::Dtype softmax_dtype(const torch::Tensor& weight) {
   return c10::promoteTypes(weight.scalar_type(), torch::kFloat32);
 }
 
-// Sum over rows of log softmax(hidden W^T)[target], holding fp32 logits for one chunk of rows
-// at a time. The loss is the graph's end, so its gradient is known up to the incoming scale:
+// Sum over rows of log softmax(hidden W^T)[target], holding the logits of one chunk of rows at
+// a time. The loss is the graph's end, so its gradient is known up to the incoming scale:
 // the forward computes d/dhidden (and d/dW when the head trains) chunk by chunk right away,
 // and the backward only scales them. No [N, V] logits live from forward to backward, and
 // nothing is recomputed. Logits are computed in the weight's dtype and softmaxed in fp32, as
@@ -54,17 +56,14 @@ struct ChunkedTargetLogProb : torch::autograd::Function<ChunkedTargetLogProb> {
     auto total = torch::zeros({}, torch::dtype(torch::kFloat64).device(hidden.device()));
     for (int64_t start = 0; start < hidden.size(0); start += kLogitRowsPerChunk) {
       const auto n = std::min(kLogitRowsPerChunk, hidden.size(0) - start);
-      const auto h = hidden.narrow(0, start, n);
-      const auto t = targets.narrow(0, start, n).unsqueeze(1);
-      auto logits = torch::nn::functional::linear(h, weight).to(acc);  // [n, V]
-      auto lse = logits.logsumexp(-1, /*keepdim=*/true);
-      total += (logits.gather(1, t) - lse).to(torch::kFloat64).sum();
-      if (!want_h && !want_w) continue;
-      // d/dlogits of log p(target) = onehot(target) - softmax(logits)
-      auto d = logits.sub_(lse).exp_().neg_();
-      d.scatter_add_(1, t, torch::ones({n, 1}, d.options()));
-      d = d.to(weight.scalar_type());
-      if (want_h) grad_hidden.narrow(0, start, n).copy_(d.matmul(weight));
+      const auto h = hidden.narrow(0, start, n);  // [n, C]
+      auto [logp, d] = target_log_softmax(torch::nn::functional::linear(h, weight),
+                                          targets.narrow(0, start, n), want_h || want_w);
+      total += logp.to(torch::kFloat64).sum();
+      if (want_h) {
+        auto rows = grad_hidden.narrow(0, start, n);  // [n, C]
+        at::mm_out(rows, d, weight);
+      }
       if (want_w) grad_weight += d.t().matmul(h).to(acc);
     }
     ctx->save_for_backward(
@@ -119,7 +118,7 @@ EvalResult evaluate(LlamaForCausalLM& model,
     if (t < 2) break;  // sorted: nothing after this scores a token
     const auto b = static_cast<int64_t>(end - start);
     std::vector<int64_t> ids_host(b * t, 0);  // right-padded with token 0, never scored
-    std::vector<uint8_t> mask_host(b * t, 0);
+    std::vector<int64_t> next_host(b * t, kIgnoreLabel);  // the token each position predicts
     for (int64_t i = 0; i < b; ++i) {
       const auto& seq = sequences[order[start + i]];
       for (size_t j = 0; j < seq.size(); ++j) {
@@ -129,18 +128,15 @@ EvalResult evaluate(LlamaForCausalLM& model,
                       " (hint: the tokenizer does not belong to this model)");
         }
         ids_host[i * t + j] = seq[j];
-        mask_host[i * t + j] = j + 1 < seq.size();  // this position predicts a real token
+        if (j + 1 < seq.size()) next_host[i * t + j] = seq[j + 1];
       }
     }
     auto ids = torch::from_blob(ids_host.data(), {b, t}, torch::kInt64).to(device);  // [B, T]
-    auto scored_mask =
-        torch::from_blob(mask_host.data(), {b, t}, torch::kUInt8).to(device).to(torch::kBool);
-    auto hidden = model->forward(ids);         // [B, T, C]
-    auto next = torch::roll(ids, -1, 1);       // [B, T]: the token each position predicts
-    auto rows = hidden.index({scored_mask});   // [N, C]
-    auto targets = next.index({scored_mask});  // [N]
-    nll -= target_log_prob_sum(model, rows, targets).item<double>();
-    scored += targets.size(0);
+    auto next = torch::from_blob(next_host.data(), {b * t}, torch::kInt64).to(device);  // [B*T]
+    auto hidden = model->forward(ids);  // [B, T, C]
+    nll -= target_log_prob_sum(model, hidden.reshape({b * t, -1}), next).item<double>();
+    scored += static_cast<int64_t>(
+        std::count_if(next_host.begin(), next_host.end(), [](int64_t x) { return x >= 0; }));
   }
   return {scored ? nll / scored : 0.0, scored};
 }

@@ -7,6 +7,7 @@
 
 #include "core/compat.h"
 #include "core/errors.h"
+#include "core/fused_ops.h"
 #include "core/safetensors.h"
 
 namespace lorafit {
@@ -21,13 +22,6 @@ torch::Tensor frozen(torch::nn::Module& m,
                      torch::IntArrayRef shape,
                      const torch::TensorOptions& o) {
   return m.register_parameter(name, torch::empty(shape, o), /*requires_grad=*/false);
-}
-
-// x: [B, H, T, D]; rotate_half(x) = cat(-x2, x1) on the two halves of D.
-torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& rope) {
-  const auto half = x.size(-1) / 2;
-  auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * rope.cos + rotated * rope.sin;
 }
 
 // Python's `scalar / tensor` is `tensor.reciprocal() * scalar`; matching it keeps RoPE
@@ -49,9 +43,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& o
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto x32 = x.to(torch::kFloat32);
-  x32 = x32 * torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * x32.to(x.scalar_type());
+  return rms_norm(x, weight, eps);
 }
 
 EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, const torch::TensorOptions& o) {
@@ -83,8 +75,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
   auto q = q_proj(x).view({b, t, heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
   auto k = k_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
   auto v = v_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
-  q = apply_rope(q, rope);
-  k = apply_rope(k, rope);
+  q = apply_rope(q, rope.cos, rope.sin);
+  k = apply_rope(k, rope.cos, rope.sin);
   int64_t offset = 0;
   if (cache) {
     offset = cache->length;
@@ -109,7 +101,7 @@ MlpImpl::MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::T
 }
 
 torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
-  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(swiglu(gate_proj(x), up_proj(x)));
 }
 
 DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c,

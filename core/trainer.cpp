@@ -18,6 +18,7 @@
 #include "core/errors.h"
 #include "core/eval.h"
 #include "core/loss_plot.h"
+#include "core/optimizer.h"
 #include "core/safetensors.h"
 
 namespace lorafit {
@@ -63,11 +64,12 @@ int64_t target_count(const std::vector<Example>& examples, const std::vector<siz
 // Summed negative log-likelihood of a batch's targets: position t predicts label t+1.
 torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
   auto hidden = model->forward(batch.ids);  // [B, T, C]
-  const auto t = hidden.size(1);
-  auto targets = batch.labels.narrow(1, 1, t - 1);  // [B, T-1]
-  auto mask = targets.ne(kIgnoreLabel);
-  auto rows = hidden.narrow(1, 0, t - 1).index({mask});  // [N, C]
-  return -target_log_prob_sum(model, rows, targets.index({mask}));
+  const auto b = hidden.size(0), t = hidden.size(1);
+  // The last position predicts nothing; ignored targets are skipped inside the loss.
+  auto targets = torch::cat({batch.labels.narrow(1, 1, t - 1),
+                             torch::full({b, 1}, kIgnoreLabel, batch.labels.options())},
+                            1);  // [B, T]
+  return -target_log_prob_sum(model, hidden.reshape({b * t, -1}), targets.reshape({-1}));
 }
 
 double validation_loss(LlamaForCausalLM& model,
@@ -102,7 +104,7 @@ struct TrainerState {
 
 void write_checkpoint(const fs::path& dir,
                       const TrainerState& state,
-                      torch::optim::Optimizer& opt,
+                      const AdamW& opt,
                       const std::function<void(const std::string&)>& save_adapter_to) {
   // Everything goes into a temporary folder that is renamed into place at the end: a run
   // killed at any moment leaves either the whole checkpoint or none.
@@ -110,7 +112,7 @@ void write_checkpoint(const fs::path& dir,
   compat::remove_tree(tmp);
   fs::create_directories(tmp);
   save_adapter_to(tmp.string());
-  torch::save(opt, (tmp / "optimizer.pt").string());
+  opt.save((tmp / "optimizer.safetensors").string());
   torch::save(compat::cpu_rng_state(), (tmp / "rng.pt").string());
   nlohmann::json j = {
       {"step", state.step}, {"epoch", state.data.epoch}, {"cursor", state.data.cursor}};
@@ -153,32 +155,18 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 }  // namespace
 
-double accumulate_gradients(LlamaForCausalLM& model,
-                            const std::vector<Batch>& micro_batches,
-                            int64_t targets) {
-  double loss_sum = 0;
+torch::Tensor accumulate_gradients(LlamaForCausalLM& model,
+                                   const std::vector<Batch>& micro_batches,
+                                   int64_t targets) {
+  torch::Tensor loss_sum;  // [] on the model's device
   for (const auto& batch : micro_batches) {
     // Each micro-batch adds its share of the step's token mean, so the gradient is that of the
     // mean over every target token of the step, not a mean of micro-batch means.
     auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
     loss.backward();
-    loss_sum += loss.item<double>();
+    loss_sum = loss_sum.defined() ? loss_sum + loss.detach() : loss.detach();
   }
   return loss_sum;
-}
-
-double apply_update(torch::optim::AdamW& optimizer,
-                    const std::vector<torch::Tensor>& params,
-                    double lr,
-                    double max_grad_norm) {
-  for (auto& group : optimizer.param_groups()) {
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-  }
-  const double grad_norm =
-      max_grad_norm > 0 ? torch::nn::utils::clip_grad_norm_(params, max_grad_norm) : 0.0;
-  optimizer.step();
-  optimizer.zero_grad();
-  return grad_norm;
 }
 
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
@@ -217,10 +205,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
   spec.attach_new(settings, model->projections());
   model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);
-  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(tr.lr)
-                                            .betas({0.9, 0.999})
-                                            .eps(1e-8)
-                                            .weight_decay(tr.weight_decay));
+  AdamWSettings adamw;
+  adamw.weight_decay = tr.weight_decay;
+  AdamW optimizer(params, adamw);
   auto save_adapter_to = [&](const std::string& dir) {
     save_adapter(dir, spec, settings, model, recipe.model);
   };
@@ -255,7 +242,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     state.step = j.at("step");
     state.data = {j.at("epoch"), j.at("cursor")};
     copy_adapter_weights(ckpt.string());
-    torch::load(optimizer, (ckpt / "optimizer.pt").string());
+    optimizer.load((ckpt / "optimizer.safetensors").string());
     torch::Tensor rng;
     torch::load(rng, (ckpt / "rng.pt").string());
     compat::set_cpu_rng_state(rng);
@@ -285,7 +272,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
       micro_batches.push_back(collate(train_examples, micro, device));
       tokens_since_log += micro_batches.back().tokens;
     }
-    const double loss_sum = accumulate_gradients(model, micro_batches, targets);
+    // Reading the loss waits for the backward pass, once per step: a non-finite loss must stop
+    // the run before the update.
+    const double loss_sum = accumulate_gradients(model, micro_batches, targets).item<double>();
     if (!std::isfinite(loss_sum)) {
       throw Error(
           fmt::format("the training loss became {} at step {}; the last good checkpoint is "
@@ -293,7 +282,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
                       loss_sum, state.step + 1, (out / "checkpoints").string()));
     }
     const double lr = scheduled_lr(tr, state.step, total_steps);
-    const double grad_norm = apply_update(optimizer, params, lr, tr.max_grad_norm);
+    const auto grad_norm = optimizer.step(lr, tr.max_grad_norm);  // [] or undefined
     ++state.step;
     state.data = stream.position();
 
@@ -311,7 +300,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
         metrics << nlohmann::json{{"step", state.step},
                                   {"loss", loss_sum},
                                   {"lr", lr},
-                                  {"grad_norm", grad_norm},
+                                  {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
                                   {"tokens_per_s", tok_s}}
                        .dump()
                 << "\n"

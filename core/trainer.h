@@ -29,17 +29,11 @@ struct Batch {
 };
 
 /// Forward and backward over the micro-batches of one optimizer step, each weighted so the
-/// gradient is that of the mean loss over all `targets` tokens of the step. Returns that loss.
-double accumulate_gradients(LlamaForCausalLM& model,
-                            const std::vector<Batch>& micro_batches,
-                            int64_t targets);
-
-/// Sets the learning rate, clips the gradients' global norm to max_grad_norm (0: no clipping),
-/// steps AdamW and clears the gradients. Returns the norm before clipping (0 if not clipped).
-double apply_update(torch::optim::AdamW& optimizer,
-                    const std::vector<torch::Tensor>& params,
-                    double lr,
-                    double max_grad_norm);
+/// gradient is that of the mean loss over all `targets` tokens of the step. Returns that loss
+/// as a 0-dim tensor on the model's device: nothing here waits for the GPU.
+torch::Tensor accumulate_gradients(LlamaForCausalLM& model,
+                                   const std::vector<Batch>& micro_batches,
+                                   int64_t targets);
 
 /// HF transformers' learning rate at optimizer step `step` (0-based) of `total`: linear warmup
 /// from 0, then constant, linear decay to 0, or half a cosine to 0.

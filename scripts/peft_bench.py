@@ -5,8 +5,11 @@ sdpa attention; torch.optim.AdamW(fused=True); tokens/s over 10 steps after the 
 torch.cuda.max_memory_allocated.
 
     peft_bench.py SHAPE SEQ BATCH CHECKPOINTING(0|1) COMPILE(0|1)   -> one JSON line
+
+With PEFT_PROFILE=FILE, two more steps are recorded by torch.profiler as a Chrome trace.
 """
 import json
+import os
 import sys
 import time
 
@@ -64,6 +67,13 @@ def main(shape, seq, batch, ckpt, compile_):
         loss = step()
     torch.cuda.synchronize()
     secs = time.time() - start
+    if os.environ.get("PEFT_PROFILE"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(os.environ["PEFT_PROFILE"])
     print(json.dumps({"tokens_per_s": 10 * batch * seq / secs, "step_ms": secs * 100,
                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                       "loss": loss.item(), "warmup_s": warmup_s}))

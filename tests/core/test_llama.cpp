@@ -6,6 +6,7 @@
 #include "adapters/registry.h"
 #include "core/adapter_io.h"
 #include "core/errors.h"
+#include "core/datasets.h"
 #include "core/eval.h"
 #include "core/llama.h"
 #include "core/safetensors.h"
@@ -199,10 +200,12 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
 
 TEST_CASE("the chunked loss head gives the composite log-softmax and its gradients",
           "[core][eval]") {
-  // Float64, more rows than one chunk, gradients for both the hidden states and the head.
+  // Float64, more rows than one chunk, gradients for both the hidden states and the head;
+  // every third target is ignored (-100) and must add nothing, not even gradient.
   auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
   auto hidden = torch::randn({2500, 32}, torch::kFloat64).requires_grad_(true);
   auto targets = torch::randint(0, 320, {2500}, torch::kInt64);
+  targets.slice(0, 0, 2500, 3).fill_(kIgnoreLabel);
   auto weight = model->lm_head->weight;
   weight.set_requires_grad(true);
   auto fused = target_log_prob_sum(model, hidden, targets);
@@ -210,10 +213,13 @@ TEST_CASE("the chunked loss head gives the composite log-softmax and its gradien
   const auto fused_h = hidden.grad().clone(), fused_w = weight.grad().clone();
   hidden.mutable_grad().reset();
   weight.mutable_grad().reset();
-  auto composite =
-      torch::log_softmax(hidden.matmul(weight.t()), -1).gather(1, targets.unsqueeze(1)).sum();
+  const auto keep = targets.ge(0);
+  auto composite = torch::log_softmax(hidden.index({keep}).matmul(weight.t()), -1)
+                       .gather(1, targets.index({keep}).unsqueeze(1))
+                       .sum();
   composite.backward();
   REQUIRE(fused.item<double>() == Approx(composite.item<double>()).epsilon(1e-12));
   REQUIRE(torch::allclose(fused_h, hidden.grad(), 1e-10, 1e-12));
+  REQUIRE(fused_h.slice(0, 0, 2500, 3).abs().max().item<double>() == 0.0);
   REQUIRE(torch::allclose(fused_w, weight.grad(), 1e-10, 1e-12));
 }

@@ -1,0 +1,43 @@
+// The elementwise parts of a LLaMA layer (RMSNorm, SwiGLU, RoPE) and of its loss head: on a
+// GPU single CUDA kernels with a hand-written backward (core/kernels.cu), elsewhere the
+// composite of LibTorch ops that transformers' code is. Both round as transformers does; LORAFIT_KERNELS=0 in the
+// environment selects the composites on the GPU too, to compare.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace lorafit {
+
+/// weight * T(x_f32 * rsqrt(mean(x_f32^2) + eps)), T = x's dtype.
+/// x: [..., C], weight: [C] -> [..., C]
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+/// silu(gate) * up.  gate, up: [..., I] -> [..., I]
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+
+/// x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) on the halves of D.
+/// x: [B, H, T, D], cos, sin: [T, D] -> [B, H, T, D]
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+/// The loss head's per-row log-softmax at the target. logits: [n, V] (the head's dtype),
+/// targets: [n] (negative: ignored) -> log p [n] in fp32 (f64 for f64 logits), 0 where
+/// ignored; with `grad`, also d/dlogits = onehot(target) - softmax(logits) in the logits' dtype
+/// (zero rows where ignored), written over `logits` by the kernel.
+std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
+                                                           const torch::Tensor& targets,
+                                                           bool grad);
+
+/// Whether the ops above run as CUDA kernels for tensors like `x`.
+bool fused_kernels_for(const torch::Tensor& x);
+
+/// The plain LibTorch compositions, which the kernels are tested against.
+namespace composite {
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
+                                                           const torch::Tensor& targets,
+                                                           bool grad);
+}  // namespace composite
+
+}  // namespace lorafit

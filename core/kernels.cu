@@ -1,0 +1,417 @@
+// lorafit's CUDA kernels: RMSNorm, SwiGLU, RoPE and the loss head's log-softmax, forward and
+// backward, each one or two passes over memory where the composite of LibTorch ops takes five
+// to ten. See core/kernels.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "core/kernels.h"
+
+namespace lorafit::kernels {
+
+namespace {
+
+// Arithmetic happens in Acc (float, or double for double); values are rounded to T wherever
+// the composite holds a T tensor.
+template <typename T>
+struct Num {
+  using Acc = float;
+  static __device__ float load(T v) { return static_cast<float>(v); }
+  static __device__ T round(float v) { return static_cast<T>(v); }
+};
+template <>
+struct Num<double> {
+  using Acc = double;
+  static __device__ double load(double v) { return v; }
+  static __device__ double round(double v) { return v; }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 round(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Num<__half> {
+  using Acc = float;
+  static __device__ float load(__half v) { return __half2float(v); }
+  static __device__ __half round(float v) { return __float2half_rn(v); }
+};
+
+// T -> T: the rounding a composite's intermediate tensor applies.
+template <typename T>
+__device__ typename Num<T>::Acc r(typename Num<T>::Acc v) {
+  return Num<T>::load(Num<T>::round(v));
+}
+
+constexpr int kBlock = 256;
+
+// N consecutive elements moved as one 16-byte access where the layout allows it.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T>
+constexpr int kWide = 16 / sizeof(T);
+
+bool aligned(const void* p, int64_t elements_multiple, int64_t n, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (elements_multiple * bytes) % 16 == 0 &&
+         n % (16 / bytes) == 0;
+}
+
+// Sum over the block; every thread gets the result.
+template <typename Acc>
+__device__ Acc block_sum(Acc v) {
+  __shared__ Acc partial[kBlock / 32];
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  Acc total = 0;
+  for (int i = 0; i < kBlock / 32; ++i) total += partial[i];
+  __syncthreads();  // partial is reused by the next call
+  return total;
+}
+
+template <typename T>
+__global__ void rms_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                        T* __restrict__ y, typename Num<T>::Acc* __restrict__ rstd,
+                                        int64_t cols, double eps) {
+  using Acc = typename Num<T>::Acc;
+  const T* xr = x + blockIdx.x * cols;
+  T* yr = y + blockIdx.x * cols;
+  Acc sq = 0;
+  for (int64_t i = threadIdx.x; i < cols; i += kBlock) {
+    const Acc v = Num<T>::load(xr[i]);
+    sq += v * v;
+  }
+  const Acc rs = rsqrt(block_sum(sq) / static_cast<Acc>(cols) + static_cast<Acc>(eps));
+  if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
+  for (int64_t i = threadIdx.x; i < cols; i += kBlock) {
+    const Acc normed = r<T>(Num<T>::load(xr[i]) * rs);
+    yr[i] = Num<T>::round(Num<T>::load(w[i]) * normed);
+  }
+}
+
+// dx_j = rstd * g_j - rstd^3 * x_j * sum_i(g_i x_i) / cols, g = dy * w.
+template <typename T>
+__global__ void rms_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                         const T* __restrict__ w,
+                                         const typename Num<T>::Acc* __restrict__ rstd,
+                                         T* __restrict__ dx, int64_t cols) {
+  using Acc = typename Num<T>::Acc;
+  const T* xr = x + blockIdx.x * cols;
+  const T* dyr = dy + blockIdx.x * cols;
+  T* dxr = dx + blockIdx.x * cols;
+  Acc dot = 0;
+  for (int64_t i = threadIdx.x; i < cols; i += kBlock) {
+    const Acc g = r<T>(Num<T>::load(dyr[i]) * Num<T>::load(w[i]));
+    dot += g * Num<T>::load(xr[i]);
+  }
+  const Acc rs = rstd[blockIdx.x];
+  const Acc k = rs * rs * rs * block_sum(dot) / static_cast<Acc>(cols);
+  for (int64_t i = threadIdx.x; i < cols; i += kBlock) {
+    const Acc g = r<T>(Num<T>::load(dyr[i]) * Num<T>::load(w[i]));
+    dxr[i] = Num<T>::round(rs * g - k * Num<T>::load(xr[i]));
+  }
+}
+
+// As LibTorch's kernels write them, so the results round the same way.
+template <typename Acc>
+__device__ Acc silu(Acc v) {
+  return v / (Acc(1) + exp(-v));
+}
+
+template <typename T, int N>
+__global__ void swiglu_forward_kernel(const T* __restrict__ g, const T* __restrict__ u,
+                                      T* __restrict__ y, int64_t n) {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < n / N;
+       i += int64_t(gridDim.x) * kBlock) {
+    const P gp = reinterpret_cast<const P*>(g)[i], up = reinterpret_cast<const P*>(u)[i];
+    P yp;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const Acc s = r<T>(silu(Num<T>::load(gp.v[k])));
+      yp.v[k] = Num<T>::round(s * Num<T>::load(up.v[k]));
+    }
+    reinterpret_cast<P*>(y)[i] = yp;
+  }
+}
+
+template <typename T, int N>
+__global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ g,
+                                       const T* __restrict__ u, T* __restrict__ dg,
+                                       T* __restrict__ du, int64_t n) {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < n / N;
+       i += int64_t(gridDim.x) * kBlock) {
+    const P dyp = reinterpret_cast<const P*>(dy)[i], gp = reinterpret_cast<const P*>(g)[i],
+            up = reinterpret_cast<const P*>(u)[i];
+    P dgp, dup;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const Acc gv = Num<T>::load(gp.v[k]), dyv = Num<T>::load(dyp.v[k]);
+      const Acc sig = Acc(1) / (Acc(1) + exp(-gv));
+      dup.v[k] = Num<T>::round(dyv * r<T>(silu(gv)));
+      const Acc ds = r<T>(dyv * Num<T>::load(up.v[k]));
+      dgp.v[k] = Num<T>::round(ds * sig * (Acc(1) + gv * (Acc(1) - sig)));
+    }
+    reinterpret_cast<P*>(dg)[i] = dgp;
+    reinterpret_cast<P*>(du)[i] = dup;
+  }
+}
+
+// Per row of logits [n, V]: log softmax at the target, in one pass (online max and sum), and
+// with `grad` the row overwritten by onehot(target) - softmax. Negative targets: 0 and a zero
+// row.
+template <typename Acc>
+struct MaxSum {
+  Acc m, s;  // running max and sum of exp(x - m)
+};
+
+template <typename Acc>
+__device__ MaxSum<Acc> merge(MaxSum<Acc> a, MaxSum<Acc> b) {
+  if (b.s == Acc(0)) return a;
+  if (a.s == Acc(0)) return b;
+  const Acc m = a.m > b.m ? a.m : b.m;
+  return {m, a.s * exp(a.m - m) + b.s * exp(b.m - m)};
+}
+
+template <typename T, int N>
+__global__ void target_log_softmax_kernel(T* __restrict__ logits,
+                                          const int64_t* __restrict__ targets,
+                                          typename Num<T>::Acc* __restrict__ logp, int64_t V,
+                                          bool grad) {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  T* row = logits + blockIdx.x * V;
+  P* prow = reinterpret_cast<P*>(row);
+  const int64_t target = targets[blockIdx.x];
+  if (target < 0) {
+    if (threadIdx.x == 0) logp[blockIdx.x] = 0;
+    if (grad) {
+      P zero;
+#pragma unroll
+      for (int k = 0; k < N; ++k) zero.v[k] = Num<T>::round(Acc(0));
+      for (int64_t i = threadIdx.x; i < V / N; i += kBlock) prow[i] = zero;
+    }
+    return;
+  }
+  Acc m = -INFINITY, sum = 0;  // one exp per element: rescale only when the max grows
+  for (int64_t i = threadIdx.x; i < V / N; i += kBlock) {
+    const P p = prow[i];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const Acc v = Num<T>::load(p.v[k]);
+      if (v > m) {
+        sum = sum * exp(m - v) + Acc(1);
+        m = v;
+      } else {
+        sum += exp(v - m);
+      }
+    }
+  }
+  MaxSum<Acc> ms{m, sum};
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const MaxSum<Acc> other{__shfl_xor_sync(0xffffffff, ms.m, offset),
+                            __shfl_xor_sync(0xffffffff, ms.s, offset)};
+    ms = merge(ms, other);
+  }
+  __shared__ MaxSum<Acc> partial[kBlock / 32];
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ms;
+  __syncthreads();
+  MaxSum<Acc> all{0, 0};
+  for (int w = 0; w < kBlock / 32; ++w) all = merge(all, partial[w]);
+  const Acc lse = all.m + log(all.s);
+  const Acc target_logit = Num<T>::load(row[target]);
+  __syncthreads();  // every thread has read row[target] before it is overwritten
+  if (threadIdx.x == 0) logp[blockIdx.x] = target_logit - lse;
+  if (!grad) return;
+  for (int64_t i = threadIdx.x; i < V / N; i += kBlock) {
+    P p = prow[i];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const Acc d = -exp(Num<T>::load(p.v[k]) - lse);
+      p.v[k] = Num<T>::round(i * N + k == target ? d + Acc(1) : d);
+    }
+    prow[i] = p;
+  }
+}
+
+// One thread per N consecutive pairs (j, j + D/2) of one (b, t, h) row, in the output's
+// memory order.
+template <typename T, int N>
+__global__ void rope_kernel(const T* __restrict__ x, RopeShape s, const T* __restrict__ cos,
+                            const T* __restrict__ sin, T* __restrict__ y, bool inverse) {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  const int64_t half = s.d / 2, groups = half / N;
+  const int64_t total = s.b * s.t * s.h * groups;
+  for (int64_t idx = blockIdx.x * int64_t(kBlock) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * kBlock) {
+    const int64_t j = (idx % groups) * N;
+    const int64_t row = idx / groups;  // (b * T + t) * H + h
+    const int64_t h = row % s.h, bt = row / s.h;
+    const int64_t t = bt % s.t, b = bt / s.t;
+    const T* xr = x + b * s.stride_b + h * s.stride_h + t * s.stride_t;
+    T* yr = y + row * s.d;
+    const P x1 = *reinterpret_cast<const P*>(xr + j), x2 = *reinterpret_cast<const P*>(xr + j + half);
+    const P c1 = *reinterpret_cast<const P*>(cos + t * s.d + j),
+            c2 = *reinterpret_cast<const P*>(cos + t * s.d + j + half);
+    const P s1 = *reinterpret_cast<const P*>(sin + t * s.d + j),
+            s2 = *reinterpret_cast<const P*>(sin + t * s.d + j + half);
+    P y1, y2;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const Acc a = Num<T>::load(x1.v[k]), b2 = Num<T>::load(x2.v[k]);
+      const Acc cc1 = Num<T>::load(c1.v[k]), cc2 = Num<T>::load(c2.v[k]);
+      const Acc ss1 = Num<T>::load(s1.v[k]), ss2 = Num<T>::load(s2.v[k]);
+      if (!inverse) {
+        // y = x * cos + cat(-x2, x1) * sin
+        y1.v[k] = Num<T>::round(r<T>(a * cc1) + r<T>(-b2 * ss1));
+        y2.v[k] = Num<T>::round(r<T>(b2 * cc2) + r<T>(a * ss2));
+      } else {
+        // dx1 = dy1 * cos1 + dy2 * sin2, dx2 = dy2 * cos2 - dy1 * sin1
+        y1.v[k] = Num<T>::round(r<T>(a * cc1) + r<T>(b2 * ss2));
+        y2.v[k] = Num<T>::round(r<T>(b2 * cc2) - r<T>(a * ss1));
+      }
+    }
+    *reinterpret_cast<P*>(yr + j) = y1;
+    *reinterpret_cast<P*>(yr + j + half) = y2;
+  }
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": CUDA launch failed: " +
+                             cudaGetErrorString(err));
+}
+
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+// Calls f with a null pointer of the C++ type that `dt` names.
+template <typename F>
+void dispatch(Dtype dt, F&& f) {
+  switch (dt) {
+    case Dtype::f32: return f(static_cast<float*>(nullptr));
+    case Dtype::f64: return f(static_cast<double*>(nullptr));
+    case Dtype::bf16: return f(static_cast<__nv_bfloat16*>(nullptr));
+    case Dtype::f16: return f(static_cast<__half*>(nullptr));
+  }
+}
+
+}  // namespace
+
+void rms_norm_forward(Dtype dt, const void* x, const void* w, void* y, void* rstd, int64_t rows,
+                      int64_t cols, double eps, Stream stream) {
+  if (rows == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using Acc = typename Num<T>::Acc;
+    rms_norm_forward_kernel<T><<<rows, kBlock, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y),
+        static_cast<Acc*>(rstd), cols, eps);
+  });
+  check_launch("rms_norm_forward");
+}
+
+void rms_norm_backward(Dtype dt, const void* dy, const void* x, const void* w, const void* rstd,
+                       void* dx, int64_t rows, int64_t cols, Stream stream) {
+  if (rows == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using Acc = typename Num<T>::Acc;
+    rms_norm_backward_kernel<T><<<rows, kBlock, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w),
+        static_cast<const Acc*>(rstd), static_cast<T*>(dx), cols);
+  });
+  check_launch("rms_norm_backward");
+}
+
+void swiglu_forward(Dtype dt, const void* g, const void* u, void* y, int64_t n, Stream stream) {
+  if (n == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int W = kWide<T>;
+    const bool wide = aligned(g, 1, n, sizeof(T)) && aligned(u, 1, n, sizeof(T)) &&
+                      aligned(y, 1, n, sizeof(T));
+    auto launch = [&](auto kernel, int per) {
+      kernel<<<grid_for(n / per), kBlock, 0, stream>>>(
+          static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), n);
+    };
+    wide ? launch(swiglu_forward_kernel<T, W>, W) : launch(swiglu_forward_kernel<T, 1>, 1);
+  });
+  check_launch("swiglu_forward");
+}
+
+void swiglu_backward(Dtype dt, const void* dy, const void* g, const void* u, void* dg, void* du,
+                     int64_t n, Stream stream) {
+  if (n == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int W = kWide<T>;
+    bool wide = true;
+    for (const void* p : {dy, g, u, static_cast<const void*>(dg), static_cast<const void*>(du)})
+      wide = wide && aligned(p, 1, n, sizeof(T));
+    auto launch = [&](auto kernel, int per) {
+      kernel<<<grid_for(n / per), kBlock, 0, stream>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(g), static_cast<const T*>(u),
+          static_cast<T*>(dg), static_cast<T*>(du), n);
+    };
+    wide ? launch(swiglu_backward_kernel<T, W>, W) : launch(swiglu_backward_kernel<T, 1>, 1);
+  });
+  check_launch("swiglu_backward");
+}
+
+void target_log_softmax(Dtype dt, void* logits, const int64_t* targets, void* logp, int64_t n,
+                        int64_t vocab, bool grad, Stream stream) {
+  if (n == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using Acc = typename Num<T>::Acc;
+    auto launch = [&](auto kernel) {
+      kernel<<<n, kBlock, 0, stream>>>(static_cast<T*>(logits), targets, static_cast<Acc*>(logp),
+                                       vocab, grad);
+    };
+    aligned(logits, vocab, vocab, sizeof(T)) ? launch(target_log_softmax_kernel<T, kWide<T>>)
+                                             : launch(target_log_softmax_kernel<T, 1>);
+  });
+  check_launch("target_log_softmax");
+}
+
+void rope(Dtype dt, const void* x, const RopeShape& shape, const void* cos, const void* sin,
+          void* y, bool inverse, Stream stream) {
+  const int64_t half = shape.d / 2;
+  if (shape.b * shape.h * shape.t * half == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int W = kWide<T>;
+    // Every row start and the half-way point must sit on a 16-byte boundary.
+    bool wide = half % W == 0;
+    for (int64_t stride : {shape.stride_b, shape.stride_h, shape.stride_t, shape.d})
+      wide = wide && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    for (const void* p : {x, cos, sin, static_cast<const void*>(y)})
+      wide = wide && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    auto launch = [&](auto kernel, int per) {
+      kernel<<<grid_for(shape.b * shape.h * shape.t * half / per), kBlock, 0, stream>>>(
+          static_cast<const T*>(x), shape, static_cast<const T*>(cos), static_cast<const T*>(sin),
+          static_cast<T*>(y), inverse);
+    };
+    wide ? launch(rope_kernel<T, W>, W) : launch(rope_kernel<T, 1>, 1);
+  });
+  check_launch("rope");
+}
+
+}  // namespace lorafit::kernels

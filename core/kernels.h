@@ -1,0 +1,49 @@
+// Launchers of lorafit's CUDA kernels (core/kernels.cu): raw pointers and sizes only, so nvcc
+// never compiles a LibTorch header. core/fused_ops.cpp wraps them as autograd functions.
+// Every kernel follows the rounding of the composite it replaces: each intermediate that
+// transformers' code materialises in the model's dtype is rounded to that dtype here too.
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace lorafit::kernels {
+
+using Stream = CUstream_st*;
+
+enum class Dtype { f32, f64, bf16, f16 };
+
+// RMSNorm over the last dimension of a [rows, cols] contiguous x: y = w * T(x * rstd),
+// rstd = rsqrt(mean(x^2) + eps) in the accumulation type (f64 for f64, else f32), written to
+// rstd [rows].
+void rms_norm_forward(Dtype dt, const void* x, const void* w, void* y, void* rstd,
+                      int64_t rows, int64_t cols, double eps, Stream stream);
+// dx for dy [rows, cols] contiguous, with x, w and the forward's rstd.
+void rms_norm_backward(Dtype dt, const void* dy, const void* x, const void* w, const void* rstd,
+                       void* dx, int64_t rows, int64_t cols, Stream stream);
+
+// y = T(T(silu(g)) * u) over n contiguous elements, and its gradients.
+void swiglu_forward(Dtype dt, const void* g, const void* u, void* y, int64_t n, Stream stream);
+void swiglu_backward(Dtype dt, const void* dy, const void* g, const void* u, void* dg, void* du,
+                     int64_t n, Stream stream);
+
+// For logits [n, vocab] contiguous and targets [n]: logp[i] = log softmax(logits[i])[target]
+// in the accumulation type, 0 where the target is negative (ignored). With `grad` the logits
+// are overwritten by onehot(target) - softmax(logits) (the gradient of logp), zero rows where
+// ignored.
+void target_log_softmax(Dtype dt, void* logits, const int64_t* targets, void* logp, int64_t n,
+                        int64_t vocab, bool grad, Stream stream);
+
+// Rotary embedding with rotate_half on x [B, H, T, D] (strides in elements; D contiguous),
+// cos and sin [T, D] contiguous; y is written as a contiguous [B, T, H, D] (the layout of the
+// projection it came from, and flash attention's). With `inverse` set it computes the
+// gradient: dx = dy * cos + rotate_half^T(dy * sin).
+struct RopeShape {
+  int64_t b, h, t, d;
+  int64_t stride_b, stride_h, stride_t;
+};
+void rope(Dtype dt, const void* x, const RopeShape& shape, const void* cos, const void* sin,
+          void* y, bool inverse, Stream stream);
+
+}  // namespace lorafit::kernels

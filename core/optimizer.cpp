@@ -1,0 +1,94 @@
+#include "core/optimizer.h"
+
+#include <cmath>
+
+#include "core/compat.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+
+namespace lorafit {
+
+AdamW::AdamW(std::vector<torch::Tensor> p, AdamWSettings s)
+    : params(std::move(p)), settings(s) {
+  torch::NoGradGuard no_grad;
+  for (const auto& t : params) {
+    exp_avg.push_back(torch::zeros_like(t, torch::MemoryFormat::Preserve));
+    exp_avg_sq.push_back(torch::zeros_like(t, torch::MemoryFormat::Preserve));
+  }
+}
+
+torch::Tensor AdamW::step(double lr, double max_grad_norm) {
+  torch::NoGradGuard no_grad;
+  // A tensor that took no part in the step (no gradient) keeps its weights and moments.
+  std::vector<torch::Tensor> p, g, m, v;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].grad().defined()) continue;
+    p.push_back(params[i]);
+    g.push_back(params[i].grad());
+    m.push_back(exp_avg[i]);
+    v.push_back(exp_avg_sq[i]);
+  }
+  torch::Tensor norm;
+  if (max_grad_norm > 0 && !g.empty()) {
+    norm = torch::stack(at::_foreach_norm(g, 2)).norm();
+    // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when that is below 1.
+    compat::foreach_scale_(g, (max_grad_norm / (norm + 1e-6)).clamp_max(1.0));
+  }
+  ++steps;
+  const auto& s = settings;
+  const double bias1 = 1 - std::pow(s.beta1, static_cast<double>(steps));
+  const double bias2 = 1 - std::pow(s.beta2, static_cast<double>(steps));
+  if (s.weight_decay != 0) at::_foreach_mul_(p, 1 - lr * s.weight_decay);
+  at::_foreach_mul_(m, s.beta1);
+  at::_foreach_add_(m, g, 1 - s.beta1);
+  at::_foreach_mul_(v, s.beta2);
+  at::_foreach_addcmul_(v, g, g, 1 - s.beta2);
+  auto denom = at::_foreach_sqrt(v);
+  at::_foreach_div_(denom, std::sqrt(bias2));
+  at::_foreach_add_(denom, s.eps);
+  at::_foreach_addcdiv_(p, m, denom, -lr / bias1);
+  for (auto& t : p) t.mutable_grad() = torch::Tensor();
+  return norm;
+}
+
+void AdamW::save(const std::string& path) const {
+  TensorMap tensors;
+  for (size_t i = 0; i < params.size(); ++i) {
+    tensors["exp_avg." + std::to_string(i)] = exp_avg[i];
+    tensors["exp_avg_sq." + std::to_string(i)] = exp_avg_sq[i];
+  }
+  save_safetensors(path, tensors,
+                   {{"format", "lorafit-adamw"},
+                    {"steps", std::to_string(steps)},
+                    {"tensors", std::to_string(params.size())}});
+}
+
+void AdamW::load(const std::string& path) {
+  SafetensorsFile file(path);
+  const auto& meta = file.header().metadata;
+  const auto count = meta.find("tensors");
+  if (count == meta.end() || count->second != std::to_string(params.size())) {
+    throw ModelMismatchError("optimizer state '" + path + "' is for " +
+                             (count == meta.end() ? std::string("an unknown number of")
+                                                  : count->second) +
+                             " tensors, this run trains " + std::to_string(params.size()) +
+                             " (hint: resume with the recipe that wrote it)");
+  }
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (auto* dst : {&exp_avg[i], &exp_avg_sq[i]}) {
+      const auto name = std::string(dst == &exp_avg[i] ? "exp_avg." : "exp_avg_sq.") +
+                        std::to_string(i);
+      const auto src = file.tensor(name);
+      if (src.sizes() != dst->sizes()) {
+        throw ModelMismatchError("optimizer tensor '" + name + "' in '" + path +
+                                 "' does not have the shape of the parameter it belongs to " +
+                                 "(hint: resume with the recipe that wrote it)");
+      }
+      dst->copy_(src);
+    }
+  }
+  steps = std::stoll(meta.at("steps"));
+}
+
+}  // namespace lorafit

@@ -1,0 +1,138 @@
+// core/kernels.cu against the LibTorch composites it replaces (core/fused_ops.h), on CUDA:
+// float64 values and gradients to rounding error, bf16 within one rounding of the composite.
+#include <catch2/catch.hpp>
+
+#include "core/fused_ops.h"
+
+using namespace lorafit;
+
+namespace {
+
+// Runs f on fresh leaf copies of `inputs`, backpropagates `upstream`, returns output and grads.
+template <typename F>
+std::vector<torch::Tensor> value_and_grads(F f,
+                                           const std::vector<torch::Tensor>& inputs,
+                                           const torch::Tensor& upstream) {
+  std::vector<torch::Tensor> leaves;
+  for (const auto& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
+  auto out = f(leaves);
+  out.backward(upstream);
+  std::vector<torch::Tensor> result{out.detach()};
+  for (const auto& l : leaves) result.push_back(l.grad());
+  return result;
+}
+
+// Largest difference relative to the largest magnitude of the reference.
+double rel_err(const torch::Tensor& a, const torch::Tensor& ref) {
+  const auto r = ref.to(torch::kFloat64);
+  return (a.to(torch::kFloat64) - r).abs().max().item<double>() /
+         std::max(r.abs().max().item<double>(), 1e-30);
+}
+
+// float64: the kernel equals the composite to rounding error. bf16: the kernel is no further
+// from the float64 truth than the bf16 composite is, give or take one bf16 rounding.
+void check(const std::vector<torch::Tensor>& fused,
+           const std::vector<torch::Tensor>& plain,
+           const std::vector<torch::Tensor>& truth,
+           torch::Dtype dtype) {
+  REQUIRE(fused.size() == plain.size());
+  for (size_t i = 0; i < fused.size(); ++i) {
+    INFO("output " << i << " (0: value, then input gradients)");
+    REQUIRE(fused[i].sizes() == plain[i].sizes());
+    if (dtype == torch::kFloat64) {
+      REQUIRE(torch::allclose(fused[i], plain[i], 1e-10, 1e-12));
+    } else {
+      REQUIRE(rel_err(fused[i], truth[i]) <=
+              std::max(2 * rel_err(plain[i], truth[i]), std::pow(2.0, -8)));
+    }
+  }
+}
+
+torch::Tensor f64(const torch::Tensor& t) {
+  return t.to(torch::kFloat64);
+}
+
+torch::Tensor cuda_randn(torch::IntArrayRef shape, torch::Dtype dtype) {
+  return torch::randn(shape, torch::dtype(torch::kFloat64)).to(torch::kCUDA, dtype);
+}
+
+}  // namespace
+
+TEST_CASE("fused RMSNorm equals the composite with its gradients on CUDA", "[gpu][kernels]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(0);
+  for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
+    auto x = cuda_randn({3, 37, 300}, dtype);  // 300: not a multiple of the block
+    auto w = cuda_randn({300}, dtype);
+    auto dy = cuda_randn({3, 37, 300}, dtype);
+    REQUIRE(fused_kernels_for(x));
+    auto run = [](auto norm) {
+      return [norm](const std::vector<torch::Tensor>& in) { return norm(in[0], in[1], 1e-5); };
+    };
+    check(value_and_grads(run(rms_norm), {x, w}, dy),
+          value_and_grads(run(composite::rms_norm), {x, w}, dy),
+          value_and_grads(run(composite::rms_norm), {f64(x), f64(w)}, f64(dy)), dtype);
+  }
+}
+
+TEST_CASE("fused SwiGLU equals the composite with its gradients on CUDA", "[gpu][kernels]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(1);
+  for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
+    auto g = cuda_randn({4, 33, 130}, dtype) * 3, u = cuda_randn({4, 33, 130}, dtype);
+    auto dy = cuda_randn({4, 33, 130}, dtype);
+    auto run = [](auto op) {
+      return [op](const std::vector<torch::Tensor>& in) { return op(in[0], in[1]); };
+    };
+    check(value_and_grads(run(swiglu), {g, u}, dy),
+          value_and_grads(run(composite::swiglu), {g, u}, dy),
+          value_and_grads(run(composite::swiglu), {f64(g), f64(u)}, f64(dy)), dtype);
+  }
+}
+
+TEST_CASE("fused RoPE equals the composite on a transposed projection on CUDA",
+          "[gpu][kernels]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(2);
+  const int64_t b = 2, t = 19, h = 3, d = 16;
+  for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
+    // As the attention builds it: a [B, T, H*D] projection viewed as [B, H, T, D].
+    auto proj = cuda_randn({b, t, h * d}, dtype);
+    auto angles = torch::rand({t, d / 2}, torch::dtype(torch::kFloat64)) * 6;
+    auto emb = torch::cat({angles, angles}, -1);
+    auto cos = emb.cos().to(torch::kCUDA, dtype), sin = emb.sin().to(torch::kCUDA, dtype);
+    auto dy = cuda_randn({b, h, t, d}, dtype);
+    auto run = [&](auto op, const torch::Tensor& c, const torch::Tensor& s) {
+      return [op, c, s, b, t, h, d](const std::vector<torch::Tensor>& in) {
+        return op(in[0].view({b, t, h, d}).transpose(1, 2), c, s);
+      };
+    };
+    check(value_and_grads(run(apply_rope, cos, sin), {proj}, dy),
+          value_and_grads(run(composite::apply_rope, cos, sin), {proj}, dy),
+          value_and_grads(run(composite::apply_rope, f64(cos), f64(sin)), {f64(proj)}, f64(dy)),
+          dtype);
+  }
+}
+
+TEST_CASE("fused loss-head log-softmax equals the composite with ignored rows on CUDA",
+          "[gpu][kernels]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
+    for (int64_t vocab : {1000, 1001}) {  // 16-byte rows and not
+      INFO("vocab " << vocab);
+      auto logits = cuda_randn({37, vocab}, dtype) * 4;
+      auto targets = torch::randint(0, vocab, {37}, torch::dtype(torch::kInt64)).to(torch::kCUDA);
+      targets.slice(0, 0, 37, 4).fill_(-100);
+      auto [logp, d] = target_log_softmax(logits.clone(), targets, true);
+      auto [ref_logp, ref_d] = composite::target_log_softmax(logits.clone(), targets, true);
+      auto [true_logp, true_d] = composite::target_log_softmax(f64(logits), targets, true);
+      check({logp, d}, {ref_logp, ref_d}, {true_logp, true_d}, dtype);
+      REQUIRE(logp.slice(0, 0, 37, 4).abs().max().item<double>() == 0.0);
+      REQUIRE(d.slice(0, 0, 37, 4).abs().max().item<double>() == 0.0);
+      auto [only_logp, none] = target_log_softmax(logits.clone(), targets, false);
+      REQUIRE(!none.defined());
+      REQUIRE(torch::equal(only_logp, logp));
+    }
+  }
+}
