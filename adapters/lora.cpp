@@ -71,13 +71,8 @@ LoraImpl::LoraImpl(int64_t in,
   torch::nn::init::kaiming_uniform_(lora_A, std::sqrt(5.0));
 }
 
-torch::Tensor LoraImpl::forward(const torch::Tensor& x, const torch::Tensor& base) {
-  // The product runs in the activations' dtype from the fp32 weights (autocast's mixed
-  // precision, as PEFT under the HF Trainer with bf16): fp32 GEMMs and casts of x would cost
-  // a bf16 model more than its own projections.
-  auto h = dropout > 0 && is_training() ? torch::dropout(x, dropout, /*train=*/true) : x;
-  auto xa = torch::nn::functional::linear(h, lora_A.to(x.scalar_type()));  // [..., r]
-  return add_low_rank(base, xa, lora_B, scaling);
+std::optional<LowRank> LoraImpl::low_rank(torch::Dtype dtype) const {
+  return LowRank{lora_A.to(dtype), lora_B.to(dtype), scaling, dropout};
 }
 
 torch::Tensor LoraImpl::merged_delta() const {

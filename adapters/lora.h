@@ -16,8 +16,9 @@ struct LoraImpl : ProjectionAdapterImpl {
            double scaling,
            double dropout,
            const torch::TensorOptions& options);
-  /// x: [..., in], base: [..., out] -> [..., out]
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) override;
+  /// A and B cast to `dtype`: fp32 weights computed in the activations' dtype (autocast's
+  /// mixed precision, as PEFT under the HF Trainer with bf16).
+  std::optional<LowRank> low_rank(torch::Dtype dtype) const override;
   /// scaling * B A, in fp32.
   torch::Tensor merged_delta() const override;
 

@@ -40,15 +40,10 @@ MultiLoraImpl::MultiLoraImpl(int64_t in,
   }
 }
 
-torch::Tensor MultiLoraImpl::forward(const torch::Tensor& x, const torch::Tensor& base) {
+std::optional<LowRank> MultiLoraImpl::low_rank(torch::Dtype dtype) const {
   const auto n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
-  auto h = dropout > 0 && is_training() ? torch::dropout(x, dropout, /*train=*/true) : x;
-  // All modules in two GEMMs, in the activations' dtype: x [A_1; ...; A_n]^T, then
-  // [s_1 B_1, ..., s_n B_n].
-  auto xa = torch::nn::functional::linear(
-      h, lora_A.reshape({n * r, in}).to(x.scalar_type()));                          // [..., n*r]
   auto b = (scale.unsqueeze(-1) * lora_B).permute({1, 0, 2}).reshape({out, n * r});  // [out, n*r]
-  return add_low_rank(base, xa, b, scaling);
+  return LowRank{lora_A.reshape({n * r, in}).to(dtype), b.to(dtype), scaling, dropout};
 }
 
 torch::Tensor MultiLoraImpl::merged_delta() const {

@@ -28,8 +28,8 @@ struct MultiLoraImpl : ProjectionAdapterImpl {
                 double dropout,
                 bool vector_scale,
                 const torch::TensorOptions& options);
-  /// x: [..., in], base: [..., out] -> [..., out]
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) override;
+  /// All modules as one low-rank pair: a = [A_1; ...; A_n], b = [s_1 B_1, ..., s_n B_n].
+  std::optional<LowRank> low_rank(torch::Dtype dtype) const override;
   /// scaling * sum_i diag(s_i) B_i A_i, in fp32.
   torch::Tensor merged_delta() const override;
 

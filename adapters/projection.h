@@ -8,16 +8,30 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace lorafit {
 
-/// What a strategy puts on a projection.
+/// A low-rank update of a projection: y = x W^T + scaling * (dropout(x) a^T) b^T.
+struct LowRank {
+  torch::Tensor a;  // [k, in]
+  torch::Tensor b;  // [out, k]
+  double scaling = 1.0;
+  double dropout = 0.0;  // on the adapter's input only, as PEFT
+};
+
+/// What a strategy puts on a projection. A low-rank strategy (LoRA, MultiLoRA) only describes
+/// its factors and the projection runs them, all through one fused path; any other computes
+/// the output from the input and the base output.
 struct ProjectionAdapterImpl : torch::nn::Module {
+  /// The factors in `dtype` (the activations'), differentiable with respect to the adapter's
+  /// own (fp32) parameters; std::nullopt for an adapter that is not low-rank.
+  virtual std::optional<LowRank> low_rank(torch::Dtype dtype) const { return std::nullopt; }
   /// x: [..., in] the projection's input; base: [..., out] = x W^T.
   /// Returns the projection's output [..., out] in base's dtype.
-  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base) = 0;
+  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base);
   /// The fp32 update [out, in] that merging adds to the base weight, or an undefined tensor
   /// for an adapter that no dense weight can express.
   virtual torch::Tensor merged_delta() const { return {}; }
@@ -25,15 +39,18 @@ struct ProjectionAdapterImpl : torch::nn::Module {
 
 /// A bias-free Linear with a frozen weight and an optional adapter.
 struct ProjectionImpl : torch::nn::Module {
-  /// `shared_weight`, when given, is used as the weight (tied embeddings).
+  /// `shared_weight`, when given, is used as the weight (tied embeddings, a view of a group's
+  /// stacked weights).
   ProjectionImpl(std::string name,
                  int64_t in_features,
                  int64_t out_features,
                  const torch::TensorOptions& options,
                  torch::Tensor shared_weight = {});
 
-  /// x: [..., in] -> [..., out]
-  torch::Tensor forward(const torch::Tensor& x);
+  /// x: [..., in] -> [..., out]. With `value_needed` false (recomputation for a backward
+  /// pass that only needs the graph) a frozen plain or low-rank projection skips its output
+  /// GEMMs and returns uninitialised memory that carries the graph.
+  torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
   /// Puts `adapter` on this projection (replacing any other), registered as "adapter".
   void attach(std::shared_ptr<ProjectionAdapterImpl> adapter);
 
@@ -54,14 +71,29 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 /// The module name's last component ("q_proj"), which PEFT's target_modules lists match.
 std::string projection_kind(const std::string& name);
 
-/// base + scaling * xa b^T, the up-projection of a low-rank adapter, as one GEMM with the scale
-/// and the residual add in its epilogue, in base's dtype (b is cast: fp32 adapter weights
-/// computed in bf16, as autocast does).
-/// base: [..., out], xa: [..., k], b: [out, k] -> [..., out]
-torch::Tensor add_low_rank(const torch::Tensor& base,
-                           const torch::Tensor& xa,
-                           const torch::Tensor& b,
-                           double scaling);
+/// x W^T + scaling * (x a^T) b^T with a hand-written backward: the input gradient is one
+/// GEMM accumulating into another (dy W + (dy b) a, no separate add), the up-projection adds
+/// into the base output in place, and the frozen weight gets no gradient. a and b may have
+/// k = 0 (no adapter). With `value_needed` false only what the backward needs is computed.
+/// x: [..., in], weight: [out, in], a: [k, in], b: [out, k] -> [..., out]
+torch::Tensor low_rank_linear(const torch::Tensor& x,
+                              const torch::Tensor& weight,
+                              const torch::Tensor& a,
+                              const torch::Tensor& b,
+                              double scaling,
+                              bool value_needed = true);
+
+/// Projections that read the same input, run as one: `weight` [sum of outs, in] is the
+/// projections' weights stacked in order, which their own weights view (the model allocates
+/// them so). Their low-rank adapters run as one pair too: a = [a_1; a_2; ...] and
+/// b = blockdiag(s_1 b_1, s_2 b_2, ...), so the group costs one base GEMM, one down- and one
+/// up-projection, and its input gradient needs no adds. Any adapter that is not low-rank, an
+/// active dropout, a trained base weight, or weights that no longer view `weight` (a model
+/// moved after it was built) send every projection through its own forward instead.
+/// x: [..., in] -> [..., sum of outs], each projection's output in its columns.
+torch::Tensor project_group(const torch::Tensor& x,
+                            const torch::Tensor& weight,
+                            const std::vector<const ProjectionImpl*>& group);
 
 /// Attaches make(projection) to every projection whose kind is in `kinds`: the one loop
 /// by which each strategy puts fresh adapters on a model.

@@ -21,14 +21,33 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return weight * x32.to(x.scalar_type());
 }
 
-torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
-  return torch::silu(gate) * up;
+torch::Tensor swiglu(const torch::Tensor& gate_up) {
+  const auto i = gate_up.size(-1) / 2;
+  return torch::silu(gate_up.narrow(-1, 0, i)) * gate_up.narrow(-1, i, i);
 }
 
+namespace {
+
+// x: [B, H, T, D], cos, sin: [T, D]
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   const auto half = x.size(-1) / 2;
   auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
+}
+
+}  // namespace
+
+QKV split_rope(const torch::Tensor& qkv,
+               int64_t heads,
+               int64_t kv_heads,
+               const torch::Tensor& cos,
+               const torch::Tensor& sin) {
+  const auto b = qkv.size(0), t = qkv.size(1), d = cos.size(-1);
+  auto part = [&](int64_t first_head, int64_t n) {  // [B, n, T, D]
+    return qkv.narrow(-1, first_head * d, n * d).view({b, t, n, d}).transpose(1, 2);
+  };
+  return {apply_rope(part(0, heads), cos, sin), apply_rope(part(heads, kv_heads), cos, sin),
+          part(heads + kv_heads, kv_heads)};
 }
 
 std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
@@ -109,54 +128,87 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
 };
 
 struct SwigluFn : torch::autograd::Function<SwigluFn> {
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor gate, torch::Tensor up) {
-    const c10::cuda::CUDAGuard guard(gate.device());
-    auto g = gate.contiguous(), u = up.contiguous();
-    auto y = torch::empty_like(g);
-    kernels::swiglu_forward(kernel_dtype(g), g.data_ptr(), u.data_ptr(), y.data_ptr(), g.numel(),
-                            stream_of(g));
-    ctx->save_for_backward({g, u});
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor gate_up) {
+    const c10::cuda::CUDAGuard guard(gate_up.device());
+    auto gu = gate_up.contiguous();  // [..., 2I]
+    auto shape = gu.sizes().vec();
+    const auto cols = shape.back() / 2;
+    shape.back() = cols;
+    auto y = torch::empty(shape, gu.options());  // [..., I]
+    kernels::swiglu_forward(kernel_dtype(gu), gu.data_ptr(), y.data_ptr(), y.numel() / cols, cols,
+                            stream_of(gu));
+    ctx->save_for_backward({gu});
     return y;
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto &g = saved[0], &u = saved[1];
-    const c10::cuda::CUDAGuard guard(g.device());
+    const auto gu = ctx->get_saved_variables()[0];
+    const c10::cuda::CUDAGuard guard(gu.device());
     auto dy = grads[0].contiguous();
-    auto dg = torch::empty_like(g), du = torch::empty_like(u);
-    kernels::swiglu_backward(kernel_dtype(g), dy.data_ptr(), g.data_ptr(), u.data_ptr(),
-                             dg.data_ptr(), du.data_ptr(), g.numel(), stream_of(g));
-    return {dg, du};
+    auto dgu = torch::empty_like(gu);
+    const auto cols = gu.size(-1) / 2;
+    kernels::swiglu_backward(kernel_dtype(gu), dy.data_ptr(), gu.data_ptr(), dgu.data_ptr(),
+                             dy.numel() / cols, cols, stream_of(gu));
+    return {dgu};
   }
 };
 
-// x [B, H, T, D] (any strides, D contiguous) -> [B, H, T, D] viewing a contiguous [B, T, H, D].
-torch::Tensor rope_kernel(const torch::Tensor& in, const torch::Tensor& cos,
-                          const torch::Tensor& sin, bool inverse) {
-  const auto x = in.stride(3) == 1 ? in : in.contiguous();
-  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),  x.size(3),
-                                 x.stride(0), x.stride(1), x.stride(2)};
-  auto y = torch::empty({shape.b, shape.t, shape.h, shape.d}, x.options());
+// Rotates x [B, H, T, D] (D contiguous) into y [B, H, T, D] (D contiguous), any other strides.
+void rope_into(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& cos,
+               const torch::Tensor& sin, bool inverse) {
+  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),   x.size(3),
+                                 x.stride(0), x.stride(1), x.stride(2), y.stride(0),
+                                 y.stride(1), y.stride(2)};
   kernels::rope(kernel_dtype(x), x.data_ptr(), shape, cos.data_ptr(), sin.data_ptr(),
                 y.data_ptr(), inverse, stream_of(x));
-  return y.transpose(1, 2);
 }
 
-struct RopeFn : torch::autograd::Function<RopeFn> {
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor cos,
-                               torch::Tensor sin) {
-    const c10::cuda::CUDAGuard guard(x.device());
+// A fresh [B, n, T, D] viewing a contiguous [B, T, n, D] (the projections' and flash's layout).
+torch::Tensor heads_tensor(int64_t b, int64_t n, int64_t t, int64_t d, const torch::Tensor& like) {
+  return torch::empty({b, t, n, d}, like.options()).transpose(1, 2);
+}
+
+struct SplitRopeFn : torch::autograd::Function<SplitRopeFn> {
+  static tensor_list forward(AutogradContext* ctx, torch::Tensor qkv, int64_t heads,
+                             int64_t kv_heads, torch::Tensor cos, torch::Tensor sin) {
+    const c10::cuda::CUDAGuard guard(qkv.device());
+    const auto b = qkv.size(0), t = qkv.size(1), d = cos.size(-1);
     auto c = cos.contiguous(), s = sin.contiguous();
+    auto part = [&](int64_t first_head, int64_t n) {
+      return qkv.narrow(-1, first_head * d, n * d).view({b, t, n, d}).transpose(1, 2);
+    };
+    auto q = heads_tensor(b, heads, t, d, qkv), k = heads_tensor(b, kv_heads, t, d, qkv);
+    auto v = heads_tensor(b, kv_heads, t, d, qkv);
+    rope_into(part(0, heads), q, c, s, /*inverse=*/false);
+    rope_into(part(heads, kv_heads), k, c, s, /*inverse=*/false);
+    v.copy_(part(heads + kv_heads, kv_heads));
     ctx->save_for_backward({c, s});
-    return rope_kernel(x, c, s, /*inverse=*/false);
+    ctx->saved_data["shape"] = torch::IValue(std::vector<int64_t>{heads, kv_heads});
+    return {q, k, v};
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const c10::cuda::CUDAGuard guard(grads[0].device());
-    return {rope_kernel(grads[0], saved[0], saved[1], /*inverse=*/true), torch::Tensor(),
-            torch::Tensor()};
+    const auto hk = ctx->saved_data["shape"].toIntVector();
+    const auto &dq = grads[0], &dk = grads[1], &dv = grads[2];  // [B, H|KV, T, D]
+    const c10::cuda::CUDAGuard guard(dq.device());
+    const auto b = dq.size(0), t = dq.size(2), d = dq.size(3);
+    auto dqkv = torch::empty({b, t, (hk[0] + 2 * hk[1]) * d}, dq.options());
+    auto part = [&](int64_t first_head, int64_t n) {
+      return dqkv.narrow(-1, first_head * d, n * d).view({b, t, n, d}).transpose(1, 2);
+    };
+    auto fill = [](const torch::Tensor& g, const torch::Tensor& out, auto&& write) {
+      if (g.defined()) {
+        write(g.stride(3) == 1 ? g : g.contiguous());
+      } else {
+        out.zero_();
+      }
+    };
+    auto dq_part = part(0, hk[0]), dk_part = part(hk[0], hk[1]), dv_part = part(hk[0] + hk[1], hk[1]);
+    fill(dq, dq_part, [&](const torch::Tensor& g) { rope_into(g, dq_part, saved[0], saved[1], true); });
+    fill(dk, dk_part, [&](const torch::Tensor& g) { rope_into(g, dk_part, saved[0], saved[1], true); });
+    fill(dv, dv_part, [&](const torch::Tensor& g) { dv_part.copy_(g); });
+    return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -183,18 +235,22 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return RmsNormFn::apply(x, weight, eps);
 }
 
-torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
-  if (!fused_kernels_for(gate) || up.scalar_type() != gate.scalar_type() ||
-      up.sizes() != gate.sizes())
-    return composite::swiglu(gate, up);
-  return SwigluFn::apply(gate, up);
+torch::Tensor swiglu(const torch::Tensor& gate_up) {
+  if (!fused_kernels_for(gate_up)) return composite::swiglu(gate_up);
+  return SwigluFn::apply(gate_up);
 }
 
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  if (!fused_kernels_for(x) || x.dim() != 4 || cos.scalar_type() != x.scalar_type() ||
-      cos.dim() != 2 || cos.size(0) != x.size(2) || x.size(-1) % 2 != 0)
-    return composite::apply_rope(x, cos, sin);
-  return RopeFn::apply(x, cos, sin);
+QKV split_rope(const torch::Tensor& qkv,
+               int64_t heads,
+               int64_t kv_heads,
+               const torch::Tensor& cos,
+               const torch::Tensor& sin) {
+  if (!fused_kernels_for(qkv) || qkv.dim() != 3 || qkv.stride(2) != 1 ||
+      cos.scalar_type() != qkv.scalar_type() || cos.dim() != 2 || cos.size(0) != qkv.size(1) ||
+      cos.size(1) % 2 != 0)
+    return composite::split_rope(qkv, heads, kv_heads, cos, sin);
+  auto out = SplitRopeFn::apply(qkv, heads, kv_heads, cos, sin);
+  return {out[0], out[1], out[2]};
 }
 
 std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
@@ -222,12 +278,16 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return composite::rms_norm(x, weight, eps);
 }
 
-torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
-  return composite::swiglu(gate, up);
+torch::Tensor swiglu(const torch::Tensor& gate_up) {
+  return composite::swiglu(gate_up);
 }
 
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  return composite::apply_rope(x, cos, sin);
+QKV split_rope(const torch::Tensor& qkv,
+               int64_t heads,
+               int64_t kv_heads,
+               const torch::Tensor& cos,
+               const torch::Tensor& sin) {
+  return composite::split_rope(qkv, heads, kv_heads, cos, sin);
 }
 
 std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,

@@ -12,17 +12,25 @@ namespace lorafit {
 /// x: [..., C], weight: [C] -> [..., C]
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
-/// silu(gate) * up.  gate, up: [..., I] -> [..., I]
-torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+/// silu(gate) * up for the fused gate and up projections.  gate_up: [..., 2I] -> [..., I]
+torch::Tensor swiglu(const torch::Tensor& gate_up);
 
+/// The fused q, k, v projections split into heads, with rotary embeddings on q and k:
 /// x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) on the halves of D.
-/// x: [B, H, T, D], cos, sin: [T, D] -> [B, H, T, D]
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+/// qkv: [B, T, (H + 2 KV) * D], cos, sin: [T, D] -> q [B, H, T, D], k, v [B, KV, T, D]
+struct QKV {
+  torch::Tensor q, k, v;
+};
+QKV split_rope(const torch::Tensor& qkv,
+               int64_t heads,
+               int64_t kv_heads,
+               const torch::Tensor& cos,
+               const torch::Tensor& sin);
 
 /// The loss head's per-row log-softmax at the target. logits: [n, V] (the head's dtype),
 /// targets: [n] (negative: ignored) -> log p [n] in fp32 (f64 for f64 logits), 0 where
 /// ignored; with `grad`, also d/dlogits = onehot(target) - softmax(logits) in the logits' dtype
-/// (zero rows where ignored), written over `logits` by the kernel.
+/// (zero rows where ignored). `logits` is consumed: its memory may be overwritten.
 std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
                                                            const torch::Tensor& targets,
                                                            bool grad);
@@ -33,8 +41,12 @@ bool fused_kernels_for(const torch::Tensor& x);
 /// The plain LibTorch compositions, which the kernels are tested against.
 namespace composite {
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor swiglu(const torch::Tensor& gate_up);
+QKV split_rope(const torch::Tensor& qkv,
+               int64_t heads,
+               int64_t kv_heads,
+               const torch::Tensor& cos,
+               const torch::Tensor& sin);
 std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
                                                            const torch::Tensor& targets,
                                                            bool grad);

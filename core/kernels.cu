@@ -127,14 +127,17 @@ __device__ Acc silu(Acc v) {
   return v / (Acc(1) + exp(-v));
 }
 
+// Element i of y [rows, cols] reads g and u at the same column of row i / cols of gu.
 template <typename T, int N>
-__global__ void swiglu_forward_kernel(const T* __restrict__ g, const T* __restrict__ u,
-                                      T* __restrict__ y, int64_t n) {
+__global__ void swiglu_forward_kernel(const T* __restrict__ gu, T* __restrict__ y, int64_t rows,
+                                      int64_t cols) {
   using Acc = typename Num<T>::Acc;
   using P = Pack<T, N>;
-  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < n / N;
+  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < rows * cols / N;
        i += int64_t(gridDim.x) * kBlock) {
-    const P gp = reinterpret_cast<const P*>(g)[i], up = reinterpret_cast<const P*>(u)[i];
+    const int64_t row = i * N / cols, col = i * N % cols;
+    const P gp = *reinterpret_cast<const P*>(gu + row * 2 * cols + col);
+    const P up = *reinterpret_cast<const P*>(gu + row * 2 * cols + cols + col);
     P yp;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -146,15 +149,16 @@ __global__ void swiglu_forward_kernel(const T* __restrict__ g, const T* __restri
 }
 
 template <typename T, int N>
-__global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ g,
-                                       const T* __restrict__ u, T* __restrict__ dg,
-                                       T* __restrict__ du, int64_t n) {
+__global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gu,
+                                       T* __restrict__ dgu, int64_t rows, int64_t cols) {
   using Acc = typename Num<T>::Acc;
   using P = Pack<T, N>;
-  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < n / N;
+  for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < rows * cols / N;
        i += int64_t(gridDim.x) * kBlock) {
-    const P dyp = reinterpret_cast<const P*>(dy)[i], gp = reinterpret_cast<const P*>(g)[i],
-            up = reinterpret_cast<const P*>(u)[i];
+    const int64_t row = i * N / cols, col = i * N % cols;
+    const int64_t g_at = row * 2 * cols + col, u_at = g_at + cols;
+    const P dyp = reinterpret_cast<const P*>(dy)[i];
+    const P gp = *reinterpret_cast<const P*>(gu + g_at), up = *reinterpret_cast<const P*>(gu + u_at);
     P dgp, dup;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -164,8 +168,8 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __rest
       const Acc ds = r<T>(dyv * Num<T>::load(up.v[k]));
       dgp.v[k] = Num<T>::round(ds * sig * (Acc(1) + gv * (Acc(1) - sig)));
     }
-    reinterpret_cast<P*>(dg)[i] = dgp;
-    reinterpret_cast<P*>(du)[i] = dup;
+    *reinterpret_cast<P*>(dgu + g_at) = dgp;
+    *reinterpret_cast<P*>(dgu + u_at) = dup;
   }
 }
 
@@ -246,8 +250,8 @@ __global__ void target_log_softmax_kernel(T* __restrict__ logits,
   }
 }
 
-// One thread per N consecutive pairs (j, j + D/2) of one (b, t, h) row, in the output's
-// memory order.
+// One thread per N consecutive pairs (j, j + D/2) of one (b, t, h) row, in (b, t, h) order
+// (the projections' memory order).
 template <typename T, int N>
 __global__ void rope_kernel(const T* __restrict__ x, RopeShape s, const T* __restrict__ cos,
                             const T* __restrict__ sin, T* __restrict__ y, bool inverse) {
@@ -262,7 +266,7 @@ __global__ void rope_kernel(const T* __restrict__ x, RopeShape s, const T* __res
     const int64_t h = row % s.h, bt = row / s.h;
     const int64_t t = bt % s.t, b = bt / s.t;
     const T* xr = x + b * s.stride_b + h * s.stride_h + t * s.stride_t;
-    T* yr = y + row * s.d;
+    T* yr = y + b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t;
     const P x1 = *reinterpret_cast<const P*>(xr + j), x2 = *reinterpret_cast<const P*>(xr + j + half);
     const P c1 = *reinterpret_cast<const P*>(cos + t * s.d + j),
             c2 = *reinterpret_cast<const P*>(cos + t * s.d + j + half);
@@ -340,35 +344,34 @@ void rms_norm_backward(Dtype dt, const void* dy, const void* x, const void* w, c
   check_launch("rms_norm_backward");
 }
 
-void swiglu_forward(Dtype dt, const void* g, const void* u, void* y, int64_t n, Stream stream) {
-  if (n == 0) return;
+void swiglu_forward(Dtype dt, const void* gu, void* y, int64_t rows, int64_t cols,
+                    Stream stream) {
+  if (rows * cols == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
-    const bool wide = aligned(g, 1, n, sizeof(T)) && aligned(u, 1, n, sizeof(T)) &&
-                      aligned(y, 1, n, sizeof(T));
+    const bool wide = aligned(gu, cols, cols, sizeof(T)) && aligned(y, cols, cols, sizeof(T));
     auto launch = [&](auto kernel, int per) {
-      kernel<<<grid_for(n / per), kBlock, 0, stream>>>(
-          static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(y), n);
+      kernel<<<grid_for(rows * cols / per), kBlock, 0, stream>>>(
+          static_cast<const T*>(gu), static_cast<T*>(y), rows, cols);
     };
     wide ? launch(swiglu_forward_kernel<T, W>, W) : launch(swiglu_forward_kernel<T, 1>, 1);
   });
   check_launch("swiglu_forward");
 }
 
-void swiglu_backward(Dtype dt, const void* dy, const void* g, const void* u, void* dg, void* du,
-                     int64_t n, Stream stream) {
-  if (n == 0) return;
+void swiglu_backward(Dtype dt, const void* dy, const void* gu, void* dgu, int64_t rows,
+                     int64_t cols, Stream stream) {
+  if (rows * cols == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
     bool wide = true;
-    for (const void* p : {dy, g, u, static_cast<const void*>(dg), static_cast<const void*>(du)})
-      wide = wide && aligned(p, 1, n, sizeof(T));
+    for (const void* p : {dy, gu, static_cast<const void*>(dgu)})
+      wide = wide && aligned(p, cols, cols, sizeof(T));
     auto launch = [&](auto kernel, int per) {
-      kernel<<<grid_for(n / per), kBlock, 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(g), static_cast<const T*>(u),
-          static_cast<T*>(dg), static_cast<T*>(du), n);
+      kernel<<<grid_for(rows * cols / per), kBlock, 0, stream>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(gu), static_cast<T*>(dgu), rows, cols);
     };
     wide ? launch(swiglu_backward_kernel<T, W>, W) : launch(swiglu_backward_kernel<T, 1>, 1);
   });
@@ -400,7 +403,8 @@ void rope(Dtype dt, const void* x, const RopeShape& shape, const void* cos, cons
     constexpr int W = kWide<T>;
     // Every row start and the half-way point must sit on a 16-byte boundary.
     bool wide = half % W == 0;
-    for (int64_t stride : {shape.stride_b, shape.stride_h, shape.stride_t, shape.d})
+    for (int64_t stride : {shape.stride_b, shape.stride_h, shape.stride_t, shape.out_stride_b,
+                           shape.out_stride_h, shape.out_stride_t, shape.d})
       wide = wide && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
     for (const void* p : {x, cos, sin, static_cast<const void*>(y)})
       wide = wide && reinterpret_cast<uintptr_t>(p) % 16 == 0;

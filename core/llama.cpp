@@ -58,13 +58,16 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c,
                              const std::string& prefix,
                              const torch::TensorOptions& o)
     : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
-  const auto hidden = c.hidden_size;
-  q_proj = register_module("q_proj", Projection(prefix + ".q_proj", hidden, heads * head_dim, o));
-  k_proj =
-      register_module("k_proj", Projection(prefix + ".k_proj", hidden, kv_heads * head_dim, o));
-  v_proj =
-      register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv_heads * head_dim, o));
-  o_proj = register_module("o_proj", Projection(prefix + ".o_proj", heads * head_dim, hidden, o));
+  const auto hidden = c.hidden_size, q = heads * head_dim, kv = kv_heads * head_dim;
+  // One allocation for the three, so they can run as one GEMM (project_group).
+  qkv_weight = torch::empty({q + 2 * kv, hidden}, o);
+  q_proj = register_module(
+      "q_proj", Projection(prefix + ".q_proj", hidden, q, o, qkv_weight.narrow(0, 0, q)));
+  k_proj = register_module(
+      "k_proj", Projection(prefix + ".k_proj", hidden, kv, o, qkv_weight.narrow(0, q, kv)));
+  v_proj = register_module(
+      "v_proj", Projection(prefix + ".v_proj", hidden, kv, o, qkv_weight.narrow(0, q + kv, kv)));
+  o_proj = register_module("o_proj", Projection(prefix + ".o_proj", q, hidden, o));
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
@@ -72,11 +75,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
                                      KVCache* cache,
                                      size_t layer) {
   const auto b = x.size(0), t = x.size(1);
-  auto q = q_proj(x).view({b, t, heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
-  auto k = k_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
-  auto v = v_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);  // [B, KV, T, D]
-  q = apply_rope(q, rope.cos, rope.sin);
-  k = apply_rope(k, rope.cos, rope.sin);
+  auto qkv = project_group(x, qkv_weight, {q_proj.get(), k_proj.get(), v_proj.get()});
+  auto [q, k, v] = split_rope(qkv, heads, kv_heads, rope.cos, rope.sin);  // [B, H|KV, T, D]
   int64_t offset = 0;
   if (cache) {
     offset = cache->length;
@@ -95,13 +95,17 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
 
 MlpImpl::MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o) {
   const auto h = c.hidden_size, i = c.intermediate_size;
-  gate_proj = register_module("gate_proj", Projection(prefix + ".gate_proj", h, i, o));
-  up_proj = register_module("up_proj", Projection(prefix + ".up_proj", h, i, o));
+  gate_up_weight = torch::empty({2 * i, h}, o);  // one allocation: one GEMM (project_group)
+  gate_proj = register_module(
+      "gate_proj", Projection(prefix + ".gate_proj", h, i, o, gate_up_weight.narrow(0, 0, i)));
+  up_proj = register_module(
+      "up_proj", Projection(prefix + ".up_proj", h, i, o, gate_up_weight.narrow(0, i, i)));
   down_proj = register_module("down_proj", Projection(prefix + ".down_proj", i, h, o));
 }
 
-torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
-  return down_proj(swiglu(gate_proj(x), up_proj(x)));
+torch::Tensor MlpImpl::forward(const torch::Tensor& x, bool value_needed) {
+  return down_proj->forward(
+      swiglu(project_group(x, gate_up_weight, {gate_proj.get(), up_proj.get()})), value_needed);
 }
 
 DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c,
@@ -121,6 +125,13 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
                                         size_t layer) {
   auto x = h + self_attn(input_layernorm(h), rope, cache, layer);
   return x + mlp(post_attention_layernorm(x));
+}
+
+std::pair<torch::Tensor, torch::Tensor> DecoderLayerImpl::graph_for_backward(
+    const torch::Tensor& h,
+    const RopeTables& rope) {
+  auto x = h + self_attn(input_layernorm(h), rope);
+  return {x, mlp->forward(post_attention_layernorm(x), /*value_needed=*/false)};
 }
 
 LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c, const torch::TensorOptions& o) {
@@ -171,8 +182,9 @@ RopeTables LlamaForCausalLMImpl::rope_tables(int64_t start, int64_t t, torch::Dt
 namespace {
 
 // Activation checkpointing for one decoder layer: the forward keeps only the layer's input;
-// the backward runs the layer again with gradients on and back-propagates through it. The RNG
-// state is replayed so the recomputation draws the same dropout masks.
+// the backward runs the layer again with gradients on and back-propagates through it, skipping
+// the MLP's down projection GEMM, whose value the backward never reads (a fifth of a layer's
+// FLOPs). The RNG state is replayed so the recomputation draws the same dropout masks.
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
                                torch::Tensor h,
@@ -193,13 +205,13 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     auto h = saved[0].detach().requires_grad_(true);
     const auto now = compat::rng_state(h.device());
     compat::set_rng_state(h.device(), ctx->saved_data["rng"].toTensor());
-    torch::Tensor out;
+    std::pair<torch::Tensor, torch::Tensor> parts;  // h + attn, mlp: [B, T, C] each
     {
       torch::AutoGradMode grad_on(true);
-      out = layer->forward(h, {saved[1], saved[2]});
+      parts = layer->graph_for_backward(h, {saved[1], saved[2]});
     }
     compat::set_rng_state(h.device(), now);
-    torch::autograd::backward({out}, {grads[0]});
+    torch::autograd::backward({parts.first, parts.second}, {grads[0], grads[0]});
     return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };

@@ -54,16 +54,18 @@ struct AttentionImpl : torch::nn::Module {
                         size_t layer = 0);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  torch::Tensor qkv_weight;  // [(H + 2 KV) * D, C]: q, k and v's weights view it
   int64_t heads, kv_heads, head_dim;
 };
 TORCH_MODULE(Attention);
 
 struct MlpImpl : torch::nn::Module {
   MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
-  /// x: [B, T, C] -> [B, T, C]
-  torch::Tensor forward(const torch::Tensor& x);
+  /// x: [B, T, C] -> [B, T, C]; `value_needed` as ProjectionImpl::forward's.
+  torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
 
   Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  torch::Tensor gate_up_weight;  // [2 * I, C]: gate's and up's weights view it
 };
 TORCH_MODULE(Mlp);
 
@@ -74,6 +76,11 @@ struct DecoderLayerImpl : torch::nn::Module {
                         const RopeTables& rope,
                         KVCache* cache = nullptr,
                         size_t layer = 0);
+  /// For a recomputing backward pass: the two terms whose sum is the layer's output, h + attn
+  /// and mlp, where the MLP's last GEMM is skipped (the graph needs its input, not its value).
+  /// Back-propagating the output's gradient into both gives the layer's gradients.
+  std::pair<torch::Tensor, torch::Tensor> graph_for_backward(const torch::Tensor& h,
+                                                             const RopeTables& rope);
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};

@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include "adapters/lora.h"
+#include "adapters/multilora.h"
 #include "adapters/registry.h"
 #include "core/errors.h"
 #include "test_util.h"
@@ -43,7 +44,8 @@ TEST_CASE("a fresh LoRA leaves the projection's output unchanged", "[adapters][l
   REQUIRE(torch::equal(ps[0](x), before));
 }
 
-TEST_CASE("LoRA forward is x W^T + s B A x computed in fp32 for a bf16 base", "[adapters][lora]") {
+TEST_CASE("LoRA forward is x W^T + s B A x with fp32 weights computed in a bf16 base's dtype",
+          "[adapters][lora]") {
   auto ps = make_projections({"q_proj"}, 6, 5);
   auto lora = Lora(6, 5, 3, /*scaling=*/0.75, 0.0, torch::kFloat32);
   {
@@ -65,6 +67,96 @@ TEST_CASE("LoRA forward is x W^T + s B A x computed in fp32 for a bf16 base", "[
   auto y = bf16(x.to(torch::kBFloat16));
   REQUIRE(y.scalar_type() == torch::kBFloat16);
   REQUIRE(lora->lora_A.scalar_type() == torch::kFloat32);
+}
+
+TEST_CASE("the fused low-rank projection has the composite's gradients in float64",
+          "[adapters][lora]") {
+  auto x = torch::randn({2, 3, 6}, torch::kFloat64).requires_grad_(true);
+  auto w = torch::randn({5, 6}, torch::kFloat64).requires_grad_(true);
+  auto a = torch::randn({3, 6}, torch::kFloat64).requires_grad_(true);
+  auto b = torch::randn({5, 3}, torch::kFloat64).requires_grad_(true);
+  auto upstream = torch::randn({2, 3, 5}, torch::kFloat64);
+  auto grads = [&](const torch::Tensor& y) {
+    y.backward(upstream);
+    std::vector<torch::Tensor> g{y.detach()};
+    for (auto* t : {&x, &w, &a, &b}) {
+      g.push_back(t->grad().clone());
+      t->mutable_grad().reset();
+    }
+    return g;
+  };
+  const auto fused = grads(low_rank_linear(x, w, a, b, 0.75));
+  const auto plain = grads(x.matmul(w.t()) + 0.75 * x.matmul(a.t()).matmul(b.t()));
+  for (size_t i = 0; i < fused.size(); ++i) {
+    INFO(i);
+    REQUIRE(torch::allclose(fused[i], plain[i], 1e-10, 1e-12));
+  }
+}
+
+TEST_CASE("a group of projections equals each projection on its own, with gradients",
+          "[adapters][lora]") {
+  // q with LoRA, k with none, v with MultiLoRA, over one stacked weight, in float64.
+  auto stacked = torch::randn({5 + 3 + 4, 6}, torch::kFloat64);
+  Projections ps;
+  int64_t row = 0;
+  for (auto [name, out] : std::vector<std::pair<std::string, int64_t>>{
+           {"q_proj", 5}, {"k_proj", 3}, {"v_proj", 4}}) {
+    ps.push_back(Projection(name, 6, out, torch::kFloat64, stacked.narrow(0, row, out)));
+    row += out;
+  }
+  auto lora = Lora(6, 5, 2, 0.75, 0.0, torch::kFloat64);
+  auto multi = MultiLora(6, 4, 2, 3, 1.5, 0.0, /*vector_scale=*/true, torch::kFloat64);
+  {
+    torch::NoGradGuard g;
+    lora->lora_B.normal_();
+    multi->scale.normal_();
+  }
+  ps[0]->attach(lora.ptr());
+  ps[2]->attach(multi.ptr());
+  std::vector<torch::Tensor> params{lora->lora_A, lora->lora_B, multi->lora_A, multi->lora_B,
+                                    multi->scale};
+  auto x = torch::randn({2, 3, 6}, torch::kFloat64).requires_grad_(true);
+  auto upstream = torch::randn({2, 3, 12}, torch::kFloat64);
+  auto run = [&](const torch::Tensor& y) {
+    y.backward(upstream);
+    std::vector<torch::Tensor> out{y.detach(), x.grad().clone()};
+    x.mutable_grad().reset();
+    for (auto& p : params) {
+      out.push_back(p.grad().clone());
+      p.mutable_grad().reset();
+    }
+    return out;
+  };
+  const auto grouped = run(project_group(x, stacked, {ps[0].get(), ps[1].get(), ps[2].get()}));
+  const auto separate = run(torch::cat({ps[0](x), ps[1](x), ps[2](x)}, -1));
+  for (size_t i = 0; i < grouped.size(); ++i) {
+    INFO(i);
+    REQUIRE(torch::allclose(grouped[i], separate[i], 1e-10, 1e-12));
+  }
+}
+
+TEST_CASE("LoRA dropout reaches only the adapter's input, in training only", "[adapters][lora]") {
+  auto ps = make_projections({"q_proj"}, 8, 5);
+  auto lora = Lora(8, 5, 3, 0.5, /*dropout=*/0.5, torch::kFloat32);
+  {
+    torch::NoGradGuard g;
+    lora->lora_B.normal_();
+  }
+  ps[0]->attach(lora.ptr());
+  auto x = torch::randn({4, 8});
+  ps[0]->train();
+  torch::manual_seed(7);
+  auto y = ps[0](x);
+  torch::manual_seed(7);
+  auto dropped = torch::dropout(x, 0.5, true);
+  auto expected =
+      x.matmul(ps[0]->weight.t()) + 0.5 * dropped.matmul(lora->lora_A.t()).matmul(lora->lora_B.t());
+  REQUIRE(torch::allclose(y, expected, 1e-5, 1e-6));
+  ps[0]->eval();
+  auto plain =
+      x.matmul(ps[0]->weight.t()) + 0.5 * x.matmul(lora->lora_A.t()).matmul(lora->lora_B.t());
+  REQUIRE(torch::allclose(ps[0](x), plain, 1e-5, 1e-6));
+  REQUIRE(!torch::allclose(y, plain, 1e-3, 1e-3));
 }
 
 TEST_CASE("target_modules select projections by PEFT's rules", "[adapters][lora]") {

@@ -79,37 +79,40 @@ TEST_CASE("fused SwiGLU equals the composite with its gradients on CUDA", "[gpu]
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(1);
   for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
-    auto g = cuda_randn({4, 33, 130}, dtype) * 3, u = cuda_randn({4, 33, 130}, dtype);
-    auto dy = cuda_randn({4, 33, 130}, dtype);
-    auto run = [](auto op) {
-      return [op](const std::vector<torch::Tensor>& in) { return op(in[0], in[1]); };
-    };
-    check(value_and_grads(run(swiglu), {g, u}, dy),
-          value_and_grads(run(composite::swiglu), {g, u}, dy),
-          value_and_grads(run(composite::swiglu), {f64(g), f64(u)}, f64(dy)), dtype);
+    for (int64_t i : {128, 131}) {  // 16-byte rows and not
+      INFO("intermediate " << i);
+      auto gu = cuda_randn({4, 33, 2 * i}, dtype) * 3, dy = cuda_randn({4, 33, i}, dtype);
+      auto run = [](auto op) {
+        return [op](const std::vector<torch::Tensor>& in) { return op(in[0]); };
+      };
+      check(value_and_grads(run(swiglu), {gu}, dy),
+            value_and_grads(run(composite::swiglu), {gu}, dy),
+            value_and_grads(run(composite::swiglu), {f64(gu)}, f64(dy)), dtype);
+    }
   }
 }
 
-TEST_CASE("fused RoPE equals the composite on a transposed projection on CUDA",
-          "[gpu][kernels]") {
+TEST_CASE("fused q/k/v split with RoPE equals the composite with GQA on CUDA", "[gpu][kernels]") {
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(2);
-  const int64_t b = 2, t = 19, h = 3, d = 16;
+  const int64_t b = 2, t = 19, h = 4, kv = 2, d = 16;
   for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
-    // As the attention builds it: a [B, T, H*D] projection viewed as [B, H, T, D].
-    auto proj = cuda_randn({b, t, h * d}, dtype);
+    auto qkv = cuda_randn({b, t, (h + 2 * kv) * d}, dtype);
     auto angles = torch::rand({t, d / 2}, torch::dtype(torch::kFloat64)) * 6;
     auto emb = torch::cat({angles, angles}, -1);
     auto cos = emb.cos().to(torch::kCUDA, dtype), sin = emb.sin().to(torch::kCUDA, dtype);
-    auto dy = cuda_randn({b, h, t, d}, dtype);
+    auto dy = cuda_randn({b * t * (h + 2 * kv) * d}, dtype);
     auto run = [&](auto op, const torch::Tensor& c, const torch::Tensor& s) {
-      return [op, c, s, b, t, h, d](const std::vector<torch::Tensor>& in) {
-        return op(in[0].view({b, t, h, d}).transpose(1, 2), c, s);
+      return [op, c, s](const std::vector<torch::Tensor>& in) {
+        const QKV out = op(in[0], h, kv, c, s);
+        REQUIRE(out.q.sizes() == torch::IntArrayRef({b, h, t, d}));
+        REQUIRE(out.v.sizes() == torch::IntArrayRef({b, kv, t, d}));
+        return torch::cat({out.q.flatten(), out.k.flatten(), out.v.flatten()});
       };
     };
-    check(value_and_grads(run(apply_rope, cos, sin), {proj}, dy),
-          value_and_grads(run(composite::apply_rope, cos, sin), {proj}, dy),
-          value_and_grads(run(composite::apply_rope, f64(cos), f64(sin)), {f64(proj)}, f64(dy)),
+    check(value_and_grads(run(split_rope, cos, sin), {qkv}, dy),
+          value_and_grads(run(composite::split_rope, cos, sin), {qkv}, dy),
+          value_and_grads(run(composite::split_rope, f64(cos), f64(sin)), {f64(qkv)}, f64(dy)),
           dtype);
   }
 }
@@ -126,7 +129,8 @@ TEST_CASE("fused loss-head log-softmax equals the composite with ignored rows on
       targets.slice(0, 0, 37, 4).fill_(-100);
       auto [logp, d] = target_log_softmax(logits.clone(), targets, true);
       auto [ref_logp, ref_d] = composite::target_log_softmax(logits.clone(), targets, true);
-      auto [true_logp, true_d] = composite::target_log_softmax(f64(logits), targets, true);
+      auto [true_logp, true_d] =
+          composite::target_log_softmax(f64(logits).clone(), targets, true);
       check({logp, d}, {ref_logp, ref_d}, {true_logp, true_d}, dtype);
       REQUIRE(logp.slice(0, 0, 37, 4).abs().max().item<double>() == 0.0);
       REQUIRE(d.slice(0, 0, 37, 4).abs().max().item<double>() == 0.0);
