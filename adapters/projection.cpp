@@ -33,8 +33,8 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     auto shape = x.sizes().vec();
     shape.back() = weight.size(0);
     const auto x2 = x.reshape({-1, x.size(-1)});  // [N, in]
-    const auto xa = torch::mm(x2, a.t());          // [N, k]
-    torch::Tensor y;                               // [N, out]
+    const auto xa = torch::mm(x2, a.t());         // [N, k]
+    torch::Tensor y;                              // [N, out]
     if (value_needed) {
       y = torch::mm(x2, weight.t());
       if (a.size(0) > 0) y.addmm_(xa, b.t(), /*beta=*/1, /*alpha=*/scaling);
@@ -52,7 +52,7 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     const auto &x2 = saved[0], &weight = saved[1], &a = saved[2], &b = saved[3], &xa = saved[4];
     const double scaling = ctx->saved_data["scaling"].toDouble();
     const auto dy = grads[0].reshape({-1, weight.size(0)});  // [N, out]
-    const auto dxa = torch::mm(dy, b * scaling);              // [N, k]
+    const auto dxa = torch::mm(dy, b * scaling);             // [N, k]
     torch::Tensor dx, dw, da, db;
     if (ctx->needs_input_grad(0)) {
       dx = torch::mm(dy, weight);  // [N, in]
@@ -116,8 +116,8 @@ torch::Tensor project_group(const torch::Tensor& x,
   bool grouped = !weight.requires_grad();
   int64_t row = 0;
   for (const auto* p : group) {
-    const auto at = static_cast<const char*>(weight.data_ptr()) + row * weight.stride(0) *
-                                                                      weight.element_size();
+    const auto at = static_cast<const char*>(weight.data_ptr()) +
+                    row * weight.stride(0) * weight.element_size();
     grouped = grouped && !p->weight.requires_grad() && p->weight.data_ptr() == at &&
               p->weight.strides() == weight.strides();
     row += p->out_features;

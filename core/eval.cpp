@@ -117,7 +117,7 @@ EvalResult evaluate(LlamaForCausalLM& model,
     const auto t = static_cast<int64_t>(sequences[order[start]].size());
     if (t < 2) break;  // sorted: nothing after this scores a token
     const auto b = static_cast<int64_t>(end - start);
-    std::vector<int64_t> ids_host(b * t, 0);  // right-padded with token 0, never scored
+    std::vector<int64_t> ids_host(b * t, 0);              // right-padded with token 0, never scored
     std::vector<int64_t> next_host(b * t, kIgnoreLabel);  // the token each position predicts
     for (int64_t i = 0; i < b; ++i) {
       const auto& seq = sequences[order[start + i]];
@@ -131,9 +131,9 @@ EvalResult evaluate(LlamaForCausalLM& model,
         if (j + 1 < seq.size()) next_host[i * t + j] = seq[j + 1];
       }
     }
-    auto ids = torch::from_blob(ids_host.data(), {b, t}, torch::kInt64).to(device);  // [B, T]
+    auto ids = torch::from_blob(ids_host.data(), {b, t}, torch::kInt64).to(device);     // [B, T]
     auto next = torch::from_blob(next_host.data(), {b * t}, torch::kInt64).to(device);  // [B*T]
-    auto hidden = model->forward(ids);  // [B, T, C]
+    auto hidden = model->forward(ids);                                                  // [B, T, C]
     nll -= target_log_prob_sum(model, hidden.reshape({b * t, -1}), next).item<double>();
     scored += static_cast<int64_t>(
         std::count_if(next_host.begin(), next_host.end(), [](int64_t x) { return x >= 0; }));

@@ -29,7 +29,9 @@ torch::Tensor swiglu(const torch::Tensor& gate_up) {
 namespace {
 
 // x: [B, H, T, D], cos, sin: [T, D]
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+torch::Tensor apply_rope(const torch::Tensor& x,
+                         const torch::Tensor& cos,
+                         const torch::Tensor& sin) {
   const auto half = x.size(-1) / 2;
   auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
@@ -55,9 +57,9 @@ std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
                                                            bool grad) {
   // fp32 as transformers upcasts logits; float64 stays float64.
   auto l = logits.to(c10::promoteTypes(logits.scalar_type(), torch::kFloat32));  // [n, V]
-  const auto keep = targets.ge(0).unsqueeze(1);                                   // [n, 1]
-  const auto t = targets.clamp_min(0).unsqueeze(1);                               // [n, 1]
-  auto lse = l.logsumexp(-1, /*keepdim=*/true);                                   // [n, 1]
+  const auto keep = targets.ge(0).unsqueeze(1);                                  // [n, 1]
+  const auto t = targets.clamp_min(0).unsqueeze(1);                              // [n, 1]
+  auto lse = l.logsumexp(-1, /*keepdim=*/true);                                  // [n, 1]
   auto logp = (l.gather(1, t) - lse).masked_fill(keep.logical_not(), 0).squeeze(1);
   if (!grad) return {logp, torch::Tensor()};
   auto d = l.sub_(lse).exp_().neg_();
@@ -76,10 +78,14 @@ using torch::autograd::tensor_list;
 
 kernels::Dtype kernel_dtype(const torch::Tensor& t) {
   switch (t.scalar_type()) {
-    case torch::kFloat32: return kernels::Dtype::f32;
-    case torch::kFloat64: return kernels::Dtype::f64;
-    case torch::kBFloat16: return kernels::Dtype::bf16;
-    default: return kernels::Dtype::f16;
+    case torch::kFloat32:
+      return kernels::Dtype::f32;
+    case torch::kFloat64:
+      return kernels::Dtype::f64;
+    case torch::kBFloat16:
+      return kernels::Dtype::bf16;
+    default:
+      return kernels::Dtype::f16;
   }
 }
 
@@ -88,15 +94,18 @@ kernels::Stream stream_of(const torch::Tensor& t) {
 }
 
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight,
+  static torch::Tensor forward(AutogradContext* ctx,
+                               torch::Tensor x,
+                               torch::Tensor weight,
                                double eps) {
     const c10::cuda::CUDAGuard guard(x.device());
     const auto cols = x.size(-1);
     auto xc = x.contiguous();
     auto w = weight.contiguous();
     auto y = torch::empty_like(xc);  // [..., C]
-    auto rstd = torch::empty({xc.numel() / cols},
-                             xc.options().dtype(c10::promoteTypes(x.scalar_type(), torch::kFloat32)));
+    auto rstd =
+        torch::empty({xc.numel() / cols},
+                     xc.options().dtype(c10::promoteTypes(x.scalar_type(), torch::kFloat32)));
     kernels::rms_norm_forward(kernel_dtype(xc), xc.data_ptr(), w.data_ptr(), y.data_ptr(),
                               rstd.data_ptr(), rstd.size(0), cols, eps, stream_of(xc));
     ctx->save_for_backward({xc, w, rstd});
@@ -117,8 +126,8 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
     }
     if (ctx->needs_input_grad(1)) {  // trained norms (LongLoRA): sum over rows of dy * normed
       const auto cols = x.size(-1);
-      auto normed = (x.reshape({-1, cols}).to(rstd.scalar_type()) * rstd.unsqueeze(1))
-                        .to(x.scalar_type());
+      auto normed =
+          (x.reshape({-1, cols}).to(rstd.scalar_type()) * rstd.unsqueeze(1)).to(x.scalar_type());
       dw = (dy.reshape({-1, cols}).to(rstd.scalar_type()) * normed.to(rstd.scalar_type()))
                .sum(0)
                .to(w.scalar_type());
@@ -154,13 +163,15 @@ struct SwigluFn : torch::autograd::Function<SwigluFn> {
 };
 
 // Rotates x [B, H, T, D] (D contiguous) into y [B, H, T, D] (D contiguous), any other strides.
-void rope_into(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& cos,
-               const torch::Tensor& sin, bool inverse) {
-  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),   x.size(3),
-                                 x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                                 y.stride(1), y.stride(2)};
-  kernels::rope(kernel_dtype(x), x.data_ptr(), shape, cos.data_ptr(), sin.data_ptr(),
-                y.data_ptr(), inverse, stream_of(x));
+void rope_into(const torch::Tensor& x,
+               const torch::Tensor& y,
+               const torch::Tensor& cos,
+               const torch::Tensor& sin,
+               bool inverse) {
+  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),   x.size(3),   x.stride(0),
+                                 x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2)};
+  kernels::rope(kernel_dtype(x), x.data_ptr(), shape, cos.data_ptr(), sin.data_ptr(), y.data_ptr(),
+                inverse, stream_of(x));
 }
 
 // A fresh [B, n, T, D] viewing a contiguous [B, T, n, D] (the projections' and flash's layout).
@@ -169,8 +180,12 @@ torch::Tensor heads_tensor(int64_t b, int64_t n, int64_t t, int64_t d, const tor
 }
 
 struct SplitRopeFn : torch::autograd::Function<SplitRopeFn> {
-  static tensor_list forward(AutogradContext* ctx, torch::Tensor qkv, int64_t heads,
-                             int64_t kv_heads, torch::Tensor cos, torch::Tensor sin) {
+  static tensor_list forward(AutogradContext* ctx,
+                             torch::Tensor qkv,
+                             int64_t heads,
+                             int64_t kv_heads,
+                             torch::Tensor cos,
+                             torch::Tensor sin) {
     const c10::cuda::CUDAGuard guard(qkv.device());
     const auto b = qkv.size(0), t = qkv.size(1), d = cos.size(-1);
     auto c = cos.contiguous(), s = sin.contiguous();
@@ -204,9 +219,12 @@ struct SplitRopeFn : torch::autograd::Function<SplitRopeFn> {
         out.zero_();
       }
     };
-    auto dq_part = part(0, hk[0]), dk_part = part(hk[0], hk[1]), dv_part = part(hk[0] + hk[1], hk[1]);
-    fill(dq, dq_part, [&](const torch::Tensor& g) { rope_into(g, dq_part, saved[0], saved[1], true); });
-    fill(dk, dk_part, [&](const torch::Tensor& g) { rope_into(g, dk_part, saved[0], saved[1], true); });
+    auto dq_part = part(0, hk[0]), dk_part = part(hk[0], hk[1]),
+         dv_part = part(hk[0] + hk[1], hk[1]);
+    fill(dq, dq_part,
+         [&](const torch::Tensor& g) { rope_into(g, dq_part, saved[0], saved[1], true); });
+    fill(dk, dk_part,
+         [&](const torch::Tensor& g) { rope_into(g, dk_part, saved[0], saved[1], true); });
     fill(dv, dv_part, [&](const torch::Tensor& g) { dv_part.copy_(g); });
     return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -261,10 +279,10 @@ std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
   const c10::cuda::CUDAGuard guard(logits.device());
   auto l = logits.contiguous();
   auto t = targets.contiguous().to(torch::kInt64);
-  auto logp = torch::empty(
-      {l.size(0)}, l.options().dtype(c10::promoteTypes(l.scalar_type(), torch::kFloat32)));
-  kernels::target_log_softmax(kernel_dtype(l), l.data_ptr(), t.data_ptr<int64_t>(),
-                              logp.data_ptr(), l.size(0), l.size(1), grad, stream_of(l));
+  auto logp = torch::empty({l.size(0)},
+                           l.options().dtype(c10::promoteTypes(l.scalar_type(), torch::kFloat32)));
+  kernels::target_log_softmax(kernel_dtype(l), l.data_ptr(), t.data_ptr<int64_t>(), logp.data_ptr(),
+                              l.size(0), l.size(1), grad, stream_of(l));
   return {logp, grad ? l : torch::Tensor()};
 }
 

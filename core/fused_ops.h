@@ -1,7 +1,7 @@
 // The elementwise parts of a LLaMA layer (RMSNorm, SwiGLU, RoPE) and of its loss head: on a
 // GPU single CUDA kernels with a hand-written backward (core/kernels.cu), elsewhere the
-// composite of LibTorch ops that transformers' code is. Both round as transformers does; LORAFIT_KERNELS=0 in the
-// environment selects the composites on the GPU too, to compare.
+// composite of LibTorch ops that transformers' code is. Both round as transformers does;
+// LORAFIT_KERNELS=0 in the environment selects the composites on the GPU too, to compare.
 #pragma once
 
 #include <torch/torch.h>

@@ -79,9 +79,12 @@ __device__ Acc block_sum(Acc v) {
 }
 
 template <typename T>
-__global__ void rms_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                        T* __restrict__ y, typename Num<T>::Acc* __restrict__ rstd,
-                                        int64_t cols, double eps) {
+__global__ void rms_norm_forward_kernel(const T* __restrict__ x,
+                                        const T* __restrict__ w,
+                                        T* __restrict__ y,
+                                        typename Num<T>::Acc* __restrict__ rstd,
+                                        int64_t cols,
+                                        double eps) {
   using Acc = typename Num<T>::Acc;
   const T* xr = x + blockIdx.x * cols;
   T* yr = y + blockIdx.x * cols;
@@ -100,10 +103,12 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x, const T* __rest
 
 // dx_j = rstd * g_j - rstd^3 * x_j * sum_i(g_i x_i) / cols, g = dy * w.
 template <typename T>
-__global__ void rms_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+__global__ void rms_norm_backward_kernel(const T* __restrict__ dy,
+                                         const T* __restrict__ x,
                                          const T* __restrict__ w,
                                          const typename Num<T>::Acc* __restrict__ rstd,
-                                         T* __restrict__ dx, int64_t cols) {
+                                         T* __restrict__ dx,
+                                         int64_t cols) {
   using Acc = typename Num<T>::Acc;
   const T* xr = x + blockIdx.x * cols;
   const T* dyr = dy + blockIdx.x * cols;
@@ -129,7 +134,9 @@ __device__ Acc silu(Acc v) {
 
 // Element i of y [rows, cols] reads g and u at the same column of row i / cols of gu.
 template <typename T, int N>
-__global__ void swiglu_forward_kernel(const T* __restrict__ gu, T* __restrict__ y, int64_t rows,
+__global__ void swiglu_forward_kernel(const T* __restrict__ gu,
+                                      T* __restrict__ y,
+                                      int64_t rows,
                                       int64_t cols) {
   using Acc = typename Num<T>::Acc;
   using P = Pack<T, N>;
@@ -149,8 +156,11 @@ __global__ void swiglu_forward_kernel(const T* __restrict__ gu, T* __restrict__ 
 }
 
 template <typename T, int N>
-__global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gu,
-                                       T* __restrict__ dgu, int64_t rows, int64_t cols) {
+__global__ void swiglu_backward_kernel(const T* __restrict__ dy,
+                                       const T* __restrict__ gu,
+                                       T* __restrict__ dgu,
+                                       int64_t rows,
+                                       int64_t cols) {
   using Acc = typename Num<T>::Acc;
   using P = Pack<T, N>;
   for (int64_t i = blockIdx.x * int64_t(kBlock) + threadIdx.x; i < rows * cols / N;
@@ -158,7 +168,8 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ dy, const T* __rest
     const int64_t row = i * N / cols, col = i * N % cols;
     const int64_t g_at = row * 2 * cols + col, u_at = g_at + cols;
     const P dyp = reinterpret_cast<const P*>(dy)[i];
-    const P gp = *reinterpret_cast<const P*>(gu + g_at), up = *reinterpret_cast<const P*>(gu + u_at);
+    const P gp = *reinterpret_cast<const P*>(gu + g_at),
+            up = *reinterpret_cast<const P*>(gu + u_at);
     P dgp, dup;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -192,7 +203,8 @@ __device__ MaxSum<Acc> merge(MaxSum<Acc> a, MaxSum<Acc> b) {
 template <typename T, int N>
 __global__ void target_log_softmax_kernel(T* __restrict__ logits,
                                           const int64_t* __restrict__ targets,
-                                          typename Num<T>::Acc* __restrict__ logp, int64_t V,
+                                          typename Num<T>::Acc* __restrict__ logp,
+                                          int64_t V,
                                           bool grad) {
   using Acc = typename Num<T>::Acc;
   using P = Pack<T, N>;
@@ -253,8 +265,12 @@ __global__ void target_log_softmax_kernel(T* __restrict__ logits,
 // One thread per N consecutive pairs (j, j + D/2) of one (b, t, h) row, in (b, t, h) order
 // (the projections' memory order).
 template <typename T, int N>
-__global__ void rope_kernel(const T* __restrict__ x, RopeShape s, const T* __restrict__ cos,
-                            const T* __restrict__ sin, T* __restrict__ y, bool inverse) {
+__global__ void rope_kernel(const T* __restrict__ x,
+                            RopeShape s,
+                            const T* __restrict__ cos,
+                            const T* __restrict__ sin,
+                            T* __restrict__ y,
+                            bool inverse) {
   using Acc = typename Num<T>::Acc;
   using P = Pack<T, N>;
   const int64_t half = s.d / 2, groups = half / N;
@@ -267,7 +283,8 @@ __global__ void rope_kernel(const T* __restrict__ x, RopeShape s, const T* __res
     const int64_t t = bt % s.t, b = bt / s.t;
     const T* xr = x + b * s.stride_b + h * s.stride_h + t * s.stride_t;
     T* yr = y + b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t;
-    const P x1 = *reinterpret_cast<const P*>(xr + j), x2 = *reinterpret_cast<const P*>(xr + j + half);
+    const P x1 = *reinterpret_cast<const P*>(xr + j),
+            x2 = *reinterpret_cast<const P*>(xr + j + half);
     const P c1 = *reinterpret_cast<const P*>(cos + t * s.d + j),
             c2 = *reinterpret_cast<const P*>(cos + t * s.d + j + half);
     const P s1 = *reinterpret_cast<const P*>(sin + t * s.d + j),
@@ -296,8 +313,8 @@ __global__ void rope_kernel(const T* __restrict__ x, RopeShape s, const T* __res
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": CUDA launch failed: " +
-                             cudaGetErrorString(err));
+    throw std::runtime_error(std::string(what) +
+                             ": CUDA launch failed: " + cudaGetErrorString(err));
 }
 
 unsigned grid_for(int64_t n) {
@@ -309,30 +326,48 @@ unsigned grid_for(int64_t n) {
 template <typename F>
 void dispatch(Dtype dt, F&& f) {
   switch (dt) {
-    case Dtype::f32: return f(static_cast<float*>(nullptr));
-    case Dtype::f64: return f(static_cast<double*>(nullptr));
-    case Dtype::bf16: return f(static_cast<__nv_bfloat16*>(nullptr));
-    case Dtype::f16: return f(static_cast<__half*>(nullptr));
+    case Dtype::f32:
+      return f(static_cast<float*>(nullptr));
+    case Dtype::f64:
+      return f(static_cast<double*>(nullptr));
+    case Dtype::bf16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+    case Dtype::f16:
+      return f(static_cast<__half*>(nullptr));
   }
 }
 
 }  // namespace
 
-void rms_norm_forward(Dtype dt, const void* x, const void* w, void* y, void* rstd, int64_t rows,
-                      int64_t cols, double eps, Stream stream) {
+void rms_norm_forward(Dtype dt,
+                      const void* x,
+                      const void* w,
+                      void* y,
+                      void* rstd,
+                      int64_t rows,
+                      int64_t cols,
+                      double eps,
+                      Stream stream) {
   if (rows == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename Num<T>::Acc;
-    rms_norm_forward_kernel<T><<<rows, kBlock, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y),
-        static_cast<Acc*>(rstd), cols, eps);
+    rms_norm_forward_kernel<T>
+        <<<rows, kBlock, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w),
+                                      static_cast<T*>(y), static_cast<Acc*>(rstd), cols, eps);
   });
   check_launch("rms_norm_forward");
 }
 
-void rms_norm_backward(Dtype dt, const void* dy, const void* x, const void* w, const void* rstd,
-                       void* dx, int64_t rows, int64_t cols, Stream stream) {
+void rms_norm_backward(Dtype dt,
+                       const void* dy,
+                       const void* x,
+                       const void* w,
+                       const void* rstd,
+                       void* dx,
+                       int64_t rows,
+                       int64_t cols,
+                       Stream stream) {
   if (rows == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -344,24 +379,28 @@ void rms_norm_backward(Dtype dt, const void* dy, const void* x, const void* w, c
   check_launch("rms_norm_backward");
 }
 
-void swiglu_forward(Dtype dt, const void* gu, void* y, int64_t rows, int64_t cols,
-                    Stream stream) {
+void swiglu_forward(Dtype dt, const void* gu, void* y, int64_t rows, int64_t cols, Stream stream) {
   if (rows * cols == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
     const bool wide = aligned(gu, cols, cols, sizeof(T)) && aligned(y, cols, cols, sizeof(T));
     auto launch = [&](auto kernel, int per) {
-      kernel<<<grid_for(rows * cols / per), kBlock, 0, stream>>>(
-          static_cast<const T*>(gu), static_cast<T*>(y), rows, cols);
+      kernel<<<grid_for(rows * cols / per), kBlock, 0, stream>>>(static_cast<const T*>(gu),
+                                                                 static_cast<T*>(y), rows, cols);
     };
     wide ? launch(swiglu_forward_kernel<T, W>, W) : launch(swiglu_forward_kernel<T, 1>, 1);
   });
   check_launch("swiglu_forward");
 }
 
-void swiglu_backward(Dtype dt, const void* dy, const void* gu, void* dgu, int64_t rows,
-                     int64_t cols, Stream stream) {
+void swiglu_backward(Dtype dt,
+                     const void* dy,
+                     const void* gu,
+                     void* dgu,
+                     int64_t rows,
+                     int64_t cols,
+                     Stream stream) {
   if (rows * cols == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -378,8 +417,14 @@ void swiglu_backward(Dtype dt, const void* dy, const void* gu, void* dgu, int64_
   check_launch("swiglu_backward");
 }
 
-void target_log_softmax(Dtype dt, void* logits, const int64_t* targets, void* logp, int64_t n,
-                        int64_t vocab, bool grad, Stream stream) {
+void target_log_softmax(Dtype dt,
+                        void* logits,
+                        const int64_t* targets,
+                        void* logp,
+                        int64_t n,
+                        int64_t vocab,
+                        bool grad,
+                        Stream stream) {
   if (n == 0) return;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -394,8 +439,14 @@ void target_log_softmax(Dtype dt, void* logits, const int64_t* targets, void* lo
   check_launch("target_log_softmax");
 }
 
-void rope(Dtype dt, const void* x, const RopeShape& shape, const void* cos, const void* sin,
-          void* y, bool inverse, Stream stream) {
+void rope(Dtype dt,
+          const void* x,
+          const RopeShape& shape,
+          const void* cos,
+          const void* sin,
+          void* y,
+          bool inverse,
+          Stream stream) {
   const int64_t half = shape.d / 2;
   if (shape.b * shape.h * shape.t * half == 0) return;
   dispatch(dt, [&](auto* tag) {

@@ -17,34 +17,60 @@ enum class Dtype { f32, f64, bf16, f16 };
 // RMSNorm over the last dimension of a [rows, cols] contiguous x: y = w * T(x * rstd),
 // rstd = rsqrt(mean(x^2) + eps) in the accumulation type (f64 for f64, else f32), written to
 // rstd [rows].
-void rms_norm_forward(Dtype dt, const void* x, const void* w, void* y, void* rstd,
-                      int64_t rows, int64_t cols, double eps, Stream stream);
+void rms_norm_forward(Dtype dt,
+                      const void* x,
+                      const void* w,
+                      void* y,
+                      void* rstd,
+                      int64_t rows,
+                      int64_t cols,
+                      double eps,
+                      Stream stream);
 // dx for dy [rows, cols] contiguous, with x, w and the forward's rstd.
-void rms_norm_backward(Dtype dt, const void* dy, const void* x, const void* w, const void* rstd,
-                       void* dx, int64_t rows, int64_t cols, Stream stream);
+void rms_norm_backward(Dtype dt,
+                       const void* dy,
+                       const void* x,
+                       const void* w,
+                       const void* rstd,
+                       void* dx,
+                       int64_t rows,
+                       int64_t cols,
+                       Stream stream);
 
 // y = T(T(silu(g)) * u) for gu [rows, 2 * cols] holding [g | u] per row (the fused gate and up
 // projections), y [rows, cols]; the backward writes dgu [rows, 2 * cols] the same way.
 void swiglu_forward(Dtype dt, const void* gu, void* y, int64_t rows, int64_t cols, Stream stream);
-void swiglu_backward(Dtype dt, const void* dy, const void* gu, void* dgu, int64_t rows,
-                     int64_t cols, Stream stream);
+void swiglu_backward(
+    Dtype dt, const void* dy, const void* gu, void* dgu, int64_t rows, int64_t cols, Stream stream);
 
 // For logits [n, vocab] contiguous and targets [n]: logp[i] = log softmax(logits[i])[target]
 // in the accumulation type, 0 where the target is negative (ignored). With `grad` the logits
 // are overwritten by onehot(target) - softmax(logits) (the gradient of logp), zero rows where
 // ignored.
-void target_log_softmax(Dtype dt, void* logits, const int64_t* targets, void* logp, int64_t n,
-                        int64_t vocab, bool grad, Stream stream);
+void target_log_softmax(Dtype dt,
+                        void* logits,
+                        const int64_t* targets,
+                        void* logp,
+                        int64_t n,
+                        int64_t vocab,
+                        bool grad,
+                        Stream stream);
 
 // Rotary embedding with rotate_half on x [B, H, T, D] into y [B, H, T, D], both given by
 // their strides in elements (D contiguous), cos and sin [T, D] contiguous. With `inverse` set
 // it computes the gradient: dx = dy * cos + rotate_half^T(dy * sin).
 struct RopeShape {
   int64_t b, h, t, d;
-  int64_t stride_b, stride_h, stride_t;      // x
+  int64_t stride_b, stride_h, stride_t;              // x
   int64_t out_stride_b, out_stride_h, out_stride_t;  // y
 };
-void rope(Dtype dt, const void* x, const RopeShape& shape, const void* cos, const void* sin,
-          void* y, bool inverse, Stream stream);
+void rope(Dtype dt,
+          const void* x,
+          const RopeShape& shape,
+          const void* cos,
+          const void* sin,
+          void* y,
+          bool inverse,
+          Stream stream);
 
 }  // namespace lorafit::kernels

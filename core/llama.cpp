@@ -128,8 +128,7 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
 }
 
 std::pair<torch::Tensor, torch::Tensor> DecoderLayerImpl::graph_for_backward(
-    const torch::Tensor& h,
-    const RopeTables& rope) {
+    const torch::Tensor& h, const RopeTables& rope) {
   auto x = h + self_attn(input_layernorm(h), rope);
   return {x, mlp->forward(post_attention_layernorm(x), /*value_needed=*/false)};
 }

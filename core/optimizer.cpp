@@ -8,8 +8,7 @@
 
 namespace lorafit {
 
-AdamW::AdamW(std::vector<torch::Tensor> p, AdamWSettings s)
-    : params(std::move(p)), settings(s) {
+AdamW::AdamW(std::vector<torch::Tensor> p, AdamWSettings s) : params(std::move(p)), settings(s) {
   torch::NoGradGuard no_grad;
   for (const auto& t : params) {
     exp_avg.push_back(torch::zeros_like(t, torch::MemoryFormat::Preserve));
@@ -68,17 +67,17 @@ void AdamW::load(const std::string& path) {
   const auto& meta = file.header().metadata;
   const auto count = meta.find("tensors");
   if (count == meta.end() || count->second != std::to_string(params.size())) {
-    throw ModelMismatchError("optimizer state '" + path + "' is for " +
-                             (count == meta.end() ? std::string("an unknown number of")
-                                                  : count->second) +
-                             " tensors, this run trains " + std::to_string(params.size()) +
-                             " (hint: resume with the recipe that wrote it)");
+    throw ModelMismatchError(
+        "optimizer state '" + path + "' is for " +
+        (count == meta.end() ? std::string("an unknown number of") : count->second) +
+        " tensors, this run trains " + std::to_string(params.size()) +
+        " (hint: resume with the recipe that wrote it)");
   }
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < params.size(); ++i) {
     for (auto* dst : {&exp_avg[i], &exp_avg_sq[i]}) {
-      const auto name = std::string(dst == &exp_avg[i] ? "exp_avg." : "exp_avg_sq.") +
-                        std::to_string(i);
+      const auto name =
+          std::string(dst == &exp_avg[i] ? "exp_avg." : "exp_avg_sq.") + std::to_string(i);
       const auto src = file.tensor(name);
       if (src.sizes() != dst->sizes()) {
         throw ModelMismatchError("optimizer tensor '" + name + "' in '" + path +

@@ -3,10 +3,10 @@
 // tensor: 4,500 per step for LoRA on a 7B model), and gradient clipping never waits for the GPU.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 namespace lorafit {
 

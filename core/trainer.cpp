@@ -66,9 +66,9 @@ torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
   auto hidden = model->forward(batch.ids);  // [B, T, C]
   const auto b = hidden.size(0), t = hidden.size(1);
   // The last position predicts nothing; ignored targets are skipped inside the loss.
-  auto targets = torch::cat({batch.labels.narrow(1, 1, t - 1),
-                             torch::full({b, 1}, kIgnoreLabel, batch.labels.options())},
-                            1);  // [B, T]
+  auto targets = torch::cat(
+      {batch.labels.narrow(1, 1, t - 1), torch::full({b, 1}, kIgnoreLabel, batch.labels.options())},
+      1);  // [B, T]
   return -target_log_prob_sum(model, hidden.reshape({b * t, -1}), targets.reshape({-1}));
 }
 
@@ -300,7 +300,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
         metrics << nlohmann::json{{"step", state.step},
                                   {"loss", loss_sum},
                                   {"lr", lr},
-                                  {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
+                                  {"grad_norm",
+                                   grad_norm.defined() ? grad_norm.item<double>() : 0.0},
                                   {"tokens_per_s", tok_s}}
                        .dump()
                 << "\n"

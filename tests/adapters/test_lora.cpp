@@ -99,8 +99,8 @@ TEST_CASE("a group of projections equals each projection on its own, with gradie
   auto stacked = torch::randn({5 + 3 + 4, 6}, torch::kFloat64);
   Projections ps;
   int64_t row = 0;
-  for (auto [name, out] : std::vector<std::pair<std::string, int64_t>>{
-           {"q_proj", 5}, {"k_proj", 3}, {"v_proj", 4}}) {
+  for (auto [name, out] :
+       std::vector<std::pair<std::string, int64_t>>{{"q_proj", 5}, {"k_proj", 3}, {"v_proj", 4}}) {
     ps.push_back(Projection(name, 6, out, torch::kFloat64, stacked.narrow(0, row, out)));
     row += out;
   }

@@ -129,8 +129,7 @@ TEST_CASE("fused loss-head log-softmax equals the composite with ignored rows on
       targets.slice(0, 0, 37, 4).fill_(-100);
       auto [logp, d] = target_log_softmax(logits.clone(), targets, true);
       auto [ref_logp, ref_d] = composite::target_log_softmax(logits.clone(), targets, true);
-      auto [true_logp, true_d] =
-          composite::target_log_softmax(f64(logits).clone(), targets, true);
+      auto [true_logp, true_d] = composite::target_log_softmax(f64(logits).clone(), targets, true);
       check({logp, d}, {ref_logp, ref_d}, {true_logp, true_d}, dtype);
       REQUIRE(logp.slice(0, 0, 37, 4).abs().max().item<double>() == 0.0);
       REQUIRE(d.slice(0, 0, 37, 4).abs().max().item<double>() == 0.0);
