@@ -37,6 +37,16 @@ struct ProjectionAdapterImpl : torch::nn::Module {
   virtual torch::Tensor merged_delta() const { return {}; }
 };
 
+/// What a strategy puts on a whole feed-forward block (the SwiGLU MLP), the hook beside the
+/// projection one for strategies that route tokens (MixLoRA): it sees the block's input and
+/// its frozen weights and computes the block's output.
+struct FfnAdapterImpl : torch::nn::Module {
+  /// x: [N, C], gate_up: [2I, C] (gate's rows, then up's), down: [C, I] -> [N, C] in x's dtype
+  virtual torch::Tensor forward(const torch::Tensor& x,
+                                const torch::Tensor& gate_up,
+                                const torch::Tensor& down) = 0;
+};
+
 /// A bias-free Linear with a frozen weight and an optional adapter.
 struct ProjectionImpl : torch::nn::Module {
   /// `shared_weight`, when given, is used as the weight (tied embeddings, a view of a group's

@@ -103,7 +103,16 @@ MlpImpl::MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::T
   down_proj = register_module("down_proj", Projection(prefix + ".down_proj", i, h, o));
 }
 
+void MlpImpl::attach(std::shared_ptr<FfnAdapterImpl> a) {
+  adapter =
+      adapter ? replace_module("adapter", std::move(a)) : register_module("adapter", std::move(a));
+}
+
 torch::Tensor MlpImpl::forward(const torch::Tensor& x, bool value_needed) {
+  if (adapter) {
+    return adapter->forward(x.reshape({-1, x.size(-1)}), gate_up_weight, down_proj->weight)
+        .view(x.sizes());
+  }
   return down_proj->forward(
       swiglu(project_group(x, gate_up_weight, {gate_proj.get(), up_proj.get()})), value_needed);
 }

@@ -63,9 +63,13 @@ struct MlpImpl : torch::nn::Module {
   MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
   /// x: [B, T, C] -> [B, T, C]; `value_needed` as ProjectionImpl::forward's.
   torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
+  /// Puts a block-level adapter (MixLoRA) on this MLP, registered as "adapter"; from then on
+  /// it computes the block.
+  void attach(std::shared_ptr<FfnAdapterImpl> adapter);
 
   Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
   torch::Tensor gate_up_weight;  // [2 * I, C]: gate's and up's weights view it
+  std::shared_ptr<FfnAdapterImpl> adapter;
 };
 TORCH_MODULE(Mlp);
 

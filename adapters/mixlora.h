@@ -1,0 +1,56 @@
+// MixLoRA (arXiv 2404.15159, MoE-PEFT's `mixlora` routing): the frozen SwiGLU MLP becomes a
+// sparse mixture of E experts that share its weights, each with its own LoRA on gate, up
+// and/or down; an fp32 bias-free router picks the top k experts per token (softmax, top-k,
+// renormalised) and the block's output is their weighted sum. Attention projections get a
+// plain LoRA (adapters/lora.h).
+#pragma once
+
+#include <vector>
+
+#include "adapters/lora.h"
+#include "adapters/projection.h"
+
+namespace lorafit {
+
+struct MixLoraImpl : FfnAdapterImpl {
+  /// `kinds`: which of gate_proj, up_proj, down_proj carry expert LoRAs (none: every expert is
+  /// the base MLP, only the routing trains).
+  MixLoraImpl(int64_t hidden,
+              int64_t intermediate,
+              int64_t experts,
+              int64_t top_k,
+              const std::vector<std::string>& kinds,
+              int64_t r,
+              double scaling,
+              double dropout,
+              const torch::TensorOptions& options);
+
+  torch::Tensor forward(const torch::Tensor& x,
+                        const torch::Tensor& gate_up,
+                        const torch::Tensor& down) override;
+
+  torch::Tensor moe_gate;  // [E, C] fp32, the router
+  // Expert e's LoRA on `kind`, or nullptr when that kind carries none: [kind][e].
+  std::map<std::string, std::vector<Lora>> experts;
+  int64_t top_k;
+  int64_t intermediate;
+  // Each expert recomputes gate and up for its own tokens (MoE-PEFT's "compatible" path)
+  // instead of slicing one GEMM over all tokens; the same result, for tests.
+  bool per_expert_base = false;
+  // The router logits of the last forward in training, [N, E] fp32, for the auxiliary loss.
+  torch::Tensor router_logits;
+};
+TORCH_MODULE(MixLora);
+
+/// MoE-PEFT's load-balancing loss over the router logits of every layer, concatenated along
+/// the tokens (not a sum of per-layer losses): coef * E * sum_{j,e} f[j,e] * P[e], with f[j,e]
+/// the share of tokens whose j-th choice is e and P[e] the mean routing probability, both over
+/// the tokens where `keep` is true (padding excluded; undefined: all tokens). Uniform routing
+/// gives coef * k.
+/// router_logits: L tensors [N, E]; keep: [N] bool -> [] fp32
+torch::Tensor mixlora_aux_loss(const std::vector<torch::Tensor>& router_logits,
+                               const torch::Tensor& keep,
+                               int64_t top_k,
+                               double coef);
+
+}  // namespace lorafit

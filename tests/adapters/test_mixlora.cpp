@@ -1,0 +1,129 @@
+#include <catch2/catch.hpp>
+
+#include "adapters/mixlora.h"
+#include "core/llama.h"
+#include "test_util.h"
+
+using namespace lorafit;
+
+namespace {
+
+const std::vector<std::string> kAllKinds = {"gate_proj", "up_proj", "down_proj"};
+
+Mlp random_mlp(torch::Dtype dtype) {
+  LlamaConfig c;
+  c.hidden_size = 8;
+  c.intermediate_size = 12;
+  Mlp mlp(c, "model.layers.0.mlp", torch::dtype(dtype));
+  torch::NoGradGuard g;
+  mlp->gate_up_weight.normal_();
+  mlp->down_proj->weight.normal_();
+  return mlp;
+}
+
+MixLora mixlora(torch::Dtype dtype, int64_t experts = 4, int64_t top_k = 2) {
+  auto m =
+      MixLora(8, 12, experts, top_k, kAllKinds, /*r=*/3, /*scaling=*/0.5, 0.0, torch::dtype(dtype));
+  m->to(dtype);
+  return m;
+}
+
+// Experts that differ from the base and from each other.
+void randomize_experts(MixLoraImpl& m) {
+  torch::NoGradGuard g;
+  for (auto& [kind, list] : m.experts)
+    for (auto& lora : list) lora->lora_B.normal_();
+  m.moe_gate.normal_();
+}
+
+}  // namespace
+
+TEST_CASE("a fresh MixLoRA MLP equals the base MLP", "[adapters][mixlora]") {
+  auto mlp = random_mlp(torch::kFloat32);
+  auto x = torch::randn({2, 5, 8});
+  const auto before = mlp(x);
+  mlp->attach(mixlora(torch::kFloat32).ptr());
+  REQUIRE(torch::allclose(mlp(x), before, 1e-5, 1e-5));
+}
+
+TEST_CASE("MixLoRA's efficient and per-expert paths agree", "[adapters][mixlora]") {
+  auto mlp = random_mlp(torch::kFloat32);
+  auto m = mixlora(torch::kFloat32, 6, 2);
+  randomize_experts(*m);
+  mlp->attach(m.ptr());
+  auto x = torch::randn({3, 7, 8});
+  const auto efficient = mlp(x);
+  m->per_expert_base = true;
+  REQUIRE(torch::allclose(mlp(x), efficient, 1e-5, 1e-6));
+  REQUIRE(!torch::allclose(efficient, random_mlp(torch::kFloat32)(x), 1e-2, 1e-2));
+}
+
+TEST_CASE("MixLoRA gradients match a dense float64 composite", "[adapters][mixlora]") {
+  auto mlp = random_mlp(torch::kFloat64);
+  auto m = mixlora(torch::kFloat64, 4, 2);
+  randomize_experts(*m);
+  mlp->attach(m.ptr());
+  auto x = torch::randn({10, 8}, torch::kFloat64).requires_grad_(true);
+  auto upstream = torch::randn({10, 8}, torch::kFloat64);
+  std::vector<torch::Tensor> params{m->moe_gate};
+  for (const auto& kind : kAllKinds)
+    for (auto& lora : m->experts.at(kind))
+      params.insert(params.end(), {lora->lora_A, lora->lora_B});
+  auto run = [&](const torch::Tensor& y) {
+    y.backward(upstream);
+    std::vector<torch::Tensor> out{y.detach(), x.grad().clone()};
+    x.mutable_grad().reset();
+    for (auto& p : params) {
+      out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+      p.mutable_grad().reset();
+    }
+    return out;
+  };
+  const auto fused = run(mlp(x));
+
+  // Every expert on every token, weighted by its renormalised top-k weight (0 if not chosen).
+  auto p = torch::softmax(x.matmul(m->moe_gate.t()), -1);
+  auto [w, chosen] = p.topk(2, -1);
+  w = w / w.sum(-1, true);
+  const auto wg = mlp->gate_up_weight.narrow(0, 0, 12), wu = mlp->gate_up_weight.narrow(0, 12, 12);
+  auto lora = [&](const std::string& kind, int64_t e, const torch::Tensor& in) {
+    const auto& l = m->experts.at(kind)[e];
+    return in.matmul(l->lora_A.t()).matmul(l->lora_B.t()) * 0.5;
+  };
+  auto y = torch::zeros({10, 8}, torch::kFloat64);
+  for (int64_t e = 0; e < 4; ++e) {
+    auto g = x.matmul(wg.t()) + lora("gate_proj", e, x);
+    auto u = x.matmul(wu.t()) + lora("up_proj", e, x);
+    auto a = torch::silu(g) * u;
+    auto ye = a.matmul(mlp->down_proj->weight.t()) + lora("down_proj", e, a);
+    y = y + ye * (w * chosen.eq(e)).sum(-1, true);
+  }
+  const auto dense = run(y);
+  for (size_t i = 0; i < fused.size(); ++i) {
+    INFO(i);
+    REQUIRE(torch::allclose(fused[i], dense[i], 1e-10, 1e-12));
+  }
+}
+
+TEST_CASE("the MixLoRA auxiliary loss is coef * k under uniform routing and skips padding",
+          "[adapters][mixlora]") {
+  const int64_t tokens = 12, experts = 8;
+  std::vector<torch::Tensor> uniform(3, torch::zeros({tokens, experts}));
+  auto keep = torch::ones({tokens}, torch::kBool);
+  keep.narrow(0, 9, 3).fill_(false);
+  for (int64_t k : {1, 2}) {
+    INFO("top " << k);
+    REQUIRE(mixlora_aux_loss(uniform, keep, k, 0.01).item<double>() ==
+            Approx(0.01 * static_cast<double>(k)).epsilon(1e-6));
+  }
+  // Collapsed routing costs more; padded rows, whatever their logits, change nothing.
+  std::vector<torch::Tensor> skewed;
+  for (int i = 0; i < 3; ++i) skewed.push_back(torch::randn({tokens, experts}) * 4);
+  const double with_pad = mixlora_aux_loss(skewed, keep, 2, 0.01).item<double>();
+  std::vector<torch::Tensor> kept;
+  for (auto& z : skewed) kept.push_back(z.narrow(0, 0, 9));
+  REQUIRE(with_pad == Approx(mixlora_aux_loss(kept, {}, 2, 0.01).item<double>()).epsilon(1e-6));
+  std::vector<torch::Tensor> collapsed(3, torch::zeros({tokens, experts}));
+  for (auto& z : collapsed) z.select(1, 0).fill_(20);
+  REQUIRE(mixlora_aux_loss(collapsed, {}, 2, 0.01).item<double>() > 0.01 * 2 * 2);
+}
