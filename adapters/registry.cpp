@@ -6,12 +6,41 @@
 
 namespace lorafit {
 
+namespace {
+
+// A strategy that only puts adapters on projections, as an AdapterSpec row's three functions.
+template <auto AttachSaved, auto AttachNew, auto Save>
+struct OnProjections {
+  static void attach_saved(const nlohmann::json& config,
+                           const TensorMap& weights,
+                           const AdapterSites& sites,
+                           const std::string& where) {
+    AttachSaved(config, weights, sites.projections, where);
+  }
+  static void attach_new(const AdapterSettings& settings, const AdapterSites& sites) {
+    AttachNew(settings, sites.projections);
+  }
+  static SavedAdapter save(const AdapterSettings& settings,
+                           const AdapterSites& sites,
+                           const std::string& base_model) {
+    return Save(settings, sites.projections, base_model);
+  }
+};
+
+template <typename S>
+AdapterSpec row(std::string_view name, std::string_view peft_type, std::string_view summary) {
+  return {name, peft_type, summary, S::attach_saved, S::attach_new, S::save};
+}
+
+}  // namespace
+
 const std::vector<AdapterSpec>& adapter_specs() {
+  using Lora = OnProjections<lora_attach_saved, lora_attach_new, lora_save>;
+  using MultiLora = OnProjections<multilora_attach_saved, multilora_attach_new, multilora_save>;
   static const std::vector<AdapterSpec> specs = {
-      {"lora", "LORA", "low-rank update B*A on each targeted projection (PEFT's LoRA)",
-       lora_attach_saved, lora_attach_new, lora_save},
-      {"multilora", "MULTILORA", "n parallel LoRA modules with learnable scales (MultiLoRA)",
-       multilora_attach_saved, multilora_attach_new, multilora_save},
+      row<Lora>("lora", "LORA", "low-rank update B*A on each targeted projection (PEFT's LoRA)"),
+      row<MultiLora>("multilora", "MULTILORA",
+                     "n parallel LoRA modules with learnable scales (MultiLoRA)"),
   };
   return specs;
 }

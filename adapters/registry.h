@@ -1,6 +1,8 @@
 // The one table of adapter strategies. Adding a strategy = one file pair + one row here.
 #pragma once
 
+#include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -21,6 +23,21 @@ struct AdapterSettings {
   bool vector_scale = true;          // multilora: a scale per output channel, else one per module
 };
 
+/// A model's MLP block, where a block-level adapter (MixLoRA) goes.
+struct FfnSite {
+  std::string name;  // "model.layers.3.mlp"
+  int64_t hidden = 0;
+  int64_t intermediate = 0;
+  std::function<void(std::shared_ptr<FfnAdapterImpl>)> attach;
+  std::function<std::shared_ptr<FfnAdapterImpl>()> adapter;  // the attached one, or nullptr
+};
+
+/// Everything of a model that a strategy can put adapters on, in model order.
+struct AdapterSites {
+  Projections projections;
+  std::vector<FfnSite> ffns;
+};
+
 /// An adapter as it goes to disk: adapter_config.json and the tensors of
 /// adapter_model.safetensors.
 struct SavedAdapter {
@@ -35,13 +52,13 @@ struct AdapterSpec {
   /// Attaches a saved adapter: its parsed adapter_config.json and its tensors.
   void (*attach_saved)(const nlohmann::json& config,
                        const TensorMap& weights,
-                       const Projections& projections,
+                       const AdapterSites& sites,
                        const std::string& where);
-  /// Attaches freshly initialised adapters to the projections the settings target.
-  void (*attach_new)(const AdapterSettings& settings, const Projections& projections);
+  /// Attaches freshly initialised adapters to the sites the settings target.
+  void (*attach_new)(const AdapterSettings& settings, const AdapterSites& sites);
   /// The attached adapters in their on-disk form.
   SavedAdapter (*save)(const AdapterSettings& settings,
-                       const Projections& projections,
+                       const AdapterSites& sites,
                        const std::string& base_model);
 };
 

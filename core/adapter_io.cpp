@@ -46,7 +46,7 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
     }
     weights[e.name] = file.tensor(e.name);
   }
-  spec.attach_saved(config, weights, model->projections(), dir);
+  spec.attach_saved(config, weights, model->adapter_sites(), dir);
 }
 
 }  // namespace lorafit
@@ -59,7 +59,7 @@ void save_adapter(const std::string& dir,
                   LlamaForCausalLM& model,
                   const std::string& base_model) {
   fs::create_directories(dir);
-  const auto saved = spec.save(settings, model->projections(), base_model);
+  const auto saved = spec.save(settings, model->adapter_sites(), base_model);
   save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), saved.tensors);
   write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
 }

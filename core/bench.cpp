@@ -45,7 +45,7 @@ BenchResult run_bench(const BenchOptions& o) {
                                : load_llama(o.model, device, dtype);
   model->checkpoint_layers = recipe.train.gradient_checkpointing;
   const auto& spec = find_adapter(recipe.adapter.type);
-  spec.attach_new(adapter_settings(recipe.adapter), model->projections());
+  spec.attach_new(adapter_settings(recipe.adapter), model->adapter_sites());
   const auto params = trainable_parameters(model);
   AdamW optimizer(params, AdamWSettings{});
   model->train();

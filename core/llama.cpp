@@ -263,6 +263,20 @@ Projections LlamaForCausalLMImpl::projections() const {
   return out;
 }
 
+AdapterSites LlamaForCausalLMImpl::adapter_sites() const {
+  AdapterSites sites{projections(), {}};
+  int64_t index = 0;
+  for (const auto& m : *model->layers) {
+    Mlp mlp = m->as<DecoderLayerImpl>()->mlp;
+    sites.ffns.push_back(
+        {"model.layers." + std::to_string(index++) + ".mlp", mlp->down_proj->out_features,
+         mlp->down_proj->in_features,
+         [mlp](std::shared_ptr<FfnAdapterImpl> a) mutable { mlp->attach(std::move(a)); },
+         [mlp] { return mlp->adapter; }});
+  }
+  return sites;
+}
+
 std::vector<std::pair<std::string, torch::Tensor>> LlamaForCausalLMImpl::checkpoint_tensors() {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& item : named_parameters(/*recurse=*/true)) {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "adapters/projection.h"
+#include "adapters/registry.h"
 #include "core/hf_config.h"
 
 namespace lorafit {
@@ -115,6 +116,8 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   RopeTables rope_tables(int64_t start, int64_t t, torch::Dtype dtype) const;
   /// Every projection that an adapter may target (the seven per layer, in layer order).
   Projections projections() const;
+  /// The projections and the MLP blocks, where adapter strategies attach.
+  AdapterSites adapter_sites() const;
   /// The checkpoint keys this model reads, with their tensors (tied head excluded).
   std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors();
 

@@ -202,7 +202,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
   const auto& spec = find_adapter(recipe.adapter.type);
   const AdapterSettings settings = adapter_settings(recipe.adapter);
-  spec.attach_new(settings, model->projections());
+  spec.attach_new(settings, model->adapter_sites());
   model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);
   AdamWSettings adamw;
@@ -215,7 +215,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
   auto copy_adapter_weights = [&](const std::string& dir) {
     SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
     torch::NoGradGuard no_grad;
-    for (const auto& [name, t] : spec.save(settings, model->projections(), recipe.model).tensors) {
+    for (const auto& [name, t] :
+         spec.save(settings, model->adapter_sites(), recipe.model).tensors) {
       if (!saved.find(name)) {
         throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
                                  "' (hint: its targets and rank must match the recipe's adapter)");

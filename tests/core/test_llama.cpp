@@ -151,7 +151,7 @@ TEST_CASE("only adapter tensors train and a step leaves the base untouched",
           "[core][llama][lora]") {
   auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
   const auto& spec = find_adapter("lora");
-  spec.attach_new({4, 8.0, 0.0, false, {"q_proj", "up_proj"}}, model->projections());
+  spec.attach_new({4, 8.0, 0.0, false, {"q_proj", "up_proj"}}, model->adapter_sites());
   const auto params = trainable_parameters(model);
   REQUIRE(params.size() == 2 * 2 * 2);  // layers x targets x (A, B)
   std::map<std::string, torch::Tensor> before;
@@ -173,7 +173,7 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
     torch::manual_seed(5);
     auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
     find_adapter("lora").attach_new({4, 8.0, 0.2, false, {"q_proj", "v_proj", "down_proj"}},
-                                    model->projections());
+                                    model->adapter_sites());
     for (auto p : model->projections()) {
       if (p->adapter) {
         torch::NoGradGuard g;
