@@ -1,6 +1,9 @@
 #include "adapters/mixlora.h"
 
+#include <algorithm>
 #include <cmath>
+
+#include "core/errors.h"
 
 namespace lorafit {
 
@@ -56,7 +59,7 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
   // The router and the sum of the experts' outputs in (at least) fp32, as MoE-PEFT.
   const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
   auto logits = torch::nn::functional::linear(x.to(moe_gate.scalar_type()), moe_gate);  // [N, E]
-  if (is_training()) router_logits = logits;
+  if (is_training() && torch::GradMode::is_enabled()) router_logits = logits;
   auto [weights, chosen] = torch::softmax(logits, -1).topk(top_k, -1);  // [N, k] each
   weights = weights / weights.sum(-1, /*keepdim=*/true);
   // Gate and up once for every token; each expert slices its own rows.
@@ -103,6 +106,191 @@ torch::Tensor mixlora_aux_loss(const std::vector<torch::Tensor>& router_logits,
   const auto f = (one_hot * weight.view({-1, 1, 1})).sum(0) / count;  // [k, E]
   const auto mean_p = (p * weight.unsqueeze(1)).sum(0) / count;       // [E]
   return coef * static_cast<double>(n_experts) * (f * mean_p.unsqueeze(0)).sum();
+}
+
+namespace {
+
+const std::vector<std::string> kFfnKinds = {"gate_proj", "up_proj", "down_proj"};
+
+bool is_ffn_kind(const std::string& kind) {
+  return std::find(kFfnKinds.begin(), kFfnKinds.end(), kind) != kFfnKinds.end();
+}
+
+// "model.layers.3.mlp" -> "mixlora.layers.3.mlp": MoE-PEFT's prefix for the model's modules.
+std::string saved_name(const std::string& module) {
+  return "mixlora" + module.substr(module.find('.'));
+}
+
+MixLoraImpl* mixlora_of(const FfnSite& site) {
+  auto adapter = site.adapter();
+  return adapter ? dynamic_cast<MixLoraImpl*>(adapter.get()) : nullptr;
+}
+
+struct Shape {
+  int64_t experts, top_k, r;
+  double alpha, dropout;
+  bool rslora;
+  std::vector<std::string> attention, ffn;  // targeted kinds
+};
+
+void attach(const Shape& s, const AdapterSites& sites) {
+  const double scaling = lora_scaling(s.alpha, s.r, s.rslora);
+  attach_to_kinds(sites.projections, s.attention, [&](const ProjectionImpl& p) {
+    return Lora(p.in_features, p.out_features, s.r, scaling, s.dropout,
+                torch::device(p.weight.device()))
+        .ptr();
+  });
+  for (const auto& site : sites.ffns) {
+    site.attach(MixLora(site.hidden, site.intermediate, s.experts, s.top_k, s.ffn, s.r, scaling,
+                        s.dropout, torch::device(site.device))
+                    .ptr());
+  }
+}
+
+}  // namespace
+
+void mixlora_attach_new(const AdapterSettings& settings, const AdapterSites& sites) {
+  Shape s{settings.experts, settings.top_k,      settings.r, settings.alpha,
+          settings.dropout, settings.use_rslora, {},         {}};
+  for (const auto& kind : settings.targets)
+    (is_ffn_kind(kind) ? s.ffn : s.attention).push_back(kind);
+  attach(s, sites);
+}
+
+SavedAdapter mixlora_save(const AdapterSettings& settings,
+                          const AdapterSites& sites,
+                          const std::string& base_model) {
+  SavedAdapter out;
+  out.config = {{"peft_type", "MIXLORA"},
+                {"routing_strategy", "mixlora"},
+                {"num_experts", settings.experts},
+                {"top_k", settings.top_k},
+                {"router_aux_loss_coef", settings.router_aux_loss_coef},
+                {"router_init_range", 0.02},
+                {"jitter_noise", 0.0},
+                {"r", settings.r},
+                {"lora_alpha", settings.alpha},
+                {"lora_dropout", settings.dropout},
+                {"use_rslora", settings.use_rslora},
+                {"target_modules", settings.targets},
+                {"bias", "none"},
+                {"task_type", "CAUSAL_LM"},
+                {"base_model_name_or_path", base_model}};
+  auto put = [&](const std::string& name, const torch::Tensor& t) {
+    out.tensors[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+  };
+  for (const auto& p : sites.projections) {
+    const auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
+    if (!lora) continue;
+    put(saved_name(p->name) + ".lora_A.weight", lora->lora_A);
+    put(saved_name(p->name) + ".lora_B.weight", lora->lora_B);
+  }
+  for (const auto& site : sites.ffns) {
+    const auto* m = mixlora_of(site);
+    if (!m) continue;
+    const auto prefix = saved_name(site.name);
+    put(prefix + ".moe_gate.weight", m->moe_gate);
+    for (const auto& [kind, list] : m->experts) {
+      for (size_t e = 0; e < list.size(); ++e) {
+        const auto name = prefix + "." + kind + ".experts." + std::to_string(e);
+        put(name + ".lora_A.weight", list[e]->lora_A);
+        put(name + ".lora_B.weight", list[e]->lora_B);
+      }
+    }
+  }
+  return out;
+}
+
+void mixlora_attach_saved(const nlohmann::json& config,
+                          const TensorMap& weights,
+                          const AdapterSites& sites,
+                          const std::string& where) {
+  std::vector<std::string> problems;
+  auto number = [&](const char* key) -> double {
+    const auto it = config.find(key);
+    if (it == config.end() || !it->is_number()) {
+      problems.push_back("'" + std::string(key) + "' must be a number");
+      return 1;
+    }
+    return it->get<double>();
+  };
+  const auto routing = config.value("routing_strategy", std::string());
+  if (routing != "mixlora") {
+    problems.push_back("'routing_strategy' is '" + routing +
+                       "'; lorafit reads 'mixlora' (top-k) only");
+  }
+  Shape s{static_cast<int64_t>(number("num_experts")),
+          static_cast<int64_t>(number("top_k")),
+          static_cast<int64_t>(number("r")),
+          number("lora_alpha"),
+          0.0,
+          config.value("use_rslora", false),
+          {},
+          {}};
+  const auto targets = config.find("target_modules");
+  if (targets == config.end() || !targets->is_array()) {
+    problems.push_back("'target_modules' must be a list of module names");
+  } else {
+    for (const auto& t : *targets) {
+      const auto kind = t.get<std::string>();
+      (is_ffn_kind(kind) ? s.ffn : s.attention).push_back(kind);
+    }
+  }
+  if (!problems.empty()) throw ConfigError("adapter '" + where + "': " + join_problems(problems));
+  attach(s, sites);
+
+  // Every tensor the attached modules hold must come from the file, with its shape.
+  const auto saved = mixlora_save({}, sites, "");
+  torch::NoGradGuard no_grad;
+  auto copy_into = [&](const std::string& name, torch::Tensor& dst) {
+    const auto it = weights.find(name);
+    if (it == weights.end()) {
+      problems.push_back("no tensor '" + name + "'");
+    } else if (it->second.sizes() != dst.sizes()) {
+      problems.push_back("tensor '" + name + "' has the wrong shape for this model");
+    } else {
+      dst.copy_(it->second);
+    }
+  };
+  for (const auto& p : sites.projections) {
+    auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
+    if (!lora) continue;
+    copy_into(saved_name(p->name) + ".lora_A.weight", lora->lora_A);
+    copy_into(saved_name(p->name) + ".lora_B.weight", lora->lora_B);
+  }
+  for (const auto& site : sites.ffns) {
+    auto* m = mixlora_of(site);
+    const auto prefix = saved_name(site.name);
+    copy_into(prefix + ".moe_gate.weight", m->moe_gate);
+    for (auto& [kind, list] : m->experts) {
+      for (size_t e = 0; e < list.size(); ++e) {
+        const auto name = prefix + "." + kind + ".experts." + std::to_string(e);
+        copy_into(name + ".lora_A.weight", list[e]->lora_A);
+        copy_into(name + ".lora_B.weight", list[e]->lora_B);
+      }
+    }
+  }
+  for (const auto& [name, t] : weights) {
+    if (!saved.tensors.count(name))
+      problems.push_back("tensor '" + name + "' belongs to no module");
+  }
+  if (!problems.empty()) {
+    throw ModelMismatchError("adapter '" + where +
+                             "' does not fit this model: " + join_problems(problems) +
+                             " (hint: it was trained for another model or is damaged)");
+  }
+}
+
+torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
+                               const AdapterSites& sites,
+                               const torch::Tensor& keep) {
+  std::vector<torch::Tensor> logits;
+  for (const auto& site : sites.ffns) {
+    const auto* m = mixlora_of(site);
+    if (m && m->router_logits.defined()) logits.push_back(m->router_logits);
+  }
+  if (logits.empty()) return {};
+  return mixlora_aux_loss(logits, keep, settings.top_k, settings.router_aux_loss_coef);
 }
 
 }  // namespace lorafit

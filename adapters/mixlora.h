@@ -9,6 +9,7 @@
 
 #include "adapters/lora.h"
 #include "adapters/projection.h"
+#include "adapters/registry.h"
 
 namespace lorafit {
 
@@ -52,5 +53,29 @@ torch::Tensor mixlora_aux_loss(const std::vector<torch::Tensor>& router_logits,
                                const torch::Tensor& keep,
                                int64_t top_k,
                                double coef);
+
+/// A fresh MixLoRA: LoRA on the targeted attention projections; on every MLP a router and
+/// experts with LoRAs on the targeted ones of gate_proj, up_proj, down_proj (B = 0, so the
+/// model starts as the base).
+void mixlora_attach_new(const AdapterSettings& settings, const AdapterSites& sites);
+
+/// MoE-PEFT's adapter_config.json (peft_type MIXLORA, routing_strategy mixlora) and tensor
+/// names: mixlora.layers.L.mlp.moe_gate.weight, mixlora.layers.L.mlp.KIND.experts.E.lora_{A,B}
+/// .weight, mixlora.layers.L.self_attn.KIND.lora_{A,B}.weight; fp32.
+SavedAdapter mixlora_save(const AdapterSettings& settings,
+                          const AdapterSites& sites,
+                          const std::string& base_model);
+
+/// Reads what mixlora_save writes; other routing strategies, missing tensors and wrong shapes
+/// are refused with the key or tensor named.
+void mixlora_attach_saved(const nlohmann::json& config,
+                          const TensorMap& weights,
+                          const AdapterSites& sites,
+                          const std::string& where);
+
+/// The load-balancing loss of the last training forward over every MLP's router.
+torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
+                               const AdapterSites& sites,
+                               const torch::Tensor& keep);
 
 }  // namespace lorafit

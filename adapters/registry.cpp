@@ -1,6 +1,7 @@
 #include "adapters/registry.h"
 
 #include "adapters/lora.h"
+#include "adapters/mixlora.h"
 #include "adapters/multilora.h"
 #include "core/errors.h"
 
@@ -41,6 +42,9 @@ const std::vector<AdapterSpec>& adapter_specs() {
       row<Lora>("lora", "LORA", "low-rank update B*A on each targeted projection (PEFT's LoRA)"),
       row<MultiLora>("multilora", "MULTILORA",
                      "n parallel LoRA modules with learnable scales (MultiLoRA)"),
+      {"mixlora", "MIXLORA",
+       "top-k mixture of LoRA experts on the frozen MLP, LoRA on attention (MixLoRA)",
+       mixlora_attach_saved, mixlora_attach_new, mixlora_save, mixlora_aux_loss},
   };
   return specs;
 }

@@ -21,6 +21,9 @@ struct AdapterSettings {
   std::vector<std::string> targets;  // projection kinds: "q_proj", ...
   int64_t n = 3;                     // multilora: parallel modules per projection
   bool vector_scale = true;          // multilora: a scale per output channel, else one per module
+  int64_t experts = 8;               // mixlora: experts per MLP
+  int64_t top_k = 2;                 // mixlora: experts per token
+  double router_aux_loss_coef = 0;   // mixlora: the load-balancing loss's weight
 };
 
 /// A model's MLP block, where a block-level adapter (MixLoRA) goes.
@@ -28,6 +31,7 @@ struct FfnSite {
   std::string name;  // "model.layers.3.mlp"
   int64_t hidden = 0;
   int64_t intermediate = 0;
+  torch::Device device = torch::kCPU;  // the block's weights'
   std::function<void(std::shared_ptr<FfnAdapterImpl>)> attach;
   std::function<std::shared_ptr<FfnAdapterImpl>()> adapter;  // the attached one, or nullptr
 };
@@ -60,6 +64,11 @@ struct AdapterSpec {
   SavedAdapter (*save)(const AdapterSettings& settings,
                        const AdapterSites& sites,
                        const std::string& base_model);
+  /// The strategy's own term of the training loss for the last forward pass (MixLoRA's
+  /// load balancing), nullptr if none. keep: [N] bool, the real (unpadded) tokens.
+  torch::Tensor (*aux_loss)(const AdapterSettings& settings,
+                            const AdapterSites& sites,
+                            const torch::Tensor& keep) = nullptr;
 };
 
 /// The strategy of a recipe's adapter.type; a ConfigError listing the known types otherwise.

@@ -45,7 +45,12 @@ BenchResult run_bench(const BenchOptions& o) {
                                : load_llama(o.model, device, dtype);
   model->checkpoint_layers = recipe.train.gradient_checkpointing;
   const auto& spec = find_adapter(recipe.adapter.type);
-  spec.attach_new(adapter_settings(recipe.adapter), model->adapter_sites());
+  const auto settings = adapter_settings(recipe.adapter);
+  const auto sites = model->adapter_sites();
+  spec.attach_new(settings, sites);
+  AuxLoss aux;
+  if (spec.aux_loss)
+    aux = [&](const torch::Tensor& keep) { return spec.aux_loss(settings, sites, keep); };
   const auto params = trainable_parameters(model);
   AdamW optimizer(params, AdamWSettings{});
   model->train();
@@ -62,7 +67,7 @@ BenchResult run_bench(const BenchOptions& o) {
   BenchResult r;
   auto step = [&] {
     // As the trainer: the loss is read (waiting for the backward pass) before the update.
-    r.loss = accumulate_gradients(model, batches, targets).item<double>();
+    r.loss = accumulate_gradients(model, batches, targets, aux).nll.item<double>();
     optimizer.step(recipe.train.lr, recipe.train.max_grad_norm);
   };
   for (int64_t i = 0; i < o.warmup_steps; ++i) step();

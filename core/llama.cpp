@@ -270,7 +270,7 @@ AdapterSites LlamaForCausalLMImpl::adapter_sites() const {
     Mlp mlp = m->as<DecoderLayerImpl>()->mlp;
     sites.ffns.push_back(
         {"model.layers." + std::to_string(index++) + ".mlp", mlp->down_proj->out_features,
-         mlp->down_proj->in_features,
+         mlp->down_proj->in_features, mlp->down_proj->weight.device(),
          [mlp](std::shared_ptr<FfnAdapterImpl> a) mutable { mlp->attach(std::move(a)); },
          [mlp] { return mlp->adapter; }});
   }

@@ -49,6 +49,14 @@ void merge_adapter(const MergeOptions& o) {
   load_adapter(o.adapter, model);
 
   torch::NoGradGuard no_grad;
+  for (const auto& site : model->adapter_sites().ffns) {
+    if (site.adapter()) {
+      throw ConfigError("adapter '" + o.adapter + "' routes each token through its own experts (" +
+                        site.name +
+                        " is a sparse mixture), which no dense checkpoint can express (hint: "
+                        "use it unmerged with --adapter in eval and generate)");
+    }
+  }
   for (auto p : model->projections()) {
     if (!p->adapter) continue;
     const auto delta = p->adapter->merged_delta();  // [out, in] fp32

@@ -83,6 +83,10 @@ void visit_fields(Recipe_& r, F&& f) {
   f("adapter.init", r.adapter.init, Rule{});
   f("adapter.n", r.adapter.n, at_least(1));
   f("adapter.scale", r.adapter.scale, one_of({"vector", "scalar"}));
+  f("adapter.routing_strategy", r.adapter.routing_strategy, one_of({"mixlora"}));
+  f("adapter.num_experts", r.adapter.num_experts, at_least(1));
+  f("adapter.top_k", r.adapter.top_k, at_least(1));
+  f("adapter.router_aux_loss_coef", r.adapter.router_aux_loss_coef, Rule{});
   f("train.steps", r.train.steps, at_least(0));
   f("train.epochs", r.train.epochs, at_least(0));
   f("train.batch_size", r.train.batch_size, at_least(1));
@@ -330,6 +334,23 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                        join_problems(types) + did_you_mean(r.adapter.type, types));
   }
   if (r.adapter.targets.empty()) problems.push_back("'adapter.targets' is empty");
+  if (r.adapter.type == "mixlora") {
+    if (r.adapter.router_aux_loss_coef < 0) {
+      problems.push_back(
+          "'adapter.router_aux_loss_coef' is required with adapter.type mixlora (hint: 0.01, "
+          "MixLoRA's documented value; MoE-PEFT's code defaults to 0.001)");
+    }
+    if (r.adapter.top_k > r.adapter.num_experts) {
+      problems.push_back("'adapter.top_k' is " + std::to_string(r.adapter.top_k) +
+                         ", more than adapter.num_experts (" +
+                         std::to_string(r.adapter.num_experts) + ")");
+    }
+    if (r.train.gradient_checkpointing) {
+      problems.push_back(
+          "'train.gradient_checkpointing' is not supported with adapter.type mixlora yet (the "
+          "router's auxiliary loss needs the forward pass's graph; hint: set it to false)");
+    }
+  }
   std::set<std::string> seen;
   for (const auto& t : r.adapter.targets) {
     if (std::find(kProjections.begin(), kProjections.end(), t) == kProjections.end()) {
@@ -394,7 +415,11 @@ Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overr
 }
 
 AdapterSettings adapter_settings(const AdapterRecipe& a) {
-  return {a.r, a.alpha, a.dropout, a.use_rslora, a.targets, a.n, a.scale == "vector"};
+  AdapterSettings s{a.r, a.alpha, a.dropout, a.use_rslora, a.targets, a.n, a.scale == "vector"};
+  s.experts = a.num_experts;
+  s.top_k = a.top_k;
+  s.router_aux_loss_coef = a.router_aux_loss_coef;
+  return s;
 }
 
 std::string recipe_to_yaml(const Recipe& recipe) {

@@ -30,6 +30,11 @@ struct AdapterRecipe {
   std::string init;              // optional: a saved adapter to start from instead of PEFT's init
   int64_t n = 3;                 // multilora: parallel LoRA modules per projection
   std::string scale = "vector";  // multilora: vector (per output channel) | scalar
+  std::string routing_strategy = "mixlora";  // mixlora: top-k routing (MoE-PEFT's `mixlora`)
+  int64_t num_experts = 8;                   // mixlora
+  int64_t top_k = 2;                         // mixlora
+  // mixlora, required: MoE-PEFT's code defaults to 0.001 and its documentation to 0.01.
+  double router_aux_loss_coef = -1;
 };
 
 struct TrainRecipe {

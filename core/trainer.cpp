@@ -35,11 +35,13 @@ Batch collate(const std::vector<Example>& examples,
   for (auto r : rows) t = std::max(t, examples[r].input_ids.size());
   const auto b = static_cast<int64_t>(rows.size());
   std::vector<int64_t> ids(b * t, 0), labels(b * t, kIgnoreLabel);
+  std::vector<uint8_t> keep(b * t, 0);
   Batch out;
   for (int64_t i = 0; i < b; ++i) {
     const auto& ex = examples[rows[i]];
     std::copy(ex.input_ids.begin(), ex.input_ids.end(), ids.begin() + i * t);
     std::copy(ex.labels.begin(), ex.labels.end(), labels.begin() + i * t);
+    std::fill_n(keep.begin() + i * t, ex.input_ids.size(), 1);
     out.tokens += static_cast<int64_t>(ex.input_ids.size());
   }
   const auto ti = static_cast<int64_t>(t);
@@ -48,6 +50,8 @@ Batch collate(const std::vector<Example>& examples,
       torch::from_blob(ids.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
   out.labels = torch::from_blob(labels.data(), {b, ti}, torch::kInt64)
                    .to(device, torch::kInt64, false, true);
+  out.keep =
+      torch::from_blob(keep.data(), {b, ti}, torch::kUInt8).to(device, torch::kBool, false, true);
   return out;
 }
 
@@ -155,18 +159,30 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 }  // namespace
 
-torch::Tensor accumulate_gradients(LlamaForCausalLM& model,
-                                   const std::vector<Batch>& micro_batches,
-                                   int64_t targets) {
-  torch::Tensor loss_sum;  // [] on the model's device
+StepLoss accumulate_gradients(LlamaForCausalLM& model,
+                              const std::vector<Batch>& micro_batches,
+                              int64_t targets,
+                              const AuxLoss& aux) {
+  StepLoss step;
+  auto add = [](torch::Tensor& sum, const torch::Tensor& x) {
+    sum = sum.defined() ? sum + x.detach() : x.detach();
+  };
   for (const auto& batch : micro_batches) {
     // Each micro-batch adds its share of the step's token mean, so the gradient is that of the
     // mean over every target token of the step, not a mean of micro-batch means.
     auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
+    add(step.nll, loss);
+    if (aux) {
+      const auto term = aux(batch.keep.defined() ? batch.keep.reshape({-1}) : batch.keep);
+      if (term.defined()) {
+        const auto share = term / static_cast<double>(micro_batches.size());
+        add(step.aux, share);
+        loss = loss + share;
+      }
+    }
     loss.backward();
-    loss_sum = loss_sum.defined() ? loss_sum + loss.detach() : loss.detach();
   }
-  return loss_sum;
+  return step;
 }
 
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
@@ -202,7 +218,12 @@ void train(const Recipe& recipe, const TrainRun& run) {
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
   const auto& spec = find_adapter(recipe.adapter.type);
   const AdapterSettings settings = adapter_settings(recipe.adapter);
-  spec.attach_new(settings, model->adapter_sites());
+  const auto sites = model->adapter_sites();
+  spec.attach_new(settings, sites);
+  AuxLoss aux_loss;
+  if (spec.aux_loss) {
+    aux_loss = [&](const torch::Tensor& keep) { return spec.aux_loss(settings, sites, keep); };
+  }
   model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);
   AdamWSettings adamw;
@@ -275,8 +296,10 @@ void train(const Recipe& recipe, const TrainRun& run) {
     }
     // Reading the loss waits for the backward pass, once per step: a non-finite loss must stop
     // the run before the update.
-    const double loss_sum = accumulate_gradients(model, micro_batches, targets).item<double>();
-    if (!std::isfinite(loss_sum)) {
+    const auto step_loss = accumulate_gradients(model, micro_batches, targets, aux_loss);
+    const double loss_sum = step_loss.nll.item<double>();
+    const double aux_sum = step_loss.aux.defined() ? step_loss.aux.item<double>() : 0.0;
+    if (!std::isfinite(loss_sum + aux_sum)) {
       throw Error(
           fmt::format("the training loss became {} at step {}; the last good checkpoint is "
                       "under {} (hint: lower train.lr or raise train.warmup_steps)",
@@ -298,15 +321,13 @@ void train(const Recipe& recipe, const TrainRun& run) {
                  tty ? "\r\033[K" : "", state.step, total_steps, loss_sum, lr, tok_s,
                  format_duration(eta), tty ? "" : "\n");
       if (log_step) {
-        metrics << nlohmann::json{{"step", state.step},
-                                  {"loss", loss_sum},
-                                  {"lr", lr},
-                                  {"grad_norm",
-                                   grad_norm.defined() ? grad_norm.item<double>() : 0.0},
-                                  {"tokens_per_s", tok_s}}
-                       .dump()
-                << "\n"
-                << std::flush;
+        nlohmann::json line{{"step", state.step},
+                            {"loss", loss_sum},
+                            {"lr", lr},
+                            {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
+                            {"tokens_per_s", tok_s}};
+        if (step_loss.aux.defined()) line["aux_loss"] = aux_sum;
+        metrics << line.dump() << "\n" << std::flush;
         history.train.emplace_back(state.step, loss_sum);
         tokens_since_log = 0;
         log_started = Clock::now();

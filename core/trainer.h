@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,14 +27,28 @@ struct Batch {
   torch::Tensor ids;     // [B, T] int64, right-padded with 0
   torch::Tensor labels;  // [B, T] int64, -100 where nothing is learned
   int64_t tokens = 0;    // real (unpadded) tokens
+  torch::Tensor keep;    // [B, T] bool, the real tokens; undefined: no padding
+};
+
+/// A strategy's own loss term for the last forward pass (see AdapterSpec::aux_loss), given
+/// the real tokens ([N] bool, or undefined for all); empty when the strategy has none.
+using AuxLoss = std::function<torch::Tensor(const torch::Tensor& keep)>;
+
+/// One step's losses as 0-dim tensors on the model's device: the token-mean NLL, and the
+/// strategy's term averaged over the micro-batches (undefined without one).
+struct StepLoss {
+  torch::Tensor nll;
+  torch::Tensor aux;
 };
 
 /// Forward and backward over the micro-batches of one optimizer step, each weighted so the
-/// gradient is that of the mean loss over all `targets` tokens of the step. Returns that loss
-/// as a 0-dim tensor on the model's device: nothing here waits for the GPU.
-torch::Tensor accumulate_gradients(LlamaForCausalLM& model,
-                                   const std::vector<Batch>& micro_batches,
-                                   int64_t targets);
+/// gradient is that of the mean loss over all `targets` tokens of the step, plus `aux` (if
+/// any) averaged over the micro-batches, as MoE-PEFT adds its router loss. Nothing here
+/// waits for the GPU.
+StepLoss accumulate_gradients(LlamaForCausalLM& model,
+                              const std::vector<Batch>& micro_batches,
+                              int64_t targets,
+                              const AuxLoss& aux = {});
 
 /// HF transformers' learning rate at optimizer step `step` (0-based) of `total`: linear warmup
 /// from 0, then constant, linear decay to 0, or half a cosine to 0.

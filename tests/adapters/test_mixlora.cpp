@@ -1,6 +1,8 @@
 #include <catch2/catch.hpp>
 
 #include "adapters/mixlora.h"
+#include "adapters/registry.h"
+#include "core/errors.h"
 #include "core/llama.h"
 #include "test_util.h"
 
@@ -126,4 +128,45 @@ TEST_CASE("the MixLoRA auxiliary loss is coef * k under uniform routing and skip
   std::vector<torch::Tensor> collapsed(3, torch::zeros({tokens, experts}));
   for (auto& z : collapsed) z.select(1, 0).fill_(20);
   REQUIRE(mixlora_aux_loss(collapsed, {}, 2, 0.01).item<double>() > 0.01 * 2 * 2);
+}
+
+TEST_CASE("MixLoRA saves in MoE-PEFT's names and loads back bit for bit", "[adapters][mixlora]") {
+  using lorafit::test::fixture;
+  auto a = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  AdapterSettings s;
+  s.r = 2, s.alpha = 4, s.experts = 3, s.top_k = 2, s.router_aux_loss_coef = 0.01;
+  s.targets = {"q_proj", "v_proj", "gate_proj", "down_proj"};
+  const auto& spec = find_adapter("mixlora");
+  spec.attach_new(s, a->adapter_sites());
+  for (const auto& site : a->adapter_sites().ffns)
+    randomize_experts(*std::dynamic_pointer_cast<MixLoraImpl>(site.adapter()));
+  const auto saved = spec.save(s, a->adapter_sites(), "base");
+  REQUIRE(saved.config["peft_type"] == "MIXLORA");
+  REQUIRE(saved.tensors.count("mixlora.layers.1.mlp.moe_gate.weight"));
+  REQUIRE(saved.tensors.count("mixlora.layers.0.mlp.down_proj.experts.2.lora_B.weight"));
+  REQUIRE(saved.tensors.count("mixlora.layers.0.self_attn.v_proj.lora_A.weight"));
+  REQUIRE(!saved.tensors.count("mixlora.layers.0.mlp.up_proj.experts.0.lora_A.weight"));
+
+  auto b = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  spec.attach_saved(saved.config, saved.tensors, b->adapter_sites(), "dir");
+  const auto again = spec.save(s, b->adapter_sites(), "base");
+  REQUIRE(again.tensors.size() == saved.tensors.size());
+  for (const auto& [name, t] : saved.tensors) {
+    INFO(name);
+    REQUIRE(torch::equal(again.tensors.at(name), t));
+  }
+  auto ids = torch::randint(0, 300, {2, 9}, torch::kInt64);
+  torch::NoGradGuard no_grad;
+  REQUIRE(torch::equal(a->forward(ids), b->forward(ids)));
+
+  auto switch_routing = saved.config;
+  switch_routing["routing_strategy"] = "mixlora-switch";
+  auto c = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  REQUIRE_THROWS_WITH(spec.attach_saved(switch_routing, saved.tensors, c->adapter_sites(), "dir"),
+                      Catch::Contains("routing_strategy") && Catch::Contains("mixlora-switch"));
+  auto partial = saved.tensors;
+  partial.erase("mixlora.layers.1.mlp.moe_gate.weight");
+  auto d = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
+  REQUIRE_THROWS_WITH(spec.attach_saved(saved.config, partial, d->adapter_sites(), "dir"),
+                      Catch::Contains("no tensor 'mixlora.layers.1.mlp.moe_gate.weight'"));
 }

@@ -297,3 +297,32 @@ TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk
                              " --data recipes/data/tiny_valid.jsonl");
   REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(adapted).epsilon(1e-5));
 }
+
+TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to merge",
+          "[cli][mixlora]") {
+  TempDir tmp;
+  const auto r = train(tmp / "mx",
+                       "--set train.steps=60 --set adapter.type=mixlora --set adapter.r=4 "
+                       "--set adapter.num_experts=4 --set adapter.top_k=2 "
+                       "--set adapter.router_aux_loss_coef=0.01");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto config = lorafit::test::read_json(tmp / "mx/adapter/adapter_config.json");
+  REQUIRE(config["peft_type"] == "MIXLORA");
+  REQUIRE(config["routing_strategy"] == "mixlora");
+  REQUIRE(config["num_experts"] == 4);
+  REQUIRE(config["router_aux_loss_coef"] == 0.01);
+  const auto metrics = lorafit::test::read_text(tmp / "mx/metrics.jsonl");
+  REQUIRE(metrics.find("\"aux_loss\"") != std::string::npos);
+  REQUIRE(eval_loss(tmp / "mx/adapter") < eval_loss("") - 1.0);
+  const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                                 q(tmp / "mx/adapter") + " --out " + q(tmp / "merged"));
+  REQUIRE(merge.code == 2);
+  REQUIRE(merge.err.find("no dense checkpoint can express") != std::string::npos);
+  REQUIRE(!fs::exists(tmp / "merged"));
+
+  // The coefficient has no default (MoE-PEFT's code and documentation disagree).
+  const auto missing = train(tmp / "no-coef", "--set adapter.type=mixlora");
+  REQUIRE(missing.code == 2);
+  REQUIRE(missing.err.find("adapter.router_aux_loss_coef") != std::string::npos);
+}
