@@ -293,4 +293,24 @@ torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
   return mixlora_aux_loss(logits, keep, settings.top_k, settings.router_aux_loss_coef);
 }
 
+nlohmann::json mixlora_step_metrics(const AdapterSettings& settings, const AdapterSites& sites) {
+  auto load = nlohmann::json::array();
+  for (const auto& site : sites.ffns) {
+    const auto* m = mixlora_of(site);
+    if (!m || !m->router_logits.defined()) continue;
+    const auto z = m->router_logits.detach();  // [N, E]
+    const auto chosen = std::get<1>(z.topk(m->top_k, -1));
+    const torch::Tensor share = torch::one_hot(chosen, z.size(1))
+                                    .sum(std::vector<int64_t>{0, 1})
+                                    .to(torch::kFloat64)
+                                    .cpu() /
+                                static_cast<double>(chosen.numel());  // [E]
+    const double* first = share.data_ptr<double>();
+    std::vector<double> row(first, first + share.numel());
+    for (auto& x : row) x = std::round(x * 1e4) / 1e4;
+    load.push_back(row);
+  }
+  return {{"expert_load", load}};
+}
+
 }  // namespace lorafit

@@ -78,4 +78,8 @@ torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
                                const AdapterSites& sites,
                                const torch::Tensor& keep);
 
+/// {"expert_load": per layer, the share of the last forward's routed slots (tokens x k) that
+/// went to each expert}: 1/E each when balanced.
+nlohmann::json mixlora_step_metrics(const AdapterSettings& settings, const AdapterSites& sites);
+
 }  // namespace lorafit

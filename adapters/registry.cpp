@@ -44,7 +44,8 @@ const std::vector<AdapterSpec>& adapter_specs() {
                      "n parallel LoRA modules with learnable scales (MultiLoRA)"),
       {"mixlora", "MIXLORA",
        "top-k mixture of LoRA experts on the frozen MLP, LoRA on attention (MixLoRA)",
-       mixlora_attach_saved, mixlora_attach_new, mixlora_save, mixlora_aux_loss},
+       mixlora_attach_saved, mixlora_attach_new, mixlora_save, mixlora_aux_loss,
+       mixlora_step_metrics},
   };
   return specs;
 }

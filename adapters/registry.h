@@ -69,6 +69,10 @@ struct AdapterSpec {
   torch::Tensor (*aux_loss)(const AdapterSettings& settings,
                             const AdapterSites& sites,
                             const torch::Tensor& keep) = nullptr;
+  /// Fields the strategy adds to a logged metrics.jsonl line (MixLoRA: each layer's expert
+  /// load over the last micro-batch), nullptr if none.
+  nlohmann::json (*step_metrics)(const AdapterSettings& settings,
+                                 const AdapterSites& sites) = nullptr;
 };
 
 /// The strategy of a recipe's adapter.type; a ConfigError listing the known types otherwise.

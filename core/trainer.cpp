@@ -327,6 +327,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
                             {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
                             {"tokens_per_s", tok_s}};
         if (step_loss.aux.defined()) line["aux_loss"] = aux_sum;
+        if (spec.step_metrics) line.update(spec.step_metrics(settings, sites));
         metrics << line.dump() << "\n" << std::flush;
         history.train.emplace_back(state.step, loss_sum);
         tokens_since_log = 0;

@@ -314,6 +314,15 @@ TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to m
   REQUIRE(config["router_aux_loss_coef"] == 0.01);
   const auto metrics = lorafit::test::read_text(tmp / "mx/metrics.jsonl");
   REQUIRE(metrics.find("\"aux_loss\"") != std::string::npos);
+  const auto at = metrics.rfind("{\"aux_loss");
+  const auto last = nlohmann::json::parse(metrics.substr(at, metrics.find('\n', at) - at));
+  REQUIRE(last["expert_load"].size() == 2);  // the fixture's layers
+  for (const auto& layer : last["expert_load"]) {
+    REQUIRE(layer.size() == 4);
+    double total = 0;
+    for (double x : layer) total += x;
+    REQUIRE(total == Approx(1.0).epsilon(1e-3));
+  }
   REQUIRE(eval_loss(tmp / "mx/adapter") < eval_loss("") - 1.0);
   const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
                                  q(tmp / "mx/adapter") + " --out " + q(tmp / "merged"));
