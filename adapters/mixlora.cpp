@@ -131,6 +131,8 @@ struct Shape {
   double alpha, dropout;
   bool rslora;
   std::vector<std::string> attention, ffn;  // targeted kinds
+  int64_t expert_r;  // the experts' LoRA (MoE-PEFT's expert_lora), by default the same
+  double expert_alpha, expert_dropout;
 };
 
 void attach(const Shape& s, const AdapterSites& sites) {
@@ -140,9 +142,10 @@ void attach(const Shape& s, const AdapterSites& sites) {
                 torch::device(p.weight.device()))
         .ptr();
   });
+  const double expert_scaling = lora_scaling(s.expert_alpha, s.expert_r, s.rslora);
   for (const auto& site : sites.ffns) {
-    site.attach(MixLora(site.hidden, site.intermediate, s.experts, s.top_k, s.ffn, s.r, scaling,
-                        s.dropout, torch::device(site.device))
+    site.attach(MixLora(site.hidden, site.intermediate, s.experts, s.top_k, s.ffn, s.expert_r,
+                        expert_scaling, s.expert_dropout, torch::device(site.device))
                     .ptr());
   }
 }
@@ -150,8 +153,17 @@ void attach(const Shape& s, const AdapterSites& sites) {
 }  // namespace
 
 void mixlora_attach_new(const AdapterSettings& settings, const AdapterSites& sites) {
-  Shape s{settings.experts, settings.top_k,      settings.r, settings.alpha,
-          settings.dropout, settings.use_rslora, {},         {}};
+  Shape s{settings.experts,
+          settings.top_k,
+          settings.r,
+          settings.alpha,
+          settings.dropout,
+          settings.use_rslora,
+          {},
+          {},
+          settings.expert_r,
+          settings.expert_alpha,
+          settings.expert_dropout};
   for (const auto& kind : settings.targets)
     (is_ffn_kind(kind) ? s.ffn : s.attention).push_back(kind);
   attach(s, sites);
@@ -176,6 +188,12 @@ SavedAdapter mixlora_save(const AdapterSettings& settings,
                 {"bias", "none"},
                 {"task_type", "CAUSAL_LM"},
                 {"base_model_name_or_path", base_model}};
+  if (settings.expert_r != settings.r || settings.expert_alpha != settings.alpha ||
+      settings.expert_dropout != settings.dropout) {
+    out.config["expert_lora"] = {{"r", settings.expert_r},
+                                 {"lora_alpha", settings.expert_alpha},
+                                 {"lora_dropout", settings.expert_dropout}};
+  }
   auto put = [&](const std::string& name, const torch::Tensor& t) {
     out.tensors[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
   };
@@ -226,7 +244,15 @@ void mixlora_attach_saved(const nlohmann::json& config,
           0.0,
           config.value("use_rslora", false),
           {},
-          {}};
+          {},
+          0,
+          0.0,
+          0.0};
+  s.expert_r = s.r, s.expert_alpha = s.alpha;
+  if (const auto e = config.find("expert_lora"); e != config.end() && e->is_object()) {
+    s.expert_r = e->value("r", s.r);
+    s.expert_alpha = e->value("lora_alpha", s.alpha);
+  }
   const auto targets = config.find("target_modules");
   if (targets == config.end() || !targets->is_array()) {
     problems.push_back("'target_modules' must be a list of module names");

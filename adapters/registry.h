@@ -24,6 +24,9 @@ struct AdapterSettings {
   int64_t experts = 8;               // mixlora: experts per MLP
   int64_t top_k = 2;                 // mixlora: experts per token
   double router_aux_loss_coef = 0;   // mixlora: the load-balancing loss's weight
+  int64_t expert_r = 16;             // mixlora: the experts' LoRA (MoE-PEFT's expert_lora)
+  double expert_alpha = 32;
+  double expert_dropout = 0.0;
 };
 
 /// A model's MLP block, where a block-level adapter (MixLoRA) goes.

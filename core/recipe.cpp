@@ -87,6 +87,9 @@ void visit_fields(Recipe_& r, F&& f) {
   f("adapter.num_experts", r.adapter.num_experts, at_least(1));
   f("adapter.top_k", r.adapter.top_k, at_least(1));
   f("adapter.router_aux_loss_coef", r.adapter.router_aux_loss_coef, Rule{});
+  f("adapter.expert_r", r.adapter.expert_r, at_least(0));
+  f("adapter.expert_alpha", r.adapter.expert_alpha, at_least(0));
+  f("adapter.expert_dropout", r.adapter.expert_dropout, Rule{});
   f("train.steps", r.train.steps, at_least(0));
   f("train.epochs", r.train.epochs, at_least(0));
   f("train.batch_size", r.train.batch_size, at_least(1));
@@ -340,6 +343,11 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
           "'adapter.router_aux_loss_coef' is required with adapter.type mixlora (hint: 0.01, "
           "MixLoRA's documented value; MoE-PEFT's code defaults to 0.001)");
     }
+    if (r.adapter.expert_dropout != -1 &&
+        (r.adapter.expert_dropout < 0 || r.adapter.expert_dropout >= 1)) {
+      problems.push_back("'adapter.expert_dropout' is " + std::to_string(r.adapter.expert_dropout) +
+                         ", expected a probability in [0, 1) or -1 (adapter.dropout)");
+    }
     if (r.adapter.top_k > r.adapter.num_experts) {
       problems.push_back("'adapter.top_k' is " + std::to_string(r.adapter.top_k) +
                          ", more than adapter.num_experts (" +
@@ -419,6 +427,9 @@ AdapterSettings adapter_settings(const AdapterRecipe& a) {
   s.experts = a.num_experts;
   s.top_k = a.top_k;
   s.router_aux_loss_coef = a.router_aux_loss_coef;
+  s.expert_r = a.expert_r > 0 ? a.expert_r : a.r;
+  s.expert_alpha = a.expert_alpha > 0 ? a.expert_alpha : a.alpha;
+  s.expert_dropout = a.expert_dropout >= 0 ? a.expert_dropout : a.dropout;
   return s;
 }
 

@@ -35,6 +35,10 @@ struct AdapterRecipe {
   int64_t top_k = 2;                         // mixlora
   // mixlora, required: MoE-PEFT's code defaults to 0.001 and its documentation to 0.01.
   double router_aux_loss_coef = -1;
+  // mixlora: the experts' LoRA when it differs from r, alpha, dropout (0, 0, -1: the same).
+  int64_t expert_r = 0;
+  double expert_alpha = 0;
+  double expert_dropout = -1;
 };
 
 struct TrainRecipe {

@@ -135,6 +135,7 @@ TEST_CASE("MixLoRA saves in MoE-PEFT's names and loads back bit for bit", "[adap
   auto a = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
   AdapterSettings s;
   s.r = 2, s.alpha = 4, s.experts = 3, s.top_k = 2, s.router_aux_loss_coef = 0.01;
+  s.expert_r = 5, s.expert_alpha = 10, s.expert_dropout = 0.0;  // expert_lora overrides
   s.targets = {"q_proj", "v_proj", "gate_proj", "down_proj"};
   const auto& spec = find_adapter("mixlora");
   spec.attach_new(s, a->adapter_sites());
@@ -146,6 +147,9 @@ TEST_CASE("MixLoRA saves in MoE-PEFT's names and loads back bit for bit", "[adap
   REQUIRE(saved.tensors.count("mixlora.layers.0.mlp.down_proj.experts.2.lora_B.weight"));
   REQUIRE(saved.tensors.count("mixlora.layers.0.self_attn.v_proj.lora_A.weight"));
   REQUIRE(!saved.tensors.count("mixlora.layers.0.mlp.up_proj.experts.0.lora_A.weight"));
+  REQUIRE(saved.config["expert_lora"]["r"] == 5);
+  REQUIRE(saved.tensors.at("mixlora.layers.0.mlp.gate_proj.experts.1.lora_A.weight").size(0) == 5);
+  REQUIRE(saved.tensors.at("mixlora.layers.0.self_attn.q_proj.lora_A.weight").size(0) == 2);
 
   auto b = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
   spec.attach_saved(saved.config, saved.tensors, b->adapter_sites(), "dir");
