@@ -61,7 +61,7 @@ BenchResult run_bench(const BenchOptions& o) {
     const auto n = std::min(micro, o.batch - done);
     auto ids = torch::randint(0, model->config.vocab_size, {n, o.seq},
                               torch::dtype(torch::kInt64).device(device));
-    batches.push_back({ids, ids, n * o.seq});
+    batches.push_back({ids, ids, n * o.seq, {}});  // no padding
   }
   const int64_t targets = o.batch * (o.seq - 1);
   BenchResult r;
