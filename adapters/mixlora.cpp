@@ -70,10 +70,20 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
     const auto it = experts.find(kind);
     return it == experts.end() ? nullptr : &it->second[e];
   };
+  // The (token, choice) slots sorted by expert: each expert's tokens are one contiguous run,
+  // and one host read per layer (the run lengths) replaces one per expert.
+  const auto slots = chosen.reshape({-1});                                    // [N*k]
+  const auto order = slots.argsort();                                         // [N*k]
+  const auto token_of = order.div(top_k, /*rounding_mode=*/"floor");          // [N*k]
+  const auto slot_weight = weights.reshape({-1}).index_select(0, order);      // [N*k]
+  const auto counts = torch::bincount(slots, {}, n_experts).to(torch::kCPU);  // [E]
+  int64_t start = 0;
   for (int64_t e = 0; e < n_experts; ++e) {
-    const auto picked = chosen.eq(e);                       // [N, k]
-    const auto rows = picked.any(-1).nonzero().squeeze(1);  // [n]
-    if (rows.numel() == 0) continue;
+    const auto n = counts[e].item<int64_t>();
+    if (n == 0) continue;
+    const auto rows = token_of.narrow(0, start, n);  // [n], distinct: top-k picks differ
+    const auto w = slot_weight.narrow(0, start, n).unsqueeze(1);  // [n, 1]
+    start += n;
     const auto xe = x.index_select(0, rows);  // [n, C]
     const auto gu = per_expert_base ? torch::nn::functional::linear(xe, gate_up)
                                     : all_gate_up.index_select(0, rows);  // [n, 2I]
@@ -81,7 +91,6 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
     const auto u = with_lora(xe, gu.narrow(-1, intermediate, intermediate), lora_of("up_proj", e));
     const auto a = torch::silu(g) * u;  // [n, I]
     const auto y = with_lora(a, torch::nn::functional::linear(a, down), lora_of("down_proj", e));
-    const auto w = (weights * picked).sum(-1).index_select(0, rows).unsqueeze(1);  // [n, 1]
     out.index_add_(0, rows, y.to(acc) * w.to(acc));
   }
   return out.to(x.scalar_type());
