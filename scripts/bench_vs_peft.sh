@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Issue 4's table in one GPU call: lorafit bench and PEFT + transformers (eager, and under
-# torch.compile where COMPILED lists the row) on the same shapes, then the ratios.
-# Needs build-gpu (scripts/gpu_check.sh builds it) and .gpu-deps.
-#   ROWS="llama-1b:2048:4:0 ..." COMPILED="llama-1b:2048:4:0" bash scripts/bench_vs_peft.sh
+# Issue 4's table in one GPU call: builds lorafit (build-gpu/, incremental), then runs lorafit
+# bench and PEFT + transformers (eager, and under torch.compile for the rows COMPILED lists:
+# all by default) on the same shapes, and prints the ratios. Needs .gpu-deps. The four rows
+# with compiled PEFT take about 13 minutes (the 7B compile warms up for 2.5 min a row): over
+# one call's 10-minute limit, so run them as two calls of two rows each:
+#   ROWS="llama-1b:2048:4:0 llama-1b:8192:1:1" bash scripts/bench_vs_peft.sh
+#   ROWS="llama2-7b:2048:2:0 llama2-7b:4096:1:1" bash scripts/bench_vs_peft.sh
+# COMPILED="" skips compiled PEFT.
 set -uo pipefail
 out="${OUT:-/tmp/lorafit-gpu}"
 mkdir -p "$out"
 source .gpu-deps/env.sh
 export PYTHONUNBUFFERED=1
 rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1}"
-compiled="${COMPILED-llama-1b:2048:4:0}"
+compiled="${COMPILED-$rows}"
+{ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release &&
+  cmake --build build-gpu -j"$(nproc)" --target lorafit; } > "$out/bench-build.log" 2>&1 ||
+  { tail -30 "$out/bench-build.log"; exit 1; }
 results="$out/bench.jsonl"
 : > "$results"
 for row in $rows; do
