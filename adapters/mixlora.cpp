@@ -59,7 +59,15 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
   // The router and the sum of the experts' outputs in (at least) fp32, as MoE-PEFT.
   const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
   auto logits = torch::nn::functional::linear(x.to(moe_gate.scalar_type()), moe_gate);  // [N, E]
-  if (is_training() && torch::GradMode::is_enabled()) router_logits = logits;
+  if (is_training()) {
+    if (torch::GradMode::is_enabled() && pending_router_grad.defined()) {
+      // Recomputing a checkpointed layer: the auxiliary loss's gradient enters here.
+      backward_root = (torch::softmax(logits, -1) * pending_router_grad).sum();
+      pending_router_grad = torch::Tensor();
+    } else {
+      router_logits = logits;
+    }
+  }
   auto [weights, chosen] = torch::softmax(logits, -1).topk(top_k, -1);  // [N, k] each
   weights = weights / weights.sum(-1, /*keepdim=*/true);
   // Gate and up once for every token; each expert slices its own rows.
@@ -96,6 +104,12 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
   return out.to(x.scalar_type());
 }
 
+torch::Tensor MixLoraImpl::take_backward_root() {
+  auto root = backward_root;
+  backward_root = torch::Tensor();
+  return root;
+}
+
 torch::Tensor mixlora_aux_loss(const std::vector<torch::Tensor>& router_logits,
                                const torch::Tensor& keep,
                                int64_t top_k,
@@ -104,10 +118,10 @@ torch::Tensor mixlora_aux_loss(const std::vector<torch::Tensor>& router_logits,
   const auto n_experts = z.size(1);
   const auto p = torch::softmax(z, -1);
   const auto chosen = std::get<1>(p.topk(top_k, -1));                          // [L*N, k]
-  const auto one_hot = torch::one_hot(chosen, n_experts).to(torch::kFloat32);  // [L*N, k, E]
+  const auto one_hot = torch::one_hot(chosen, n_experts).to(z.scalar_type());  // [L*N, k, E]
   torch::Tensor weight;  // [L*N] 1 for counted tokens, 0 for padding
   if (keep.defined()) {
-    weight = keep.to(torch::kFloat32).repeat({static_cast<int64_t>(router_logits.size())});
+    weight = keep.to(z.scalar_type()).repeat({static_cast<int64_t>(router_logits.size())});
   } else {
     weight = torch::ones({z.size(0)}, z.options());
   }
@@ -318,14 +332,40 @@ void mixlora_attach_saved(const nlohmann::json& config,
 
 torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
                                const AdapterSites& sites,
-                               const torch::Tensor& keep) {
+                               const torch::Tensor& keep,
+                               double scale) {
   std::vector<torch::Tensor> logits;
+  std::vector<MixLoraImpl*> blocks;
   for (const auto& site : sites.ffns) {
-    const auto* m = mixlora_of(site);
-    if (m && m->router_logits.defined()) logits.push_back(m->router_logits);
+    auto* m = mixlora_of(site);
+    if (m && m->router_logits.defined()) {
+      logits.push_back(m->router_logits);
+      blocks.push_back(m);
+    }
   }
   if (logits.empty()) return {};
-  return mixlora_aux_loss(logits, keep, settings.top_k, settings.router_aux_loss_coef);
+  const auto loss = mixlora_aux_loss(logits, keep, settings.top_k, settings.router_aux_loss_coef);
+  if (!loss.requires_grad() && torch::GradMode::is_enabled()) {
+    // The forward kept no graph (checkpointed layers). The loss is linear in the routing
+    // probabilities once the top-k shares f are fixed: d/dp[l,t,e] = coef * E * sum_j f[j,e]
+    // * w_t / sum(w), handed to each layer's recomputation.
+    const auto z = torch::cat(logits, 0);  // [L*N, E]
+    const auto n_experts = z.size(1);
+    const auto chosen = std::get<1>(torch::softmax(z, -1).topk(settings.top_k, -1));
+    const auto w = keep.defined()
+                       ? keep.to(z.scalar_type()).repeat({static_cast<int64_t>(logits.size())})
+                       : torch::ones({z.size(0)}, z.options());  // [L*N]
+    const auto share = (torch::one_hot(chosen, n_experts).to(z.scalar_type()) * w.view({-1, 1, 1}))
+                           .sum(std::vector<int64_t>{0, 1}) /
+                       w.sum();  // [E]: sum over j of f[j, e]
+    const auto n = logits[0].size(0);
+    for (size_t l = 0; l < blocks.size(); ++l) {
+      blocks[l]->pending_router_grad =
+          (settings.router_aux_loss_coef * static_cast<double>(n_experts) * scale) *
+          share.unsqueeze(0) * w.narrow(0, static_cast<int64_t>(l) * n, n).unsqueeze(1) / w.sum();
+    }
+  }
+  return loss * scale;
 }
 
 nlohmann::json mixlora_step_metrics(const AdapterSettings& settings, const AdapterSites& sites) {

@@ -29,6 +29,7 @@ struct MixLoraImpl : FfnAdapterImpl {
   torch::Tensor forward(const torch::Tensor& x,
                         const torch::Tensor& gate_up,
                         const torch::Tensor& down) override;
+  torch::Tensor take_backward_root() override;
 
   torch::Tensor moe_gate;  // [E, C] fp32, the router
   // Expert e's LoRA on `kind`, or nullptr when that kind carries none: [kind][e].
@@ -38,8 +39,13 @@ struct MixLoraImpl : FfnAdapterImpl {
   // Each expert recomputes gate and up for its own tokens (MoE-PEFT's "compatible" path)
   // instead of slicing one GEMM over all tokens; the same result, for tests.
   bool per_expert_base = false;
-  // The router logits of the last forward in training, [N, E] fp32, for the auxiliary loss.
+  // The router logits of the last forward in training, [N, E] fp32, for the auxiliary loss
+  // (without a graph when the layer is checkpointed).
   torch::Tensor router_logits;
+  // Checkpointed layers: d(aux loss)/d(routing probabilities) [N, E], set by the auxiliary
+  // loss, turned into `backward_root` by the recomputing forward.
+  torch::Tensor pending_router_grad;
+  torch::Tensor backward_root;  // []
 };
 TORCH_MODULE(MixLora);
 
@@ -76,7 +82,8 @@ void mixlora_attach_saved(const nlohmann::json& config,
 /// The load-balancing loss of the last training forward over every MLP's router.
 torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
                                const AdapterSites& sites,
-                               const torch::Tensor& keep);
+                               const torch::Tensor& keep,
+                               double scale);
 
 /// {"expert_load": per layer, the share of the last forward's routed slots (tokens x k) that
 /// went to each expert}: 1/E each when balanced.

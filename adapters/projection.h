@@ -45,6 +45,9 @@ struct FfnAdapterImpl : torch::nn::Module {
   virtual torch::Tensor forward(const torch::Tensor& x,
                                 const torch::Tensor& gate_up,
                                 const torch::Tensor& down) = 0;
+  /// After a forward that recomputes a checkpointed layer: a scalar whose gradient carries the
+  /// adapter's own loss terms into this layer's backward (undefined if none). Taken once.
+  virtual torch::Tensor take_backward_root() { return {}; }
 };
 
 /// A bias-free Linear with a frozen weight and an optional adapter.

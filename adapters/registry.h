@@ -68,10 +68,13 @@ struct AdapterSpec {
                        const AdapterSites& sites,
                        const std::string& base_model);
   /// The strategy's own term of the training loss for the last forward pass (MixLoRA's
-  /// load balancing), nullptr if none. keep: [N] bool, the real (unpadded) tokens.
+  /// load balancing) times `scale`, nullptr if none. keep: [N] bool, the real (unpadded)
+  /// tokens. Where that forward kept no graph (checkpointed layers), the strategy routes the
+  /// term's gradient into the layers' recomputation itself.
   torch::Tensor (*aux_loss)(const AdapterSettings& settings,
                             const AdapterSites& sites,
-                            const torch::Tensor& keep) = nullptr;
+                            const torch::Tensor& keep,
+                            double scale) = nullptr;
   /// Fields the strategy adds to a logged metrics.jsonl line (MixLoRA: each layer's expert
   /// load over the last micro-batch), nullptr if none.
   nlohmann::json (*step_metrics)(const AdapterSettings& settings,

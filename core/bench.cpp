@@ -50,7 +50,9 @@ BenchResult run_bench(const BenchOptions& o) {
   spec.attach_new(settings, sites);
   AuxLoss aux;
   if (spec.aux_loss)
-    aux = [&](const torch::Tensor& keep) { return spec.aux_loss(settings, sites, keep); };
+    aux = [&](const torch::Tensor& keep, double scale) {
+      return spec.aux_loss(settings, sites, keep, scale);
+    };
   const auto params = trainable_parameters(model);
   AdamW optimizer(params, AdamWSettings{});
   model->train();

@@ -136,10 +136,11 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
   return x + mlp(post_attention_layernorm(x));
 }
 
-std::pair<torch::Tensor, torch::Tensor> DecoderLayerImpl::graph_for_backward(
-    const torch::Tensor& h, const RopeTables& rope) {
+std::vector<torch::Tensor> DecoderLayerImpl::graph_for_backward(const torch::Tensor& h,
+                                                                const RopeTables& rope) {
   auto x = h + self_attn(input_layernorm(h), rope);
-  return {x, mlp->forward(post_attention_layernorm(x), /*value_needed=*/false)};
+  auto mlp_out = mlp->forward(post_attention_layernorm(x), /*value_needed=*/false);
+  return {x, mlp_out, mlp->adapter ? mlp->adapter->take_backward_root() : torch::Tensor()};
 }
 
 LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c, const torch::TensorOptions& o) {
@@ -213,13 +214,18 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     auto h = saved[0].detach().requires_grad_(true);
     const auto now = compat::rng_state(h.device());
     compat::set_rng_state(h.device(), ctx->saved_data["rng"].toTensor());
-    std::pair<torch::Tensor, torch::Tensor> parts;  // h + attn, mlp: [B, T, C] each
+    std::vector<torch::Tensor> parts;  // h + attn, mlp: [B, T, C] each; an adapter's []
     {
       torch::AutoGradMode grad_on(true);
       parts = layer->graph_for_backward(h, {saved[1], saved[2]});
     }
     compat::set_rng_state(h.device(), now);
-    torch::autograd::backward({parts.first, parts.second}, {grads[0], grads[0]});
+    std::vector<torch::Tensor> roots{parts[0], parts[1]}, root_grads{grads[0], grads[0]};
+    if (parts[2].defined()) {
+      roots.push_back(parts[2]);
+      root_grads.push_back(torch::ones_like(parts[2]));
+    }
+    torch::autograd::backward(roots, root_grads);
     return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };

@@ -84,8 +84,9 @@ struct DecoderLayerImpl : torch::nn::Module {
   /// For a recomputing backward pass: the two terms whose sum is the layer's output, h + attn
   /// and mlp, where the MLP's last GEMM is skipped (the graph needs its input, not its value).
   /// Back-propagating the output's gradient into both gives the layer's gradients.
-  std::pair<torch::Tensor, torch::Tensor> graph_for_backward(const torch::Tensor& h,
-                                                             const RopeTables& rope);
+  /// A third root, when the MLP's adapter has a loss term of its own for this layer, is the
+  /// scalar to back-propagate with gradient 1 (undefined otherwise).
+  std::vector<torch::Tensor> graph_for_backward(const torch::Tensor& h, const RopeTables& rope);
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};

@@ -353,11 +353,6 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                          ", more than adapter.num_experts (" +
                          std::to_string(r.adapter.num_experts) + ")");
     }
-    if (r.train.gradient_checkpointing) {
-      problems.push_back(
-          "'train.gradient_checkpointing' is not supported with adapter.type mixlora yet (the "
-          "router's auxiliary loss needs the forward pass's graph; hint: set it to false)");
-    }
   }
   std::set<std::string> seen;
   for (const auto& t : r.adapter.targets) {

@@ -173,9 +173,9 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
     auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
     add(step.nll, loss);
     if (aux) {
-      const auto term = aux(batch.keep.defined() ? batch.keep.reshape({-1}) : batch.keep);
-      if (term.defined()) {
-        const auto share = term / static_cast<double>(micro_batches.size());
+      const auto share = aux(batch.keep.defined() ? batch.keep.reshape({-1}) : batch.keep,
+                             1.0 / static_cast<double>(micro_batches.size()));
+      if (share.defined()) {
         add(step.aux, share);
         loss = loss + share;
       }
@@ -222,7 +222,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
   spec.attach_new(settings, sites);
   AuxLoss aux_loss;
   if (spec.aux_loss) {
-    aux_loss = [&](const torch::Tensor& keep) { return spec.aux_loss(settings, sites, keep); };
+    aux_loss = [&](const torch::Tensor& keep, double scale) {
+      return spec.aux_loss(settings, sites, keep, scale);
+    };
   }
   model->checkpoint_layers = tr.gradient_checkpointing;
   const auto params = trainable_parameters(model);

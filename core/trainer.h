@@ -30,9 +30,10 @@ struct Batch {
   torch::Tensor keep;    // [B, T] bool, the real tokens; undefined: no padding
 };
 
-/// A strategy's own loss term for the last forward pass (see AdapterSpec::aux_loss), given
-/// the real tokens ([N] bool, or undefined for all); empty when the strategy has none.
-using AuxLoss = std::function<torch::Tensor(const torch::Tensor& keep)>;
+/// A strategy's own loss term for the last forward pass, times `scale` (see
+/// AdapterSpec::aux_loss), given the real tokens ([N] bool, or undefined for all); empty when
+/// the strategy has none.
+using AuxLoss = std::function<torch::Tensor(const torch::Tensor& keep, double scale)>;
 
 /// One step's losses as 0-dim tensors on the model's device: the token-mean NLL, and the
 /// strategy's term averaged over the micro-batches (undefined without one).
