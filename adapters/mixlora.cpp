@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <set>
 
 #include "core/errors.h"
 
@@ -110,25 +112,42 @@ torch::Tensor MixLoraImpl::take_backward_root() {
   return root;
 }
 
+namespace {
+
+// What the load-balancing loss is made of, over the concatenated router logits of L layers.
+struct RoutingStats {
+  torch::Tensor probs;   // [L*N, E] softmax of the logits
+  torch::Tensor weight;  // [L*N] 1 for counted tokens, 0 for padding
+  torch::Tensor f;       // [k, E] share of counted tokens whose j-th choice is e
+};
+
+RoutingStats routing_stats(const std::vector<torch::Tensor>& router_logits,
+                           const torch::Tensor& keep,
+                           int64_t top_k) {
+  const auto z = torch::cat(router_logits, 0);  // [L*N, E]
+  RoutingStats st;
+  st.probs = torch::softmax(z, -1);
+  const auto chosen = std::get<1>(st.probs.topk(top_k, -1));                   // [L*N, k]
+  const auto one_hot = torch::one_hot(chosen, z.size(1)).to(z.scalar_type());  // [L*N, k, E]
+  st.weight = keep.defined()
+                  ? keep.to(z.scalar_type()).repeat({static_cast<int64_t>(router_logits.size())})
+                  : torch::ones({z.size(0)}, z.options());
+  st.f = (one_hot * st.weight.view({-1, 1, 1})).sum(0) / st.weight.sum();
+  return st;
+}
+
+torch::Tensor balance_loss(const RoutingStats& st, double coef) {
+  const auto mean_p = (st.probs * st.weight.unsqueeze(1)).sum(0) / st.weight.sum();  // [E]
+  return coef * static_cast<double>(st.probs.size(1)) * (st.f * mean_p.unsqueeze(0)).sum();
+}
+
+}  // namespace
+
 torch::Tensor mixlora_aux_loss(const std::vector<torch::Tensor>& router_logits,
                                const torch::Tensor& keep,
                                int64_t top_k,
                                double coef) {
-  const auto z = torch::cat(router_logits, 0);  // [L*N, E]
-  const auto n_experts = z.size(1);
-  const auto p = torch::softmax(z, -1);
-  const auto chosen = std::get<1>(p.topk(top_k, -1));                          // [L*N, k]
-  const auto one_hot = torch::one_hot(chosen, n_experts).to(z.scalar_type());  // [L*N, k, E]
-  torch::Tensor weight;  // [L*N] 1 for counted tokens, 0 for padding
-  if (keep.defined()) {
-    weight = keep.to(z.scalar_type()).repeat({static_cast<int64_t>(router_logits.size())});
-  } else {
-    weight = torch::ones({z.size(0)}, z.options());
-  }
-  const auto count = weight.sum();
-  const auto f = (one_hot * weight.view({-1, 1, 1})).sum(0) / count;  // [k, E]
-  const auto mean_p = (p * weight.unsqueeze(1)).sum(0) / count;       // [E]
-  return coef * static_cast<double>(n_experts) * (f * mean_p.unsqueeze(0)).sum();
+  return balance_loss(routing_stats(router_logits, keep, top_k), coef);
 }
 
 namespace {
@@ -147,6 +166,30 @@ std::string saved_name(const std::string& module) {
 MixLoraImpl* mixlora_of(const FfnSite& site) {
   auto adapter = site.adapter();
   return adapter ? dynamic_cast<MixLoraImpl*>(adapter.get()) : nullptr;
+}
+
+// Every tensor of the MixLoRA on `sites`, under MoE-PEFT's name, in one order for save and load.
+void for_each_tensor(const AdapterSites& sites,
+                     const std::function<void(const std::string&, torch::Tensor&)>& f) {
+  for (const auto& p : sites.projections) {
+    auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
+    if (!lora) continue;
+    f(saved_name(p->name) + ".lora_A.weight", lora->lora_A);
+    f(saved_name(p->name) + ".lora_B.weight", lora->lora_B);
+  }
+  for (const auto& site : sites.ffns) {
+    auto* m = mixlora_of(site);
+    if (!m) continue;
+    const auto prefix = saved_name(site.name);
+    f(prefix + ".moe_gate.weight", m->moe_gate);
+    for (auto& [kind, list] : m->experts) {
+      for (size_t e = 0; e < list.size(); ++e) {
+        const auto name = prefix + "." + kind + ".experts." + std::to_string(e);
+        f(name + ".lora_A.weight", list[e]->lora_A);
+        f(name + ".lora_B.weight", list[e]->lora_B);
+      }
+    }
+  }
 }
 
 struct Shape {
@@ -217,28 +260,9 @@ SavedAdapter mixlora_save(const AdapterSettings& settings,
                                  {"lora_alpha", settings.expert_alpha},
                                  {"lora_dropout", settings.expert_dropout}};
   }
-  auto put = [&](const std::string& name, const torch::Tensor& t) {
+  for_each_tensor(sites, [&](const std::string& name, torch::Tensor& t) {
     out.tensors[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
-  };
-  for (const auto& p : sites.projections) {
-    const auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
-    if (!lora) continue;
-    put(saved_name(p->name) + ".lora_A.weight", lora->lora_A);
-    put(saved_name(p->name) + ".lora_B.weight", lora->lora_B);
-  }
-  for (const auto& site : sites.ffns) {
-    const auto* m = mixlora_of(site);
-    if (!m) continue;
-    const auto prefix = saved_name(site.name);
-    put(prefix + ".moe_gate.weight", m->moe_gate);
-    for (const auto& [kind, list] : m->experts) {
-      for (size_t e = 0; e < list.size(); ++e) {
-        const auto name = prefix + "." + kind + ".experts." + std::to_string(e);
-        put(name + ".lora_A.weight", list[e]->lora_A);
-        put(name + ".lora_B.weight", list[e]->lora_B);
-      }
-    }
-  }
+  });
   return out;
 }
 
@@ -289,9 +313,10 @@ void mixlora_attach_saved(const nlohmann::json& config,
   attach(s, sites);
 
   // Every tensor the attached modules hold must come from the file, with its shape.
-  const auto saved = mixlora_save({}, sites, "");
+  std::set<std::string> expected;
   torch::NoGradGuard no_grad;
-  auto copy_into = [&](const std::string& name, torch::Tensor& dst) {
+  for_each_tensor(sites, [&](const std::string& name, torch::Tensor& dst) {
+    expected.insert(name);
     const auto it = weights.find(name);
     if (it == weights.end()) {
       problems.push_back("no tensor '" + name + "'");
@@ -300,28 +325,9 @@ void mixlora_attach_saved(const nlohmann::json& config,
     } else {
       dst.copy_(it->second);
     }
-  };
-  for (const auto& p : sites.projections) {
-    auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
-    if (!lora) continue;
-    copy_into(saved_name(p->name) + ".lora_A.weight", lora->lora_A);
-    copy_into(saved_name(p->name) + ".lora_B.weight", lora->lora_B);
-  }
-  for (const auto& site : sites.ffns) {
-    auto* m = mixlora_of(site);
-    const auto prefix = saved_name(site.name);
-    copy_into(prefix + ".moe_gate.weight", m->moe_gate);
-    for (auto& [kind, list] : m->experts) {
-      for (size_t e = 0; e < list.size(); ++e) {
-        const auto name = prefix + "." + kind + ".experts." + std::to_string(e);
-        copy_into(name + ".lora_A.weight", list[e]->lora_A);
-        copy_into(name + ".lora_B.weight", list[e]->lora_B);
-      }
-    }
-  }
+  });
   for (const auto& [name, t] : weights) {
-    if (!saved.tensors.count(name))
-      problems.push_back("tensor '" + name + "' belongs to no module");
+    if (!expected.count(name)) problems.push_back("tensor '" + name + "' belongs to no module");
   }
   if (!problems.empty()) {
     throw ModelMismatchError("adapter '" + where +
@@ -344,25 +350,20 @@ torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
     }
   }
   if (logits.empty()) return {};
-  const auto loss = mixlora_aux_loss(logits, keep, settings.top_k, settings.router_aux_loss_coef);
+  const auto st = routing_stats(logits, keep, settings.top_k);
+  const auto loss = balance_loss(st, settings.router_aux_loss_coef);
   if (!loss.requires_grad() && torch::GradMode::is_enabled()) {
     // The forward kept no graph (checkpointed layers). The loss is linear in the routing
     // probabilities once the top-k shares f are fixed: d/dp[l,t,e] = coef * E * sum_j f[j,e]
     // * w_t / sum(w), handed to each layer's recomputation.
-    const auto z = torch::cat(logits, 0);  // [L*N, E]
-    const auto n_experts = z.size(1);
-    const auto chosen = std::get<1>(torch::softmax(z, -1).topk(settings.top_k, -1));
-    const auto w = keep.defined()
-                       ? keep.to(z.scalar_type()).repeat({static_cast<int64_t>(logits.size())})
-                       : torch::ones({z.size(0)}, z.options());  // [L*N]
-    const auto share = (torch::one_hot(chosen, n_experts).to(z.scalar_type()) * w.view({-1, 1, 1}))
-                           .sum(std::vector<int64_t>{0, 1}) /
-                       w.sum();  // [E]: sum over j of f[j, e]
+    const auto n_experts = st.probs.size(1);
+    const auto share = st.f.sum(0);  // [E]
     const auto n = logits[0].size(0);
     for (size_t l = 0; l < blocks.size(); ++l) {
       blocks[l]->pending_router_grad =
           (settings.router_aux_loss_coef * static_cast<double>(n_experts) * scale) *
-          share.unsqueeze(0) * w.narrow(0, static_cast<int64_t>(l) * n, n).unsqueeze(1) / w.sum();
+          share.unsqueeze(0) * st.weight.narrow(0, static_cast<int64_t>(l) * n, n).unsqueeze(1) /
+          st.weight.sum();
     }
   }
   return loss * scale;

@@ -111,11 +111,11 @@ std::string projection_kind(const std::string& name) {
 
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
-                            const std::vector<const ProjectionImpl*>& group) {
+                            const std::vector<ProjectionImpl*>& group) {
   std::vector<torch::Tensor> as, bs;  // [k_i, in], [out_i, k_i]
   bool grouped = !weight.requires_grad();
   int64_t row = 0;
-  for (const auto* p : group) {
+  for (auto* p : group) {
     const auto at = static_cast<const char*>(weight.data_ptr()) +
                     row * weight.stride(0) * weight.element_size();
     grouped = grouped && !p->weight.requires_grad() && p->weight.data_ptr() == at &&
@@ -134,7 +134,7 @@ torch::Tensor project_group(const torch::Tensor& x,
   }
   if (!grouped || row != weight.size(0)) {
     std::vector<torch::Tensor> outs;
-    for (const auto* p : group) outs.push_back(const_cast<ProjectionImpl*>(p)->forward(x));
+    for (auto* p : group) outs.push_back(p->forward(x));
     return torch::cat(outs, -1);
   }
   if (as.empty()) return torch::nn::functional::linear(x, weight);

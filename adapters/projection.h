@@ -106,7 +106,7 @@ torch::Tensor low_rank_linear(const torch::Tensor& x,
 /// x: [..., in] -> [..., sum of outs], each projection's output in its columns.
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
-                            const std::vector<const ProjectionImpl*>& group);
+                            const std::vector<ProjectionImpl*>& group);
 
 /// Attaches make(projection) to every projection whose kind is in `kinds`: the one loop
 /// by which each strategy puts fresh adapters on a model.

@@ -50,12 +50,23 @@ torch::Tensor AdamW::step(double lr, double max_grad_norm) {
   return norm;
 }
 
+namespace {
+
+// The saved state, named: exp_avg.i and exp_avg_sq.i in parameter order.
+std::vector<std::pair<std::string, torch::Tensor>> named_state(const AdamW& opt) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (size_t i = 0; i < opt.params.size(); ++i) {
+    out.emplace_back("exp_avg." + std::to_string(i), opt.exp_avg[i]);
+    out.emplace_back("exp_avg_sq." + std::to_string(i), opt.exp_avg_sq[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
 void AdamW::save(const std::string& path) const {
   TensorMap tensors;
-  for (size_t i = 0; i < params.size(); ++i) {
-    tensors["exp_avg." + std::to_string(i)] = exp_avg[i];
-    tensors["exp_avg_sq." + std::to_string(i)] = exp_avg_sq[i];
-  }
+  for (const auto& [name, t] : named_state(*this)) tensors[name] = t;
   save_safetensors(path, tensors,
                    {{"format", "lorafit-adamw"},
                     {"steps", std::to_string(steps)},
@@ -74,18 +85,14 @@ void AdamW::load(const std::string& path) {
         " (hint: resume with the recipe that wrote it)");
   }
   torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params.size(); ++i) {
-    for (auto* dst : {&exp_avg[i], &exp_avg_sq[i]}) {
-      const auto name =
-          std::string(dst == &exp_avg[i] ? "exp_avg." : "exp_avg_sq.") + std::to_string(i);
-      const auto src = file.tensor(name);
-      if (src.sizes() != dst->sizes()) {
-        throw ModelMismatchError("optimizer tensor '" + name + "' in '" + path +
-                                 "' does not have the shape of the parameter it belongs to " +
-                                 "(hint: resume with the recipe that wrote it)");
-      }
-      dst->copy_(src);
+  for (auto& [name, dst] : named_state(*this)) {  // dst shares the moment's storage
+    const auto src = file.tensor(name);
+    if (src.sizes() != dst.sizes()) {
+      throw ModelMismatchError("optimizer tensor '" + name + "' in '" + path +
+                               "' does not have the shape of the parameter it belongs to " +
+                               "(hint: resume with the recipe that wrote it)");
     }
+    dst.copy_(src);
   }
   steps = std::stoll(meta.at("steps"));
 }
