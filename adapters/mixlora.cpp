@@ -52,14 +52,39 @@ torch::Tensor with_lora(const torch::Tensor& x, const torch::Tensor& base, const
          torch::nn::functional::linear(torch::nn::functional::linear(h, f->a), f->b) * f->scaling;
 }
 
+// Every slot's s_e * (dropout(in) A_e^T) B_e^T for its own expert e, all slots at once: the
+// input goes through every expert's A stacked (E*r columns, a sliver of the base GEMM's C),
+// the other experts' columns are zeroed, and the experts' s*B stacked map back. No slot is
+// gathered by expert, so nothing waits for the GPU to say how many tokens each expert got.
+// in: [N, k or 1, D] (1: the k slots of a token share their input), pick: [N, k, E] one-hot
+// -> [N, k, out]
+torch::Tensor expert_deltas(const std::vector<Lora>& loras,
+                            const torch::Tensor& in,
+                            const torch::Tensor& pick) {
+  // Stacked in fp32 and cast once (the experts of one kind share r, scaling and dropout).
+  std::vector<torch::Tensor> as, bs;
+  for (const auto& lora : loras) {
+    as.push_back(lora->lora_A);
+    bs.push_back(lora->lora_B);
+  }
+  const auto& first = *loras.front();
+  const auto a = torch::cat(as, 0).to(in.scalar_type());                    // [E*r, D]
+  const auto b = (torch::cat(bs, 1) * first.scaling).to(in.scalar_type());  // [out, E*r]
+  const double dropout = first.is_training() ? first.dropout : 0.0;
+  const auto n = in.size(0), k = pick.size(1), e = pick.size(2);
+  // Each (token, expert) pair draws its own dropout mask, as separate experts would.
+  const auto x = dropout > 0 ? torch::dropout(in.expand({n, k, in.size(2)}), dropout, true) : in;
+  auto h = torch::nn::functional::linear(x, a);                               // [N, k|1, E*r]
+  h = (h.view({n, h.size(1), e, -1}) * pick.unsqueeze(-1)).view({n, k, -1});  // [N, k, E*r]
+  return torch::nn::functional::linear(h, b);                                 // [N, k, out]
+}
+
 }  // namespace
 
 torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
                                    const torch::Tensor& gate_up,
                                    const torch::Tensor& down) {
   const auto n_experts = moe_gate.size(0);
-  // The router and the sum of the experts' outputs in (at least) fp32, as MoE-PEFT.
-  const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
   auto logits = torch::nn::functional::linear(x.to(moe_gate.scalar_type()), moe_gate);  // [N, E]
   if (is_training()) {
     if (torch::GradMode::is_enabled() && pending_router_grad.defined()) {
@@ -72,31 +97,50 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
   }
   auto [weights, chosen] = torch::softmax(logits, -1).topk(top_k, -1);  // [N, k] each
   weights = weights / weights.sum(-1, /*keepdim=*/true);
-  // Gate and up once for every token; each expert slices its own rows.
-  const auto all_gate_up =
-      per_expert_base ? torch::Tensor() : torch::nn::functional::linear(x, gate_up);  // [N, 2I]
+  if (per_expert_base) return forward_per_expert(x, gate_up, down, weights, chosen);
+
+  const auto n = x.size(0);
+  const auto pick = torch::one_hot(chosen, n_experts).to(x.scalar_type());  // [N, k, E]
+  // Gate and up once for every token; each of its k slots adds its expert's LoRA.
+  auto gu = torch::nn::functional::linear(x, gate_up).unsqueeze(1);  // [N, 1, 2I]
+  const auto gate = experts.find("gate_proj"), up = experts.find("up_proj");
+  if (gate != experts.end() || up != experts.end()) {
+    auto delta = [&](auto it) {
+      return it == experts.end() ? torch::zeros({n, top_k, intermediate}, x.options())
+                                 : expert_deltas(it->second, x.unsqueeze(1), pick);
+    };
+    gu = gu + torch::cat({delta(gate), delta(up)}, -1);  // [N, k, 2I]
+  } else {
+    gu = gu.expand({n, top_k, 2 * intermediate});
+  }
+  const auto a = torch::silu(gu.narrow(-1, 0, intermediate)) *
+                 gu.narrow(-1, intermediate, intermediate);  // [N, k, I]
+  auto y = torch::nn::functional::linear(a, down);           // [N, k, C]
+  if (const auto it = experts.find("down_proj"); it != experts.end())
+    y = y + expert_deltas(it->second, a, pick);
+  // The experts' weighted sum in (at least) fp32, as MoE-PEFT.
+  const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
+  return (y.to(acc) * weights.to(acc).unsqueeze(-1)).sum(1).to(x.scalar_type());
+}
+
+torch::Tensor MixLoraImpl::forward_per_expert(const torch::Tensor& x,
+                                              const torch::Tensor& gate_up,
+                                              const torch::Tensor& down,
+                                              const torch::Tensor& weights,
+                                              const torch::Tensor& chosen) {
+  const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
   auto out = torch::zeros({x.size(0), x.size(1)}, x.options().dtype(acc));
   auto lora_of = [&](const std::string& kind, int64_t e) -> const Lora* {
     const auto it = experts.find(kind);
     return it == experts.end() ? nullptr : &it->second[e];
   };
-  // The (token, choice) slots sorted by expert: each expert's tokens are one contiguous run,
-  // and one host read per layer (the run lengths) replaces one per expert.
-  const auto slots = chosen.reshape({-1});                                    // [N*k]
-  const auto order = slots.argsort();                                         // [N*k]
-  const auto token_of = order.div(top_k, /*rounding_mode=*/"floor");          // [N*k]
-  const auto slot_weight = weights.reshape({-1}).index_select(0, order);      // [N*k]
-  const auto counts = torch::bincount(slots, {}, n_experts).to(torch::kCPU);  // [E]
-  int64_t start = 0;
-  for (int64_t e = 0; e < n_experts; ++e) {
-    const auto n = counts[e].item<int64_t>();
-    if (n == 0) continue;
-    const auto rows = token_of.narrow(0, start, n);  // [n], distinct: top-k picks differ
-    const auto w = slot_weight.narrow(0, start, n).unsqueeze(1);  // [n, 1]
-    start += n;
-    const auto xe = x.index_select(0, rows);  // [n, C]
-    const auto gu = per_expert_base ? torch::nn::functional::linear(xe, gate_up)
-                                    : all_gate_up.index_select(0, rows);  // [n, 2I]
+  for (int64_t e = 0; e < moe_gate.size(0); ++e) {
+    const auto hit = chosen.eq(e);                     // [N, k]
+    const auto rows = hit.any(-1).nonzero().view(-1);  // [n]
+    if (rows.numel() == 0) continue;
+    const auto w = (weights * hit).sum(-1).index_select(0, rows).unsqueeze(1);  // [n, 1]
+    const auto xe = x.index_select(0, rows);                                    // [n, C]
+    const auto gu = torch::nn::functional::linear(xe, gate_up);                 // [n, 2I]
     const auto g = with_lora(xe, gu.narrow(-1, 0, intermediate), lora_of("gate_proj", e));
     const auto u = with_lora(xe, gu.narrow(-1, intermediate, intermediate), lora_of("up_proj", e));
     const auto a = torch::silu(g) * u;  // [n, I]

@@ -30,14 +30,20 @@ struct MixLoraImpl : FfnAdapterImpl {
                         const torch::Tensor& gate_up,
                         const torch::Tensor& down) override;
   torch::Tensor take_backward_root() override;
+  /// MoE-PEFT's "compatible" path: each expert gathers its tokens and recomputes gate and up
+  /// for them (a host read per expert); `per_expert_base` selects it, for tests.
+  /// weights, chosen: [N, k] renormalised top-k weights and their experts.
+  torch::Tensor forward_per_expert(const torch::Tensor& x,
+                                   const torch::Tensor& gate_up,
+                                   const torch::Tensor& down,
+                                   const torch::Tensor& weights,
+                                   const torch::Tensor& chosen);
 
   torch::Tensor moe_gate;  // [E, C] fp32, the router
   // Expert e's LoRA on `kind`, or nullptr when that kind carries none: [kind][e].
   std::map<std::string, std::vector<Lora>> experts;
   int64_t top_k;
   int64_t intermediate;
-  // Each expert recomputes gate and up for its own tokens (MoE-PEFT's "compatible" path)
-  // instead of slicing one GEMM over all tokens; the same result, for tests.
   bool per_expert_base = false;
   // The router logits of the last forward in training, [N, E] fp32, for the auxiliary loss
   // (without a graph when the layer is checkpointed).

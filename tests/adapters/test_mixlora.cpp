@@ -25,9 +25,12 @@ Mlp random_mlp(torch::Dtype dtype) {
   return mlp;
 }
 
-MixLora mixlora(torch::Dtype dtype, int64_t experts = 4, int64_t top_k = 2) {
+MixLora mixlora(torch::Dtype dtype,
+                int64_t experts = 4,
+                int64_t top_k = 2,
+                const std::vector<std::string>& kinds = kAllKinds) {
   auto m =
-      MixLora(8, 12, experts, top_k, kAllKinds, /*r=*/3, /*scaling=*/0.5, 0.0, torch::dtype(dtype));
+      MixLora(8, 12, experts, top_k, kinds, /*r=*/3, /*scaling=*/0.5, 0.0, torch::dtype(dtype));
   m->to(dtype);
   return m;
 }
@@ -51,15 +54,21 @@ TEST_CASE("a fresh MixLoRA MLP equals the base MLP", "[adapters][mixlora]") {
 }
 
 TEST_CASE("MixLoRA's efficient and per-expert paths agree", "[adapters][mixlora]") {
-  auto mlp = random_mlp(torch::kFloat32);
-  auto m = mixlora(torch::kFloat32, 6, 2);
-  randomize_experts(*m);
-  mlp->attach(m.ptr());
-  auto x = torch::randn({3, 7, 8});
-  const auto efficient = mlp(x);
-  m->per_expert_base = true;
-  REQUIRE(torch::allclose(mlp(x), efficient, 1e-5, 1e-6));
-  REQUIRE(!torch::allclose(efficient, random_mlp(torch::kFloat32)(x), 1e-2, 1e-2));
+  const std::vector<std::vector<std::string>> kind_sets = {
+      kAllKinds, {"up_proj", "down_proj"}, {"gate_proj"}, {}};
+  for (const auto& kinds : kind_sets) {
+    INFO(kinds.size() << " kinds with expert LoRAs");
+    auto mlp = random_mlp(torch::kFloat32);
+    auto m = mixlora(torch::kFloat32, 6, 2, kinds);
+    randomize_experts(*m);
+    mlp->attach(m.ptr());
+    auto x = torch::randn({3, 7, 8});
+    const auto efficient = mlp(x);
+    m->per_expert_base = true;
+    REQUIRE(torch::allclose(mlp(x), efficient, 1e-5, 1e-6));
+    if (!kinds.empty())
+      REQUIRE(!torch::allclose(efficient, random_mlp(torch::kFloat32)(x), 1e-2, 1e-2));
+  }
 }
 
 TEST_CASE("MixLoRA gradients match a dense float64 composite", "[adapters][mixlora]") {
