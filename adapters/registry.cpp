@@ -28,6 +28,20 @@ struct OnProjections {
   }
 };
 
+// Full fine-tuning attaches and saves nothing: the base's own weights are what trains.
+struct NoAdapter {
+  static void attach_saved(const nlohmann::json&,
+                           const TensorMap&,
+                           const AdapterSites&,
+                           const std::string& where) {
+    throw ConfigError("'" + where + "' is a full model, not an adapter (hint: pass it as --model)");
+  }
+  static void attach_new(const AdapterSettings&, const AdapterSites&) {}
+  static SavedAdapter save(const AdapterSettings&, const AdapterSites&, const std::string&) {
+    return {};
+  }
+};
+
 template <typename S>
 AdapterSpec row(std::string_view name, std::string_view peft_type, std::string_view summary) {
   return {name, peft_type, summary, S::attach_saved, S::attach_new, S::save};
@@ -46,6 +60,9 @@ const std::vector<AdapterSpec>& adapter_specs() {
        "top-k mixture of LoRA experts on the frozen MLP, LoRA on attention (MixLoRA)",
        mixlora_attach_saved, mixlora_attach_new, mixlora_save, mixlora_aux_loss,
        mixlora_step_metrics},
+      {"full", "", "every weight of the model trains in fp32 (full fine-tuning); writes a model",
+       NoAdapter::attach_saved, NoAdapter::attach_new, NoAdapter::save, nullptr, nullptr,
+       /*trains_base=*/true},
   };
   return specs;
 }
@@ -63,6 +80,7 @@ const AdapterSpec& find_adapter_by_peft_type(const std::string& peft_type,
                                              const std::string& where) {
   std::string known;
   for (const auto& spec : adapter_specs()) {
+    if (spec.peft_type.empty()) continue;
     if (spec.peft_type == peft_type) return spec;
     known += (known.empty() ? "" : ", ") + std::string(spec.peft_type);
   }

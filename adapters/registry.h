@@ -79,6 +79,9 @@ struct AdapterSpec {
   /// load over the last micro-batch), nullptr if none.
   nlohmann::json (*step_metrics)(const AdapterSettings& settings,
                                  const AdapterSites& sites) = nullptr;
+  /// Full fine-tuning: every base weight trains, nothing is attached (the attach and save
+  /// functions are no-ops), and the run writes a whole model instead of an adapter.
+  bool trains_base = false;
 };
 
 /// The strategy of a recipe's adapter.type; a ConfigError listing the known types otherwise.

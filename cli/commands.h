@@ -13,6 +13,7 @@ Action add_train(CLI::App& app);
 Action add_validate(CLI::App& app);
 Action add_eval(CLI::App& app);
 Action add_merge(CLI::App& app);
+Action add_init(CLI::App& app);
 Action add_generate(CLI::App& app);
 Action add_bench(CLI::App& app);
 

@@ -15,30 +15,32 @@ namespace {
 struct EvalOptions {
   ModelOptions model;
   std::string data;
+  std::string format = "text";
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
   int64_t batch_size = 8;
   bool json = false;
 };
 
 void run_eval(const EvalOptions& o) {
-  const auto records = read_text_records(o.data);
   auto model = load_model(o.model);
   const auto tokenizer = load_tokenizer(o.model.model);
   const auto max_len = o.max_seq_len > 0 ? o.max_seq_len : model->config.max_position_embeddings;
-  const auto seqs = eval_sequences(records, tokenizer, model->config.bos_token_id, max_len);
-  const auto result = evaluate(model, seqs, o.batch_size);
+  const auto examples = eval_examples(o.data, tokenizer, o.format, model->config, max_len);
+  const auto result = evaluate(model, examples, o.batch_size);
   if (result.tokens == 0) {
     throw Error("dataset '" + o.data +
-                "' has no token to score (every record is empty, or "
-                "--max-seq-len is 1)");
+                "' has no token to score (every record is empty, its responses were cut "
+                "off, or --max-seq-len is 1)");
   }
   if (o.json) {
-    nlohmann::json j = {
-        {"loss", result.loss}, {"perplexity", result.perplexity()}, {"tokens", result.tokens}};
+    nlohmann::json j = {{"loss", result.loss},         {"perplexity", result.perplexity()},
+                        {"tokens", result.tokens},     {"accuracy", result.accuracy()},
+                        {"records", result.records}};
     fmt::print("{}\n", j.dump());
   } else {
-    fmt::print("loss {:.6f}  perplexity {:.4f}  tokens {}\n", result.loss, result.perplexity(),
-               result.tokens);
+    fmt::print("loss {:.6f}  perplexity {:.4f}  tokens {}  exact match {}/{} ({:.2f}%)\n",
+               result.loss, result.perplexity(), result.tokens, result.exact, result.records,
+               100.0 * result.accuracy());
   }
 }
 
@@ -46,15 +48,19 @@ void run_eval(const EvalOptions& o) {
 
 Action add_eval(CLI::App& app) {
   auto o = std::make_shared<EvalOptions>();
-  auto* cmd = app.add_subcommand("eval", "loss and perplexity of a model on a text dataset");
+  auto* cmd = app.add_subcommand("eval", "loss, perplexity and exact-match accuracy of a model on a dataset");
   add_model_options(cmd, o->model);
-  cmd->add_option("--data", o->data, "text dataset (.jsonl, .json, .txt, or - for stdin)")
-      ->required();
+  cmd->add_option("--data", o->data, "dataset (.jsonl, .json, .txt, or - for stdin)")->required();
+  cmd->add_option("--format", o->format,
+                  "text: every token after BOS scored; alpaca, chat, tokens: only the "
+                  "responses, as training reads them")
+      ->check(CLI::IsMember({"text", "alpaca", "chat", "tokens"}));
   cmd->add_option("--max-seq-len", o->max_seq_len, "cut each record to N tokens (with BOS)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--batch-size", o->batch_size, "records per forward pass")
       ->check(CLI::PositiveNumber);
-  cmd->add_flag("--json", o->json, "print {\"loss\", \"perplexity\", \"tokens\"} as JSON");
+  cmd->add_flag("--json", o->json,
+                "print {\"loss\", \"perplexity\", \"tokens\", \"accuracy\", \"records\"} as JSON");
   return [o] { run_eval(*o); };
 }
 

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   add(lorafit::cli::add_validate);
   add(lorafit::cli::add_eval);
   add(lorafit::cli::add_merge);
+  add(lorafit::cli::add_init);
   add(lorafit::cli::add_generate);
   add(lorafit::cli::add_bench);
 

@@ -1,4 +1,5 @@
-// `lorafit merge`: an adapter folded into its base, as a Hugging Face checkpoint.
+// `lorafit merge` (an adapter folded into its base) and `lorafit init` (a new model with
+// random weights): each writes a Hugging Face checkpoint.
 #include <fmt/core.h>
 
 #include "cli/commands.h"
@@ -17,6 +18,19 @@ Action add_merge(CLI::App& app) {
   return [o] {
     merge_adapter(*o);
     fmt::print(stderr, "merged model written to {}\n", o->out);
+  };
+}
+
+Action add_init(CLI::App& app) {
+  auto o = std::make_shared<InitOptions>();
+  auto* cmd = app.add_subcommand(
+      "init", "a new model with random weights, to train from scratch with adapter.type full");
+  cmd->add_option("--from", o->from, "folder with config.json and tokenizer.model")->required();
+  cmd->add_option("--out", o->out, "new model folder (must not exist)")->required();
+  cmd->add_option("--seed", o->seed, "seed of the random weights (default 0)");
+  return [o] {
+    init_model(*o);
+    fmt::print(stderr, "new model written to {}\n", o->out);
   };
 }
 

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "adapters/registry.h"
 #include "core/errors.h"
@@ -64,12 +65,18 @@ void save_adapter(const std::string& dir,
   write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
 }
 
-std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model) {
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, bool base) {
+  std::set<std::string> base_names;
+  if (base)
+    for (const auto& [name, t] : model->checkpoint_tensors()) base_names.insert(name);
   std::vector<torch::Tensor> out;
   for (auto& item : model->named_parameters(/*recurse=*/true)) {
     const bool adapter = item.key().find(".adapter.") != std::string::npos;
-    item.value().set_requires_grad(adapter);
-    if (adapter) out.push_back(item.value());
+    const bool trains = adapter || base_names.count(item.key()) > 0;
+    // A tied head shares the embedding's tensor: leave its flag to the embedding's entry.
+    if (!trains && base && item.value().is_same(model->model->embed_tokens->weight)) continue;
+    item.value().set_requires_grad(trains);
+    if (trains) out.push_back(item.value());
   }
   return out;
 }

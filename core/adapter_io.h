@@ -20,8 +20,9 @@ void save_adapter(const std::string& dir,
                   LlamaForCausalLM& model,
                   const std::string& base_model);
 
-/// The one place that decides what trains: adapter parameters train, the base never does.
-/// Returns the trainable tensors in model order.
-std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model);
+/// The one place that decides what trains: adapter parameters train; the base's weights train
+/// only with `base` (full fine-tuning), each once (a tied head is the embedding). Returns the
+/// trainable tensors in model order.
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, bool base = false);
 
 }  // namespace lorafit

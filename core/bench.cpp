@@ -39,7 +39,7 @@ BenchResult run_bench(const BenchOptions& o) {
   const Recipe recipe = override_recipe(base, o.overrides);
 
   const auto device = pick_device(o.device);
-  const auto dtype = pick_dtype(recipe.dtype, device);
+  const auto dtype = training_dtype(recipe, device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0)
                                : load_llama(o.model, device, dtype);
@@ -53,7 +53,7 @@ BenchResult run_bench(const BenchOptions& o) {
     aux = [&](const torch::Tensor& keep, double scale) {
       return spec.aux_loss(settings, sites, keep, scale);
     };
-  const auto params = trainable_parameters(model);
+  const auto params = trainable_parameters(model, spec.trains_base);
   AdamW optimizer(params, AdamWSettings{});
   model->train();
 

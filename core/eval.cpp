@@ -6,6 +6,7 @@
 #include "core/datasets.h"
 #include "core/errors.h"
 #include "core/fused_ops.h"
+#include "core/text_data.h"
 
 namespace lorafit {
 
@@ -14,18 +15,23 @@ namespace {
 constexpr int64_t kLogitRowsPerChunk = 2048;
 }  // namespace
 
-std::vector<std::vector<int64_t>> eval_sequences(const std::vector<TextRecord>& records,
-                                                 const Tokenizer& tokenizer,
-                                                 int64_t bos,
-                                                 int64_t max_seq_len) {
-  std::vector<std::vector<int64_t>> out;
-  out.reserve(records.size());
-  for (const auto& r : records) {
-    std::vector<int64_t> ids{bos};
+std::vector<Example> eval_examples(const std::string& path,
+                                   const Tokenizer& tokenizer,
+                                   const std::string& format,
+                                   const LlamaConfig& config,
+                                   int64_t max_seq_len) {
+  if (format != "text") {
+    DatasetOptions o{format,           max_seq_len, /*packing=*/false, config.bos_token_id,
+                     config.eos_token_ids.front(), config.vocab_size};
+    return load_examples(path, tokenizer, o);
+  }
+  std::vector<Example> out;
+  for (const auto& r : read_text_records(path)) {
+    std::vector<int64_t> ids{config.bos_token_id};
     const auto body = tokenizer.encode(r.text);
     ids.insert(ids.end(), body.begin(), body.end());
     if (static_cast<int64_t>(ids.size()) > max_seq_len) ids.resize(max_seq_len);
-    out.push_back(std::move(ids));
+    out.push_back({ids, ids});
   }
   return out;
 }
@@ -96,49 +102,66 @@ torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
   return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
 }
 
-EvalResult evaluate(LlamaForCausalLM& model,
-                    const std::vector<std::vector<int64_t>>& sequences,
-                    int64_t batch_size) {
+EvalResult evaluate(LlamaForCausalLM& model, const std::vector<Example>& examples, int64_t batch_size) {
   torch::NoGradGuard no_grad;
   model->eval();
   const auto device = model->inv_freq.device();
   const auto vocab = model->config.vocab_size;
 
   // Longest first, so each batch pads little.
-  std::vector<size_t> order(sequences.size());
+  std::vector<size_t> order(examples.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return sequences[a].size() > sequences[b].size(); });
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return examples[a].input_ids.size() > examples[b].input_ids.size();
+  });
 
+  EvalResult result;
   double nll = 0;
-  int64_t scored = 0;
   for (size_t start = 0; start < order.size(); start += batch_size) {
     const size_t end = std::min(order.size(), start + static_cast<size_t>(batch_size));
-    const auto t = static_cast<int64_t>(sequences[order[start]].size());
-    if (t < 2) break;  // sorted: nothing after this scores a token
+    const auto t = static_cast<int64_t>(examples[order[start]].input_ids.size());
     const auto b = static_cast<int64_t>(end - start);
     std::vector<int64_t> ids_host(b * t, 0);              // right-padded with token 0, never scored
     std::vector<int64_t> next_host(b * t, kIgnoreLabel);  // the token each position predicts
+    std::vector<uint8_t> scored_rows(b, 0);
     for (int64_t i = 0; i < b; ++i) {
-      const auto& seq = sequences[order[start + i]];
-      for (size_t j = 0; j < seq.size(); ++j) {
-        if (seq[j] < 0 || seq[j] >= vocab) {
-          throw Error("token id " + std::to_string(seq[j]) +
-                      " is outside the model's vocabulary of " + std::to_string(vocab) +
+      const auto& ex = examples[order[start + i]];
+      for (size_t j = 0; j < ex.input_ids.size(); ++j) {
+        const auto id = ex.input_ids[j];
+        if (id < 0 || id >= vocab) {
+          throw Error("token id " + std::to_string(id) + " is outside the model's vocabulary of " +
+                      std::to_string(vocab) +
                       " (hint: the tokenizer does not belong to this model)");
         }
-        ids_host[i * t + j] = seq[j];
-        if (j + 1 < seq.size()) next_host[i * t + j] = seq[j + 1];
+        ids_host[i * t + j] = id;
+        if (j + 1 < ex.input_ids.size() && ex.labels[j + 1] != kIgnoreLabel) {
+          next_host[i * t + j] = ex.labels[j + 1];
+          scored_rows[i] = 1;
+          ++result.tokens;
+        }
       }
     }
+    // A record with nothing to score (empty, or cut before its response) counts nowhere.
+    result.records += std::count(scored_rows.begin(), scored_rows.end(), 1);
+    if (t < 2) continue;
     auto ids = torch::from_blob(ids_host.data(), {b, t}, torch::kInt64).to(device);     // [B, T]
     auto next = torch::from_blob(next_host.data(), {b * t}, torch::kInt64).to(device);  // [B*T]
-    auto hidden = model->forward(ids);                                                  // [B, T, C]
-    nll -= target_log_prob_sum(model, hidden.reshape({b * t, -1}), next).item<double>();
-    scored += static_cast<int64_t>(
-        std::count_if(next_host.begin(), next_host.end(), [](int64_t x) { return x >= 0; }));
+    auto hidden = model->forward(ids).reshape({b * t, -1});                             // [B*T, C]
+    nll -= target_log_prob_sum(model, hidden, next).item<double>();
+    // Exact match: no scored position whose most likely token is another.
+    auto miss = torch::zeros({b * t}, torch::dtype(torch::kBool).device(device));  // [B*T]
+    for (int64_t row = 0; row < b * t; row += kLogitRowsPerChunk) {
+      const auto n = std::min(kLogitRowsPerChunk, b * t - row);
+      const auto target = next.narrow(0, row, n);
+      miss.narrow(0, row, n)
+          .copy_(model->logits(hidden.narrow(0, row, n)).argmax(-1).ne(target) & target.ge(0));
+    }
+    const auto missed = miss.view({b, t}).any(1).to(torch::kCPU);  // [B]
+    for (int64_t i = 0; i < b; ++i)
+      result.exact += scored_rows[i] && !missed[i].item<bool>() ? 1 : 0;
   }
-  return {scored ? nll / scored : 0.0, scored};
+  result.loss = result.tokens ? nll / static_cast<double>(result.tokens) : 0.0;
+  return result;
 }
 
 }  // namespace lorafit

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/llama.h"
-#include "core/text_data.h"
+#include "core/datasets.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lorafit {
@@ -15,20 +15,27 @@ namespace lorafit {
 struct EvalResult {
   double loss = 0;     // mean NLL (nats) over scored tokens
   int64_t tokens = 0;  // scored tokens
+  int64_t records = 0;
+  // Records whose every scored token is the model's most likely next token: greedy decoding
+  // from the unscored prefix reproduces them exactly (exact-match accuracy).
+  int64_t exact = 0;
   double perplexity() const { return std::exp(loss); }
+  double accuracy() const { return records ? static_cast<double>(exact) / records : 0.0; }
 };
 
-/// BOS + encode(text), cut to max_seq_len tokens, for each record.
-std::vector<std::vector<int64_t>> eval_sequences(const std::vector<TextRecord>& records,
-                                                 const Tokenizer& tokenizer,
-                                                 int64_t bos,
-                                                 int64_t max_seq_len);
+/// What `lorafit eval` scores in each record of a dataset file. `text`: BOS + encode(text), no
+/// EOS, every position after the first (DESIGN.md); alpaca, chat and tokens: the sequence and
+/// labels training builds (only responses and their EOS scored), one record per example.
+/// Either way cut to max_seq_len tokens.
+std::vector<Example> eval_examples(const std::string& path,
+                                   const Tokenizer& tokenizer,
+                                   const std::string& format,
+                                   const LlamaConfig& config,
+                                   int64_t max_seq_len);
 
-/// Scores the sequences in batches of `batch_size` (right-padded; causal attention keeps the
-/// padding from reaching real tokens).
-EvalResult evaluate(LlamaForCausalLM& model,
-                    const std::vector<std::vector<int64_t>>& sequences,
-                    int64_t batch_size);
+/// Scores the examples in batches of `batch_size` (right-padded; causal attention keeps the
+/// padding from reaching real tokens): position t predicts labels[t + 1].
+EvalResult evaluate(LlamaForCausalLM& model, const std::vector<Example>& examples, int64_t batch_size);
 
 /// Sum of log p(targets[i] | hidden[i]) over rows, computing the head's logits a chunk of rows
 /// at a time so fp32 logits never exist for all rows at once; differentiable with respect to

@@ -8,6 +8,7 @@
 
 #include "core/adapter_io.h"
 #include "core/compat.h"
+#include "core/device.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
 
@@ -24,27 +25,73 @@ constexpr uint64_t kShardBytes = 5'000'000'000;
 const char* const kPassThrough[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                                     "special_tokens_map.json", "generation_config.json"};
 
-torch::Dtype output_dtype(const std::string& name, const std::string& model_dir) {
-  if (name == "bf16") return torch::kBFloat16;
-  if (name == "f16") return torch::kFloat16;
-  if (name == "f32") return torch::kFloat32;
-  SafetensorsCheckpoint ckpt(model_dir);
-  return ckpt.tensor("model.embed_tokens.weight").scalar_type();
-}
-
 const char* hf_dtype_name(torch::Dtype d) {
   return d == torch::kBFloat16 ? "bfloat16" : d == torch::kFloat16 ? "float16" : "float32";
 }
 
 }  // namespace
 
-void merge_adapter(const MergeOptions& o) {
-  if (fs::exists(o.out)) {
-    throw IoError("--out '" + o.out +
-                  "' already exists (hint: choose a new folder; merge never "
-                  "overwrites)");
+torch::Dtype checkpoint_dtype(const std::string& base_dir) {
+  SafetensorsCheckpoint ckpt(base_dir);
+  return ckpt.tensor("model.embed_tokens.weight").scalar_type();
+}
+
+void write_model_files(const std::string& dir,
+                       LlamaForCausalLM& model,
+                       const std::string& base_dir,
+                       torch::Dtype dtype) {
+  torch::NoGradGuard no_grad;
+  TensorMap tensors;
+  for (const auto& [name, t] : model->checkpoint_tensors()) tensors[name] = t.to(torch::kCPU, dtype);
+  save_safetensors_sharded(dir, tensors, kShardBytes);
+  std::ifstream in(fs::path(base_dir) / "config.json");
+  auto config = nlohmann::json::parse(in);
+  config[config.contains("dtype") ? "dtype" : "torch_dtype"] = hf_dtype_name(dtype);
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+  for (const char* name : kPassThrough) {
+    const auto from = fs::path(base_dir) / name, to = fs::path(dir) / name;
+    if (fs::exists(from)) fs::copy_file(from, to, fs::copy_options::overwrite_existing);
   }
-  const auto dtype = output_dtype(o.dtype, o.model);
+}
+
+namespace {
+
+void refuse_existing(const std::string& out) {
+  if (fs::exists(out)) {
+    throw IoError("--out '" + out + "' already exists (hint: choose a new folder; lorafit never "
+                  "overwrites a model)");
+  }
+}
+
+// Writes the model into a temporary folder and renames it to `out`.
+void write_new_model_folder(const std::string& out,
+                            LlamaForCausalLM& model,
+                            const std::string& base_dir,
+                            torch::Dtype dtype) {
+  const fs::path tmp = out + ".tmp-" + std::to_string(::getpid());
+  compat::remove_tree(tmp);
+  fs::create_directories(tmp);
+  write_model_files(tmp.string(), model, base_dir, dtype);
+  fs::rename(tmp, out);
+}
+
+}  // namespace
+
+void init_model(const InitOptions& o) {
+  refuse_existing(o.out);
+  const auto config = load_llama_config(o.from);
+  if (!fs::is_regular_file(fs::path(o.from) / "tokenizer.model")) {
+    throw IoError("--from '" + o.from +
+                  "' has no tokenizer.model (hint: the new model needs its tokenizer beside "
+                  "config.json)");
+  }
+  auto model = random_llama(config, torch::kCPU, torch::kFloat32, o.seed);
+  write_new_model_folder(o.out, model, o.from, torch::kFloat32);
+}
+
+void merge_adapter(const MergeOptions& o) {
+  refuse_existing(o.out);
+  const auto dtype = o.dtype == "auto" ? checkpoint_dtype(o.model) : pick_dtype(o.dtype, torch::kCPU);
   auto model = load_llama(o.model, torch::kCPU, torch::kFloat32);
   load_adapter(o.adapter, model);
 
@@ -68,21 +115,7 @@ void merge_adapter(const MergeOptions& o) {
     p->weight.add_(delta);
   }
 
-  const fs::path tmp = o.out + ".tmp-" + std::to_string(::getpid());
-  compat::remove_tree(tmp);
-  fs::create_directories(tmp);
-  TensorMap tensors;
-  for (const auto& [name, t] : model->checkpoint_tensors()) tensors[name] = t.to(dtype);
-  save_safetensors_sharded(tmp.string(), tensors, kShardBytes);
-
-  std::ifstream in(fs::path(o.model) / "config.json");
-  auto config = nlohmann::json::parse(in);
-  config[config.contains("dtype") ? "dtype" : "torch_dtype"] = hf_dtype_name(dtype);
-  write_file_atomic((tmp / "config.json").string(), config.dump(2) + "\n");
-  for (const char* name : kPassThrough) {
-    if (fs::exists(fs::path(o.model) / name)) fs::copy_file(fs::path(o.model) / name, tmp / name);
-  }
-  fs::rename(tmp, o.out);
+  write_new_model_folder(o.out, model, o.model, dtype);
 }
 
 }  // namespace lorafit

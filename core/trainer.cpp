@@ -18,6 +18,7 @@
 #include "core/errors.h"
 #include "core/eval.h"
 #include "core/loss_plot.h"
+#include "core/merge.h"
 #include "core/optimizer.h"
 #include "core/safetensors.h"
 
@@ -185,6 +186,11 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
   return step;
 }
 
+torch::Dtype training_dtype(const Recipe& recipe, torch::Device device) {
+  if (find_adapter(recipe.adapter.type).trains_base && recipe.dtype == "auto") return torch::kFloat32;
+  return pick_dtype(recipe.dtype, device);
+}
+
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
   if (step < t.warmup_steps)
     return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
@@ -215,7 +221,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
 
   const auto device = pick_device(recipe.device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
-  auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
+  auto model = load_llama(recipe.model, device, training_dtype(recipe, device));
   const auto& spec = find_adapter(recipe.adapter.type);
   const AdapterSettings settings = adapter_settings(recipe.adapter);
   const auto sites = model->adapter_sites();
@@ -227,17 +233,29 @@ void train(const Recipe& recipe, const TrainRun& run) {
     };
   }
   model->checkpoint_layers = tr.gradient_checkpointing;
-  const auto params = trainable_parameters(model);
+  const auto params = trainable_parameters(model, spec.trains_base);
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
   AdamW optimizer(params, adamw);
-  auto save_adapter_to = [&](const std::string& dir) {
-    save_adapter(dir, spec, settings, model, recipe.model);
+  // What a checkpoint or the run's output holds of the model: the adapter, or (full
+  // fine-tuning) the whole model as a Hugging Face checkpoint.
+  auto save_adapter_to = [&](const std::string& dir, torch::Dtype full_dtype) {
+    if (spec.trains_base) {
+      fs::create_directories(dir);
+      write_model_files(dir, model, recipe.model, full_dtype);
+    } else {
+      save_adapter(dir, spec, settings, model, recipe.model);
+    }
   };
-  // Overwrites the attached adapter's tensors with those saved in `dir` (same keys and shapes).
+  // Overwrites the trained tensors with those saved in `dir` (same keys and shapes).
   auto copy_adapter_weights = [&](const std::string& dir) {
-    SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
     torch::NoGradGuard no_grad;
+    if (spec.trains_base) {
+      SafetensorsCheckpoint saved(dir);
+      for (auto& [name, t] : model->checkpoint_tensors()) t.copy_(saved.tensor(name));
+      return;
+    }
+    SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
     for (const auto& [name, t] :
          spec.save(settings, model->adapter_sites(), recipe.model).tensors) {
       if (!saved.find(name)) {
@@ -347,15 +365,27 @@ void train(const Recipe& recipe, const TrainRun& run) {
     }
     if (tr.save_every > 0 && state.step % tr.save_every == 0 && state.step < total_steps) {
       write_checkpoint(out / "checkpoints" / ("step-" + std::to_string(state.step)), state,
-                       optimizer, save_adapter_to);
+                       optimizer, [&](const std::string& dir) {
+                         save_adapter_to(dir, torch::kFloat32);  // resumes exactly
+                       });
     }
   }
   if (tty) fmt::print(stderr, "\n");
 
   // --- Outputs.
-  save_adapter_to((out / "adapter").string());
   write_file_atomic((out / "loss.svg").string(), loss_svg(history));
+  if (spec.trains_base) {
+    const fs::path dir = out / "model", tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
+    compat::remove_tree(tmp);
+    save_adapter_to(tmp.string(), checkpoint_dtype(recipe.model));
+    compat::remove_tree(dir);
+    fs::rename(tmp, dir);
+    fmt::print(stderr, "model written to {}\n", dir.string());
+    fmt::print(stderr, "evaluate: lorafit eval --model {} --data FILE\n", dir.string());
+    return;
+  }
   const auto adapter = (out / "adapter").string();
+  save_adapter_to(adapter, torch::kFloat32);
   fmt::print(stderr, "adapter written to {}\n", adapter);
   fmt::print(stderr, "evaluate: lorafit eval --model {} --adapter {} --data FILE\n", recipe.model,
              adapter);

@@ -223,3 +223,30 @@ TEST_CASE("generate --temperature 0 prints transformers' greedy text", "[cli][ge
     REQUIRE(r.out == case_["text"].get<std::string>() + "\n");
   }
 }
+
+TEST_CASE("eval --format chat scores only the responses and reports exact matches",
+          "[cli][eval]") {
+  TempDir tmp;
+  const std::string chat = tmp / "chat.jsonl";
+  lorafit::test::write_text(
+      chat,
+      R"({"messages": [{"role": "user", "content": "The cat"}, {"role": "assistant", "content": "sat on the mat."}]})"
+      "\n"
+      R"({"messages": [{"role": "user", "content": "The dog"}, {"role": "assistant", "content": "ran far away."}]})"
+      "\n");
+  const auto r = run_lorafit("eval --device cpu --json --format chat --model " +
+                             q(fixture("trained_tiny/model")) + " --data " + q(chat));
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto j = nlohmann::json::parse(r.out);
+  REQUIRE(j["records"] == 2);
+  REQUIRE(j["accuracy"].get<double>() >= 0.0);
+  REQUIRE(j["accuracy"].get<double>() <= 1.0);
+  // The default format is text, which a chat record is not.
+  const auto text = run_lorafit("eval --device cpu --json --model " +
+                                q(fixture("trained_tiny/model")) + " --data " + q(chat));
+  REQUIRE(text.code == 2);  // a chat record has no "text"
+  const auto bad = run_lorafit("eval --device cpu --format yaml --model " +
+                               q(fixture("trained_tiny/model")) + " --data " + q(chat));
+  REQUIRE(bad.code == 2);
+}

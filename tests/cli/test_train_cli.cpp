@@ -335,3 +335,41 @@ TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to m
   REQUIRE(missing.code == 2);
   REQUIRE(missing.err.find("adapter.router_aux_loss_coef") != std::string::npos);
 }
+
+TEST_CASE("full fine-tuning from lorafit init trains, resumes exactly and writes a model",
+          "[cli][full]") {
+  TempDir tmp;
+  const auto init = run_lorafit("init --from tests/fixtures/gqa_llama3/model --seed 1 --out " +
+                                q(tmp / "init"));
+  INFO(init.err);
+  REQUIRE(init.code == 0);
+  REQUIRE(run_lorafit("init --from tests/fixtures/gqa_llama3/model --out " + q(tmp / "init"))
+              .code == 2);  // never overwrites
+  const std::string sets = "--set adapter.type=full --set model=" + q(tmp / "init") +
+                           " --set train.steps=40 --set train.lr=3e-3 --set train.save_every=20";
+  const auto whole = train(tmp / "whole", sets);
+  INFO(whole.err);
+  REQUIRE(whole.code == 0);
+  REQUIRE(fs::exists(tmp / "whole/model/model.safetensors"));
+  REQUIRE(!fs::exists(tmp / "whole/adapter"));
+  auto eval = [](const std::string& model) {
+    const auto r = run_lorafit("eval --device cpu --json --model " + q(model) +
+                               " --data recipes/data/tiny_valid.jsonl");
+    REQUIRE(r.code == 0);
+    return nlohmann::json::parse(r.out)["loss"].get<double>();
+  };
+  REQUIRE(eval(tmp / "whole/model") < eval(tmp / "init") - 2.0);
+
+  // Resumed from its step-20 checkpoint, the run ends bit for bit where the whole run did.
+  const auto resumed =
+      run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(tmp / "resumed") + " " +
+                  sets + " --resume " + q(tmp / "whole/checkpoints/step-20"));
+  INFO(resumed.err);
+  REQUIRE(resumed.code == 0);
+  REQUIRE(read_text(tmp / "resumed/model/model.safetensors") ==
+          read_text(tmp / "whole/model/model.safetensors"));
+
+  const auto bf16 = train(tmp / "bf16", sets + " --set dtype=bf16");
+  REQUIRE(bf16.code == 2);
+  REQUIRE(bf16.err.find("'dtype'") != std::string::npos);
+}

@@ -71,11 +71,13 @@ TEST_CASE("eval loss equals transformers' and PEFT's", "[core][eval]") {
   for (const auto& c : kCases) {
     INFO(c.name);
     const auto expected = lorafit::test::read_json(fixture(c.name + "/expected.json"));
-    const auto seqs = eval_sequences(read_text_records(fixture(c.name + "/eval.jsonl")),
-                                     load_tokenizer(fixture(c.name + "/model")), /*bos=*/1,
-                                     expected["max_seq_len"].get<int64_t>());
-    REQUIRE(nlohmann::json(seqs) == expected["token_ids"]);
     auto model = load_llama(fixture(c.name + "/model"), torch::kCPU, torch::kFloat32);
+    const auto seqs = eval_examples(fixture(c.name + "/eval.jsonl"),
+                                    load_tokenizer(fixture(c.name + "/model")), "text",
+                                    model->config, expected["max_seq_len"].get<int64_t>());
+    std::vector<std::vector<int64_t>> ids;
+    for (const auto& ex : seqs) ids.push_back(ex.input_ids);
+    REQUIRE(nlohmann::json(ids) == expected["token_ids"]);
     for (int64_t batch : {1, 4}) {  // padding in batches must not change the result
       const auto base = evaluate(model, seqs, batch);
       REQUIRE(base.tokens == expected["base"]["tokens"].get<int64_t>());
@@ -167,6 +169,31 @@ TEST_CASE("only adapter tensors train and a step leaves the base untouched",
   for (const auto& [name, t] : before) REQUIRE(torch::equal(model->named_parameters()[name], t));
 }
 
+TEST_CASE("full fine-tuning trains every base tensor once and checkpointing keeps its gradients",
+          "[core][llama][full]") {
+  auto grads = [](bool checkpoint) {
+    auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+    const auto params = trainable_parameters(model, /*base=*/true);
+    REQUIRE(params.size() == model->checkpoint_tensors().size());  // the tied head once
+    REQUIRE(model->lm_head->weight.requires_grad());
+    model->train();
+    model->checkpoint_layers = checkpoint;
+    torch::manual_seed(3);
+    auto ids = torch::randint(3, 320, {2, 10}, torch::kInt64);
+    model->logits(model->forward(ids)).pow(2).mean().backward();
+    std::vector<torch::Tensor> out;
+    for (const auto& p : params) out.push_back(p.grad().clone());
+    return out;
+  };
+  const auto plain = grads(false), checkpointed = grads(true);
+  REQUIRE(plain.size() == checkpointed.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    INFO(i);
+    REQUIRE(plain[i].abs().sum().item<double>() > 0);
+    REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
+  }
+}
+
 TEST_CASE("activation checkpointing gives the gradients of the plain backward", "[core][llama]") {
   // In float64, with LoRA dropout: the recomputation must replay the same dropout masks.
   auto grads = [](bool checkpoint) {
@@ -222,4 +249,35 @@ TEST_CASE("the chunked loss head gives the composite log-softmax and its gradien
   REQUIRE(torch::allclose(fused_h, hidden.grad(), 1e-10, 1e-12));
   REQUIRE(fused_h.slice(0, 0, 2500, 3).abs().max().item<double>() == 0.0);
   REQUIRE(torch::allclose(fused_w, weight.grad(), 1e-10, 1e-12));
+}
+
+TEST_CASE("eval's exact match is greedy decoding reproducing the response", "[core][eval]") {
+  // trained_tiny's greedy continuations, recorded by transformers, as scored responses (the
+  // prompt masked): each is an exact match; changing any one of its tokens makes it a miss.
+  auto model = load_llama(fixture("trained_tiny/model"), torch::kCPU, torch::kFloat32);
+  const auto expected = lorafit::test::read_json(fixture("trained_tiny/expected.json"));
+  std::vector<Example> exact, changed;
+  for (const auto& case_ : expected["greedy"]) {
+    Example ex;
+    ex.input_ids = case_["prompt_ids"].get<std::vector<int64_t>>();
+    ex.labels.assign(ex.input_ids.size(), kIgnoreLabel);
+    for (int64_t id : case_["new_ids"]) {
+      ex.input_ids.push_back(id);
+      ex.labels.push_back(id);
+    }
+    exact.push_back(ex);
+    for (size_t j = case_["prompt_ids"].size(); j < ex.input_ids.size(); j += 5) {
+      auto other = ex;
+      other.labels[j] = other.input_ids[j] = (other.input_ids[j] + 1) % 320;
+      changed.push_back(other);
+    }
+  }
+  const auto all = evaluate(model, exact, 2);
+  REQUIRE(all.records == 3);
+  REQUIRE(all.exact == 3);
+  REQUIRE(all.tokens == 36);
+  const auto none = evaluate(model, changed, 2);
+  REQUIRE(none.records == static_cast<int64_t>(changed.size()));
+  REQUIRE(none.exact == 0);
+  REQUIRE(none.loss > all.loss);
 }
