@@ -91,19 +91,10 @@ void lora_attach_new(const AdapterSettings& s, const Projections& projections) {
   });
 }
 
-SavedAdapter lora_save(const AdapterSettings& s,
-                       const Projections& projections,
-                       const std::string& base_model) {
-  SavedAdapter out;
-  std::set<std::string> kinds;
-  for (const auto& p : projections) {
-    const auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
-    if (!lora) continue;
-    kinds.insert(projection_kind(p->name));
-    out.tensors["base_model.model." + p->name + ".lora_A.weight"] = lora->lora_A.detach();
-    out.tensors["base_model.model." + p->name + ".lora_B.weight"] = lora->lora_B.detach();
-  }
-  out.config = {
+json peft_lora_config(const AdapterSettings& s,
+                      const std::vector<std::string>& target_kinds,
+                      const std::string& base_model) {
+  return {
       {"alpha_pattern", json::object()},
       {"base_model_name_or_path", base_model},
       {"bias", "none"},
@@ -118,11 +109,26 @@ SavedAdapter lora_save(const AdapterSettings& s,
       {"r", s.r},
       {"rank_pattern", json::object()},
       {"revision", nullptr},
-      {"target_modules", std::vector<std::string>(kinds.begin(), kinds.end())},
+      {"target_modules", target_kinds},
       {"task_type", "CAUSAL_LM"},
       {"use_dora", false},
       {"use_rslora", s.use_rslora},
   };
+}
+
+SavedAdapter lora_save(const AdapterSettings& s,
+                       const Projections& projections,
+                       const std::string& base_model) {
+  SavedAdapter out;
+  std::set<std::string> kinds;
+  for (const auto& p : projections) {
+    const auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
+    if (!lora) continue;
+    kinds.insert(projection_kind(p->name));
+    out.tensors["base_model.model." + p->name + ".lora_A.weight"] = lora->lora_A.detach();
+    out.tensors["base_model.model." + p->name + ".lora_B.weight"] = lora->lora_B.detach();
+  }
+  out.config = peft_lora_config(s, {kinds.begin(), kinds.end()}, base_model);
   return out;
 }
 

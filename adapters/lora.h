@@ -48,6 +48,11 @@ void lora_attach_saved(const nlohmann::json& config,
 /// settings.targets.
 void lora_attach_new(const AdapterSettings& settings, const Projections& projections);
 
+/// PEFT's adapter_config.json for a LoRA of these settings on these projection kinds.
+nlohmann::json peft_lora_config(const AdapterSettings& settings,
+                                const std::vector<std::string>& target_kinds,
+                                const std::string& base_model);
+
 /// PEFT's adapter_config.json and tensors (keys base_model.model.<module>.lora_{A,B}.weight,
 /// fp32) for the LoRAs attached to `projections`.
 SavedAdapter lora_save(const AdapterSettings& settings,

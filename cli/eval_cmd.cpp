@@ -33,8 +33,10 @@ void run_eval(const EvalOptions& o) {
                 "off, or --max-seq-len is 1)");
   }
   if (o.json) {
-    nlohmann::json j = {{"loss", result.loss},         {"perplexity", result.perplexity()},
-                        {"tokens", result.tokens},     {"accuracy", result.accuracy()},
+    nlohmann::json j = {{"loss", result.loss},
+                        {"perplexity", result.perplexity()},
+                        {"tokens", result.tokens},
+                        {"accuracy", result.accuracy()},
                         {"records", result.records}};
     fmt::print("{}\n", j.dump());
   } else {
@@ -48,7 +50,8 @@ void run_eval(const EvalOptions& o) {
 
 Action add_eval(CLI::App& app) {
   auto o = std::make_shared<EvalOptions>();
-  auto* cmd = app.add_subcommand("eval", "loss, perplexity and exact-match accuracy of a model on a dataset");
+  auto* cmd = app.add_subcommand(
+      "eval", "loss, perplexity and exact-match accuracy of a model on a dataset");
   add_model_options(cmd, o->model);
   cmd->add_option("--data", o->data, "dataset (.jsonl, .json, .txt, or - for stdin)")->required();
   cmd->add_option("--format", o->format,

@@ -12,7 +12,7 @@ namespace lorafit {
 
 namespace fs = std::filesystem;
 
-void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
+SavedAdapter read_adapter_files(const std::string& dir) {
   const fs::path config_path = fs::path(dir) / "adapter_config.json";
   const fs::path weights_path = fs::path(dir) / "adapter_model.safetensors";
   if (!fs::is_directory(dir)) throw IoError("adapter folder '" + dir + "' does not exist");
@@ -21,12 +21,13 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
     throw IoError("cannot read '" + config_path.string() +
                   "' (hint: --adapter must be a PEFT adapter folder)");
   }
-  nlohmann::json config;
+  SavedAdapter saved;
   try {
-    in >> config;
+    in >> saved.config;
   } catch (const nlohmann::json::exception& e) {
     throw ConfigError("'" + config_path.string() + "' is not valid JSON: " + e.what());
   }
+  const auto& config = saved.config;
   if (!config.is_object() || !config.contains("peft_type") || !config["peft_type"].is_string()) {
     throw ConfigError("'" + config_path.string() + "' has no \"peft_type\" string");
   }
@@ -35,34 +36,38 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
                   "' is missing (hint: lorafit reads adapters saved "
                   "as safetensors, PEFT's default)");
   }
-  const std::string peft_type = config["peft_type"];
-  const auto& spec = find_adapter_by_peft_type(peft_type, config_path.string());
   SafetensorsFile file(weights_path.string());
-  TensorMap weights;
   for (const auto& e : file.header().entries) {
     if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
       throw ModelMismatchError("adapter tensor '" + e.name + "' in '" + weights_path.string() +
                                "' has dtype " + st_dtype_name(e.dtype) +
                                ", expected F32, F16 or BF16");
     }
-    weights[e.name] = file.tensor(e.name);
+    saved.tensors[e.name] = file.tensor(e.name);
   }
-  spec.attach_saved(config, weights, model->adapter_sites(), dir);
+  return saved;
 }
 
-}  // namespace lorafit
+void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
+  const auto saved = read_adapter_files(dir);
+  const std::string peft_type = saved.config["peft_type"];
+  const auto where = (fs::path(dir) / "adapter_config.json").string();
+  const auto& spec = find_adapter_by_peft_type(peft_type, where);
+  spec.attach_saved(saved.config, saved.tensors, model->adapter_sites(), dir);
+}
 
-namespace lorafit {
+void write_adapter_files(const std::string& dir, const SavedAdapter& saved) {
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), saved.tensors);
+  write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
+}
 
 void save_adapter(const std::string& dir,
                   const AdapterSpec& spec,
                   const AdapterSettings& settings,
                   LlamaForCausalLM& model,
                   const std::string& base_model) {
-  fs::create_directories(dir);
-  const auto saved = spec.save(settings, model->adapter_sites(), base_model);
-  save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), saved.tensors);
-  write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
+  write_adapter_files(dir, spec.save(settings, model->adapter_sites(), base_model));
 }
 
 std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, bool base) {

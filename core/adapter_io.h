@@ -8,6 +8,14 @@
 
 namespace lorafit {
 
+/// adapter_config.json (with a peft_type) and the floating-point tensors of
+/// adapter_model.safetensors in `dir`; an IoError or ConfigError naming the file otherwise.
+SavedAdapter read_adapter_files(const std::string& dir);
+
+/// Writes adapter_config.json and adapter_model.safetensors into `dir` (created if needed),
+/// each through a temporary name.
+void write_adapter_files(const std::string& dir, const SavedAdapter& saved);
+
 /// Reads the adapter in `dir` and attaches it to `model`'s projections through the strategy
 /// that its peft_type names. Every mismatch with the model is reported at once.
 void load_adapter(const std::string& dir, LlamaForCausalLM& model);

@@ -21,8 +21,12 @@ std::vector<Example> eval_examples(const std::string& path,
                                    const LlamaConfig& config,
                                    int64_t max_seq_len) {
   if (format != "text") {
-    DatasetOptions o{format,           max_seq_len, /*packing=*/false, config.bos_token_id,
-                     config.eos_token_ids.front(), config.vocab_size};
+    DatasetOptions o{format,
+                     max_seq_len,
+                     /*packing=*/false,
+                     config.bos_token_id,
+                     config.eos_token_ids.front(),
+                     config.vocab_size};
     return load_examples(path, tokenizer, o);
   }
   std::vector<Example> out;
@@ -102,7 +106,9 @@ torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
   return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
 }
 
-EvalResult evaluate(LlamaForCausalLM& model, const std::vector<Example>& examples, int64_t batch_size) {
+EvalResult evaluate(LlamaForCausalLM& model,
+                    const std::vector<Example>& examples,
+                    int64_t batch_size) {
   torch::NoGradGuard no_grad;
   model->eval();
   const auto device = model->inv_freq.device();
@@ -153,8 +159,8 @@ EvalResult evaluate(LlamaForCausalLM& model, const std::vector<Example>& example
     for (int64_t row = 0; row < b * t; row += kLogitRowsPerChunk) {
       const auto n = std::min(kLogitRowsPerChunk, b * t - row);
       const auto target = next.narrow(0, row, n);
-      miss.narrow(0, row, n)
-          .copy_(model->logits(hidden.narrow(0, row, n)).argmax(-1).ne(target) & target.ge(0));
+      miss.narrow(0, row, n).copy_(model->logits(hidden.narrow(0, row, n)).argmax(-1).ne(target) &
+                                   target.ge(0));
     }
     const auto missed = miss.view({b, t}).any(1).to(torch::kCPU);  // [B]
     for (int64_t i = 0; i < b; ++i)

@@ -6,8 +6,8 @@
 #include <cmath>
 #include <vector>
 
-#include "core/llama.h"
 #include "core/datasets.h"
+#include "core/llama.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lorafit {
@@ -35,7 +35,9 @@ std::vector<Example> eval_examples(const std::string& path,
 
 /// Scores the examples in batches of `batch_size` (right-padded; causal attention keeps the
 /// padding from reaching real tokens): position t predicts labels[t + 1].
-EvalResult evaluate(LlamaForCausalLM& model, const std::vector<Example>& examples, int64_t batch_size);
+EvalResult evaluate(LlamaForCausalLM& model,
+                    const std::vector<Example>& examples,
+                    int64_t batch_size);
 
 /// Sum of log p(targets[i] | hidden[i]) over rows, computing the head's logits a chunk of rows
 /// at a time so fp32 logits never exist for all rows at once; differentiable with respect to

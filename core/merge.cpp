@@ -42,7 +42,8 @@ void write_model_files(const std::string& dir,
                        torch::Dtype dtype) {
   torch::NoGradGuard no_grad;
   TensorMap tensors;
-  for (const auto& [name, t] : model->checkpoint_tensors()) tensors[name] = t.to(torch::kCPU, dtype);
+  for (const auto& [name, t] : model->checkpoint_tensors())
+    tensors[name] = t.to(torch::kCPU, dtype);
   save_safetensors_sharded(dir, tensors, kShardBytes);
   std::ifstream in(fs::path(base_dir) / "config.json");
   auto config = nlohmann::json::parse(in);
@@ -58,7 +59,8 @@ namespace {
 
 void refuse_existing(const std::string& out) {
   if (fs::exists(out)) {
-    throw IoError("--out '" + out + "' already exists (hint: choose a new folder; lorafit never "
+    throw IoError("--out '" + out +
+                  "' already exists (hint: choose a new folder; lorafit never "
                   "overwrites a model)");
   }
 }
@@ -91,7 +93,8 @@ void init_model(const InitOptions& o) {
 
 void merge_adapter(const MergeOptions& o) {
   refuse_existing(o.out);
-  const auto dtype = o.dtype == "auto" ? checkpoint_dtype(o.model) : pick_dtype(o.dtype, torch::kCPU);
+  const auto dtype =
+      o.dtype == "auto" ? checkpoint_dtype(o.model) : pick_dtype(o.dtype, torch::kCPU);
   auto model = load_llama(o.model, torch::kCPU, torch::kFloat32);
   load_adapter(o.adapter, model);
 

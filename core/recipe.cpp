@@ -103,6 +103,10 @@ void visit_fields(Recipe_& r, F&& f) {
   f("train.log_every", r.train.log_every, at_least(1));
   f("train.eval_every", r.train.eval_every, at_least(0));
   f("train.save_every", r.train.save_every, at_least(0));
+  f("cola.links", r.cola.links, at_least(0));
+  f("cola.knots", r.cola.knots, Rule{});
+  f("cola.ranks", r.cola.ranks, Rule{});
+  f("cola.lr_restart", r.cola.lr_restart, one_of({"none", "rewarm"}));
 }
 
 std::vector<std::string> split(const std::string& key, char sep) {
@@ -192,6 +196,22 @@ struct Reader {
   }
 
   template <class T>
+  bool read(const char* key, const YAML::Node& n, std::vector<T>& value) {
+    const char* expected = std::is_same_v<T, int64_t> ? "integers" : "numbers";
+    if (!n.IsSequence()) {
+      problems.push_back("'" + std::string(key) + "' must be a list of " + expected + where(n));
+      return false;
+    }
+    value.clear();
+    for (const auto& item : n) {
+      T x{};
+      if (!read(key, item, x)) return false;
+      value.push_back(x);
+    }
+    return true;
+  }
+
+  template <class T>
   bool read(const char* key, const YAML::Node& n, T& value) {
     const char* expected = std::is_same_v<T, bool>      ? "true or false"
                            : std::is_same_v<T, int64_t> ? "an integer"
@@ -257,7 +277,7 @@ void unknown_keys(const YAML::Node& node,
       unknown_keys(kv.second, key + ".", known, known_list, problems);
       continue;
     }
-    if (key == "cola" || key == "longlora" || key == "jobs") {
+    if (key == "longlora" || key == "jobs") {
       problems.push_back("'" + key + "' is not supported by this version of lorafit" +
                          where(kv.first));
       continue;
@@ -291,6 +311,39 @@ void apply_override(YAML::Node& root,
     node.reset(child);
   }
   node[parts.back()] = value;
+}
+
+void check_cola(const Recipe& r, std::vector<std::string>& problems) {
+  const auto& c = r.cola;
+  if (r.adapter.type != "lora" && r.adapter.type != "multilora") {
+    problems.push_back("'cola' chains lora or multilora adapters, not adapter.type '" +
+                       r.adapter.type + "'");
+  }
+  if (c.links > 0 && !c.knots.empty() && c.links != c.link_count()) {
+    problems.push_back("'cola.links' is " + std::to_string(c.links) + " but 'cola.knots' makes " +
+                       std::to_string(c.link_count()) + " links (hint: set one of them)");
+  }
+  for (size_t i = 0; i < c.knots.size(); ++i) {
+    if (!(c.knots[i] > 0 && c.knots[i] < 1) || (i > 0 && !(c.knots[i] > c.knots[i - 1]))) {
+      problems.push_back("'cola.knots' must be ascending fractions of the steps in (0, 1)");
+      break;
+    }
+  }
+  if (!c.ranks.empty() && static_cast<int64_t>(c.ranks.size()) != c.link_count()) {
+    problems.push_back("'cola.ranks' lists " + std::to_string(c.ranks.size()) +
+                       " ranks for a chain of " + std::to_string(c.link_count()) + " links");
+  }
+  for (auto rank : c.ranks) {
+    if (rank < 1) {
+      problems.push_back("'cola.ranks' must be ranks >= 1, got " + std::to_string(rank));
+      break;
+    }
+  }
+  if (!r.adapter.init.empty()) {
+    problems.push_back(
+        "'adapter.init' cannot start a cola chain (hint: merge it into the model "
+        "first)");
+  }
 }
 
 // Checks that need several fields or, with check_files, the file system.
@@ -344,8 +397,9 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                          "auto or set f32)");
     }
     if (!r.adapter.init.empty()) {
-      problems.push_back("'adapter.init' starts an adapter, but adapter.type full trains the "
-                         "model itself (hint: point 'model' at the weights to start from)");
+      problems.push_back(
+          "'adapter.init' starts an adapter, but adapter.type full trains the "
+          "model itself (hint: point 'model' at the weights to start from)");
     }
   }
   if (r.adapter.type == "mixlora") {
@@ -365,6 +419,7 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                          std::to_string(r.adapter.num_experts) + ")");
     }
   }
+  if (r.cola.enabled()) check_cola(r, problems);
   std::set<std::string> seen;
   for (const auto& t : r.adapter.targets) {
     if (std::find(kProjections.begin(), kProjections.end(), t) == kProjections.end()) {
@@ -444,10 +499,11 @@ std::string recipe_to_yaml(const Recipe& recipe) {
   Recipe copy = recipe;
   visit_fields(copy, [&](const char* key, auto& value, const Rule&) {
     const auto parts = split(key, '.');
-    if (parts.size() == 1) {
-      root[parts[0]] = value;
-    } else {
-      root[parts[0]][parts[1]] = value;
+    YAML::Node node = parts.size() == 1 ? root[parts[0]] : root[parts[0]][parts[1]];
+    node = value;
+    if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::vector<double>> ||
+                  std::is_same_v<std::decay_t<decltype(value)>, std::vector<int64_t>>) {
+      node.SetStyle(YAML::EmitterStyle::Flow);  // cola.knots: [0.5, 0.8]
     }
   });
   YAML::Emitter out;

@@ -57,6 +57,19 @@ struct TrainRecipe {
   int64_t save_every = 200;  // 0: no checkpoints during training
 };
 
+// COLA (Chain of LoRA): knots where the adapter is merged into the base and restarted.
+struct ColaRecipe {
+  int64_t links = 0;                // 0: no chain; N: N links, knots evenly spaced
+  std::vector<double> knots;        // or: knots at these fractions of the total steps (ascending)
+  std::vector<int64_t> ranks;       // rank of each link (empty: adapter.r for all)
+  std::string lr_restart = "none";  // none: one global schedule | rewarm: warm up after a knot
+  bool enabled() const { return links > 0 || !knots.empty(); }
+  /// Links in the chain: links, or one more than the knots.
+  int64_t link_count() const {
+    return knots.empty() ? links : static_cast<int64_t>(knots.size()) + 1;
+  }
+};
+
 struct Recipe {
   std::string model;
   std::string output;
@@ -66,6 +79,7 @@ struct Recipe {
   DataRecipe data;
   AdapterRecipe adapter;
   TrainRecipe train;
+  ColaRecipe cola;
 };
 
 /// Reads a recipe file ("-" for standard input), applies `overrides` ("data.max_seq_len=1024"),

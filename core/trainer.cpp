@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "core/adapter_io.h"
+#include "core/cola.h"
 #include "core/compat.h"
 #include "core/datasets.h"
 #include "core/device.h"
@@ -187,7 +188,8 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
 }
 
 torch::Dtype training_dtype(const Recipe& recipe, torch::Device device) {
-  if (find_adapter(recipe.adapter.type).trains_base && recipe.dtype == "auto") return torch::kFloat32;
+  if (find_adapter(recipe.adapter.type).trains_base && recipe.dtype == "auto")
+    return torch::kFloat32;
   return pick_dtype(recipe.dtype, device);
 }
 
@@ -223,9 +225,14 @@ void train(const Recipe& recipe, const TrainRun& run) {
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, training_dtype(recipe, device));
   const auto& spec = find_adapter(recipe.adapter.type);
-  const AdapterSettings settings = adapter_settings(recipe.adapter);
+  // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
+  const auto knots =
+      recipe.cola.enabled() ? cola_knot_steps(recipe.cola, total_steps) : std::vector<int64_t>{};
+  size_t link = 0;  // knots tied so far
+  AdapterSettings settings = cola_link_settings(recipe.cola, adapter_settings(recipe.adapter), 0);
   const auto sites = model->adapter_sites();
   spec.attach_new(settings, sites);
+  ColaChain chain = recipe.cola.enabled() ? start_chain(model) : ColaChain{};
   AuxLoss aux_loss;
   if (spec.aux_loss) {
     aux_loss = [&](const torch::Tensor& keep, double scale) {
@@ -233,10 +240,13 @@ void train(const Recipe& recipe, const TrainRun& run) {
     };
   }
   model->checkpoint_layers = tr.gradient_checkpointing;
-  const auto params = trainable_parameters(model, spec.trains_base);
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
-  AdamW optimizer(params, adamw);
+  std::optional<AdamW> optimizer;  // rebuilt, with fresh state, at every knot
+  auto new_optimizer = [&] {
+    optimizer.emplace(trainable_parameters(model, spec.trains_base), adamw);
+  };
+  new_optimizer();
   // What a checkpoint or the run's output holds of the model: the adapter, or (full
   // fine-tuning) the whole model as a Hugging Face checkpoint.
   auto save_adapter_to = [&](const std::string& dir, torch::Dtype full_dtype) {
@@ -246,6 +256,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     } else {
       save_adapter(dir, spec, settings, model, recipe.model);
     }
+    if (recipe.cola.enabled()) save_chain(dir, chain);
   };
   // Overwrites the trained tensors with those saved in `dir` (same keys and shapes).
   auto copy_adapter_weights = [&](const std::string& dir) {
@@ -283,8 +294,15 @@ void train(const Recipe& recipe, const TrainRun& run) {
     const auto j = nlohmann::json::parse(std::ifstream(ckpt / "trainer_state.json"));
     state.step = j.at("step");
     state.data = {j.at("epoch"), j.at("cursor")};
+    if (recipe.cola.enabled()) {
+      load_chain(ckpt.string(), chain, model);
+      link = chain.links.size();
+      settings = cola_link_settings(recipe.cola, adapter_settings(recipe.adapter), link);
+      spec.attach_new(settings, sites);
+      new_optimizer();
+    }
     copy_adapter_weights(ckpt.string());
-    optimizer.load((ckpt / "optimizer.safetensors").string());
+    optimizer->load((ckpt / "optimizer.safetensors").string());
     torch::Tensor rng;
     torch::load(rng, (ckpt / "rng.pt").string());
     compat::set_cpu_rng_state(rng);
@@ -305,6 +323,17 @@ void train(const Recipe& recipe, const TrainRun& run) {
 
   // --- The step loop.
   while (state.step < total_steps) {
+    if (link < knots.size() && state.step == knots[link]) {
+      // COLA: merge the link into the base, start the next with a fresh optimizer.
+      const auto next = cola_link_settings(recipe.cola, adapter_settings(recipe.adapter), ++link);
+      tie_knot(chain, model, spec, settings, next, recipe.model);
+      settings = next;
+      new_optimizer();
+      metrics << nlohmann::json{{"step", state.step}, {"knot", link}, {"r", settings.r}}.dump()
+              << "\n";
+      fmt::print(stderr, "{}step {}/{}  knot {}: link {} merged, link {} (r={}) starts\n",
+                 tty ? "\r\033[K" : "", state.step, total_steps, link, link, link + 1, settings.r);
+    }
     const auto rows = stream.next(tr.batch_size);
     const int64_t targets = target_count(train_examples, rows);
     std::vector<Batch> micro_batches;
@@ -325,8 +354,12 @@ void train(const Recipe& recipe, const TrainRun& run) {
                       "under {} (hint: lower train.lr or raise train.warmup_steps)",
                       loss_sum, state.step + 1, (out / "checkpoints").string()));
     }
-    const double lr = scheduled_lr(tr, state.step, total_steps);
-    const auto grad_norm = optimizer.step(lr, tr.max_grad_norm);  // [] or undefined
+    double lr = scheduled_lr(tr, state.step, total_steps);
+    if (recipe.cola.lr_restart == "rewarm" && link > 0 && tr.warmup_steps > 0) {
+      lr *= std::min(1.0, static_cast<double>(state.step - knots[link - 1]) /
+                              static_cast<double>(tr.warmup_steps));
+    }
+    const auto grad_norm = optimizer->step(lr, tr.max_grad_norm);  // [] or undefined
     ++state.step;
     state.data = stream.position();
 
@@ -365,7 +398,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     }
     if (tr.save_every > 0 && state.step % tr.save_every == 0 && state.step < total_steps) {
       write_checkpoint(out / "checkpoints" / ("step-" + std::to_string(state.step)), state,
-                       optimizer, [&](const std::string& dir) {
+                       *optimizer, [&](const std::string& dir) {
                          save_adapter_to(dir, torch::kFloat32);  // resumes exactly
                        });
     }
@@ -385,7 +418,16 @@ void train(const Recipe& recipe, const TrainRun& run) {
     return;
   }
   const auto adapter = (out / "adapter").string();
-  save_adapter_to(adapter, torch::kFloat32);
+  if (recipe.cola.enabled()) {
+    // The chain as one PEFT LoRA, and every link (the last one still attached) on its own.
+    write_adapter_files(adapter, chain_adapter(chain, model, settings, recipe.model));
+    chain.links.push_back(spec.save(settings, sites, recipe.model));
+    save_chain(out.string(), chain);
+    fmt::print(stderr, "chain of {} links written to {} (each link under {})\n", chain.links.size(),
+               adapter, (out / "links").string());
+  } else {
+    save_adapter_to(adapter, torch::kFloat32);
+  }
   fmt::print(stderr, "adapter written to {}\n", adapter);
   fmt::print(stderr, "evaluate: lorafit eval --model {} --adapter {} --data FILE\n", recipe.model,
              adapter);

@@ -224,8 +224,7 @@ TEST_CASE("generate --temperature 0 prints transformers' greedy text", "[cli][ge
   }
 }
 
-TEST_CASE("eval --format chat scores only the responses and reports exact matches",
-          "[cli][eval]") {
+TEST_CASE("eval --format chat scores only the responses and reports exact matches", "[cli][eval]") {
   TempDir tmp;
   const std::string chat = tmp / "chat.jsonl";
   lorafit::test::write_text(

@@ -339,12 +339,13 @@ TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to m
 TEST_CASE("full fine-tuning from lorafit init trains, resumes exactly and writes a model",
           "[cli][full]") {
   TempDir tmp;
-  const auto init = run_lorafit("init --from tests/fixtures/gqa_llama3/model --seed 1 --out " +
-                                q(tmp / "init"));
+  const auto init =
+      run_lorafit("init --from tests/fixtures/gqa_llama3/model --seed 1 --out " + q(tmp / "init"));
   INFO(init.err);
   REQUIRE(init.code == 0);
-  REQUIRE(run_lorafit("init --from tests/fixtures/gqa_llama3/model --out " + q(tmp / "init"))
-              .code == 2);  // never overwrites
+  REQUIRE(
+      run_lorafit("init --from tests/fixtures/gqa_llama3/model --out " + q(tmp / "init")).code ==
+      2);  // never overwrites
   const std::string sets = "--set adapter.type=full --set model=" + q(tmp / "init") +
                            " --set train.steps=40 --set train.lr=3e-3 --set train.save_every=20";
   const auto whole = train(tmp / "whole", sets);
@@ -372,4 +373,55 @@ TEST_CASE("full fine-tuning from lorafit init trains, resumes exactly and writes
   const auto bf16 = train(tmp / "bf16", sets + " --set dtype=bf16");
   REQUIRE(bf16.code == 2);
   REQUIRE(bf16.err.find("'dtype'") != std::string::npos);
+}
+
+TEST_CASE("a COLA chain trains, resumes across a knot exactly and exports one PEFT LoRA",
+          "[cli][cola]") {
+  TempDir tmp;
+  const std::string sets =
+      "--set train.steps=30 --set train.save_every=15 --set cola.links=3 "
+      "--set \"cola.ranks=[8, 8, 4]\" --set adapter.dropout=0.1";
+  const auto whole = train(tmp / "whole", sets);
+  INFO(whole.err);
+  REQUIRE(whole.code == 0);
+  REQUIRE_THAT(whole.err, Catch::Contains("knot 1") && Catch::Contains("knot 2"));
+  const auto config = lorafit::test::read_json(tmp / "whole/adapter/adapter_config.json");
+  REQUIRE(config["peft_type"] == "LORA");
+  REQUIRE(config["r"] == 20);
+  REQUIRE(config["lora_alpha"] == 20);
+  for (int j = 1; j <= 3; ++j)
+    REQUIRE(fs::exists(tmp / ("whole/links/link-" + std::to_string(j) + "/adapter_config.json")));
+  REQUIRE(lorafit::test::read_json(tmp / "whole/links/link-3/adapter_config.json")["r"] == 4);
+
+  // The checkpoint at step 15 lies after the first knot (step 10): its optimizer has taken
+  // the 5 steps of link 2 only, and it holds the merged link.
+  SafetensorsFile opt(tmp / "whole/checkpoints/step-15/optimizer.safetensors");
+  REQUIRE(opt.header().metadata.at("steps") == "5");
+  REQUIRE(fs::exists(tmp / "whole/checkpoints/step-15/links/link-1/adapter_model.safetensors"));
+  const auto resumed =
+      run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(tmp / "resumed") + " " +
+                  sets + " --resume " + q(tmp / "whole/checkpoints/step-15"));
+  INFO(resumed.err);
+  REQUIRE(resumed.code == 0);
+  for (const char* f : {"adapter", "links/link-1", "links/link-2", "links/link-3"}) {
+    INFO(f);
+    const std::string file = std::string("/") + f + "/adapter_model.safetensors";
+    REQUIRE(read_text(tmp / "resumed" + file) == read_text(tmp / "whole" + file));
+  }
+
+  // The chain beats the base, and merging the exported adapter gives the chain's loss.
+  const double chained = eval_loss(tmp / "whole/adapter");
+  REQUIRE(chained < eval_loss("") - 1.0);
+  const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                                 q(tmp / "whole/adapter") + " --out " + q(tmp / "merged"));
+  REQUIRE(merge.code == 0);
+  const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
+                             " --data recipes/data/tiny_valid.jsonl");
+  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(chained).epsilon(1e-5));
+
+  const auto bad = train(tmp / "bad",
+                         "--set cola.links=3 --set adapter.type=mixlora "
+                         "--set adapter.router_aux_loss_coef=0.01");
+  REQUIRE(bad.code == 2);
+  REQUIRE(bad.err.find("'cola'") != std::string::npos);
 }

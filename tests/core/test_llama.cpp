@@ -72,9 +72,9 @@ TEST_CASE("eval loss equals transformers' and PEFT's", "[core][eval]") {
     INFO(c.name);
     const auto expected = lorafit::test::read_json(fixture(c.name + "/expected.json"));
     auto model = load_llama(fixture(c.name + "/model"), torch::kCPU, torch::kFloat32);
-    const auto seqs = eval_examples(fixture(c.name + "/eval.jsonl"),
-                                    load_tokenizer(fixture(c.name + "/model")), "text",
-                                    model->config, expected["max_seq_len"].get<int64_t>());
+    const auto seqs =
+        eval_examples(fixture(c.name + "/eval.jsonl"), load_tokenizer(fixture(c.name + "/model")),
+                      "text", model->config, expected["max_seq_len"].get<int64_t>());
     std::vector<std::vector<int64_t>> ids;
     for (const auto& ex : seqs) ids.push_back(ex.input_ids);
     REQUIRE(nlohmann::json(ids) == expected["token_ids"]);
