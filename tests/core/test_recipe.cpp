@@ -89,7 +89,11 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"train.epochs=2"}, "set exactly one of 'train.steps' and 'train.epochs'"},
       {{"train.micro_batch_size=3"}, "must be a multiple of 'train.micro_batch_size' (3)"},
       {{"data.packing=maybe"}, "'data.packing' must be true or false"},
-      {{"cola.links=3"}, "'cola' is not supported"},
+      {{"longlora.group_ratio=0.25"}, "'longlora' is not supported"},
+      {{"cola.knots=[0.5, 0.3]"}, "'cola.knots' must be ascending fractions"},
+      {{"cola.knots=0.5"}, "'cola.knots' must be a list of numbers"},
+      {{"cola.links=3", "cola.ranks=[8, 4]"}, "'cola.ranks' lists 2 ranks for a chain of 3"},
+      {{"cola.lr_restart=rewarn"}, "(did you mean 'rewarm'?)"},
       {{"train=5"}, "'train' must be a mapping of keys"},
   };
   for (const auto& [overrides, fragment] : cases) {
