@@ -1,6 +1,7 @@
 #include "core/bench.h"
 
 #include <chrono>
+#include <optional>
 
 #include "adapters/registry.h"
 #include "core/adapter_io.h"
@@ -39,7 +40,7 @@ BenchResult run_bench(const BenchOptions& o) {
   const Recipe recipe = override_recipe(base, o.overrides);
 
   const auto device = pick_device(o.device);
-  const auto dtype = training_dtype(recipe, device);
+  const auto dtype = pick_dtype(recipe.dtype, device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0)
                                : load_llama(o.model, device, dtype);
@@ -53,7 +54,12 @@ BenchResult run_bench(const BenchOptions& o) {
     aux = [&](const torch::Tensor& keep, double scale) {
       return spec.aux_loss(settings, sites, keep, scale);
     };
-  const auto params = trainable_parameters(model, spec.trains_base);
+  auto params = trainable_parameters(model, spec.trains_base);
+  std::optional<MasterWeights> masters;  // as the trainer: fp32 masters of a bf16 full model
+  if (spec.trains_base && dtype != torch::kFloat32) {
+    masters.emplace(params);
+    params = masters->masters;
+  }
   AdamW optimizer(params, AdamWSettings{});
   model->train();
 
@@ -70,7 +76,9 @@ BenchResult run_bench(const BenchOptions& o) {
   auto step = [&] {
     // As the trainer: the loss is read (waiting for the backward pass) before the update.
     r.loss = accumulate_gradients(model, batches, targets, aux).nll.item<double>();
+    if (masters) masters->take_grads();
     optimizer.step(recipe.train.lr, recipe.train.max_grad_norm);
+    if (masters) masters->publish();
   };
   for (int64_t i = 0; i < o.warmup_steps; ++i) step();
   compat::synchronize(device);

@@ -37,13 +37,12 @@ torch::Dtype checkpoint_dtype(const std::string& base_dir) {
 }
 
 void write_model_files(const std::string& dir,
-                       LlamaForCausalLM& model,
+                       const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                        const std::string& base_dir,
                        torch::Dtype dtype) {
   torch::NoGradGuard no_grad;
   TensorMap tensors;
-  for (const auto& [name, t] : model->checkpoint_tensors())
-    tensors[name] = t.to(torch::kCPU, dtype);
+  for (const auto& [name, t] : weights) tensors[name] = t.to(torch::kCPU, dtype);
   save_safetensors_sharded(dir, tensors, kShardBytes);
   std::ifstream in(fs::path(base_dir) / "config.json");
   auto config = nlohmann::json::parse(in);
@@ -73,7 +72,7 @@ void write_new_model_folder(const std::string& out,
   const fs::path tmp = out + ".tmp-" + std::to_string(::getpid());
   compat::remove_tree(tmp);
   fs::create_directories(tmp);
-  write_model_files(tmp.string(), model, base_dir, dtype);
+  write_model_files(tmp.string(), model->checkpoint_tensors(), base_dir, dtype);
   fs::rename(tmp, out);
 }
 

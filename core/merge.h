@@ -20,11 +20,12 @@ struct InitOptions {
 /// `out` at the end.
 void init_model(const InitOptions& options);
 
-/// Writes the model's base weights as a Hugging Face checkpoint into the existing folder
-/// `dir`: safetensors in `dtype` (sharded at 5 GB, with an index), base_dir's config.json
-/// with its dtype updated, and base_dir's tokenizer and generation files.
+/// Writes weights (checkpoint names and tensors, as LlamaForCausalLMImpl::checkpoint_tensors
+/// lists them) as a Hugging Face checkpoint into the existing folder `dir`: safetensors in
+/// `dtype` (sharded at 5 GB, with an index), base_dir's config.json with its dtype updated,
+/// and base_dir's tokenizer and generation files.
 void write_model_files(const std::string& dir,
-                       LlamaForCausalLM& model,
+                       const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                        const std::string& base_dir,
                        torch::Dtype dtype);
 

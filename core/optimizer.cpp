@@ -97,4 +97,25 @@ void AdamW::load(const std::string& path) {
   steps = std::stoll(meta.at("steps"));
 }
 
+MasterWeights::MasterWeights(std::vector<torch::Tensor> model_params)
+    : model(std::move(model_params)) {
+  torch::NoGradGuard no_grad;
+  for (const auto& p : model)
+    masters.push_back(p.detach().to(torch::kFloat32, false, true).requires_grad_(true));
+}
+
+void MasterWeights::take_grads() {
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < model.size(); ++i) {
+    auto& g = model[i].mutable_grad();
+    masters[i].mutable_grad() = g.defined() ? g.to(torch::kFloat32) : torch::Tensor();
+    g.reset();
+  }
+}
+
+void MasterWeights::publish() {
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < model.size(); ++i) model[i].copy_(masters[i]);
+}
+
 }  // namespace lorafit

@@ -38,4 +38,19 @@ struct AdamW {
   AdamWSettings settings;
 };
 
+/// fp32 master copies of trained weights held in a lower precision (full fine-tuning with a bf16
+/// model): the optimizer updates the masters, the model computes with their casts. Gradients
+/// accumulate in the model's dtype over a step's micro-batches and are taken in fp32 once.
+struct MasterWeights {
+  explicit MasterWeights(std::vector<torch::Tensor> model_params);
+
+  /// masters[i].grad = model[i].grad in fp32; the model's gradients are cleared.
+  void take_grads();
+  /// model[i] = masters[i], cast to the model's dtype.
+  void publish();
+
+  std::vector<torch::Tensor> model;    // the model's trained tensors, bf16 or f16
+  std::vector<torch::Tensor> masters;  // fp32, shaped as model
+};
+
 }  // namespace lorafit

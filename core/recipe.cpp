@@ -391,11 +391,6 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   }
   if (r.adapter.targets.empty()) problems.push_back("'adapter.targets' is empty");
   if (r.adapter.type == "full") {
-    if (r.dtype != "auto" && r.dtype != "f32") {
-      problems.push_back("'dtype' is '" + r.dtype +
-                         "', but adapter.type full trains fp32 weights (hint: leave dtype at "
-                         "auto or set f32)");
-    }
     if (!r.adapter.init.empty()) {
       problems.push_back(
           "'adapter.init' starts an adapter, but adapter.type full trains the "

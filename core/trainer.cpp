@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "core/adapter_io.h"
 #include "core/cola.h"
@@ -187,12 +188,6 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
   return step;
 }
 
-torch::Dtype training_dtype(const Recipe& recipe, torch::Device device) {
-  if (find_adapter(recipe.adapter.type).trains_base && recipe.dtype == "auto")
-    return torch::kFloat32;
-  return pick_dtype(recipe.dtype, device);
-}
-
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
   if (step < t.warmup_steps)
     return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
@@ -223,7 +218,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
 
   const auto device = pick_device(recipe.device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
-  auto model = load_llama(recipe.model, device, training_dtype(recipe, device));
+  auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
   const auto& spec = find_adapter(recipe.adapter.type);
   // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
   const auto knots =
@@ -242,17 +237,30 @@ void train(const Recipe& recipe, const TrainRun& run) {
   model->checkpoint_layers = tr.gradient_checkpointing;
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
-  std::optional<AdamW> optimizer;  // rebuilt, with fresh state, at every knot
+  std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot
+  std::optional<MasterWeights> masters;  // full fine-tuning of a bf16 or f16 model
   auto new_optimizer = [&] {
-    optimizer.emplace(trainable_parameters(model, spec.trains_base), adamw);
+    auto params = trainable_parameters(model, spec.trains_base);
+    if (spec.trains_base && model->lm_head->weight.scalar_type() != torch::kFloat32) {
+      masters.emplace(params);
+      params = masters->masters;
+    }
+    optimizer.emplace(params, adamw);
   };
   new_optimizer();
+  // The full model's weights as checkpoints and outputs hold them: the fp32 masters if any.
+  auto full_weights = [&] {
+    auto weights = model->checkpoint_tensors();
+    if (masters)
+      for (size_t i = 0; i < weights.size(); ++i) weights[i].second = masters->masters[i];
+    return weights;
+  };
   // What a checkpoint or the run's output holds of the model: the adapter, or (full
   // fine-tuning) the whole model as a Hugging Face checkpoint.
   auto save_adapter_to = [&](const std::string& dir, torch::Dtype full_dtype) {
     if (spec.trains_base) {
       fs::create_directories(dir);
-      write_model_files(dir, model, recipe.model, full_dtype);
+      write_model_files(dir, full_weights(), recipe.model, full_dtype);
     } else {
       save_adapter(dir, spec, settings, model, recipe.model);
     }
@@ -263,7 +271,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
     torch::NoGradGuard no_grad;
     if (spec.trains_base) {
       SafetensorsCheckpoint saved(dir);
-      for (auto& [name, t] : model->checkpoint_tensors()) t.copy_(saved.tensor(name));
+      for (auto& [name, t] : full_weights()) t.copy_(saved.tensor(name));
+      if (masters) masters->publish();
       return;
     }
     SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
@@ -359,7 +368,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
       lr *= std::min(1.0, static_cast<double>(state.step - knots[link - 1]) /
                               static_cast<double>(tr.warmup_steps));
     }
+    if (masters) masters->take_grads();
     const auto grad_norm = optimizer->step(lr, tr.max_grad_norm);  // [] or undefined
+    if (masters) masters->publish();
     ++state.step;
     state.data = stream.position();
 

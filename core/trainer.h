@@ -20,12 +20,8 @@ struct TrainRun {
 
 /// Trains as the recipe says and writes OUTPUT/{adapter, checkpoints, metrics.jsonl,
 /// loss.svg, recipe.yaml}; full fine-tuning writes OUTPUT/model (a Hugging Face checkpoint in
-/// the base's dtype) instead of OUTPUT/adapter.
+/// the base's dtype) instead of OUTPUT/adapter, training fp32 masters of a bf16 or f16 model.
 void train(const Recipe& recipe, const TrainRun& run);
-
-/// The dtype the base's weights are held in: the recipe's, except that full fine-tuning keeps
-/// fp32 weights (and so computes in fp32) under `auto`.
-torch::Dtype training_dtype(const Recipe& recipe, torch::Device device);
 
 /// A micro-batch on the model's device.
 struct Batch {

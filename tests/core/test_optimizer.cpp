@@ -1,4 +1,5 @@
 #include <catch2/catch.hpp>
+#include <optional>
 
 #include "core/errors.h"
 #include "core/optimizer.h"
@@ -73,4 +74,31 @@ TEST_CASE("AdamW state saved and loaded continues as if never interrupted", "[co
   // State for other tensors is refused with the count in the message.
   AdamW other(std::vector<torch::Tensor>{torch::zeros({2}, torch::requires_grad())}, {});
   REQUIRE_THROWS_WITH(other.load(path), Catch::Contains("is for 3 tensors, this run trains 1"));
+}
+
+TEST_CASE("fp32 master weights keep updates that a bf16 weight would round away",
+          "[core][optimizer]") {
+  // lr 1e-4 moves a weight of 1 by 1e-4 a step (Adam's normalised step), far below bf16's
+  // spacing of 2^-7 there: stepped directly, the bf16 weight never moves.
+  auto run = [](bool masters_on) {
+    auto w = torch::ones({4}, torch::kBFloat16).requires_grad_(true);
+    std::vector<torch::Tensor> params{w};
+    std::optional<MasterWeights> masters;
+    if (masters_on) {
+      masters.emplace(params);
+      params = masters->masters;
+    }
+    AdamW opt(params, AdamWSettings{});
+    for (int i = 0; i < 100; ++i) {
+      (w.to(torch::kFloat32) * 2.0).sum().backward();
+      if (masters) masters->take_grads();
+      REQUIRE(!w.grad().defined() == masters_on);
+      opt.step(1e-4, 0.0);
+      if (masters) masters->publish();
+    }
+    return w.detach().to(torch::kFloat32);
+  };
+  REQUIRE(torch::equal(run(false), torch::ones({4})));
+  const auto moved = run(true);  // 1 - 100 * 1e-4 = 0.99, rounded to bf16
+  REQUIRE(moved[0].item<double>() == Approx(0.99).margin(4e-3));
 }
