@@ -37,7 +37,7 @@ declare -A variant=(
   [cola3]="--set cola.links=3"
   [cola3-rewarm]="--set cola.links=3 --set cola.lr_restart=rewarm"
   [stepdown]="--set cola.knots=[0.6] --set cola.ranks=[8,4]"
-  [full]="--set adapter.type=full"
+  [full]="--set adapter.type=full --set dtype=f32"
 )
 results="$out/results.jsonl"
 : > "$results"
