@@ -16,11 +16,12 @@ LlamaForCausalLM fixture_model() {
   return load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
 }
 
-// Trained-looking adapters: B no longer zero.
+// Trained-looking adapters: no factor or scale at its initial value.
 void randomize_b(LlamaForCausalLM& model) {
   torch::NoGradGuard g;
   for (auto p : model->projections())
-    if (p->adapter) p->adapter->as<LoraImpl>()->lora_B.normal_(0.0, 0.05);
+    if (p->adapter)
+      for (auto& t : p->adapter->parameters()) t.normal_(0.0, 0.2);
 }
 
 torch::Tensor logits(LlamaForCausalLM model, const torch::Tensor& ids) {
@@ -75,28 +76,35 @@ TEST_CASE("right after a knot the model's outputs are unchanged", "[core][cola]"
 }
 
 TEST_CASE("the exported rank-sum(r) adapter reproduces the chain", "[core][cola]") {
-  torch::manual_seed(1);
-  auto model = fixture_model();
-  const auto& spec = find_adapter("lora");
-  const std::vector<int64_t> ranks{4, 4, 2};
-  spec.attach_new(lora_settings(ranks[0]), model->adapter_sites());
-  auto chain = start_chain(model);
-  for (size_t j = 0; j + 1 < ranks.size(); ++j) {
-    randomize_b(model);
-    tie_knot(chain, model, spec, lora_settings(ranks[j]), lora_settings(ranks[j + 1]), "base");
-  }
-  randomize_b(model);  // the last link, still attached
-  const auto ids = torch::randint(3, 320, {2, 9}, torch::kInt64);
-  const auto expected = logits(model, ids);
+  for (const std::string type : {"lora", "multilora"}) {
+    INFO(type);
+    torch::manual_seed(1);
+    auto model = fixture_model();
+    const auto& spec = find_adapter(type);
+    const std::vector<int64_t> ranks{4, 4, 2};
+    spec.attach_new(lora_settings(ranks[0]), model->adapter_sites());
+    auto chain = start_chain(model);
+    const auto ids = torch::randint(3, 320, {2, 9}, torch::kInt64);
+    for (size_t j = 0; j + 1 < ranks.size(); ++j) {
+      randomize_b(model);
+      const auto before = logits(model, ids);
+      tie_knot(chain, model, spec, lora_settings(ranks[j]), lora_settings(ranks[j + 1]), "base");
+      REQUIRE(torch::allclose(logits(model, ids), before, 1e-5, 1e-5));
+    }
+    randomize_b(model);  // the last link, still attached
+    const auto expected = logits(model, ids);
 
-  const auto exported = chain_adapter(chain, model, lora_settings(ranks.back()), "base");
-  REQUIRE(exported.config["r"] == 10);
-  REQUIRE(exported.config["lora_alpha"] == 10);
-  REQUIRE(
-      exported.tensors.at("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight").size(0) ==
-      10);
-  auto fresh = fixture_model();
-  lora_attach_saved(exported.config, exported.tensors, fresh->projections(), "chain");
-  REQUIRE(torch::allclose(logits(fresh, ids), expected, 1e-5, 1e-5));
-  REQUIRE(!torch::allclose(logits(fixture_model(), ids), expected, 1e-3, 1e-3));
+    // MultiLoRA's links are n = 3 modules of rank r each.
+    const int64_t rank = (type == "lora" ? 1 : 3) * (ranks[0] + ranks[1] + ranks[2]);
+    const auto exported = chain_adapter(chain, model, lora_settings(ranks.back()), "base");
+    REQUIRE(exported.config["peft_type"] == "LORA");
+    REQUIRE(exported.config["r"] == rank);
+    REQUIRE(exported.config["lora_alpha"] == rank);
+    REQUIRE(exported.tensors.at("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight")
+                .size(0) == rank);
+    auto fresh = fixture_model();
+    lora_attach_saved(exported.config, exported.tensors, fresh->projections(), "chain");
+    REQUIRE(torch::allclose(logits(fresh, ids), expected, 1e-5, 1e-5));
+    REQUIRE(!torch::allclose(logits(fixture_model(), ids), expected, 1e-3, 1e-3));
+  }
 }
