@@ -10,12 +10,12 @@
 #  3. exact-match accuracy per task on held-out records (`lorafit eval --format chat`): the
 #     sweep, and the table of mean and spread over the seeds.
 # Runs that already wrote their adapter are reused, so an interrupted experiment continues.
-#   bash scripts/experiment_multitask.sh     # OUT=runs/multitask BIN=build/lorafit SEEDS="0 1 2" LRS="1e-3 2e-3 5e-3"
+#   bash scripts/experiment_multitask.sh     # OUT=runs/multitask BIN=build/lorafit SEEDS="0 1 2" LRS="1e-3 2e-3 5e-3 1e-2"
 set -euo pipefail
 out="${OUT:-runs/multitask}"
 bin="${BIN:-build/lorafit}"
 seeds="${SEEDS:-0 1 2}"
-lrs="${LRS:-1e-3 2e-3 5e-3}"
+lrs="${LRS:-1e-3 2e-3 5e-3 1e-2}"
 data="$out/data"
 python3 scripts/make_multitask_data.py "$data"
 if [ ! -f "$out/base/model/model.safetensors" ]; then
