@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The multi-task experiment of docs/experiments/multitask.md, end to end on the CPU (about
-# 70 minutes on two cores with OpenBLAS):
+# The multi-task experiment of docs/experiments/multitask.md, end to end on the CPU (under an
+# hour on two cores with OpenBLAS):
 #  1. data and a small base model: scripts/make_multitask_data.py, `lorafit init`, then full
 #     fine-tuning on copy/rotate (recipes/experiments/multitask_base.yaml);
 #  2. LoRA (r=24), MultiLoRA (3 x r=8) and MixLoRA (8 experts x r=4, top-2, LoRA r=8 on
