@@ -66,6 +66,23 @@ inline torch::Tensor causal_attention(const torch::Tensor& q,
 #endif
 }
 
+/// Attention of every query over the keys `mask` allows ([Tq, Tk] or broadcastable to
+/// [B, H, Tq, Tk], bool, true where allowed; every query must be allowed some key).
+/// q, k, v: [B, H, T, D] with as many heads each.
+inline torch::Tensor masked_attention(const torch::Tensor& q,
+                                      const torch::Tensor& k,
+                                      const torch::Tensor& v,
+                                      const torch::Tensor& mask,
+                                      double scale) {
+#if TORCH_VERSION_MAJOR >= 2
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale);
+#else
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
+  scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  return torch::matmul(torch::softmax(scores, -1), v);
+#endif
+}
+
 /// The CPU generator's state (dropout's randomness), for checkpoints.
 inline torch::Tensor cpu_rng_state() {
   auto gen = at::detail::getDefaultCPUGenerator();
