@@ -71,12 +71,12 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c,
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
-                                     const RopeTables& rope,
+                                     const Positions& pos,
                                      KVCache* cache,
                                      size_t layer) {
   const auto b = x.size(0), t = x.size(1);
   auto qkv = project_group(x, qkv_weight, {q_proj.get(), k_proj.get(), v_proj.get()});
-  auto [q, k, v] = split_rope(qkv, heads, kv_heads, rope.cos, rope.sin);  // [B, H|KV, T, D]
+  auto [q, k, v] = split_rope(qkv, heads, kv_heads, pos.cos, pos.sin);  // [B, H|KV, T, D]
   int64_t offset = 0;
   if (cache) {
     offset = cache->length;
@@ -88,8 +88,20 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
     cache->k[layer] = k;
     cache->v[layer] = v;
   }
-  auto y =
-      compat::causal_attention(q, k, v, 1.0 / std::sqrt(static_cast<double>(head_dim)), offset);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  torch::Tensor y;  // [B, H, T, D]
+  // Not tied to grad mode: a checkpointed layer runs its forward without gradients.
+  if (s2_ratio > 0 && is_training() && !cache) {
+    const double group = s2_ratio * static_cast<double>(t);
+    if (group != std::floor(group)) {
+      throw ConfigError("S2-Attn: longlora.group_ratio " + std::to_string(s2_ratio) + " of " +
+                        std::to_string(t) + " tokens is no whole group (hint: make " +
+                        "data.max_seq_len a multiple of 1 / group_ratio, with packing on)");
+    }
+    y = s2_attention(q, k, v, scale, static_cast<int64_t>(group), s2_shift, pos.keep);
+  } else {
+    y = compat::causal_attention(q, k, v, scale, offset);
+  }
   return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
 
@@ -129,16 +141,16 @@ DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c,
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
-                                        const RopeTables& rope,
+                                        const Positions& pos,
                                         KVCache* cache,
                                         size_t layer) {
-  auto x = h + self_attn(input_layernorm(h), rope, cache, layer);
+  auto x = h + self_attn(input_layernorm(h), pos, cache, layer);
   return x + mlp(post_attention_layernorm(x));
 }
 
 std::vector<torch::Tensor> DecoderLayerImpl::graph_for_backward(const torch::Tensor& h,
-                                                                const RopeTables& rope) {
-  auto x = h + self_attn(input_layernorm(h), rope);
+                                                                const Positions& pos) {
+  auto x = h + self_attn(input_layernorm(h), pos);
   auto mlp_out = mlp->forward(post_attention_layernorm(x), /*value_needed=*/false);
   return {x, mlp_out, mlp->adapter ? mlp->adapter->take_backward_root() : torch::Tensor()};
 }
@@ -180,12 +192,12 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c) {
   return torch::where(medium, smoothed, scaled);
 }
 
-RopeTables LlamaForCausalLMImpl::rope_tables(int64_t start, int64_t t, torch::Dtype dtype) const {
+Positions LlamaForCausalLMImpl::positions(int64_t start, int64_t t, torch::Dtype dtype) const {
   auto positions =
       torch::arange(start, start + t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
   auto freqs = torch::outer(positions, inv_freq);  // [T, D/2]
   auto emb = torch::cat({freqs, freqs}, -1);       // [T, D]
-  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+  return {emb.cos().to(dtype), emb.sin().to(dtype), {}};
 }
 
 namespace {
@@ -194,17 +206,28 @@ namespace {
 // the backward runs the layer again with gradients on and back-propagates through it, skipping
 // the MLP's down projection GEMM, whose value the backward never reads (a fifth of a layer's
 // FLOPs). The RNG state is replayed so the recomputation draws the same dropout masks.
+// LibTorch 1.13's Function::apply takes no undefined tensor: "no padding" travels as an empty
+// keep mask.
+torch::Tensor keep_arg(const torch::Tensor& keep) {
+  return keep.defined() ? keep : torch::empty({0}, torch::kBool);
+}
+torch::Tensor keep_of(const torch::Tensor& arg) {
+  return arg.numel() ? arg : torch::Tensor();
+}
+
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
                                torch::Tensor h,
                                torch::Tensor cos,
                                torch::Tensor sin,
+                               torch::Tensor keep,
                                int64_t layer_address) {
-    ctx->save_for_backward({h, cos, sin});
+    ctx->save_for_backward({h, cos, sin, keep});
     ctx->saved_data["layer"] = layer_address;
     ctx->saved_data["rng"] = compat::rng_state(h.device());
     torch::NoGradGuard no_grad;
-    return reinterpret_cast<DecoderLayerImpl*>(layer_address)->forward(h, {cos, sin});
+    return reinterpret_cast<DecoderLayerImpl*>(layer_address)
+        ->forward(h, {cos, sin, keep_of(keep)});
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -217,7 +240,7 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     std::vector<torch::Tensor> parts;  // h + attn, mlp: [B, T, C] each; an adapter's []
     {
       torch::AutoGradMode grad_on(true);
-      parts = layer->graph_for_backward(h, {saved[1], saved[2]});
+      parts = layer->graph_for_backward(h, {saved[1], saved[2], keep_of(saved[3])});
     }
     compat::set_rng_state(h.device(), now);
     std::vector<torch::Tensor> roots{parts[0], parts[1]}, root_grads{grads[0], grads[0]};
@@ -226,16 +249,19 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
       root_grads.push_back(torch::ones_like(parts[2]));
     }
     torch::autograd::backward(roots, root_grads);
-    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
 }  // namespace
 
-torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids, KVCache* cache) {
+torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
+                                            KVCache* cache,
+                                            const torch::Tensor& keep) {
   auto h = model->embed_tokens(ids);  // [B, T, C]
   const int64_t start = cache ? cache->length : 0;
-  const auto rope = rope_tables(start, ids.size(1), h.scalar_type());
+  auto pos = positions(start, ids.size(1), h.scalar_type());
+  pos.keep = keep;
   const bool checkpoint =
       checkpoint_layers && is_training() && torch::GradMode::is_enabled() && !cache;
   // A checkpointed layer's output needs grad only if an input does (its adapter's weights are
@@ -243,12 +269,20 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids, KVCache* c
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto* layer = model->layers[i]->as<DecoderLayerImpl>();
-    h = checkpoint
-            ? CheckpointedLayer::apply(h, rope.cos, rope.sin, reinterpret_cast<int64_t>(layer))
-            : layer->forward(h, rope, cache, i);
+    h = checkpoint ? CheckpointedLayer::apply(h, pos.cos, pos.sin, keep_arg(pos.keep),
+                                              reinterpret_cast<int64_t>(layer))
+                   : layer->forward(h, pos, cache, i);
   }
   if (cache) cache->length += ids.size(1);
   return model->norm(h);
+}
+
+void LlamaForCausalLMImpl::use_s2(double group_ratio, S2Shift shift) {
+  for (auto& layer : *model->layers) {
+    auto& attn = *layer->as<DecoderLayerImpl>()->self_attn;
+    attn.s2_ratio = group_ratio;
+    attn.s2_shift = shift;
+  }
 }
 
 torch::Tensor LlamaForCausalLMImpl::logits(const torch::Tensor& hidden) {

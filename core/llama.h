@@ -32,11 +32,17 @@ struct EmbeddingImpl : torch::nn::Module {
 };
 TORCH_MODULE(Embedding);
 
-/// cos and sin of the rotary angles, each [T, head_dim], in the activations' dtype.
-struct RopeTables {
+/// What every layer's attention knows of the positions: the rotary angles' cos and sin, each
+/// [T, head_dim] in the activations' dtype, and which positions are real tokens (keep:
+/// [B, T] bool, undefined when no row is padded; S2-Attn masks padded keys with it).
+struct Positions {
   torch::Tensor cos;
   torch::Tensor sin;
+  torch::Tensor keep;
 };
+
+/// How S2-Attn shifts the second half of the heads (see s2_attention).
+enum class S2Shift { Roll, NoWrap, None };
 
 /// Keys and values of the positions already processed, for incremental decoding.
 struct KVCache {
@@ -50,13 +56,16 @@ struct AttentionImpl : torch::nn::Module {
   /// x: [B, T, C] -> [B, T, C]. With a cache, x holds the positions after the cached ones,
   /// and this layer's keys and values are appended to it.
   torch::Tensor forward(const torch::Tensor& x,
-                        const RopeTables& rope,
+                        const Positions& pos,
                         KVCache* cache = nullptr,
                         size_t layer = 0);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   torch::Tensor qkv_weight;  // [(H + 2 KV) * D, C]: q, k and v's weights view it
   int64_t heads, kv_heads, head_dim;
+  // LongLoRA: S2-Attn in training, over groups of s2_ratio * T tokens (0: full attention).
+  double s2_ratio = 0.0;
+  S2Shift s2_shift = S2Shift::Roll;
 };
 TORCH_MODULE(Attention);
 
@@ -78,7 +87,7 @@ struct DecoderLayerImpl : torch::nn::Module {
   DecoderLayerImpl(const LlamaConfig& c, int64_t index, const torch::TensorOptions& o);
   /// h: [B, T, C] -> [B, T, C]
   torch::Tensor forward(const torch::Tensor& h,
-                        const RopeTables& rope,
+                        const Positions& pos,
                         KVCache* cache = nullptr,
                         size_t layer = 0);
   /// For a recomputing backward pass: the two terms whose sum is the layer's output, h + attn
@@ -86,7 +95,7 @@ struct DecoderLayerImpl : torch::nn::Module {
   /// Back-propagating the output's gradient into both gives the layer's gradients.
   /// A third root, when the MLP's adapter has a loss term of its own for this layer, is the
   /// scalar to back-propagate with gradient 1 (undefined otherwise).
-  std::vector<torch::Tensor> graph_for_backward(const torch::Tensor& h, const RopeTables& rope);
+  std::vector<torch::Tensor> graph_for_backward(const torch::Tensor& h, const Positions& pos);
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
@@ -110,11 +119,18 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   /// ids: [B, T] -> final-normed hidden states [B, T, C]. Causal attention only, so right
   /// padding never changes the states of the real tokens before it. With a cache, ids are
   /// the positions after the cached ones, and the cache grows by T.
-  torch::Tensor forward(const torch::Tensor& ids, KVCache* cache = nullptr);
+  /// keep: [B, T] bool, the real tokens, undefined when no row is padded (S2-Attn masks
+  /// padded keys with it).
+  torch::Tensor forward(const torch::Tensor& ids,
+                        KVCache* cache = nullptr,
+                        const torch::Tensor& keep = {});
+  /// LongLoRA: S2-Attn with groups of group_ratio * T tokens in every layer while training
+  /// (evaluation and generation keep full attention); 0 turns it off.
+  void use_s2(double group_ratio, S2Shift shift);
   /// hidden: [..., C] -> logits [..., V] in the model's dtype.
   torch::Tensor logits(const torch::Tensor& hidden);
   /// cos/sin for positions start..start+T-1, in `dtype`, on the model's device.
-  RopeTables rope_tables(int64_t start, int64_t t, torch::Dtype dtype) const;
+  Positions positions(int64_t start, int64_t t, torch::Dtype dtype) const;
   /// Every projection that an adapter may target (the seven per layer, in layer order).
   Projections projections() const;
   /// The projections and the MLP blocks, where adapter strategies attach.
@@ -139,9 +155,6 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c);
 /// The config of a built-in shape: tiny, llama-1b (Llama-3.2-1B), llama2-7b, llama3-8b.
 /// ConfigError listing the shapes otherwise.
 LlamaConfig builtin_shape(const std::string& name);
-
-/// Which heads S2-Attn shifts, and how (see s2_attention).
-enum class S2Shift { Roll, NoWrap, None };
 
 /// LongLoRA's shifted sparse attention (S2-Attn, for training): causal attention within
 /// groups of `group` consecutive tokens, and for the second half of the heads within groups

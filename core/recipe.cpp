@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -107,6 +108,8 @@ void visit_fields(Recipe_& r, F&& f) {
   f("cola.knots", r.cola.knots, Rule{});
   f("cola.ranks", r.cola.ranks, Rule{});
   f("cola.lr_restart", r.cola.lr_restart, one_of({"none", "rewarm"}));
+  f("longlora.group_ratio", r.longlora.group_ratio, positive());
+  f("longlora.shift", r.longlora.shift, one_of({"roll", "nowrap", "none"}));
 }
 
 std::vector<std::string> split(const std::string& key, char sep) {
@@ -277,7 +280,7 @@ void unknown_keys(const YAML::Node& node,
       unknown_keys(kv.second, key + ".", known, known_list, problems);
       continue;
     }
-    if (key == "longlora" || key == "jobs") {
+    if (key == "jobs") {
       problems.push_back("'" + key + "' is not supported by this version of lorafit" +
                          where(kv.first));
       continue;
@@ -343,6 +346,25 @@ void check_cola(const Recipe& r, std::vector<std::string>& problems) {
     problems.push_back(
         "'adapter.init' cannot start a cola chain (hint: merge it into the model "
         "first)");
+  }
+}
+
+void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
+  const auto& l = r.longlora;
+  if (l.group_ratio > 1) {
+    problems.push_back("'longlora.group_ratio' must be in (0, 1], got " +
+                       std::to_string(l.group_ratio));
+    return;
+  }
+  // Packed text is cut into blocks of max_seq_len: each must split into (even) groups.
+  const double group = l.group_ratio * static_cast<double>(r.data.max_seq_len);
+  const bool even = l.shift == "none" || std::fmod(group, 2.0) == 0.0;
+  if (r.data.format == "text" && r.data.packing && (group != std::floor(group) || !even)) {
+    problems.push_back("'longlora.group_ratio' " + std::to_string(l.group_ratio) +
+                       " of data.max_seq_len " + std::to_string(r.data.max_seq_len) +
+                       " tokens is not a whole" + (even ? "" : ", even") +
+                       " number of tokens per group (hint: a max_seq_len that 1 / group_ratio "
+                       "divides twice over)");
   }
 }
 
@@ -415,6 +437,7 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
     }
   }
   if (r.cola.enabled()) check_cola(r, problems);
+  if (r.longlora.enabled) check_longlora(r, problems);
   std::set<std::string> seen;
   for (const auto& t : r.adapter.targets) {
     if (std::find(kProjections.begin(), kProjections.end(), t) == kProjections.end()) {
@@ -459,6 +482,7 @@ Recipe read_recipe(YAML::Node root,
   });
   unknown_keys(root, "", known, known_list, problems);
   visit_fields(recipe, Reader{root, problems});
+  recipe.longlora.enabled = find(root, "longlora").IsDefined();
   check_recipe(recipe, check_files, problems);
   if (!problems.empty()) {
     throw ConfigError("recipe '" + name + "' has " + std::to_string(problems.size()) +
@@ -494,6 +518,7 @@ std::string recipe_to_yaml(const Recipe& recipe) {
   Recipe copy = recipe;
   visit_fields(copy, [&](const char* key, auto& value, const Rule&) {
     const auto parts = split(key, '.');
+    if (parts[0] == "longlora" && !recipe.longlora.enabled) return;
     YAML::Node node = parts.size() == 1 ? root[parts[0]] : root[parts[0]][parts[1]];
     node = value;
     if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::vector<double>> ||

@@ -70,6 +70,13 @@ struct ColaRecipe {
   }
 };
 
+// LongLoRA: S2-Attn in training (full attention in eval, generate and merged checkpoints).
+struct LongLoraRecipe {
+  bool enabled = false;        // a longlora: block is in the recipe
+  double group_ratio = 0.25;   // group size as a share of the sequence (the paper's 1/4)
+  std::string shift = "roll";  // roll (the paper's) | nowrap | none
+};
+
 struct Recipe {
   std::string model;
   std::string output;
@@ -80,6 +87,7 @@ struct Recipe {
   AdapterRecipe adapter;
   TrainRecipe train;
   ColaRecipe cola;
+  LongLoraRecipe longlora;
 };
 
 /// Reads a recipe file ("-" for standard input), applies `overrides` ("data.max_seq_len=1024"),

@@ -70,7 +70,9 @@ int64_t target_count(const std::vector<Example>& examples, const std::vector<siz
 
 // Summed negative log-likelihood of a batch's targets: position t predicts label t+1.
 torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
-  auto hidden = model->forward(batch.ids);  // [B, T, C]
+  const bool padded = batch.tokens < batch.ids.numel();
+  auto hidden =
+      model->forward(batch.ids, nullptr, padded ? batch.keep : torch::Tensor());  // [B, T, C]
   const auto b = hidden.size(0), t = hidden.size(1);
   // The last position predicts nothing; ignored targets are skipped inside the loss.
   auto targets = torch::cat(
@@ -235,6 +237,12 @@ void train(const Recipe& recipe, const TrainRun& run) {
     };
   }
   model->checkpoint_layers = tr.gradient_checkpointing;
+  if (recipe.longlora.enabled) {
+    const auto& l = recipe.longlora;
+    model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll
+                                 : l.shift == "nowrap" ? S2Shift::NoWrap
+                                                       : S2Shift::None);
+  }
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
   std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot

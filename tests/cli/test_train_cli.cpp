@@ -431,3 +431,19 @@ TEST_CASE("a COLA chain trains, resumes across a knot exactly and exports one PE
   REQUIRE(bad.code == 2);
   REQUIRE(bad.err.find("'cola'") != std::string::npos);
 }
+
+TEST_CASE("S2-Attn training (LongLoRA) beats the base, evaluated with full attention",
+          "[cli][longlora]") {
+  TempDir tmp;
+  for (const char* shift : {"roll", "nowrap"}) {
+    INFO(shift);
+    const auto out = tmp / shift;
+    const auto r = train(out, std::string("--set train.steps=60 --set longlora.group_ratio=0.25 "
+                                          "--set longlora.shift=") +
+                                  shift);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    REQUIRE(lorafit::test::read_text(out + "/recipe.yaml").find("longlora:") != std::string::npos);
+    REQUIRE(eval_loss(out + "/adapter") < eval_loss("") - 1.0);
+  }
+}

@@ -1,8 +1,10 @@
 #include <catch2/catch.hpp>
 
+#include "adapters/registry.h"
 #include "core/compat.h"
 #include "core/errors.h"
 #include "core/llama.h"
+#include "test_util.h"
 
 using namespace lorafit;
 
@@ -95,4 +97,63 @@ TEST_CASE("S2-Attn refuses lengths that do not split into groups", "[core][s2]")
                       Catch::Contains("10 tokens") && Catch::Contains("groups of 4"));
   REQUIRE_THROWS_AS(s2_attention(q, k, k, 1.0, 5, S2Shift::NoWrap), ConfigError);  // odd group
   REQUIRE_NOTHROW(s2_attention(q, k, k, 1.0, 5, S2Shift::None));
+}
+
+TEST_CASE("the model runs S2-Attn in training only, checkpointed or not", "[core][s2]") {
+  auto model = load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+  model->to(torch::kFloat64);
+  const auto ids = torch::randint(3, 320, {2, 16}, torch::kInt64);
+  auto run = [&](bool training, bool checkpoint) {
+    model->train(training);
+    model->checkpoint_layers = checkpoint;
+    return model->logits(model->forward(ids)).detach();
+  };
+  model->eval();
+  const auto full = run(false, false);
+  // One group without shift is full causal attention.
+  model->use_s2(1.0, S2Shift::None);
+  REQUIRE(torch::allclose(run(true, false), full, 1e-10, 1e-12));
+  // Shifted groups of 4 change the training forward, not evaluation, and checkpointed layers
+  // recompute the same thing.
+  model->use_s2(0.25, S2Shift::Roll);
+  const auto s2 = run(true, false);
+  REQUIRE(!torch::allclose(s2, full, 1e-3, 1e-3));
+  REQUIRE(torch::allclose(run(false, false), full, 1e-10, 1e-12));
+  REQUIRE(torch::allclose(run(true, true), s2, 1e-10, 1e-12));
+}
+
+TEST_CASE("checkpointed layers give S2-Attn's gradients on a padded batch", "[core][s2]") {
+  auto grads = [](bool checkpoint) {
+    torch::manual_seed(4);
+    auto model =
+        load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+    find_adapter("lora").attach_new({4, 8.0, 0.0, false, {"q_proj", "v_proj", "o_proj"}},
+                                    model->adapter_sites());
+    model->to(torch::kFloat64);
+    for (auto& p : model->parameters()) p.set_requires_grad(false);
+    std::vector<torch::Tensor> params;
+    for (auto& item : model->named_parameters())
+      if (item.key().find(".adapter.") != std::string::npos) {
+        torch::NoGradGuard g;
+        item.value().normal_(0.0, 0.1);
+        params.push_back(item.value().set_requires_grad(true));
+      }
+    model->use_s2(0.25, S2Shift::Roll);
+    model->train();
+    model->checkpoint_layers = checkpoint;
+    const auto ids = torch::randint(3, 320, {2, 16}, torch::kInt64);
+    auto keep = torch::ones({2, 16}, torch::kBool);
+    keep[1].narrow(0, 12, 4).fill_(false);
+    const auto real = keep.to(torch::kFloat64).unsqueeze(-1);
+    (model->logits(model->forward(ids, nullptr, keep)) * real).pow(2).mean().backward();
+    std::vector<torch::Tensor> out;
+    for (const auto& p : params) out.push_back(p.grad().clone());
+    return out;
+  };
+  const auto plain = grads(false), checkpointed = grads(true);
+  REQUIRE(plain.size() == checkpointed.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    REQUIRE(plain[i].abs().sum().item<double>() > 0);
+    REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
+  }
 }
