@@ -49,7 +49,8 @@ SavedAdapter read_adapter_files(const std::string& dir) {
 }
 
 void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
-  const auto saved = read_adapter_files(dir);
+  auto saved = read_adapter_files(dir);
+  apply_modules_to_save(saved, model, dir);
   const std::string peft_type = saved.config["peft_type"];
   const auto where = (fs::path(dir) / "adapter_config.json").string();
   const auto& spec = find_adapter_by_peft_type(peft_type, where);
@@ -70,20 +71,64 @@ void save_adapter(const std::string& dir,
   write_adapter_files(dir, spec.save(settings, model->adapter_sites(), base_model));
 }
 
-std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, bool base) {
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, const BaseFilter& base) {
   std::set<std::string> base_names;
   if (base)
-    for (const auto& [name, t] : model->checkpoint_tensors()) base_names.insert(name);
+    for (const auto& [name, t] : model->checkpoint_tensors())
+      if (base(name)) base_names.insert(name);
   std::vector<torch::Tensor> out;
   for (auto& item : model->named_parameters(/*recurse=*/true)) {
     const bool adapter = item.key().find(".adapter.") != std::string::npos;
     const bool trains = adapter || base_names.count(item.key()) > 0;
     // A tied head shares the embedding's tensor: leave its flag to the embedding's entry.
-    if (!trains && base && item.value().is_same(model->model->embed_tokens->weight)) continue;
+    if (!trains && model->config.tie_word_embeddings &&
+        item.value().is_same(model->model->embed_tokens->weight))
+      continue;
     item.value().set_requires_grad(trains);
     if (trains) out.push_back(item.value());
   }
   return out;
+}
+
+namespace {
+const std::string kPeftPrefix = "base_model.model.";
+}  // namespace
+
+void add_modules_to_save(SavedAdapter& saved,
+                         const std::vector<std::pair<std::string, torch::Tensor>>& base) {
+  if (base.empty()) return;
+  std::set<std::string> modules;
+  for (const auto& [name, t] : base) {
+    saved.tensors[kPeftPrefix + name] = t.detach().to(torch::kFloat32);
+    const auto module = name.substr(0, name.rfind('.'));  // model.layers.0.input_layernorm
+    modules.insert(module.substr(module.rfind('.') + 1));
+  }
+  saved.config["modules_to_save"] = std::vector<std::string>(modules.begin(), modules.end());
+}
+
+void apply_modules_to_save(SavedAdapter& saved, LlamaForCausalLM& model, const std::string& where) {
+  const auto it = saved.config.find("modules_to_save");
+  if (it == saved.config.end() || it->is_null()) return;
+  if (saved.tensors.count(kPeftPrefix + "model.embed_tokens.weight")) model->untie_head();
+  torch::NoGradGuard no_grad;
+  bool any = false;
+  for (auto& [name, t] : model->checkpoint_tensors()) {
+    const auto found = saved.tensors.find(kPeftPrefix + name);
+    if (found == saved.tensors.end()) continue;
+    if (found->second.sizes() != t.sizes()) {
+      throw ModelMismatchError("adapter '" + where + "': tensor '" + found->first + "' has shape " +
+                               c10::str(found->second.sizes()) + ", the model's is " +
+                               c10::str(t.sizes()) + " (hint: an adapter for another model)");
+    }
+    t.copy_(found->second);
+    saved.tensors.erase(found);
+    any = true;
+  }
+  if (!any) {
+    throw ModelMismatchError("adapter '" + where + "' lists modules_to_save " + it->dump() +
+                             " but holds none of the model's tensors under base_model.model.");
+  }
+  saved.config["modules_to_save"] = nullptr;
 }
 
 }  // namespace lorafit

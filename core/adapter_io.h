@@ -1,6 +1,7 @@
 // Saved adapters on disk: a folder with adapter_config.json and adapter_model.safetensors.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "adapters/registry.h"
@@ -28,9 +29,25 @@ void save_adapter(const std::string& dir,
                   LlamaForCausalLM& model,
                   const std::string& base_model);
 
-/// The one place that decides what trains: adapter parameters train; the base's weights train
-/// only with `base` (full fine-tuning), each once (a tied head is the embedding). Returns the
-/// trainable tensors in model order.
-std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, bool base = false);
+/// Which base tensors train besides the adapters, by checkpoint name (full fine-tuning: all;
+/// LongLoRA: embeddings and norms); empty: none.
+using BaseFilter = std::function<bool(const std::string& name)>;
+
+/// The one place that decides what trains: adapter parameters, and the base tensors that
+/// `base` accepts, each once (a tied head is the embedding's tensor). Returns the trainable
+/// tensors in model order.
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
+                                                const BaseFilter& base = {});
+
+/// Adds trained base tensors (checkpoint name, tensor) to a saved adapter in PEFT's
+/// modules_to_save convention: keys base_model.model.<checkpoint name> in fp32, and the
+/// modules' names listed under modules_to_save in the config. Nothing when `base` is empty.
+void add_modules_to_save(SavedAdapter& saved,
+                         const std::vector<std::pair<std::string, torch::Tensor>>& base);
+
+/// Moves a saved adapter's modules_to_save tensors into the model's base weights (untying a
+/// tied head first when the embedding is among them) and out of `saved`, so that the
+/// strategy reads only its own tensors.
+void apply_modules_to_save(SavedAdapter& saved, LlamaForCausalLM& model, const std::string& where);
 
 }  // namespace lorafit

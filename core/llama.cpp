@@ -50,6 +50,11 @@ EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim, const torch::TensorOpti
   weight = frozen(*this, "weight", {vocab, dim}, o);
 }
 
+void EmbeddingImpl::untie() {
+  weight = weight.detach().clone();
+  parameters_["weight"] = weight;
+}
+
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
   return torch::embedding(weight, ids);
 }
@@ -275,6 +280,12 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
   }
   if (cache) cache->length += ids.size(1);
   return model->norm(h);
+}
+
+void LlamaForCausalLMImpl::untie_head() {
+  if (!config.tie_word_embeddings) return;
+  model->embed_tokens->untie();
+  config.tie_word_embeddings = false;
 }
 
 void LlamaForCausalLMImpl::use_s2(double group_ratio, S2Shift shift) {

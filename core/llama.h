@@ -28,6 +28,9 @@ struct EmbeddingImpl : torch::nn::Module {
   /// ids: [B, T] -> [B, T, C]
   torch::Tensor forward(const torch::Tensor& ids);
 
+  /// Gives the embedding its own copy of the weight, which a tied head may share.
+  void untie();
+
   torch::Tensor weight;  // [V, C]
 };
 TORCH_MODULE(Embedding);
@@ -124,6 +127,9 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& ids,
                         KVCache* cache = nullptr,
                         const torch::Tensor& keep = {});
+  /// A tied head keeps the weight and the embedding gets a copy (tie_word_embeddings turns
+  /// false), so that the embedding can train while the head stays frozen (LongLoRA).
+  void untie_head();
   /// LongLoRA: S2-Attn with groups of group_ratio * T tokens in every layer while training
   /// (evaluation and generation keep full attention); 0 turns it off.
   void use_s2(double group_ratio, S2Shift shift);

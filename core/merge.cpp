@@ -47,6 +47,8 @@ void write_model_files(const std::string& dir,
   std::ifstream in(fs::path(base_dir) / "config.json");
   auto config = nlohmann::json::parse(in);
   config[config.contains("dtype") ? "dtype" : "torch_dtype"] = hf_dtype_name(dtype);
+  // A head written on its own is untied (LongLoRA trained the embedding, not the head).
+  if (tensors.count("lm_head.weight")) config["tie_word_embeddings"] = false;
   write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
   for (const char* name : kPassThrough) {
     const auto from = fs::path(base_dir) / name, to = fs::path(dir) / name;

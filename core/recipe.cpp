@@ -110,6 +110,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("cola.lr_restart", r.cola.lr_restart, one_of({"none", "rewarm"}));
   f("longlora.group_ratio", r.longlora.group_ratio, positive());
   f("longlora.shift", r.longlora.shift, one_of({"roll", "nowrap", "none"}));
+  f("longlora.trainable", r.longlora.trainable, Rule{});
 }
 
 std::vector<std::string> split(const std::string& key, char sep) {
@@ -351,6 +352,18 @@ void check_cola(const Recipe& r, std::vector<std::string>& problems) {
 
 void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
   const auto& l = r.longlora;
+  for (const auto& t : l.trainable) {
+    if (t != "embed" && t != "norm") {
+      problems.push_back("'longlora.trainable' lists '" + t + "', expected embed and/or norm" +
+                         did_you_mean(t, {"embed", "norm"}));
+    }
+  }
+  if (!l.trainable.empty() &&
+      (r.adapter.type == "full" || r.adapter.type == "mixlora" || r.cola.enabled())) {
+    problems.push_back(
+        "'longlora.trainable' goes with a lora or multilora adapter, not " +
+        std::string(r.cola.enabled() ? "a cola chain" : "adapter.type " + r.adapter.type));
+  }
   if (l.group_ratio > 1) {
     problems.push_back("'longlora.group_ratio' must be in (0, 1], got " +
                        std::to_string(l.group_ratio));

@@ -72,9 +72,10 @@ struct ColaRecipe {
 
 // LongLoRA: S2-Attn in training (full attention in eval, generate and merged checkpoints).
 struct LongLoraRecipe {
-  bool enabled = false;        // a longlora: block is in the recipe
-  double group_ratio = 0.25;   // group size as a share of the sequence (the paper's 1/4)
-  std::string shift = "roll";  // roll (the paper's) | nowrap | none
+  bool enabled = false;                // a longlora: block is in the recipe
+  double group_ratio = 0.25;           // group size as a share of the sequence (the paper's 1/4)
+  std::string shift = "roll";          // roll (the paper's) | nowrap | none
+  std::vector<std::string> trainable;  // embed and/or norm: base tensors that train too
 };
 
 struct Recipe {

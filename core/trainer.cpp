@@ -237,6 +237,20 @@ void train(const Recipe& recipe, const TrainRun& run) {
     };
   }
   model->checkpoint_layers = tr.gradient_checkpointing;
+  // Base tensors that train: all of them (full fine-tuning), or LongLoRA's embeddings and
+  // norms, the head excepted (a tied head keeps its own frozen copy).
+  BaseFilter base_trains;
+  if (spec.trains_base) base_trains = [](const std::string&) { return true; };
+  const auto& extra = recipe.longlora.trainable;
+  const bool embed = std::count(extra.begin(), extra.end(), "embed") > 0;
+  const bool norms = std::count(extra.begin(), extra.end(), "norm") > 0;
+  if (recipe.longlora.enabled && (embed || norms)) {
+    if (embed) model->untie_head();
+    base_trains = [embed, norms](const std::string& name) {
+      return (embed && name == "model.embed_tokens.weight") ||
+             (norms && name.find("norm.weight") != std::string::npos);
+    };
+  }
   if (recipe.longlora.enabled) {
     const auto& l = recipe.longlora;
     model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll
@@ -246,31 +260,45 @@ void train(const Recipe& recipe, const TrainRun& run) {
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
   std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot
-  std::optional<MasterWeights> masters;  // full fine-tuning of a bf16 or f16 model
+  std::optional<MasterWeights> masters;  // of the trained base tensors not in fp32
   auto new_optimizer = [&] {
-    auto params = trainable_parameters(model, spec.trains_base);
-    if (spec.trains_base && model->lm_head->weight.scalar_type() != torch::kFloat32) {
-      masters.emplace(params);
-      params = masters->masters;
+    auto params = trainable_parameters(model, base_trains);
+    std::vector<torch::Tensor> low;
+    for (const auto& p : params)
+      if (p.scalar_type() != torch::kFloat32) low.push_back(p);
+    if (!low.empty()) {
+      masters.emplace(low);
+      size_t next = 0;
+      for (auto& p : params)
+        if (p.scalar_type() != torch::kFloat32) p = masters->masters[next++];
     }
     optimizer.emplace(params, adamw);
   };
   new_optimizer();
-  // The full model's weights as checkpoints and outputs hold them: the fp32 masters if any.
-  auto full_weights = [&] {
-    auto weights = model->checkpoint_tensors();
-    if (masters)
-      for (size_t i = 0; i < weights.size(); ++i) weights[i].second = masters->masters[i];
-    return weights;
+  // The trained base tensors by checkpoint name, as checkpoints and outputs hold them: their
+  // fp32 masters where the model computes in a lower precision.
+  auto trained_base = [&] {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (auto& [name, t] : model->checkpoint_tensors()) {
+      if (!base_trains || !base_trains(name)) continue;
+      out.emplace_back(name, t);
+      if (!masters) continue;
+      for (size_t i = 0; i < masters->model.size(); ++i)
+        if (masters->model[i].is_same(t)) out.back().second = masters->masters[i];
+    }
+    return out;
   };
-  // What a checkpoint or the run's output holds of the model: the adapter, or (full
-  // fine-tuning) the whole model as a Hugging Face checkpoint.
+  // What a checkpoint or the run's output holds of the model: the adapter (with LongLoRA's
+  // trained embeddings and norms), or (full fine-tuning) the whole model as a Hugging Face
+  // checkpoint.
   auto save_adapter_to = [&](const std::string& dir, torch::Dtype full_dtype) {
     if (spec.trains_base) {
       fs::create_directories(dir);
-      write_model_files(dir, full_weights(), recipe.model, full_dtype);
+      write_model_files(dir, trained_base(), recipe.model, full_dtype);
     } else {
-      save_adapter(dir, spec, settings, model, recipe.model);
+      auto saved = spec.save(settings, model->adapter_sites(), recipe.model);
+      add_modules_to_save(saved, trained_base());
+      write_adapter_files(dir, saved);
     }
     if (recipe.cola.enabled()) save_chain(dir, chain);
   };
@@ -279,13 +307,14 @@ void train(const Recipe& recipe, const TrainRun& run) {
     torch::NoGradGuard no_grad;
     if (spec.trains_base) {
       SafetensorsCheckpoint saved(dir);
-      for (auto& [name, t] : full_weights()) t.copy_(saved.tensor(name));
+      for (auto& [name, t] : trained_base()) t.copy_(saved.tensor(name));
       if (masters) masters->publish();
       return;
     }
     SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
-    for (const auto& [name, t] :
-         spec.save(settings, model->adapter_sites(), recipe.model).tensors) {
+    auto trained = spec.save(settings, model->adapter_sites(), recipe.model).tensors;
+    for (auto& [name, t] : trained_base()) trained["base_model.model." + name] = t;
+    for (const auto& [name, t] : trained) {
       if (!saved.find(name)) {
         throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
                                  "' (hint: its targets and rank must match the recipe's adapter)");
@@ -298,6 +327,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
       }
       t.copy_(src);
     }
+    if (masters) masters->publish();
   };
   if (!recipe.adapter.init.empty()) copy_adapter_weights(recipe.adapter.init);
 

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "core/adapter_io.h"
+#include "core/llama.h"
 #include "core/safetensors.h"
 #include "test_util.h"
 
@@ -446,4 +447,47 @@ TEST_CASE("S2-Attn training (LongLoRA) beats the base, evaluated with full atten
     REQUIRE(lorafit::test::read_text(out + "/recipe.yaml").find("longlora:") != std::string::npos);
     REQUIRE(eval_loss(out + "/adapter") < eval_loss("") - 1.0);
   }
+}
+
+TEST_CASE("LongLoRA's trained embeddings and norms go to modules_to_save; the head stays frozen",
+          "[cli][longlora]") {
+  TempDir tmp;
+  const std::string sets =
+      "--set train.steps=40 --set train.save_every=20 --set longlora.group_ratio=0.25 "
+      "--set \"longlora.trainable=[embed, norm]\"";
+  const auto r = train(tmp / "run", sets);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto config = lorafit::test::read_json(tmp / "run/adapter/adapter_config.json");
+  REQUIRE(config["modules_to_save"] ==
+          nlohmann::json({"embed_tokens", "input_layernorm", "norm", "post_attention_layernorm"}));
+  SafetensorsFile adapter(tmp / "run/adapter/adapter_model.safetensors");
+  const auto base = load_llama("tests/fixtures/gqa_llama3/model", torch::kCPU, torch::kFloat32);
+  const auto embed = adapter.tensor("base_model.model.model.embed_tokens.weight");
+  REQUIRE(!torch::equal(embed, base->model->embed_tokens->weight));  // trained
+  REQUIRE(adapter.find("base_model.model.model.layers.1.post_attention_layernorm.weight"));
+
+  // Read back from disk, unmerged and merged: the same loss; the merged head is the base's
+  // (tied) embedding, untouched, and the config unties it.
+  const double adapted = eval_loss(tmp / "run/adapter");
+  REQUIRE(adapted < eval_loss("") - 1.0);
+  REQUIRE(run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                      q(tmp / "run/adapter") + " --out " + q(tmp / "merged"))
+              .code == 0);
+  const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
+                             " --data recipes/data/tiny_valid.jsonl");
+  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(adapted).epsilon(1e-5));
+  REQUIRE(lorafit::test::read_json(tmp / "merged/config.json")["tie_word_embeddings"] == false);
+  SafetensorsFile merged(tmp / "merged/model.safetensors");
+  REQUIRE(torch::equal(merged.tensor("lm_head.weight"), base->model->embed_tokens->weight));
+  REQUIRE(torch::equal(merged.tensor("model.embed_tokens.weight"), embed));
+
+  // Resumed from step 20, the run ends bit for bit as the whole one.
+  const auto resumed =
+      run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(tmp / "resumed") + " " +
+                  sets + " --resume " + q(tmp / "run/checkpoints/step-20"));
+  INFO(resumed.err);
+  REQUIRE(resumed.code == 0);
+  REQUIRE(read_text(tmp / "resumed/adapter/adapter_model.safetensors") ==
+          read_text(tmp / "run/adapter/adapter_model.safetensors"));
 }

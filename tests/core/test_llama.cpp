@@ -173,7 +173,7 @@ TEST_CASE("full fine-tuning trains every base tensor once and checkpointing keep
           "[core][llama][full]") {
   auto grads = [](bool checkpoint) {
     auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
-    const auto params = trainable_parameters(model, /*base=*/true);
+    const auto params = trainable_parameters(model, [](const std::string&) { return true; });
     REQUIRE(params.size() == model->checkpoint_tensors().size());  // the tied head once
     REQUIRE(model->lm_head->weight.requires_grad());
     model->train();
