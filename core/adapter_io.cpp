@@ -48,9 +48,21 @@ SavedAdapter read_adapter_files(const std::string& dir) {
   return saved;
 }
 
+nlohmann::json linear_rope_scaling(double factor) {
+  return {{"rope_type", "linear"}, {"factor", factor}};
+}
+
 void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
   auto saved = read_adapter_files(dir);
   apply_modules_to_save(saved, model, dir);
+  if (const auto it = saved.config.find("rope_scaling"); it != saved.config.end()) {
+    if (!it->is_object() || it->value("rope_type", "") != "linear" || !it->contains("factor") ||
+        !(*it)["factor"].is_number()) {
+      throw ConfigError("adapter '" + dir + "': rope_scaling " + it->dump() +
+                        " is not {\"rope_type\": \"linear\", \"factor\": F}");
+    }
+    model->interpolate_rope((*it)["factor"].get<double>());
+  }
   const std::string peft_type = saved.config["peft_type"];
   const auto where = (fs::path(dir) / "adapter_config.json").string();
   const auto& spec = find_adapter_by_peft_type(peft_type, where);

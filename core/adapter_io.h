@@ -17,7 +17,8 @@ SavedAdapter read_adapter_files(const std::string& dir);
 /// each through a temporary name.
 void write_adapter_files(const std::string& dir, const SavedAdapter& saved);
 
-/// Reads the adapter in `dir` and attaches it to `model`'s projections through the strategy
+/// Reads the adapter in `dir` and attaches it (with its modules_to_save, and its RoPE
+/// interpolation when it was trained with one) to `model`'s projections through the strategy
 /// that its peft_type names. Every mismatch with the model is reported at once.
 void load_adapter(const std::string& dir, LlamaForCausalLM& model);
 
@@ -44,6 +45,10 @@ std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
 /// modules' names listed under modules_to_save in the config. Nothing when `base` is empty.
 void add_modules_to_save(SavedAdapter& saved,
                          const std::vector<std::pair<std::string, torch::Tensor>>& base);
+
+/// The adapter_config.json entry of an adapter trained with linear RoPE interpolation
+/// (LongLoRA): {"rope_type": "linear", "factor": f}, transformers' rope_scaling spelling.
+nlohmann::json linear_rope_scaling(double factor);
 
 /// Moves a saved adapter's modules_to_save tensors into the model's base weights (untying a
 /// tied head first when the embedding is among them) and out of `saved`, so that the

@@ -288,6 +288,18 @@ void LlamaForCausalLMImpl::untie_head() {
   config.tie_word_embeddings = false;
 }
 
+void LlamaForCausalLMImpl::interpolate_rope(double factor) {
+  if (factor == 1.0) return;
+  if (config.rope.type != RopeType::Default) {
+    throw ConfigError(
+        "linear RoPE interpolation needs a model with plain RoPE; this one's is "
+        "already scaled (hint: longlora.rope_scale: 1)");
+  }
+  config.rope.type = RopeType::Linear;
+  config.rope.factor = factor;
+  inv_freq = rope_inv_freq(config).to(inv_freq.device());
+}
+
 void LlamaForCausalLMImpl::use_s2(double group_ratio, S2Shift shift) {
   for (auto& layer : *model->layers) {
     auto& attn = *layer->as<DecoderLayerImpl>()->self_attn;

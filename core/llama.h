@@ -130,6 +130,9 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   /// A tied head keeps the weight and the embedding gets a copy (tie_word_embeddings turns
   /// false), so that the embedding can train while the head stays frozen (LongLoRA).
   void untie_head();
+  /// Linear RoPE position interpolation by `factor` (LongLoRA): positions are divided by it.
+  /// A ConfigError for a model whose RoPE is already scaled another way.
+  void interpolate_rope(double factor);
   /// LongLoRA: S2-Attn with groups of group_ratio * T tokens in every layer while training
   /// (evaluation and generation keep full attention); 0 turns it off.
   void use_s2(double group_ratio, S2Shift shift);

@@ -39,7 +39,8 @@ torch::Dtype checkpoint_dtype(const std::string& base_dir) {
 void write_model_files(const std::string& dir,
                        const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                        const std::string& base_dir,
-                       torch::Dtype dtype) {
+                       torch::Dtype dtype,
+                       const nlohmann::json& config_updates) {
   torch::NoGradGuard no_grad;
   TensorMap tensors;
   for (const auto& [name, t] : weights) tensors[name] = t.to(torch::kCPU, dtype);
@@ -49,6 +50,7 @@ void write_model_files(const std::string& dir,
   config[config.contains("dtype") ? "dtype" : "torch_dtype"] = hf_dtype_name(dtype);
   // A head written on its own is untied (LongLoRA trained the embedding, not the head).
   if (tensors.count("lm_head.weight")) config["tie_word_embeddings"] = false;
+  config.update(config_updates);
   write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
   for (const char* name : kPassThrough) {
     const auto from = fs::path(base_dir) / name, to = fs::path(dir) / name;
@@ -74,7 +76,21 @@ void write_new_model_folder(const std::string& out,
   const fs::path tmp = out + ".tmp-" + std::to_string(::getpid());
   compat::remove_tree(tmp);
   fs::create_directories(tmp);
-  write_model_files(tmp.string(), model->checkpoint_tensors(), base_dir, dtype);
+  // A model whose RoPE the adapter interpolates (LongLoRA) says so in its config, in the
+  // base config's spelling, so that transformers runs it at the new length.
+  nlohmann::json updates = nlohmann::json::object();
+  const auto& rope = model->config.rope;
+  if (rope.type == RopeType::Linear && load_llama_config(base_dir).rope.type != RopeType::Linear) {
+    std::ifstream in(fs::path(base_dir) / "config.json");
+    if (nlohmann::json::parse(in).contains("rope_parameters")) {
+      updates["rope_parameters"] = {
+          {"rope_type", "linear"}, {"rope_theta", rope.theta}, {"factor", rope.factor}};
+    } else {
+      updates["rope_scaling"] = {
+          {"rope_type", "linear"}, {"type", "linear"}, {"factor", rope.factor}};
+    }
+  }
+  write_model_files(tmp.string(), model->checkpoint_tensors(), base_dir, dtype, updates);
   fs::rename(tmp, out);
 }
 

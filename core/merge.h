@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/llama.h"
@@ -23,11 +24,12 @@ void init_model(const InitOptions& options);
 /// Writes weights (checkpoint names and tensors, as LlamaForCausalLMImpl::checkpoint_tensors
 /// lists them) as a Hugging Face checkpoint into the existing folder `dir`: safetensors in
 /// `dtype` (sharded at 5 GB, with an index), base_dir's config.json with its dtype updated,
-/// and base_dir's tokenizer and generation files.
+/// and base_dir's tokenizer and generation files. `config_updates` overwrite config.json keys.
 void write_model_files(const std::string& dir,
                        const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                        const std::string& base_dir,
-                       torch::Dtype dtype);
+                       torch::Dtype dtype,
+                       const nlohmann::json& config_updates = nlohmann::json::object());
 
 /// The dtype of base_dir's weights (its embedding's).
 torch::Dtype checkpoint_dtype(const std::string& base_dir);

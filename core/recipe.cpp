@@ -111,6 +111,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("longlora.group_ratio", r.longlora.group_ratio, positive());
   f("longlora.shift", r.longlora.shift, one_of({"roll", "nowrap", "none"}));
   f("longlora.trainable", r.longlora.trainable, Rule{});
+  f("longlora.rope_scale", r.longlora.rope_scale, Rule{});
 }
 
 std::vector<std::string> split(const std::string& key, char sep) {
@@ -352,6 +353,14 @@ void check_cola(const Recipe& r, std::vector<std::string>& problems) {
 
 void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
   const auto& l = r.longlora;
+  if (l.rope_scale != "auto") {
+    char* end = nullptr;
+    const double f = std::strtod(l.rope_scale.c_str(), &end);
+    if (end == l.rope_scale.c_str() || *end != '\0' || !(f >= 1)) {
+      problems.push_back("'longlora.rope_scale' is '" + l.rope_scale +
+                         "', expected auto or a factor >= 1");
+    }
+  }
   for (const auto& t : l.trainable) {
     if (t != "embed" && t != "norm") {
       problems.push_back("'longlora.trainable' lists '" + t + "', expected embed and/or norm" +
@@ -513,6 +522,13 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
 
 Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overrides) {
   return read_recipe(YAML::Load(recipe_to_yaml(base)), "--set", overrides, /*check_files=*/false);
+}
+
+double rope_scale_factor(const LongLoraRecipe& l, int64_t max_seq_len, int64_t max_positions) {
+  if (!l.enabled) return 1.0;
+  if (l.rope_scale != "auto") return std::stod(l.rope_scale);
+  return std::max(1.0,
+                  std::ceil(static_cast<double>(max_seq_len) / static_cast<double>(max_positions)));
 }
 
 AdapterSettings adapter_settings(const AdapterRecipe& a) {

@@ -76,6 +76,9 @@ struct LongLoraRecipe {
   double group_ratio = 0.25;           // group size as a share of the sequence (the paper's 1/4)
   std::string shift = "roll";          // roll (the paper's) | nowrap | none
   std::vector<std::string> trainable;  // embed and/or norm: base tensors that train too
+  // Linear RoPE position interpolation: auto (ceil(max_seq_len / max_position_embeddings))
+  // or a factor >= 1.
+  std::string rope_scale = "auto";
 };
 
 struct Recipe {
@@ -100,6 +103,12 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
 /// `base` with `overrides` applied and checked like a recipe file, but without looking at
 /// files (for `lorafit bench`, which has no model folder or dataset).
 Recipe override_recipe(const Recipe& base, const std::vector<std::string>& overrides);
+
+/// LongLoRA's linear RoPE interpolation factor for training at max_seq_len a model of
+/// max_positions positions: 1 without a longlora block.
+double rope_scale_factor(const LongLoraRecipe& longlora,
+                         int64_t max_seq_len,
+                         int64_t max_positions);
 
 /// The adapter block as the strategy registry takes it.
 AdapterSettings adapter_settings(const AdapterRecipe& adapter);

@@ -218,9 +218,18 @@ void train(const Recipe& recipe, const TrainRun& run) {
                    : (tr.epochs * static_cast<int64_t>(train_examples.size()) + tr.batch_size - 1) /
                          tr.batch_size;
 
+  // LongLoRA's position interpolation, checked before any weight loads.
+  const double rope_factor =
+      rope_scale_factor(recipe.longlora, recipe.data.max_seq_len, config.max_position_embeddings);
+  if (rope_factor > 1 && config.rope.type != RopeType::Default) {
+    throw ConfigError("'longlora.rope_scale' " + std::to_string(rope_factor) + ": model '" +
+                      recipe.model +
+                      "' already scales its RoPE another way (hint: " + "longlora.rope_scale: 1)");
+  }
   const auto device = pick_device(recipe.device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
+  model->interpolate_rope(rope_factor);
   const auto& spec = find_adapter(recipe.adapter.type);
   // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
   const auto knots =
@@ -298,6 +307,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     } else {
       auto saved = spec.save(settings, model->adapter_sites(), recipe.model);
       add_modules_to_save(saved, trained_base());
+      if (rope_factor > 1) saved.config["rope_scaling"] = linear_rope_scaling(rope_factor);
       write_adapter_files(dir, saved);
     }
     if (recipe.cola.enabled()) save_chain(dir, chain);

@@ -491,3 +491,38 @@ TEST_CASE("LongLoRA's trained embeddings and norms go to modules_to_save; the he
   REQUIRE(read_text(tmp / "resumed/adapter/adapter_model.safetensors") ==
           read_text(tmp / "run/adapter/adapter_model.safetensors"));
 }
+
+TEST_CASE("LongLoRA's RoPE interpolation goes with the adapter and into the merged config",
+          "[cli][longlora]") {
+  // trained_tiny has plain RoPE and 128 positions: training at 256 interpolates by 2 (auto).
+  TempDir tmp;
+  const std::string model = "tests/fixtures/trained_tiny/model";
+  const auto r = train(tmp / "run", "--set model=" + model +
+                                        " --set train.steps=20 --set data.max_seq_len=256 "
+                                        "--set longlora.group_ratio=0.25");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto scaling =
+      lorafit::test::read_json(tmp / "run/adapter/adapter_config.json")["rope_scaling"];
+  REQUIRE(scaling == nlohmann::json({{"rope_type", "linear"}, {"factor", 2.0}}));
+  REQUIRE(run_lorafit("merge --model " + model + " --adapter " + q(tmp / "run/adapter") +
+                      " --out " + q(tmp / "merged"))
+              .code == 0);
+  const auto rope = lorafit::test::read_json(tmp / "merged/config.json")["rope_parameters"];
+  REQUIRE(rope["rope_type"] == "linear");
+  REQUIRE(rope["factor"] == 2.0);
+  auto loss = [&](const std::string& args) {
+    const auto e = run_lorafit("eval --device cpu --json --max-seq-len 256 " + args +
+                               " --data recipes/data/tiny_valid.jsonl");
+    REQUIRE(e.code == 0);
+    return nlohmann::json::parse(e.out)["loss"].get<double>();
+  };
+  const double unmerged = loss("--model " + model + " --adapter " + q(tmp / "run/adapter"));
+  REQUIRE(loss("--model " + q(tmp / "merged")) == Approx(unmerged).epsilon(1e-5));
+
+  // A model whose RoPE is scaled already is refused before anything is written.
+  const auto refused = train(tmp / "refused", "--set longlora.rope_scale=2");
+  REQUIRE(refused.code == 2);
+  REQUIRE(refused.err.find("already scales its RoPE") != std::string::npos);
+  REQUIRE(!fs::exists(tmp / "refused"));
+}

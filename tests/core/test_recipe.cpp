@@ -92,6 +92,8 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"jobs=[]"}, "'jobs' is not supported"},
       {{"longlora.group_ratio=0.3"}, "is not a whole, even number of tokens per group"},
       {{"longlora.shift=rol"}, "(did you mean 'roll'?)"},
+      {{"longlora.rope_scale=0.5"}, "expected auto or a factor >= 1"},
+      {{"longlora.trainable=[embed, norms]"}, "lists 'norms', expected embed and/or norm"},
       {{"cola.knots=[0.5, 0.3]"}, "'cola.knots' must be ascending fractions"},
       {{"cola.knots=0.5"}, "'cola.knots' must be a list of numbers"},
       {{"cola.links=3", "cola.ranks=[8, 4]"}, "'cola.ranks' lists 2 ranks for a chain of 3"},
