@@ -20,14 +20,20 @@ constexpr double kPeakFlops = 798e12;
 // Model FLOPs per trained token: 2N forward and 2N for the input gradients of the frozen
 // matrices (4N; one more forward, 6N, when layers are recomputed; 2N more for the weights'
 // gradients in full fine-tuning), plus causal attention (forward 2*T*H*D per layer and token,
-// backward twice that, recomputation once more).
-double flops_per_token(const LlamaForCausalLM& model, int64_t seq, bool checkpointing, bool full) {
+// backward twice that, recomputation once more; S2-Attn's groups see `attention_share` of the
+// keys that full attention does).
+double flops_per_token(const LlamaForCausalLM& model,
+                       int64_t seq,
+                       bool checkpointing,
+                       bool full,
+                       double attention_share) {
   const auto& c = model->config;
   double matmul = 0;
   for (const auto& p : model->projections())
     matmul += static_cast<double>(p->in_features) * p->out_features;
   matmul += static_cast<double>(c.hidden_size) * c.vocab_size;  // the head
-  const double attn = 2.0 * seq * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
+  const double attn =
+      2.0 * seq * attention_share * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
   return ((checkpointing ? 6 : 4) + (full ? 2 : 0)) * matmul + (checkpointing ? 4 : 3) * attn;
 }
 
@@ -46,6 +52,7 @@ BenchResult run_bench(const BenchOptions& o) {
   auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0)
                                : load_llama(o.model, device, dtype);
   model->checkpoint_layers = recipe.train.gradient_checkpointing;
+  use_longlora_attention(model, recipe.longlora);
   const auto& spec = find_adapter(recipe.adapter.type);
   const auto settings = adapter_settings(recipe.adapter);
   const auto sites = model->adapter_sites();
@@ -97,11 +104,13 @@ BenchResult run_bench(const BenchOptions& o) {
   r.step_ms = secs / o.steps * 1e3;
   r.tokens_per_s = static_cast<double>(o.batch * o.seq * o.steps) / secs;
   r.peak_mem_gib = compat::peak_memory_gib(device);
-  r.mfu = device.is_cuda() ? r.tokens_per_s *
-                                 flops_per_token(model, o.seq, recipe.train.gradient_checkpointing,
-                                                 spec.trains_base) /
-                                 kPeakFlops
-                           : 0.0;
+  r.mfu =
+      device.is_cuda()
+          ? r.tokens_per_s *
+                flops_per_token(model, o.seq, recipe.train.gradient_checkpointing, spec.trains_base,
+                                recipe.longlora.enabled ? recipe.longlora.group_ratio : 1.0) /
+                kPeakFlops
+          : 0.0;
   for (const auto& p : params) r.trainable_params += p.numel();
   r.device = device.str();
   return r;

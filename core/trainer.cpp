@@ -190,6 +190,13 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
   return step;
 }
 
+void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& l) {
+  if (!l.enabled) return;
+  model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll
+                               : l.shift == "nowrap" ? S2Shift::NoWrap
+                                                     : S2Shift::None);
+}
+
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
   if (step < t.warmup_steps)
     return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
@@ -260,12 +267,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
              (norms && name.find("norm.weight") != std::string::npos);
     };
   }
-  if (recipe.longlora.enabled) {
-    const auto& l = recipe.longlora;
-    model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll
-                                 : l.shift == "nowrap" ? S2Shift::NoWrap
-                                                       : S2Shift::None);
-  }
+  use_longlora_attention(model, recipe.longlora);
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
   std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot

@@ -23,6 +23,9 @@ struct TrainRun {
 /// the base's dtype) instead of OUTPUT/adapter, training fp32 masters of a bf16 or f16 model.
 void train(const Recipe& recipe, const TrainRun& run);
 
+/// Turns on a recipe's S2-Attn (longlora block) in the model's layers; nothing without one.
+void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& longlora);
+
 /// A micro-batch on the model's device.
 struct Batch {
   torch::Tensor ids;     // [B, T] int64, right-padded with 0
