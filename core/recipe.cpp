@@ -381,6 +381,12 @@ void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
   // Packed text is cut into blocks of max_seq_len: each must split into (even) groups.
   const double group = l.group_ratio * static_cast<double>(r.data.max_seq_len);
   const bool even = l.shift == "none" || std::fmod(group, 2.0) == 0.0;
+  const double multiple = 2.0 / l.group_ratio;  // batches are padded to a multiple of it
+  if ((r.data.format != "text" || !r.data.packing) && multiple != std::floor(multiple)) {
+    problems.push_back("'longlora.group_ratio' " + std::to_string(l.group_ratio) +
+                       ": unpacked batches are padded to a length that splits into even groups, "
+                       "which needs 2 / group_ratio to be whole (hint: 0.25, 0.5, 1)");
+  }
   if (r.data.format == "text" && r.data.packing && (group != std::floor(group) || !even)) {
     problems.push_back("'longlora.group_ratio' " + std::to_string(l.group_ratio) +
                        " of data.max_seq_len " + std::to_string(r.data.max_seq_len) +

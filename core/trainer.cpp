@@ -31,11 +31,15 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
+// Right-pads the rows to the longest, rounded up to a multiple of `pad_multiple` (S2-Attn's
+// groups must split every batch's length).
 Batch collate(const std::vector<Example>& examples,
               const std::vector<size_t>& rows,
-              torch::Device device) {
+              torch::Device device,
+              size_t pad_multiple = 1) {
   size_t t = 0;
   for (auto r : rows) t = std::max(t, examples[r].input_ids.size());
+  t = (t + pad_multiple - 1) / pad_multiple * pad_multiple;
   const auto b = static_cast<int64_t>(rows.size());
   std::vector<int64_t> ids(b * t, 0), labels(b * t, kIgnoreLabel);
   std::vector<uint8_t> keep(b * t, 0);
@@ -268,6 +272,10 @@ void train(const Recipe& recipe, const TrainRun& run) {
     };
   }
   use_longlora_attention(model, recipe.longlora);
+  // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
+  const size_t pad_multiple =
+      recipe.longlora.enabled ? static_cast<size_t>(std::llround(2.0 / recipe.longlora.group_ratio))
+                              : 1;
   AdamWSettings adamw;
   adamw.weight_decay = tr.weight_decay;
   std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot
@@ -399,7 +407,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     for (int64_t start = 0; start < tr.batch_size; start += tr.micro_batch_size) {
       const std::vector<size_t> micro(rows.begin() + start,
                                       rows.begin() + start + tr.micro_batch_size);
-      micro_batches.push_back(collate(train_examples, micro, device));
+      micro_batches.push_back(collate(train_examples, micro, device, pad_multiple));
       tokens_since_log += micro_batches.back().tokens;
     }
     // Reading the loss waits for the backward pass, once per step: a non-finite loss must stop
