@@ -10,15 +10,19 @@
 #  3. retrieval accuracy (exact match of the key) with full attention at 512 tokens on
 #     held-out documents, and at 128 on short ones.
 #   bash scripts/experiment_passkey.sh     # OUT=runs/passkey BIN=build/lorafit DEVICE=auto SEEDS="0 1 2"
+#                                          # BASE=runs/passkey/base/model EXTRA="--set train.steps=1200"
 set -euo pipefail
 out="${OUT:-runs/passkey}"
 bin="${BIN:-build/lorafit}"
 device="${DEVICE:-auto}"
 seeds="${SEEDS:-0 1 2}"
+extra="${EXTRA:-}"  # more --set for every extension, e.g. "--set train.steps=1200"
 data="$out/data"
 mkdir -p "$out"
 python3 scripts/make_passkey_data.py "$data"
-if [ ! -f "$out/base/model/model.safetensors" ]; then
+if [ -n "${BASE:-}" ]; then  # a base model made before
+  mkdir -p "$out/base" && ln -sfn "$(realpath "$BASE")" "$out/base/model"
+elif [ ! -f "$out/base/model/model.safetensors" ]; then
   rm -rf "$out/init"
   "$bin" init --from "$data/base" --out "$out/init" --seed 0
   "$bin" train recipes/experiments/passkey_base.yaml --device "$device" --set model="$out/init" \
@@ -49,7 +53,7 @@ for seed in $seeds; do
     if [ ! -f "$dir/adapter/adapter_model.safetensors" ]; then
       "$bin" train recipes/experiments/passkey_extend.yaml --device "$device" --set seed="$seed" \
         --set output="$dir" --set model="$base" --set data.train="$data/long_train.jsonl" \
-        --set data.valid="$data/long_valid.jsonl" ${variant[$name]} 2> "$dir.log"
+        --set data.valid="$data/long_valid.jsonl" ${variant[$name]} $extra 2> "$dir.log"
     fi
     score "$name" "$seed" "$dir/adapter"
   done
