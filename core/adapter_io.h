@@ -34,6 +34,11 @@ void save_adapter(const std::string& dir,
 /// LongLoRA: embeddings and norms); empty: none.
 using BaseFilter = std::function<bool(const std::string& name)>;
 
+/// Full fine-tuning's filter: every base tensor.
+inline bool every_base_tensor(const std::string&) {
+  return true;
+}
+
 /// The one place that decides what trains: adapter parameters, and the base tensors that
 /// `base` accepts, each once (a tied head is the embedding's tensor). Returns the trainable
 /// tensors in model order.

@@ -62,14 +62,8 @@ BenchResult run_bench(const BenchOptions& o) {
     aux = [&](const torch::Tensor& keep, double scale) {
       return spec.aux_loss(settings, sites, keep, scale);
     };
-  BaseFilter all;
-  if (spec.trains_base) all = [](const std::string&) { return true; };
-  auto params = trainable_parameters(model, all);
-  std::optional<MasterWeights> masters;  // as the trainer: fp32 masters of a bf16 full model
-  if (spec.trains_base && dtype != torch::kFloat32) {
-    masters.emplace(params);
-    params = masters->masters;
-  }
+  auto params = trainable_parameters(model, spec.trains_base ? every_base_tensor : BaseFilter());
+  auto masters = masters_for(params);  // as the trainer: fp32 masters of a bf16 full model
   AdamW optimizer(params, AdamWSettings{});
   model->train();
 

@@ -288,13 +288,17 @@ void LlamaForCausalLMImpl::untie_head() {
   config.tie_word_embeddings = false;
 }
 
+void check_rope_interpolation(const RopeConfig& rope, double factor, const std::string& where) {
+  if (factor > 1 && rope.type != RopeType::Default) {
+    throw ConfigError(where + ": linear RoPE interpolation by " + std::to_string(factor) +
+                      " needs plain RoPE, but the model already scales its RoPE another way "
+                      "(hint: longlora.rope_scale: 1)");
+  }
+}
+
 void LlamaForCausalLMImpl::interpolate_rope(double factor) {
   if (factor == 1.0) return;
-  if (config.rope.type != RopeType::Default) {
-    throw ConfigError(
-        "linear RoPE interpolation needs a model with plain RoPE; this one's is "
-        "already scaled (hint: longlora.rope_scale: 1)");
-  }
+  check_rope_interpolation(config.rope, factor, "RoPE interpolation");
   config.rope.type = RopeType::Linear;
   config.rope.factor = factor;
   inv_freq = rope_inv_freq(config).to(inv_freq.device());

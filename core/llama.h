@@ -157,6 +157,10 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
 };
 TORCH_MODULE(LlamaForCausalLM);
 
+/// Refuses linear RoPE interpolation by `factor` > 1 (LongLoRA) of a model whose RoPE is already
+/// scaled another way: a ConfigError naming `where`.
+void check_rope_interpolation(const RopeConfig& rope, double factor, const std::string& where);
+
 /// Inverse RoPE frequencies [head_dim / 2] in f32, computed in transformers' op order
 /// (default, linear and llama3 types).
 torch::Tensor rope_inv_freq(const LlamaConfig& c);

@@ -118,4 +118,16 @@ void MasterWeights::publish() {
   for (size_t i = 0; i < model.size(); ++i) model[i].copy_(masters[i]);
 }
 
+std::optional<MasterWeights> masters_for(std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> low;
+  for (const auto& p : params)
+    if (p.scalar_type() != torch::kFloat32) low.push_back(p);
+  if (low.empty()) return std::nullopt;
+  MasterWeights masters(low);
+  size_t next = 0;
+  for (auto& p : params)
+    if (p.scalar_type() != torch::kFloat32) p = masters.masters[next++];
+  return masters;
+}
+
 }  // namespace lorafit

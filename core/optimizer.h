@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,5 +53,9 @@ struct MasterWeights {
   std::vector<torch::Tensor> model;    // the model's trained tensors, bf16 or f16
   std::vector<torch::Tensor> masters;  // fp32, shaped as model
 };
+
+/// Masters for the trainable tensors not in fp32, put in their place in `params` (what the
+/// optimizer then updates); nullopt when every tensor is fp32 already.
+std::optional<MasterWeights> masters_for(std::vector<torch::Tensor>& params);
 
 }  // namespace lorafit

@@ -232,11 +232,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
   // LongLoRA's position interpolation, checked before any weight loads.
   const double rope_factor =
       rope_scale_factor(recipe.longlora, recipe.data.max_seq_len, config.max_position_embeddings);
-  if (rope_factor > 1 && config.rope.type != RopeType::Default) {
-    throw ConfigError("'longlora.rope_scale' " + std::to_string(rope_factor) + ": model '" +
-                      recipe.model +
-                      "' already scales its RoPE another way (hint: " + "longlora.rope_scale: 1)");
-  }
+  check_rope_interpolation(config.rope, rope_factor,
+                           "'longlora.rope_scale' for model '" + recipe.model + "'");
   const auto device = pick_device(recipe.device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
@@ -260,7 +257,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   // Base tensors that train: all of them (full fine-tuning), or LongLoRA's embeddings and
   // norms, the head excepted (a tied head keeps its own frozen copy).
   BaseFilter base_trains;
-  if (spec.trains_base) base_trains = [](const std::string&) { return true; };
+  if (spec.trains_base) base_trains = every_base_tensor;
   const auto& extra = recipe.longlora.trainable;
   const bool embed = std::count(extra.begin(), extra.end(), "embed") > 0;
   const bool norms = std::count(extra.begin(), extra.end(), "norm") > 0;
@@ -282,15 +279,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   std::optional<MasterWeights> masters;  // of the trained base tensors not in fp32
   auto new_optimizer = [&] {
     auto params = trainable_parameters(model, base_trains);
-    std::vector<torch::Tensor> low;
-    for (const auto& p : params)
-      if (p.scalar_type() != torch::kFloat32) low.push_back(p);
-    if (!low.empty()) {
-      masters.emplace(low);
-      size_t next = 0;
-      for (auto& p : params)
-        if (p.scalar_type() != torch::kFloat32) p = masters->masters[next++];
-    }
+    masters = masters_for(params);
     optimizer.emplace(params, adamw);
   };
   new_optimizer();

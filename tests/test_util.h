@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -89,6 +90,18 @@ inline RunResult run_lorafit(const std::string& args, const std::string& stdin_t
 template <typename T>
 double rel_err(const T& a, const T& b) {
   return (a - b).abs().max().template item<double>() / b.abs().max().template item<double>();
+}
+
+/// Gradients of a recomputing backward pass (checkpointed layers) against the plain one's:
+/// as many, each nonzero, equal to float64 round-off.
+inline void require_same_gradients(const std::vector<torch::Tensor>& plain,
+                                   const std::vector<torch::Tensor>& checkpointed) {
+  REQUIRE(plain.size() == checkpointed.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    INFO("gradient " << i);
+    REQUIRE(plain[i].abs().sum().item<double>() > 0);
+    REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
+  }
 }
 
 }  // namespace lorafit::test

@@ -28,13 +28,18 @@ lorafit::test::RunResult train(const std::string& out, const std::string& sets =
   return run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) + " " + sets);
 }
 
-double eval_loss(const std::string& adapter) {
-  const auto r = run_lorafit(
-      "eval --device cpu --json --model tests/fixtures/gqa_llama3/model --data "
-      "recipes/data/tiny_valid.jsonl" +
-      (adapter.empty() ? "" : " --adapter " + q(adapter)));
+// Held-out loss of a model folder, with an adapter if given.
+double model_loss(const std::string& model, const std::string& adapter = "") {
+  const auto r = run_lorafit("eval --device cpu --json --model " + q(model) +
+                             " --data recipes/data/tiny_valid.jsonl" +
+                             (adapter.empty() ? "" : " --adapter " + q(adapter)));
   REQUIRE(r.code == 0);
-  return nlohmann::json::parse(r.out)["loss"];
+  return nlohmann::json::parse(r.out)["loss"].get<double>();
+}
+
+// Held-out loss of the quickstart's base model, with an adapter if given.
+double eval_loss(const std::string& adapter) {
+  return model_loss("tests/fixtures/gqa_llama3/model", adapter);
 }
 
 std::vector<double> metric(const std::string& out, const char* key) {
@@ -155,8 +160,7 @@ TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[
   REQUIRE(fs::exists(out + "/checkpoints/step-30"));
   REQUIRE_FALSE(fs::exists(out + "/adapter/adapter_model.safetensors"));
 
-  const auto resumed = run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) +
-                                   " " + sets + " --resume " + q(out));
+  const auto resumed = train(out, sets + " --resume " + q(out));
   INFO(resumed.err);
   REQUIRE(resumed.code == 0);
   REQUIRE_THAT(resumed.err, Catch::Contains("resuming from"));
@@ -188,11 +192,7 @@ TEST_CASE("a merged checkpoint gives the loss of the adapter it merged", "[cli][
        {"config.json", "model.safetensors", "tokenizer.model", "generation_config.json"}) {
     REQUIRE(fs::exists(merged + "/" + f));
   }
-  const auto m = run_lorafit("eval --device cpu --json --model " + q(merged) +
-                             " --data recipes/data/tiny_valid.jsonl");
-  REQUIRE(m.code == 0);
-  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() ==
-          Approx(eval_loss(tmp / "run/adapter")).epsilon(1e-5));
+  REQUIRE(model_loss(merged) == Approx(eval_loss(tmp / "run/adapter")).epsilon(1e-5));
   // Never overwrites.
   const auto again = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
                                  q(tmp / "run/adapter") + " --out " + q(merged));
@@ -294,9 +294,7 @@ TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk
   const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
                                  q(tmp / "ml/adapter") + " --out " + q(tmp / "merged"));
   REQUIRE(merge.code == 0);
-  const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
-                             " --data recipes/data/tiny_valid.jsonl");
-  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(adapted).epsilon(1e-5));
+  REQUIRE(model_loss(tmp / "merged") == Approx(adapted).epsilon(1e-5));
 }
 
 TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to merge",
@@ -354,18 +352,11 @@ TEST_CASE("full fine-tuning from lorafit init trains, resumes exactly and writes
   REQUIRE(whole.code == 0);
   REQUIRE(fs::exists(tmp / "whole/model/model.safetensors"));
   REQUIRE(!fs::exists(tmp / "whole/adapter"));
-  auto eval = [](const std::string& model) {
-    const auto r = run_lorafit("eval --device cpu --json --model " + q(model) +
-                               " --data recipes/data/tiny_valid.jsonl");
-    REQUIRE(r.code == 0);
-    return nlohmann::json::parse(r.out)["loss"].get<double>();
-  };
-  REQUIRE(eval(tmp / "whole/model") < eval(tmp / "init") - 2.0);
+  REQUIRE(model_loss(tmp / "whole/model") < model_loss(tmp / "init") - 2.0);
 
   // Resumed from its step-20 checkpoint, the run ends bit for bit where the whole run did.
   const auto resumed =
-      run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(tmp / "resumed") + " " +
-                  sets + " --resume " + q(tmp / "whole/checkpoints/step-20"));
+      train(tmp / "resumed", sets + " --resume " + q(tmp / "whole/checkpoints/step-20"));
   INFO(resumed.err);
   REQUIRE(resumed.code == 0);
   REQUIRE(read_text(tmp / "resumed/model/model.safetensors") ==
@@ -378,8 +369,8 @@ TEST_CASE("full fine-tuning from lorafit init trains, resumes exactly and writes
   REQUIRE(bf16.code == 0);
   SafetensorsFile written(tmp / "bf16/model/model.safetensors");
   REQUIRE(written.tensor("model.norm.weight").scalar_type() == torch::kFloat32);
-  REQUIRE(eval(tmp / "bf16/model") < eval(tmp / "init") - 2.0);
-  REQUIRE(eval(tmp / "bf16/model") == Approx(eval(tmp / "whole/model")).epsilon(0.05));
+  REQUIRE(model_loss(tmp / "bf16/model") < model_loss(tmp / "init") - 2.0);
+  REQUIRE(model_loss(tmp / "bf16/model") == Approx(model_loss(tmp / "whole/model")).epsilon(0.05));
 }
 
 TEST_CASE("a COLA chain trains, resumes across a knot exactly and exports one PEFT LoRA",
@@ -406,8 +397,7 @@ TEST_CASE("a COLA chain trains, resumes across a knot exactly and exports one PE
   REQUIRE(opt.header().metadata.at("steps") == "5");
   REQUIRE(fs::exists(tmp / "whole/checkpoints/step-15/links/link-1/adapter_model.safetensors"));
   const auto resumed =
-      run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(tmp / "resumed") + " " +
-                  sets + " --resume " + q(tmp / "whole/checkpoints/step-15"));
+      train(tmp / "resumed", sets + " --resume " + q(tmp / "whole/checkpoints/step-15"));
   INFO(resumed.err);
   REQUIRE(resumed.code == 0);
   for (const char* f : {"adapter", "links/link-1", "links/link-2", "links/link-3"}) {
@@ -422,9 +412,7 @@ TEST_CASE("a COLA chain trains, resumes across a knot exactly and exports one PE
   const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
                                  q(tmp / "whole/adapter") + " --out " + q(tmp / "merged"));
   REQUIRE(merge.code == 0);
-  const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
-                             " --data recipes/data/tiny_valid.jsonl");
-  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(chained).epsilon(1e-5));
+  REQUIRE(model_loss(tmp / "merged") == Approx(chained).epsilon(1e-5));
 
   const auto bad = train(tmp / "bad",
                          "--set cola.links=3 --set adapter.type=mixlora "
@@ -475,9 +463,7 @@ TEST_CASE("LongLoRA's trained embeddings and norms go to modules_to_save; the he
   REQUIRE(run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
                       q(tmp / "run/adapter") + " --out " + q(tmp / "merged"))
               .code == 0);
-  const auto m = run_lorafit("eval --device cpu --json --model " + q(tmp / "merged") +
-                             " --data recipes/data/tiny_valid.jsonl");
-  REQUIRE(nlohmann::json::parse(m.out)["loss"].get<double>() == Approx(adapted).epsilon(1e-5));
+  REQUIRE(model_loss(tmp / "merged") == Approx(adapted).epsilon(1e-5));
   REQUIRE(lorafit::test::read_json(tmp / "merged/config.json")["tie_word_embeddings"] == false);
   SafetensorsFile merged(tmp / "merged/model.safetensors");
   REQUIRE(torch::equal(merged.tensor("lm_head.weight"), base->model->embed_tokens->weight));
@@ -485,8 +471,7 @@ TEST_CASE("LongLoRA's trained embeddings and norms go to modules_to_save; the he
 
   // Resumed from step 20, the run ends bit for bit as the whole one.
   const auto resumed =
-      run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(tmp / "resumed") + " " +
-                  sets + " --resume " + q(tmp / "run/checkpoints/step-20"));
+      train(tmp / "resumed", sets + " --resume " + q(tmp / "run/checkpoints/step-20"));
   INFO(resumed.err);
   REQUIRE(resumed.code == 0);
   REQUIRE(read_text(tmp / "resumed/adapter/adapter_model.safetensors") ==
