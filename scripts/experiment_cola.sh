@@ -21,15 +21,8 @@ extra="${EXTRA:-}"  # more --set for every run, e.g. "--set train.steps=20" for 
 data="$out/data"
 mkdir -p "$out"
 python3 scripts/make_multitask_data.py "$data"
-if [ -n "${BASE:-}" ]; then  # a base model made before
-  mkdir -p "$out/base" && ln -sfn "$(realpath "$BASE")" "$out/base/model"
-elif [ ! -f "$out/base/model/model.safetensors" ]; then
-  rm -rf "$out/init"
-  "$bin" init --from "$data/base" --out "$out/init" --seed 0
-  "$bin" train recipes/experiments/multitask_base.yaml --device "$device" --set model="$out/init" \
-    --set output="$out/base" --set data.train="$data/pretrain.jsonl" \
-    --set data.valid="$data/pretrain_valid.jsonl" 2> "$out/base.log"
-fi
+source scripts/experiment_base.sh
+base_model recipes/experiments/multitask_base.yaml pretrain.jsonl pretrain_valid.jsonl
 base="$out/base/model"
 declare -A variant=(
   [lora]="--set cola.links=1"

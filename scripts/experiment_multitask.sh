@@ -10,21 +10,18 @@
 #  3. exact-match accuracy per task on held-out records (`lorafit eval --format chat`): the
 #     sweep, and the table of mean and spread over the seeds.
 # Runs that already wrote their adapter are reused, so an interrupted experiment continues.
-#   bash scripts/experiment_multitask.sh     # OUT=runs/multitask BIN=build/lorafit SEEDS="0 1 2" LRS="1e-3 2e-3 5e-3 1e-2"
+#   bash scripts/experiment_multitask.sh     # OUT=runs/multitask BIN=build/lorafit DEVICE=auto SEEDS="0 1 2"
+#                                            # LRS="1e-3 2e-3 5e-3 1e-2" BASE=runs/multitask/base/model
 set -euo pipefail
 out="${OUT:-runs/multitask}"
 bin="${BIN:-build/lorafit}"
+device="${DEVICE:-auto}"
 seeds="${SEEDS:-0 1 2}"
 lrs="${LRS:-1e-3 2e-3 5e-3 1e-2}"
 data="$out/data"
 python3 scripts/make_multitask_data.py "$data"
-if [ ! -f "$out/base/model/model.safetensors" ]; then
-  rm -rf "$out/init"
-  "$bin" init --from "$data/base" --out "$out/init" --seed 0
-  "$bin" train recipes/experiments/multitask_base.yaml --set model="$out/init" \
-    --set output="$out/base" --set data.train="$data/pretrain.jsonl" \
-    --set data.valid="$data/pretrain_valid.jsonl" 2> "$out/base.log"
-fi
+source scripts/experiment_base.sh
+base_model recipes/experiments/multitask_base.yaml pretrain.jsonl pretrain_valid.jsonl
 base="$out/base/model"
 declare -A method=(
   [lora]="--set adapter.type=lora"
@@ -36,14 +33,14 @@ results="$out/results.jsonl"
 score() {  # method lr seed model [adapter]
   for task in reverse sort increment; do
     local r
-    r=$("$bin" eval --json --format chat --model "$4" ${5:+--adapter "$5"} --data "$data/valid_$task.jsonl")
+    r=$("$bin" eval --device "$device" --json --format chat --model "$4" ${5:+--adapter "$5"} --data "$data/valid_$task.jsonl")
     echo "{\"method\": \"$1\", \"lr\": \"$2\", \"seed\": $3, \"task\": \"$task\", \"eval\": $r, \"adapter\": \"${5:-}\"}" >> "$results"
   done
 }
 run() {  # method lr seed
   local dir="$out/$1-lr$2-s$3"
   if [ ! -f "$dir/adapter/adapter_model.safetensors" ]; then
-    "$bin" train recipes/experiments/multitask.yaml --set seed="$3" --set output="$dir" \
+    "$bin" train recipes/experiments/multitask.yaml --device "$device" --set seed="$3" --set output="$dir" \
       --set model="$base" --set data.train="$data/train.jsonl" --set data.valid="$data/valid.jsonl" \
       --set train.lr="$2" ${method[$1]} 2> "$dir.log"
   fi

@@ -20,15 +20,8 @@ extra="${EXTRA:-}"  # more --set for every extension, e.g. "--set train.steps=12
 data="$out/data"
 mkdir -p "$out"
 python3 scripts/make_passkey_data.py "$data"
-if [ -n "${BASE:-}" ]; then  # a base model made before
-  mkdir -p "$out/base" && ln -sfn "$(realpath "$BASE")" "$out/base/model"
-elif [ ! -f "$out/base/model/model.safetensors" ]; then
-  rm -rf "$out/init"
-  "$bin" init --from "$data/base" --out "$out/init" --seed 0
-  "$bin" train recipes/experiments/passkey_base.yaml --device "$device" --set model="$out/init" \
-    --set output="$out/base" --set data.train="$data/short_train.jsonl" \
-    --set data.valid="$data/short_valid.jsonl" 2> "$out/base.log"
-fi
+source scripts/experiment_base.sh
+base_model recipes/experiments/passkey_base.yaml short_train.jsonl short_valid.jsonl
 base="$out/base/model"
 declare -A variant=(
   [no-shift]="--set longlora.shift=none"

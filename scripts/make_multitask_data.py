@@ -17,13 +17,11 @@ Every task works on strings of 5 to 8 digits, which the tokenizer reads one toke
 
     python3 scripts/make_multitask_data.py [OUT]
 """
-import json
 import os
 import random
-import shutil
 import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from experiment_data import ROOT, small_llama, write_jsonl
 
 BASE_TASKS = {
     "copy": lambda s: s,
@@ -42,29 +40,14 @@ def record(task, fn, rng):
                          {"role": "assistant", "content": fn(digits)}]}
 
 
-def write(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
 def main(out):
-    os.makedirs(os.path.join(out, "base"), exist_ok=True)
-    fixture = os.path.join(ROOT, "tests", "fixtures", "gqa_llama3", "model")
-    with open(os.path.join(fixture, "config.json")) as f:
-        config = json.load(f)
-    config.update(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                  max_position_embeddings=128)
-    with open(os.path.join(out, "base", "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    shutil.copy(os.path.join(fixture, "tokenizer.model"), os.path.join(out, "base"))
+    small_llama(os.path.join(out, "base"), "gqa_llama3")
 
     rng = random.Random(0)
     pretrain = [record(t, fn, rng) for t, fn in BASE_TASKS.items() for _ in range(4000)]
     rng.shuffle(pretrain)
-    write(os.path.join(out, "pretrain.jsonl"), pretrain[:-200])
-    write(os.path.join(out, "pretrain_valid.jsonl"), pretrain[-200:])
+    write_jsonl(os.path.join(out, "pretrain.jsonl"), pretrain[:-200])
+    write_jsonl(os.path.join(out, "pretrain_valid.jsonl"), pretrain[-200:])
 
     seen = set()
     train = []
@@ -74,7 +57,7 @@ def main(out):
             seen.add(r["messages"][0]["content"])
             train.append(r)
     rng.shuffle(train)
-    write(os.path.join(out, "train.jsonl"), train)
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
     mixed_valid = []
     for task, fn in TASKS.items():
         valid = []
@@ -82,9 +65,9 @@ def main(out):
             r = record(task, fn, rng)
             if r["messages"][0]["content"] not in seen:  # held out: never trained on
                 valid.append(r)
-        write(os.path.join(out, f"valid_{task}.jsonl"), valid)
+        write_jsonl(os.path.join(out, f"valid_{task}.jsonl"), valid)
         mixed_valid.extend(valid[:100])
-    write(os.path.join(out, "valid.jsonl"), mixed_valid)
+    write_jsonl(os.path.join(out, "valid.jsonl"), mixed_valid)
 
 
 if __name__ == "__main__":
