@@ -71,8 +71,8 @@ LoraImpl::LoraImpl(int64_t in,
   torch::nn::init::kaiming_uniform_(lora_A, std::sqrt(5.0));
 }
 
-std::optional<LowRank> LoraImpl::low_rank(torch::Dtype dtype) const {
-  return LowRank{lora_A.to(dtype), lora_B.to(dtype), scaling, dropout};
+std::optional<LowRank> LoraImpl::low_rank() const {
+  return LowRank{{{lora_A, lora_B, scaling}}, dropout};
 }
 
 torch::Tensor LoraImpl::merged_delta() const {

@@ -18,7 +18,7 @@ struct LoraImpl : ProjectionAdapterImpl {
            const torch::TensorOptions& options);
   /// A and B cast to `dtype`: fp32 weights computed in the activations' dtype (autocast's
   /// mixed precision, as PEFT under the HF Trainer with bf16).
-  std::optional<LowRank> low_rank(torch::Dtype dtype) const override;
+  std::optional<LowRank> low_rank() const override;
   /// scaling * B A, in fp32.
   torch::Tensor merged_delta() const override;
 

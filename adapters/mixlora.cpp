@@ -44,12 +44,7 @@ namespace {
 // base + s * (dropout(x) A^T) B^T for one expert's LoRA, or base when there is none.
 // x: [n, in], base: [n, out]
 torch::Tensor with_lora(const torch::Tensor& x, const torch::Tensor& base, const Lora* lora) {
-  if (!lora) return base;
-  const auto f = (*lora)->low_rank(x.scalar_type());
-  const auto h =
-      f->dropout > 0 && (*lora)->is_training() ? torch::dropout(x, f->dropout, /*train=*/true) : x;
-  return base +
-         torch::nn::functional::linear(torch::nn::functional::linear(h, f->a), f->b) * f->scaling;
+  return lora ? adapted_output(*Lora(*lora), x, base) : base;
 }
 
 // Every slot's s_e * (dropout(in) A_e^T) B_e^T for its own expert e, all slots at once: the

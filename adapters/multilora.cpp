@@ -40,10 +40,10 @@ MultiLoraImpl::MultiLoraImpl(int64_t in,
   }
 }
 
-std::optional<LowRank> MultiLoraImpl::low_rank(torch::Dtype dtype) const {
+std::optional<LowRank> MultiLoraImpl::low_rank() const {
   const auto n = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2), out = lora_B.size(1);
   auto b = (scale.unsqueeze(-1) * lora_B).permute({1, 0, 2}).reshape({out, n * r});  // [out, n*r]
-  return LowRank{lora_A.reshape({n * r, in}).to(dtype), b.to(dtype), scaling, dropout};
+  return LowRank{{{lora_A.reshape({n * r, in}), b, scaling}}, dropout};
 }
 
 torch::Tensor MultiLoraImpl::merged_delta() const {

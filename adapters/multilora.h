@@ -29,7 +29,7 @@ struct MultiLoraImpl : ProjectionAdapterImpl {
                 bool vector_scale,
                 const torch::TensorOptions& options);
   /// All modules as one low-rank pair: a = [A_1; ...; A_n], b = [s_1 B_1, ..., s_n B_n].
-  std::optional<LowRank> low_rank(torch::Dtype dtype) const override;
+  std::optional<LowRank> low_rank() const override;
   /// scaling * sum_i diag(s_i) B_i A_i, in fp32.
   torch::Tensor merged_delta() const override;
 

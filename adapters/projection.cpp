@@ -22,81 +22,195 @@ torch::Tensor ProjectionAdapterImpl::forward(const torch::Tensor&, const torch::
 
 namespace {
 
+// The terms as numbers for the autograd context: per term its first flattened row, its row
+// count and its first column; and per term its scaling.
+struct TermLayout {
+  std::vector<int64_t> code;
+  std::vector<double> scales;
+};
+
+TermLayout layout_of(const LowRank& u, int64_t n) {
+  TermLayout l;
+  const int64_t per = u.batch_rows > 0 ? n / u.batch_rows : n;
+  for (const auto& t : u.terms) {
+    const bool all = t.row_end == 0;
+    l.code.insert(l.code.end(), {all ? 0 : t.row_begin * per,
+                                 all ? n : (t.row_end - t.row_begin) * per, t.col});
+    l.scales.push_back(t.scaling);
+  }
+  return l;
+}
+
+// Runs of consecutive terms on the same rows: they share the down-projection.
+struct TermGroup {
+  size_t first, count;
+  int64_t row, rows;
+};
+
+std::vector<TermGroup> groups_of(const std::vector<int64_t>& code) {
+  std::vector<TermGroup> out;
+  for (size_t t = 0; t * 3 < code.size(); ++t) {
+    const int64_t row = code[3 * t], rows = code[3 * t + 1];
+    if (!out.empty() && out.back().row == row && out.back().rows == rows) {
+      ++out.back().count;
+    } else {
+      out.push_back({t, 1, row, rows});
+    }
+  }
+  return out;
+}
+
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
+  // factors: a_0, b_0, a_1, b_1, ... (a_t [k_t, in], b_t [out_t, k_t], any floating dtype)
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
                                torch::Tensor x,       // [..., in]
                                torch::Tensor weight,  // [out, in]
-                               torch::Tensor a,       // [k, in]
-                               torch::Tensor b,       // [out, k]
-                               double scaling,
-                               bool value_needed) {
+                               at::TensorList factors,
+                               bool value_needed,
+                               std::vector<int64_t> code,
+                               std::vector<double> scales) {
     auto shape = x.sizes().vec();
     shape.back() = weight.size(0);
     const auto x2 = x.reshape({-1, x.size(-1)});  // [N, in]
-    const auto xa = torch::mm(x2, a.t());         // [N, k]
-    torch::Tensor y;                              // [N, out]
-    if (value_needed) {
-      y = torch::mm(x2, weight.t());
-      if (a.size(0) > 0) y.addmm_(xa, b.t(), /*beta=*/1, /*alpha=*/scaling);
-    } else {
-      y = torch::empty({x2.size(0), weight.size(0)}, x.options());
+    const auto dtype = x.scalar_type();
+    torch::Tensor y = value_needed ? torch::mm(x2, weight.t())
+                                   : torch::empty({x2.size(0), weight.size(0)}, x.options());
+    std::vector<torch::Tensor> saved{x2, weight};
+    saved.insert(saved.end(), factors.begin(), factors.end());
+    for (const auto& g : groups_of(code)) {
+      std::vector<torch::Tensor> as;  // [k_t, in] in x's dtype
+      for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t].to(dtype));
+      const auto a = as.size() == 1 ? as[0] : torch::cat(as, 0);    // [K, in]
+      const auto xa = torch::mm(x2.narrow(0, g.row, g.rows), a.t());  // [n, K]
+      if (value_needed) {
+        int64_t k = 0;
+        for (size_t t = g.first; t < g.first + g.count; ++t) {
+          const auto& b = factors[2 * t + 1];  // [out_t, k_t]
+          y.narrow(0, g.row, g.rows)
+              .narrow(1, code[3 * t + 2], b.size(0))
+              .addmm_(xa.narrow(1, k, b.size(1)), b.to(dtype).t(), 1, scales[t]);
+          k += b.size(1);
+        }
+      }
+      saved.push_back(a);
+      saved.push_back(xa);
     }
-    ctx->save_for_backward({x2, weight, a, b, xa});
-    ctx->saved_data["scaling"] = scaling;
+    ctx->save_for_backward(saved);
+    ctx->saved_data["code"] = code;
+    ctx->saved_data["scales"] = scales;
     return y.view(shape);
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x2 = saved[0], &weight = saved[1], &a = saved[2], &b = saved[3], &xa = saved[4];
-    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const auto &x2 = saved[0], &weight = saved[1];
+    const auto code = ctx->saved_data["code"].toIntVector();
+    const auto scales = ctx->saved_data["scales"].toDoubleVector();
+    const size_t terms = code.size() / 3;
+    const auto dtype = x2.scalar_type();
     const auto dy = grads[0].reshape({-1, weight.size(0)});  // [N, out]
-    const auto dxa = torch::mm(dy, b * scaling);             // [N, k]
-    torch::Tensor dx, dw, da, db;
-    if (ctx->needs_input_grad(0)) {
-      dx = torch::mm(dy, weight);  // [N, in]
-      if (a.size(0) > 0) dx.addmm_(dxa, a);
+    torch::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = torch::mm(dy, weight);  // [N, in]
+    if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
+    std::vector<torch::Tensor> dfactors(2 * terms);
+    size_t at = 2 + 2 * terms;  // the groups' stacked a and xa
+    for (const auto& g : groups_of(code)) {
+      const auto &a = saved[at], &xa = saved[at + 1];
+      at += 2;
+      const auto dys = dy.narrow(0, g.row, g.rows);  // [n, out]
+      const auto xs = x2.narrow(0, g.row, g.rows);   // [n, in]
+      std::vector<torch::Tensor> dxas;               // [n, k_t], scaled
+      int64_t k = 0;
+      for (size_t t = g.first; t < g.first + g.count; ++t) {
+        const auto& b = saved[2 + 2 * t + 1];  // [out_t, k_t]
+        const auto dyt = dys.narrow(1, code[3 * t + 2], b.size(0));
+        dxas.push_back(torch::mm(dyt, b.to(dtype)).mul_(scales[t]));
+        if (ctx->needs_input_grad(2 + 2 * t + 1)) {
+          dfactors[2 * t + 1] =
+              torch::mm(dyt.t(), xa.narrow(1, k, b.size(1))).mul_(scales[t]).to(b.scalar_type());
+        }
+        k += b.size(1);
+      }
+      const auto dxa = dxas.size() == 1 ? dxas[0] : torch::cat(dxas, 1);  // [n, K]
+      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa, a);
+      bool any_a = false;
+      for (size_t t = g.first; t < g.first + g.count; ++t)
+        any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
+      if (!any_a) continue;
+      const auto da = torch::mm(dxa.t(), xs);  // [K, in]
+      k = 0;
+      for (size_t t = g.first; t < g.first + g.count; ++t) {
+        const auto& a_t = saved[2 + 2 * t];
+        if (ctx->needs_input_grad(2 + 2 * t))
+          dfactors[2 * t] = da.narrow(0, k, a_t.size(0)).to(a_t.scalar_type());
+        k += a_t.size(0);
+      }
+    }
+    if (dx.defined()) {
       auto shape = grads[0].sizes().vec();
       shape.back() = weight.size(1);
       dx = dx.view(shape);
     }
-    if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
-    if (ctx->needs_input_grad(2)) da = torch::mm(dxa.t(), x2);
-    if (ctx->needs_input_grad(3)) db = torch::mm(dy.t(), xa) * scaling;
-    return {dx, dw, da, db, torch::Tensor(), torch::Tensor()};
+    torch::autograd::tensor_list out{dx, dw};
+    out.insert(out.end(), dfactors.begin(), dfactors.end());
+    out.resize(out.size() + 3);  // value_needed, code, scales
+    return out;
   }
 };
+
+// base + the terms of an adapter's own update (every row, every column) with dropout on
+// their input: plain autograd. x: [..., in], base: [..., out]
+torch::Tensor with_terms(const torch::Tensor& x,
+                         const torch::Tensor& base,
+                         const LowRank& u,
+                         bool training) {
+  const auto h = u.dropout > 0 && training ? torch::dropout(x, u.dropout, /*train=*/true) : x;
+  auto y = base;
+  for (const auto& t : u.terms) {
+    TORCH_CHECK(t.row_end == 0 && t.col == 0 && t.b.size(0) == base.size(-1),
+                "an adapter's own update covers every row and column");
+    y = y + torch::nn::functional::linear(
+                torch::nn::functional::linear(h, t.a.to(x.scalar_type())), t.b.to(x.scalar_type())) *
+                t.scaling;
+  }
+  return y;
+}
 
 }  // namespace
 
 torch::Tensor low_rank_linear(const torch::Tensor& x,
                               const torch::Tensor& weight,
-                              const torch::Tensor& a,
-                              const torch::Tensor& b,
-                              double scaling,
+                              const LowRank& update,
                               bool value_needed) {
-  return LowRankLinear::apply(x, weight, a, b, scaling, value_needed);
+  auto [code, scales] = layout_of(update, x.numel() / x.size(-1));
+  std::vector<torch::Tensor> factors;
+  for (const auto& t : update.terms) {
+    factors.push_back(t.a);
+    factors.push_back(t.b);
+  }
+  return LowRankLinear::apply(x, weight, at::TensorList(factors), value_needed, std::move(code),
+                              std::move(scales));
+}
+
+torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
+                             const torch::Tensor& x,
+                             const torch::Tensor& base) {
+  const auto f = adapter.low_rank();
+  return f ? with_terms(x, base, *f, adapter.is_training()) : adapter.forward(x, base);
 }
 
 torch::Tensor ProjectionImpl::forward(const torch::Tensor& x, bool value_needed) {
   if (!adapter) {
     if (value_needed || weight.requires_grad()) return torch::nn::functional::linear(x, weight);
-    return low_rank_linear(x, weight, torch::zeros({0, in_features}, x.options()),
-                           torch::zeros({out_features, 0}, x.options()), 1.0, false);
+    return low_rank_linear(x, weight, LowRank{}, false);
   }
-  const auto f = adapter->low_rank(x.scalar_type());
-  if (!f) return adapter->forward(x, torch::nn::functional::linear(x, weight));
-  if (f->dropout > 0 && adapter->is_training()) {
-    // Dropout reaches only the adapter's input: the fused path would need the mask in its
-    // backward, so this one runs as plain autograd.
-    auto xa = torch::nn::functional::linear(torch::dropout(x, f->dropout, /*train=*/true), f->a);
-    auto y = torch::nn::functional::linear(x, weight);
-    return y.view({-1, y.size(-1)})
-        .addmm_(xa.reshape({-1, xa.size(-1)}), f->b.t(), /*beta=*/1, /*alpha=*/f->scaling)
-        .view(y.sizes());
-  }
-  return low_rank_linear(x, weight, f->a, f->b, f->scaling, value_needed || weight.requires_grad());
+  const auto f = adapter->low_rank();
+  // Dropout reaches only the adapter's input: the fused path would need the mask in its
+  // backward, so that one runs as plain autograd.
+  if (!f || (f->dropout > 0 && adapter->is_training()))
+    return adapted_output(*adapter, x, torch::nn::functional::linear(x, weight));
+  return low_rank_linear(x, weight, *f, value_needed || weight.requires_grad());
 }
 
 void ProjectionImpl::attach(std::shared_ptr<ProjectionAdapterImpl> a) {
@@ -112,7 +226,7 @@ std::string projection_kind(const std::string& name) {
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
                             const std::vector<ProjectionImpl*>& group) {
-  std::vector<torch::Tensor> as, bs;  // [k_i, in], [out_i, k_i]
+  LowRank update;
   bool grouped = !weight.requires_grad();
   int64_t row = 0;
   for (auto* p : group) {
@@ -120,25 +234,31 @@ torch::Tensor project_group(const torch::Tensor& x,
                     row * weight.stride(0) * weight.element_size();
     grouped = grouped && !p->weight.requires_grad() && p->weight.data_ptr() == at &&
               p->weight.strides() == weight.strides();
-    row += p->out_features;
     if (!grouped) break;
-    if (!p->adapter) {
-      bs.push_back(torch::zeros({p->out_features, 0}, x.options()));
-      continue;
+    if (p->adapter) {
+      auto f = p->adapter->low_rank();
+      grouped = f && !(f->dropout > 0 && p->adapter->is_training());
+      if (!grouped) break;
+      if (f->batch_rows > 0) update.batch_rows = f->batch_rows;
+      for (auto t : f->terms) {
+        t.col += row;
+        update.terms.push_back(std::move(t));
+      }
     }
-    const auto f = p->adapter->low_rank(x.scalar_type());
-    grouped = f && !(f->dropout > 0 && p->adapter->is_training());
-    if (!grouped) break;
-    as.push_back(f->a);
-    bs.push_back(f->b * f->scaling);
+    row += p->out_features;
   }
   if (!grouped || row != weight.size(0)) {
     std::vector<torch::Tensor> outs;
     for (auto* p : group) outs.push_back(p->forward(x));
     return torch::cat(outs, -1);
   }
-  if (as.empty()) return torch::nn::functional::linear(x, weight);
-  return low_rank_linear(x, weight, torch::cat(as, 0), torch::block_diag(bs), 1.0);
+  if (update.terms.empty()) return torch::nn::functional::linear(x, weight);
+  // Terms on the same rows side by side (a job's, when jobs share the batch), so they share
+  // one down-projection.
+  std::stable_sort(update.terms.begin(), update.terms.end(), [](const auto& a, const auto& b) {
+    return std::make_pair(a.row_begin, a.row_end) < std::make_pair(b.row_begin, b.row_end);
+  });
+  return low_rank_linear(x, weight, update);
 }
 
 void attach_to_kinds(

@@ -14,21 +14,33 @@
 
 namespace lorafit {
 
-/// A low-rank update of a projection: y = x W^T + scaling * (dropout(x) a^T) b^T.
-struct LowRank {
+/// One term of a projection's low-rank update: rows [row_begin, row_end) of the batch (every
+/// row when row_end is 0) get scaling * (x a^T) b^T in the output columns [col, col + out_t).
+/// a and b may be in any floating dtype (an adapter's fp32 parameters): the projection
+/// computes in the activations' dtype and returns their gradients in theirs.
+struct LowRankTerm {
   torch::Tensor a;  // [k, in]
-  torch::Tensor b;  // [out, k]
+  torch::Tensor b;  // [out_t, k]
   double scaling = 1.0;
-  double dropout = 0.0;  // on the adapter's input only, as PEFT
+  int64_t row_begin = 0, row_end = 0;  // batch rows
+  int64_t col = 0;                       // the first output column
+};
+
+/// A low-rank update of a projection: y = x W^T + its terms. Several terms are several
+/// adapters' updates (the projections of a group, or jobs each on its own rows).
+struct LowRank {
+  std::vector<LowRankTerm> terms;
+  double dropout = 0.0;    // on the adapter's input only, as PEFT (then one term, all rows)
+  int64_t batch_rows = 0;  // what the terms' row ranges count (x: [rows, ...] or [rows * T, in])
 };
 
 /// What a strategy puts on a projection. A low-rank strategy (LoRA, MultiLoRA) only describes
 /// its factors and the projection runs them, all through one fused path; any other computes
 /// the output from the input and the base output.
 struct ProjectionAdapterImpl : torch::nn::Module {
-  /// The factors in `dtype` (the activations'), differentiable with respect to the adapter's
-  /// own (fp32) parameters; std::nullopt for an adapter that is not low-rank.
-  virtual std::optional<LowRank> low_rank(torch::Dtype dtype) const { return std::nullopt; }
+  /// The factors, differentiable with respect to the adapter's own parameters; std::nullopt
+  /// for an adapter that is not low-rank.
+  virtual std::optional<LowRank> low_rank() const { return std::nullopt; }
   /// x: [..., in] the projection's input; base: [..., out] = x W^T.
   /// Returns the projection's output [..., out] in base's dtype.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base);
@@ -84,25 +96,31 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 /// The module name's last component ("q_proj"), which PEFT's target_modules lists match.
 std::string projection_kind(const std::string& name);
 
-/// x W^T + scaling * (x a^T) b^T with a hand-written backward: the input gradient is one
-/// GEMM accumulating into another (dy W + (dy b) a, no separate add), the up-projection adds
-/// into the base output in place, and the frozen weight gets no gradient. a and b may have
-/// k = 0 (no adapter). With `value_needed` false only what the backward needs is computed.
-/// x: [..., in], weight: [out, in], a: [k, in], b: [out, k] -> [..., out]
+/// x W^T plus the update's terms, with a hand-written backward: the terms that share rows
+/// share one down-projection GEMM (their a stacked, cast once to x's dtype), the input
+/// gradient is one GEMM accumulating into another (dy W + (dy b) a, no separate add), the
+/// up-projections add into the base output in place, and the frozen weight gets no gradient.
+/// No autograd node is made per term. With `value_needed` false only what the backward needs
+/// is computed. x: [..., in], weight: [out, in] -> [..., out]
 torch::Tensor low_rank_linear(const torch::Tensor& x,
                               const torch::Tensor& weight,
-                              const torch::Tensor& a,
-                              const torch::Tensor& b,
-                              double scaling,
+                              const LowRank& update,
                               bool value_needed = true);
+
+/// base + the adapter's update on x through plain autograd (with dropout on the adapter's
+/// input while training), or what a non-low-rank adapter computes. x: [..., in],
+/// base: [..., out] = x W^T -> [..., out]
+torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
+                             const torch::Tensor& x,
+                             const torch::Tensor& base);
 
 /// Projections that read the same input, run as one: `weight` [sum of outs, in] is the
 /// projections' weights stacked in order, which their own weights view (the model allocates
-/// them so). Their low-rank adapters run as one pair too: a = [a_1; a_2; ...] and
-/// b = blockdiag(s_1 b_1, s_2 b_2, ...), so the group costs one base GEMM, one down- and one
-/// up-projection, and its input gradient needs no adds. Any adapter that is not low-rank, an
-/// active dropout, a trained base weight, or weights that no longer view `weight` (a model
-/// moved after it was built) send every projection through its own forward instead.
+/// them so). Their low-rank terms run in one low_rank_linear, each on its member's columns:
+/// the group costs one base GEMM and one down-projection per row range. Any adapter that is
+/// not low-rank, an active dropout, a trained base weight, or weights that no longer view
+/// `weight` (a model moved after it was built) send every projection through its own forward
+/// instead.
 /// x: [..., in] -> [..., sum of outs], each projection's output in its columns.
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,

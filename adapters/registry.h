@@ -37,6 +37,8 @@ struct FfnSite {
   torch::Device device = torch::kCPU;  // the block's weights'
   std::function<void(std::shared_ptr<FfnAdapterImpl>)> attach;
   std::function<std::shared_ptr<FfnAdapterImpl>()> adapter;  // the attached one, or nullptr
+  /// The block through its own projections, ignoring any block adapter: x [N, C] -> [N, C].
+  std::function<torch::Tensor(const torch::Tensor&)> plain;
 };
 
 /// Everything of a model that a strategy can put adapters on, in model order.

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <set>
 
+#include "adapters/job_routing.h"
 #include "adapters/registry.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -83,15 +84,18 @@ void save_adapter(const std::string& dir,
   write_adapter_files(dir, spec.save(settings, model->adapter_sites(), base_model));
 }
 
-std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, const BaseFilter& base) {
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
+                                                const AdapterSites& sites,
+                                                const BaseFilter& base) {
   std::set<std::string> base_names;
   if (base)
     for (const auto& [name, t] : model->checkpoint_tensors())
       if (base(name)) base_names.insert(name);
   std::vector<torch::Tensor> out;
   for (auto& item : model->named_parameters(/*recurse=*/true)) {
-    const bool adapter = item.key().find(".adapter.") != std::string::npos;
-    const bool trains = adapter || base_names.count(item.key()) > 0;
+    // Adapter tensors come from the sites: with several jobs each has its own.
+    if (item.key().find(".adapter.") != std::string::npos) continue;
+    const bool trains = base_names.count(item.key()) > 0;
     // A tied head shares the embedding's tensor: leave its flag to the embedding's entry.
     if (!trains && model->config.tie_word_embeddings &&
         item.value().is_same(model->model->embed_tokens->weight))
@@ -99,7 +103,15 @@ std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, const B
     item.value().set_requires_grad(trains);
     if (trains) out.push_back(item.value());
   }
+  for (auto& t : adapter_parameters(sites)) {
+    t.set_requires_grad(true);
+    out.push_back(t);
+  }
   return out;
+}
+
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, const BaseFilter& base) {
+  return trainable_parameters(model, model->adapter_sites(), base);
 }
 
 namespace {

@@ -39,9 +39,14 @@ inline bool every_base_tensor(const std::string&) {
   return true;
 }
 
-/// The one place that decides what trains: adapter parameters, and the base tensors that
-/// `base` accepts, each once (a tied head is the embedding's tensor). Returns the trainable
-/// tensors in model order.
+/// The one place that decides what trains: the base tensors that `base` accepts, each once
+/// (a tied head is the embedding's tensor), in model order, then the parameters of the
+/// adapters attached at `sites` (one job's); every other model tensor is frozen.
+std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
+                                                const AdapterSites& sites,
+                                                const BaseFilter& base = {});
+
+/// trainable_parameters with the model's own adapter sites.
 std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
                                                 const BaseFilter& base = {});
 

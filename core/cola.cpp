@@ -45,9 +45,11 @@ namespace {
 
 // The attached adapter's update on `p` as fp32 factors (a [k, in], scaling * b [out, k]).
 std::pair<torch::Tensor, torch::Tensor> link_factors(const ProjectionImpl& p) {
-  const auto f = p.adapter->low_rank(torch::kFloat32);
-  TORCH_CHECK(f, "cola: the adapter on ", p.name, " is not low-rank");
-  return {f->a.detach().clone(), (f->b.detach() * f->scaling).contiguous()};
+  const auto f = p.adapter->low_rank();
+  TORCH_CHECK(f && f->terms.size() == 1, "cola: the adapter on ", p.name, " is not low-rank");
+  const auto& t = f->terms[0];
+  return {t.a.detach().to(torch::kFloat32, false, /*copy=*/true),
+          (t.b.detach().to(torch::kFloat32) * t.scaling).contiguous()};
 }
 
 // Every adapted projection's weight = original + b a, summed in fp32 and cast once.

@@ -130,6 +130,10 @@ torch::Tensor MlpImpl::forward(const torch::Tensor& x, bool value_needed) {
     return adapter->forward(x.reshape({-1, x.size(-1)}), gate_up_weight, down_proj->weight)
         .view(x.sizes());
   }
+  return forward_plain(x, value_needed);
+}
+
+torch::Tensor MlpImpl::forward_plain(const torch::Tensor& x, bool value_needed) {
   return down_proj->forward(
       swiglu(project_group(x, gate_up_weight, {gate_proj.get(), up_proj.get()})), value_needed);
 }
@@ -339,7 +343,8 @@ AdapterSites LlamaForCausalLMImpl::adapter_sites() const {
         {"model.layers." + std::to_string(index++) + ".mlp", mlp->down_proj->out_features,
          mlp->down_proj->in_features, mlp->down_proj->weight.device(),
          [mlp](std::shared_ptr<FfnAdapterImpl> a) mutable { mlp->attach(std::move(a)); },
-         [mlp] { return mlp->adapter; }});
+         [mlp] { return mlp->adapter; },
+         [mlp](const torch::Tensor& x) mutable { return mlp->forward_plain(x); }});
   }
   return sites;
 }

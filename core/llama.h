@@ -76,6 +76,8 @@ struct MlpImpl : torch::nn::Module {
   MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
   /// x: [B, T, C] -> [B, T, C]; `value_needed` as ProjectionImpl::forward's.
   torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
+  /// The block through its projections (and their adapters), ignoring a block adapter.
+  torch::Tensor forward_plain(const torch::Tensor& x, bool value_needed = true);
   /// Puts a block-level adapter (MixLoRA) on this MLP, registered as "adapter"; from then on
   /// it computes the block.
   void attach(std::shared_ptr<FfnAdapterImpl> adapter);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <set>
@@ -282,11 +283,7 @@ void unknown_keys(const YAML::Node& node,
       unknown_keys(kv.second, key + ".", known, known_list, problems);
       continue;
     }
-    if (key == "jobs") {
-      problems.push_back("'" + key + "' is not supported by this version of lorafit" +
-                         where(kv.first));
-      continue;
-    }
+    if (prefix.empty() && (key == "jobs" || key == "max_concurrent")) continue;
     problems.push_back("unknown key '" + key + "'" + did_you_mean(key, known_list) +
                        where(kv.first));
   }
@@ -490,6 +487,92 @@ YAML::Node parse_yaml(const std::string& path) {
   }
 }
 
+const std::vector<std::string> kJobKeys = {"name", "output", "seed", "data", "adapter", "train"};
+const std::vector<std::string> kSharedKeys = {"model",    "device", "dtype",         "cola",
+                                              "longlora", "jobs",   "max_concurrent"};
+
+bool valid_job_name(const std::string& name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
+
+// A job's tree: the top level without the jobs, the job's own keys over it (data, adapter
+// and train key by key), its output OUTPUT/NAME unless it names one.
+YAML::Node job_tree(const YAML::Node& root,
+                    const YAML::Node& job,
+                    const std::string& label,
+                    std::vector<std::string>& problems) {
+  YAML::Node merged = YAML::Clone(root);
+  merged.remove("jobs");
+  merged.remove("max_concurrent");
+  for (const auto& kv : job) {
+    const auto key = kv.first.as<std::string>();
+    if (std::count(kSharedKeys.begin(), kSharedKeys.end(), key)) {
+      problems.push_back(label + ": '" + key +
+                         "' is shared by all jobs (hint: set it at the top of the recipe)" +
+                         where(kv.first));
+    } else if (!std::count(kJobKeys.begin(), kJobKeys.end(), key)) {
+      problems.push_back(label + ": unknown key '" + key + "'" + did_you_mean(key, kJobKeys) +
+                         where(kv.first));
+    } else if (key == "data" || key == "adapter" || key == "train") {
+      if (!kv.second.IsMap()) {
+        problems.push_back(label + ": '" + key + "' must be a mapping of keys" + where(kv.second));
+        continue;
+      }
+      if (!merged[key].IsMap()) merged[key] = YAML::Node(YAML::NodeType::Map);
+      YAML::Node block = merged[key];
+      for (const auto& item : kv.second) block[item.first.as<std::string>()] = YAML::Clone(item.second);
+    } else if (key != "name") {
+      merged[key] = YAML::Clone(kv.second);
+    }
+  }
+  const YAML::Node out = root["output"];
+  if (!job["output"].IsDefined() && out.IsDefined() && out.IsScalar())
+    merged["output"] = out.Scalar() + "/" + job["name"].as<std::string>();
+  return merged;
+}
+
+// Checks that concern the jobs together: unique names and outputs, and what a shared base
+// allows when there are several.
+void check_jobs(const Recipe& top, const std::vector<Recipe>& jobs, std::vector<std::string>& problems) {
+  std::set<std::string> names, outputs;
+  for (const auto& j : jobs) {
+    if (!names.insert(j.name).second) problems.push_back("two jobs are named '" + j.name + "'");
+    if (!outputs.insert(j.output).second)
+      problems.push_back("job '" + j.name + "': output '" + j.output + "' is another job's too");
+    if (jobs.size() < 2) continue;
+    const std::string label = "job '" + j.name + "': ";
+    if (j.adapter.type == "full") {
+      problems.push_back(label +
+                         "adapter.type full trains the base, which the jobs share (hint: give "
+                         "full fine-tuning a recipe of its own)");
+    }
+    if (j.train.gradient_checkpointing != top.train.gradient_checkpointing) {
+      problems.push_back(label +
+                         "'train.gradient_checkpointing' is shared by all jobs (hint: set it at "
+                         "the top of the recipe)");
+    }
+  }
+  if (jobs.size() >= 2 && top.cola.enabled()) {
+    problems.push_back(
+        "'cola' merges adapters into the base, which the jobs share (hint: train a cola chain "
+        "in a recipe of its own)");
+  }
+  if (jobs.size() >= 2 && !top.longlora.trainable.empty()) {
+    problems.push_back(
+        "'longlora.trainable' trains base tensors, which the jobs share (hint: drop it, or "
+        "train that job alone)");
+  }
+}
+
+// Reads `jobs:`: each job's recipe is checked whole; a problem every job has (it comes from
+// the shared top level) is reported once, the others with the job's name.
+std::vector<Recipe> read_jobs(const YAML::Node& root,
+                              const Recipe& top,
+                              bool check_files,
+                              std::vector<std::string>& problems);
+
 // Reads a recipe from its YAML tree after the overrides; `name` says where it came from.
 Recipe read_recipe(YAML::Node root,
                    const std::string& name,
@@ -509,15 +592,75 @@ Recipe read_recipe(YAML::Node root,
     known_list.push_back(key);
   });
   unknown_keys(root, "", known, known_list, problems);
-  visit_fields(recipe, Reader{root, problems});
+  const YAML::Node jobs = root["jobs"];
+  const bool has_jobs = jobs.IsDefined() && !(jobs.IsSequence() && jobs.size() == 0);
+  // With jobs, each job's recipe is checked whole; the top level is only their defaults.
+  std::vector<std::string> top_problems;
+  visit_fields(recipe, Reader{root, has_jobs ? top_problems : problems});
   recipe.longlora.enabled = find(root, "longlora").IsDefined();
-  check_recipe(recipe, check_files, problems);
+  if (has_jobs) {
+    Reader{root, problems}("max_concurrent", recipe.max_concurrent, at_least(0));
+    recipe.jobs = read_jobs(root, recipe, check_files, problems);
+  } else {
+    check_recipe(recipe, check_files, problems);
+  }
   if (!problems.empty()) {
     throw ConfigError("recipe '" + name + "' has " + std::to_string(problems.size()) +
                       (problems.size() == 1 ? " problem: " : " problems: ") +
                       join_problems(problems, /*limit=*/100));
   }
   return recipe;
+}
+
+std::vector<Recipe> read_jobs(const YAML::Node& root,
+                              const Recipe& top,
+                              bool check_files,
+                              std::vector<std::string>& problems) {
+  const YAML::Node list = root["jobs"];
+  if (!list.IsSequence()) {
+    problems.push_back("'jobs' must be a list of jobs, each with name, adapter, data, train "
+                       "and output" + where(list));
+    return {};
+  }
+  std::vector<Recipe> jobs;
+  std::vector<std::vector<std::string>> own;  // each job's problems
+  for (size_t i = 0; i < list.size(); ++i) {
+    const YAML::Node node = list[i];
+    const std::string label = "jobs[" + std::to_string(i) + "]";
+    if (!node.IsMap()) {
+      problems.push_back(label + " must be a mapping of keys" + where(node));
+      continue;
+    }
+    const YAML::Node name = node["name"];
+    if (!name.IsDefined() || !name.IsScalar() || !valid_job_name(name.Scalar())) {
+      problems.push_back(label + ": 'name' is required: letters, digits, '-', '_' or '.', "
+                         "used in the job's output folder" + where(node));
+      continue;
+    }
+    Recipe job;
+    job.name = name.Scalar();
+    std::vector<std::string> mine;
+    const YAML::Node tree = job_tree(root, node, "job '" + job.name + "'", problems);
+    visit_fields(job, Reader{tree, mine});
+    job.longlora.enabled = top.longlora.enabled;
+    check_recipe(job, check_files, mine);
+    jobs.push_back(job);
+    own.push_back(mine);
+  }
+  for (size_t j = 0; j < own.size(); ++j) {
+    for (const auto& p : own[j]) {
+      const bool everyone = std::all_of(own.begin(), own.end(), [&](const auto& other) {
+        return std::count(other.begin(), other.end(), p) > 0;
+      });
+      if (!everyone) {
+        problems.push_back("job '" + jobs[j].name + "': " + p);
+      } else if (j == 0) {
+        problems.push_back(p);
+      }
+    }
+  }
+  check_jobs(top, jobs, problems);
+  return jobs;
 }
 
 }  // namespace
@@ -548,12 +691,19 @@ AdapterSettings adapter_settings(const AdapterRecipe& a) {
   return s;
 }
 
-std::string recipe_to_yaml(const Recipe& recipe) {
+std::vector<Recipe> recipe_jobs(const Recipe& recipe) {
+  return recipe.jobs.empty() ? std::vector<Recipe>{recipe} : recipe.jobs;
+}
+
+namespace {
+
+// The recipe's fields whose first key `take` accepts, as a YAML tree.
+YAML::Node fields_yaml(const Recipe& recipe, const std::function<bool(const std::string&)>& take) {
   YAML::Node root(YAML::NodeType::Map);
   Recipe copy = recipe;
   visit_fields(copy, [&](const char* key, auto& value, const Rule&) {
     const auto parts = split(key, '.');
-    if (parts[0] == "longlora" && !recipe.longlora.enabled) return;
+    if (!take(parts[0]) || (parts[0] == "longlora" && !recipe.longlora.enabled)) return;
     YAML::Node node = parts.size() == 1 ? root[parts[0]] : root[parts[0]][parts[1]];
     node = value;
     if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::vector<double>> ||
@@ -561,6 +711,28 @@ std::string recipe_to_yaml(const Recipe& recipe) {
       node.SetStyle(YAML::EmitterStyle::Flow);  // cola.knots: [0.5, 0.8]
     }
   });
+  return root;
+}
+
+}  // namespace
+
+std::string recipe_to_yaml(const Recipe& recipe) {
+  YAML::Node root;
+  if (recipe.jobs.empty()) {
+    root = fields_yaml(recipe, [](const std::string&) { return true; });
+  } else {
+    auto own = [](const std::string& k) {
+      return std::count(kJobKeys.begin(), kJobKeys.end(), k) > 0;
+    };
+    root = fields_yaml(recipe, [&](const std::string& k) { return !own(k) || k == "output"; });
+    root["max_concurrent"] = recipe.max_concurrent;
+    for (const auto& job : recipe.jobs) {
+      YAML::Node node(YAML::NodeType::Map);
+      node["name"] = job.name;
+      for (const auto& kv : fields_yaml(job, own)) node[kv.first] = kv.second;
+      root["jobs"].push_back(node);
+    }
+  }
   YAML::Emitter out;
   out.SetDoublePrecision(15);
   out << root;

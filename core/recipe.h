@@ -82,6 +82,7 @@ struct LongLoraRecipe {
 };
 
 struct Recipe {
+  std::string name;  // a job's name (jobs: several adapters on one base); empty for a plain recipe
   std::string model;
   std::string output;
   int64_t seed = 0;
@@ -92,7 +93,14 @@ struct Recipe {
   TrainRecipe train;
   ColaRecipe cola;
   LongLoraRecipe longlora;
+  // `jobs:` each job's resolved recipe: the top level with the job's own name, output, seed,
+  // data, adapter and train keys over it. Empty: the recipe is its own one job.
+  std::vector<Recipe> jobs;
+  int64_t max_concurrent = 0;  // jobs training at once (0: all); the others wait their turn
 };
+
+/// The jobs a recipe trains: its `jobs`, or the recipe itself.
+std::vector<Recipe> recipe_jobs(const Recipe& recipe);
 
 /// Reads a recipe file ("-" for standard input), applies `overrides` ("data.max_seq_len=1024"),
 /// and checks everything that can be checked without loading weights: unknown keys (with a

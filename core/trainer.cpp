@@ -1,6 +1,8 @@
-// A training run, top to bottom: set up (model, data, adapter, optimizer, maybe a checkpoint
-// to resume), then the step loop (micro-batches, one token-mean loss per optimizer step,
-// clipping, AdamW), with logging, evaluation and checkpoints along the way.
+// A training run, top to bottom: set up each job (data, adapter, optimizer, maybe a checkpoint
+// to resume) on one shared frozen model, then the step loop: the next micro-batch of every
+// running job fused into one batch (grouped by length), one forward and one backward, and each
+// job's optimizer step when its own accumulation completes, with logging, evaluation and
+// checkpoints per job along the way. A recipe without `jobs:` is a run of one job.
 #include "core/trainer.h"
 
 #include <fmt/core.h>
@@ -12,6 +14,7 @@
 #include <fstream>
 #include <optional>
 
+#include "adapters/job_routing.h"
 #include "core/adapter_io.h"
 #include "core/cola.h"
 #include "core/compat.h"
@@ -31,34 +34,47 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-// Right-pads the rows to the longest, rounded up to a multiple of `pad_multiple` (S2-Attn's
-// groups must split every batch's length).
-Batch collate(const std::vector<Example>& examples,
-              const std::vector<size_t>& rows,
-              torch::Device device,
-              size_t pad_multiple = 1) {
+// Rows of one job's examples in a batch.
+struct BatchPart {
+  const std::vector<Example>* examples;
+  std::vector<size_t> rows;
+};
+
+// Right-pads the parts' rows, in order, to the longest, rounded up to a multiple of
+// `pad_multiple` (S2-Attn's groups must split every batch's length).
+Batch collate(const std::vector<BatchPart>& parts, torch::Device device, size_t pad_multiple = 1) {
   size_t t = 0;
-  for (auto r : rows) t = std::max(t, examples[r].input_ids.size());
+  int64_t b = 0;
+  for (const auto& part : parts) {
+    for (auto r : part.rows) t = std::max(t, (*part.examples)[r].input_ids.size());
+    b += static_cast<int64_t>(part.rows.size());
+  }
   t = (t + pad_multiple - 1) / pad_multiple * pad_multiple;
-  const auto b = static_cast<int64_t>(rows.size());
   std::vector<int64_t> ids(b * t, 0), labels(b * t, kIgnoreLabel);
   std::vector<uint8_t> keep(b * t, 0);
   Batch out;
-  for (int64_t i = 0; i < b; ++i) {
-    const auto& ex = examples[rows[i]];
-    std::copy(ex.input_ids.begin(), ex.input_ids.end(), ids.begin() + i * t);
-    std::copy(ex.labels.begin(), ex.labels.end(), labels.begin() + i * t);
-    std::fill_n(keep.begin() + i * t, ex.input_ids.size(), 1);
-    out.tokens += static_cast<int64_t>(ex.input_ids.size());
+  int64_t i = 0;
+  for (const auto& part : parts) {
+    for (auto r : part.rows) {
+      const auto& ex = (*part.examples)[r];
+      std::copy(ex.input_ids.begin(), ex.input_ids.end(), ids.begin() + i * t);
+      std::copy(ex.labels.begin(), ex.labels.end(), labels.begin() + i * t);
+      std::fill_n(keep.begin() + i * t, ex.input_ids.size(), 1);
+      out.tokens += static_cast<int64_t>(ex.input_ids.size());
+      ++i;
+    }
   }
   const auto ti = static_cast<int64_t>(t);
-  // copy=true: on the CPU a plain .to() would keep viewing the local vectors.
-  out.ids =
-      torch::from_blob(ids.data(), {b, ti}, torch::kInt64).to(device, torch::kInt64, false, true);
-  out.labels = torch::from_blob(labels.data(), {b, ti}, torch::kInt64)
-                   .to(device, torch::kInt64, false, true);
-  out.keep =
-      torch::from_blob(keep.data(), {b, ti}, torch::kUInt8).to(device, torch::kBool, false, true);
+  // copy=true: on the CPU a plain .to() would keep viewing the local vectors. To a GPU through
+  // pinned memory, without waiting: a pageable copy would wait for all the queued work.
+  auto to_device = [&](void* data, torch::Dtype from, torch::Dtype to) {
+    const auto host = torch::from_blob(data, {b, ti}, from);
+    return device.is_cuda() ? host.pin_memory().to(device, to, /*non_blocking=*/true)
+                            : host.to(device, to, false, true);
+  };
+  out.ids = to_device(ids.data(), torch::kInt64, torch::kInt64);
+  out.labels = to_device(labels.data(), torch::kInt64, torch::kInt64);
+  out.keep = to_device(keep.data(), torch::kUInt8, torch::kBool);
   return out;
 }
 
@@ -72,17 +88,31 @@ int64_t target_count(const std::vector<Example>& examples, const std::vector<siz
   return n;
 }
 
-// Summed negative log-likelihood of a batch's targets: position t predicts label t+1.
-torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
+// One forward pass over the batch; the summed negative log-likelihood of the targets of each
+// run of `rows` consecutive rows (position t predicts label t+1).
+std::vector<torch::Tensor> nll_sums(LlamaForCausalLM& model,
+                                    const Batch& batch,
+                                    const std::vector<int64_t>& rows) {
   const bool padded = batch.tokens < batch.ids.numel();
   auto hidden =
       model->forward(batch.ids, nullptr, padded ? batch.keep : torch::Tensor());  // [B, T, C]
-  const auto b = hidden.size(0), t = hidden.size(1);
-  // The last position predicts nothing; ignored targets are skipped inside the loss.
-  auto targets = torch::cat(
-      {batch.labels.narrow(1, 1, t - 1), torch::full({b, 1}, kIgnoreLabel, batch.labels.options())},
-      1);  // [B, T]
-  return -target_log_prob_sum(model, hidden.reshape({b * t, -1}), targets.reshape({-1}));
+  const auto t = hidden.size(1);
+  std::vector<torch::Tensor> out;
+  int64_t row = 0;
+  for (const auto n : rows) {
+    // The last position predicts nothing; ignored targets are skipped inside the loss.
+    const auto labels = batch.labels.narrow(0, row, n);  // [n, T]
+    const auto targets = torch::cat(
+        {labels.narrow(1, 1, t - 1), torch::full({n, 1}, kIgnoreLabel, labels.options())}, 1);
+    out.push_back(-target_log_prob_sum(model, hidden.narrow(0, row, n).reshape({n * t, -1}),
+                                       targets.reshape({-1})));
+    row += n;
+  }
+  return out;
+}
+
+torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
+  return nll_sums(model, batch, {batch.ids.size(0)})[0];
 }
 
 double validation_loss(LlamaForCausalLM& model,
@@ -97,7 +127,7 @@ double validation_loss(LlamaForCausalLM& model,
     std::vector<size_t> rows;
     for (size_t i = start; i < std::min(examples.size(), start + micro_batch); ++i)
       rows.push_back(i);
-    nll += nll_sum(model, collate(examples, rows, device)).item<double>();
+    nll += nll_sum(model, collate({{&examples, rows}}, device)).item<double>();
     count += target_count(examples, rows);
   }
   model->train();
@@ -134,23 +164,19 @@ void write_checkpoint(const fs::path& dir,
   fs::rename(tmp, dir);
 }
 
-fs::path latest_checkpoint(const std::string& resume) {
-  if (fs::exists(fs::path(resume) / "trainer_state.json")) return resume;
-  const fs::path root = fs::path(resume) / "checkpoints";
+// The newest checkpoint at `resume` (a checkpoint, or an output with checkpoints/step-N/),
+// or an empty path when there is none.
+fs::path find_checkpoint(const fs::path& resume) {
+  if (fs::exists(resume / "trainer_state.json")) return resume;
   fs::path best;
   int64_t best_step = -1;
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(root, ec)) {
+  for (const auto& e : fs::directory_iterator(resume / "checkpoints", ec)) {
     const auto name = e.path().filename().string();
     if (name.rfind("step-", 0) != 0 || name.find(".tmp") != std::string::npos) continue;
     if (!fs::exists(e.path() / "trainer_state.json")) continue;
     const int64_t step = std::stoll(name.substr(5));
     if (step > best_step) best_step = step, best = e.path();
-  }
-  if (best.empty()) {
-    throw IoError("--resume '" + resume +
-                  "': no checkpoint found (expected trainer_state.json there "
-                  "or checkpoints/step-N/ under it)");
   }
   return best;
 }
@@ -164,6 +190,243 @@ void truncate_metrics(const fs::path& path, int64_t step) {
     if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
   }
   write_file_atomic(path.string(), kept);
+}
+
+// One job of a run: its recipe, data, adapter and optimizer, and where it stands.
+struct Job {
+  enum class Status { Waiting, Running, Done, Failed };
+
+  Recipe recipe;       // the job's resolved recipe
+  size_t index = 0;    // its slot in the routing
+  std::string prefix;  // before its log lines: "[name] " when it shares the run
+  fs::path out;
+  const AdapterSpec* spec = nullptr;
+  AdapterSettings settings;
+  AdapterSites sites;  // where its adapters attach
+  std::vector<Example> train_examples, valid_examples;
+  int64_t total_steps = 0;
+  int64_t micro_batches = 1;  // per optimizer step
+  // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
+  std::vector<int64_t> knots;
+  size_t link = 0;  // knots tied so far
+  ColaChain chain;
+  AuxLoss aux_loss;
+  // Base tensors that train: all of them (full fine-tuning), or LongLoRA's embeddings and
+  // norms, the head excepted (a tied head keeps its own frozen copy).
+  BaseFilter base_trains;
+  std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot
+  std::optional<MasterWeights> masters;  // of the trained base tensors not in fp32
+  std::optional<ExampleStream> stream;
+  TrainerState state;
+  std::ofstream metrics;
+  LossHistory history;
+  // The optimizer step in progress: its rows, their targets, the next micro-batch, the loss.
+  std::vector<size_t> rows;
+  int64_t targets = 0;
+  int64_t next_micro = 0;
+  StepLoss step_loss;
+  int64_t tokens_since_log = 0;
+  Clock::time_point started, log_started;
+  int64_t first_step = 0;
+  Status status = Status::Waiting;
+  std::string failure;
+
+  bool cola() const { return recipe.cola.enabled(); }
+};
+
+void new_optimizer(Job& job, LlamaForCausalLM& model) {
+  auto params = trainable_parameters(model, job.sites, job.base_trains);
+  job.masters = masters_for(params);
+  AdamWSettings adamw;
+  adamw.weight_decay = job.recipe.train.weight_decay;
+  job.optimizer.emplace(params, adamw);
+}
+
+// The trained base tensors by checkpoint name, as checkpoints and outputs hold them: their
+// fp32 masters where the model computes in a lower precision.
+std::vector<std::pair<std::string, torch::Tensor>> trained_base(Job& job, LlamaForCausalLM& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& [name, t] : model->checkpoint_tensors()) {
+    if (!job.base_trains || !job.base_trains(name)) continue;
+    out.emplace_back(name, t);
+    if (!job.masters) continue;
+    for (size_t i = 0; i < job.masters->model.size(); ++i)
+      if (job.masters->model[i].is_same(t)) out.back().second = job.masters->masters[i];
+  }
+  return out;
+}
+
+// What a checkpoint or the job's output holds of the model: the adapter (with LongLoRA's
+// trained embeddings and norms), or (full fine-tuning) the whole model as a Hugging Face
+// checkpoint.
+void save_adapter_to(Job& job,
+                     LlamaForCausalLM& model,
+                     double rope_factor,
+                     const std::string& dir,
+                     torch::Dtype full_dtype) {
+  if (job.spec->trains_base) {
+    fs::create_directories(dir);
+    write_model_files(dir, trained_base(job, model), job.recipe.model, full_dtype);
+  } else {
+    auto saved = job.spec->save(job.settings, job.sites, job.recipe.model);
+    add_modules_to_save(saved, trained_base(job, model));
+    if (rope_factor > 1) saved.config["rope_scaling"] = linear_rope_scaling(rope_factor);
+    write_adapter_files(dir, saved);
+  }
+  if (job.cola()) save_chain(dir, job.chain);
+}
+
+// Overwrites the trained tensors with those saved in `dir` (same keys and shapes).
+void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& dir) {
+  torch::NoGradGuard no_grad;
+  if (job.spec->trains_base) {
+    SafetensorsCheckpoint saved(dir);
+    for (auto& [name, t] : trained_base(job, model)) t.copy_(saved.tensor(name));
+    if (job.masters) job.masters->publish();
+    return;
+  }
+  SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
+  auto trained = job.spec->save(job.settings, job.sites, job.recipe.model).tensors;
+  for (auto& [name, t] : trained_base(job, model)) trained["base_model.model." + name] = t;
+  for (const auto& [name, t] : trained) {
+    if (!saved.find(name)) {
+      throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
+                               "' (hint: its targets and rank must match the recipe's adapter)");
+    }
+    const auto src = saved.tensor(name);
+    if (src.sizes() != t.sizes()) {
+      throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir +
+                               "' does not have the "
+                               "recipe's shape (hint: adapter.r must match)");
+    }
+    t.copy_(src);
+  }
+  if (job.masters) job.masters->publish();
+}
+
+// The job's data, read before any weight loads (its errors are the user's).
+void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& config) {
+  const auto& d = job.recipe.data;
+  const auto& tr = job.recipe.train;
+  DatasetOptions opts{d.format,           d.max_seq_len, d.packing, config.bos_token_id,
+                      config.eos_token_ids.front(), config.vocab_size};
+  job.train_examples = load_examples(d.train, tokenizer, opts);
+  if (!d.valid.empty()) job.valid_examples = load_examples(d.valid, tokenizer, opts);
+  job.total_steps =
+      tr.steps > 0
+          ? tr.steps
+          : (tr.epochs * static_cast<int64_t>(job.train_examples.size()) + tr.batch_size - 1) /
+                tr.batch_size;
+  job.micro_batches = tr.batch_size / tr.micro_batch_size;
+}
+
+// Attaches the job's fresh adapter (seeded by the job, as a run of it alone would be).
+void attach_job(Job& job, LlamaForCausalLM& model) {
+  const auto& r = job.recipe;
+  torch::manual_seed(static_cast<uint64_t>(r.seed));
+  job.spec = &find_adapter(r.adapter.type);
+  job.knots = job.cola() ? cola_knot_steps(r.cola, job.total_steps) : std::vector<int64_t>{};
+  job.settings = cola_link_settings(r.cola, adapter_settings(r.adapter), 0);
+  job.spec->attach_new(job.settings, job.sites);
+  if (job.cola()) job.chain = start_chain(model);
+  if (job.spec->aux_loss) {
+    job.aux_loss = [&job](const torch::Tensor& keep, double scale) {
+      return job.spec->aux_loss(job.settings, job.sites, keep, scale);
+    };
+  }
+  if (job.spec->trains_base) job.base_trains = every_base_tensor;
+  const auto& extra = r.longlora.trainable;
+  const bool embed = std::count(extra.begin(), extra.end(), "embed") > 0;
+  const bool norms = std::count(extra.begin(), extra.end(), "norm") > 0;
+  if (r.longlora.enabled && (embed || norms)) {
+    if (embed) model->untie_head();
+    job.base_trains = [embed, norms](const std::string& name) {
+      return (embed && name == "model.embed_tokens.weight") ||
+             (norms && name.find("norm.weight") != std::string::npos);
+    };
+  }
+}
+
+void resume_job(Job& job, LlamaForCausalLM& model, const fs::path& ckpt) {
+  const auto j = nlohmann::json::parse(std::ifstream(ckpt / "trainer_state.json"));
+  job.state.step = j.at("step");
+  job.state.data = {j.at("epoch"), j.at("cursor")};
+  if (job.cola()) {
+    load_chain(ckpt.string(), job.chain, model);
+    job.link = job.chain.links.size();
+    job.settings = cola_link_settings(job.recipe.cola, adapter_settings(job.recipe.adapter),
+                                      job.link);
+    job.spec->attach_new(job.settings, job.sites);
+    new_optimizer(job, model);
+  }
+  copy_adapter_weights(job, model, ckpt.string());
+  job.optimizer->load((ckpt / "optimizer.safetensors").string());
+  torch::Tensor rng;
+  torch::load(rng, (ckpt / "rng.pt").string());
+  compat::set_cpu_rng_state(rng);
+  truncate_metrics(job.out / "metrics.jsonl", job.state.step);
+  fmt::print(stderr, "{}resuming from {} (step {})\n", job.prefix, ckpt.string(), job.state.step);
+}
+
+// The job's final outputs, and a note that it finished (a resumed run of several jobs skips it).
+void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
+  const auto& out = job.out;
+  write_file_atomic((out / "loss.svg").string(), loss_svg(job.history));
+  write_file_atomic((out / "job_state.json").string(),
+                    nlohmann::json{{"finished", true}, {"step", job.state.step}}.dump(2) + "\n");
+  job.status = Job::Status::Done;
+  if (job.spec->trains_base) {
+    const fs::path dir = out / "model", tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
+    compat::remove_tree(tmp);
+    save_adapter_to(job, model, rope_factor, tmp.string(), checkpoint_dtype(job.recipe.model));
+    compat::remove_tree(dir);
+    fs::rename(tmp, dir);
+    fmt::print(stderr, "{}model written to {}\n", job.prefix, dir.string());
+    fmt::print(stderr, "{}evaluate: lorafit eval --model {} --data FILE\n", job.prefix,
+               dir.string());
+    return;
+  }
+  const auto adapter = (out / "adapter").string();
+  if (job.cola()) {
+    // The chain as one PEFT LoRA, and every link (the last one still attached) on its own.
+    write_adapter_files(adapter,
+                        chain_adapter(job.chain, model, job.settings, job.recipe.model));
+    job.chain.links.push_back(job.spec->save(job.settings, job.sites, job.recipe.model));
+    save_chain(out.string(), job.chain);
+    fmt::print(stderr, "chain of {} links written to {} (each link under {})\n",
+               job.chain.links.size(), adapter, (out / "links").string());
+  } else {
+    save_adapter_to(job, model, rope_factor, adapter, torch::kFloat32);
+  }
+  fmt::print(stderr, "{}adapter written to {}\n", job.prefix, adapter);
+  fmt::print(stderr, "{}evaluate: lorafit eval --model {} --adapter {} --data FILE\n", job.prefix,
+             job.recipe.model, adapter);
+  fmt::print(stderr, "{}merge:    lorafit merge --model {} --adapter {} --out DIR\n", job.prefix,
+             job.recipe.model, adapter);
+}
+
+// The micro-batches of a fused step, grouped so that few rows pad far beyond their length:
+// longest first, a micro-batch joins the group while the group's length is at most twice its
+// own. Each group is one forward pass (one base GEMM per projection for all its rows).
+std::vector<std::vector<std::pair<Job*, std::vector<size_t>>>> group_by_length(
+    std::vector<std::pair<Job*, std::vector<size_t>>> parts) {
+  auto length = [](const std::pair<Job*, std::vector<size_t>>& p) {
+    size_t t = 0;
+    for (auto r : p.second) t = std::max(t, p.first->train_examples[r].input_ids.size());
+    return t;
+  };
+  std::stable_sort(parts.begin(), parts.end(),
+                   [&](const auto& a, const auto& b) { return length(a) > length(b); });
+  std::vector<std::vector<std::pair<Job*, std::vector<size_t>>>> groups;
+  size_t group_length = 0;
+  for (auto& p : parts) {
+    if (groups.empty() || length(p) * 2 < group_length) {
+      groups.emplace_back();
+      group_length = length(p);
+    }
+    groups.back().push_back(std::move(p));
+  }
+  return groups;
 }
 
 }  // namespace
@@ -212,285 +475,261 @@ double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
 }
 
 void train(const Recipe& recipe, const TrainRun& run) {
-  const auto& tr = recipe.train;
-  const fs::path out = recipe.output;
+  const auto recipes = recipe_jobs(recipe);
+  const bool shared = recipes.size() > 1;
 
-  // --- Set-up: the data first (cheap, and its errors are the user's), then the model.
+  // --- Set-up: every job's data first (cheap, and its errors are the user's), then the model.
   const auto tokenizer = load_tokenizer(recipe.model);
   const auto config = load_llama_config(recipe.model);
-  DatasetOptions data_opts{recipe.data.format,  recipe.data.max_seq_len,      recipe.data.packing,
-                           config.bos_token_id, config.eos_token_ids.front(), config.vocab_size};
-  const auto train_examples = load_examples(recipe.data.train, tokenizer, data_opts);
-  const auto valid_examples = recipe.data.valid.empty()
-                                  ? std::vector<Example>{}
-                                  : load_examples(recipe.data.valid, tokenizer, data_opts);
-  const int64_t total_steps =
-      tr.steps > 0 ? tr.steps
-                   : (tr.epochs * static_cast<int64_t>(train_examples.size()) + tr.batch_size - 1) /
-                         tr.batch_size;
-
-  // LongLoRA's position interpolation, checked before any weight loads.
-  const double rope_factor =
-      rope_scale_factor(recipe.longlora, recipe.data.max_seq_len, config.max_position_embeddings);
+  std::vector<Job> jobs(recipes.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    auto& job = jobs[j];
+    job.recipe = recipes[j];
+    job.index = j;
+    job.out = job.recipe.output;
+    if (shared) job.prefix = "[" + job.recipe.name + "] ";
+    load_job_data(job, tokenizer, config);
+  }
+  // LongLoRA's position interpolation, checked before any weight loads: one for the shared base.
+  double rope_factor = 0;
+  for (const auto& job : jobs) {
+    const double f = rope_scale_factor(job.recipe.longlora, job.recipe.data.max_seq_len,
+                                       config.max_position_embeddings);
+    if (rope_factor != 0 && f != rope_factor) {
+      throw ConfigError("'longlora.rope_scale' auto gives the jobs different RoPE scales (" +
+                        std::to_string(rope_factor) + " and " + std::to_string(f) +
+                        ") for their data.max_seq_len, but they share one base (hint: set "
+                        "longlora.rope_scale to a factor)");
+    }
+    rope_factor = f;
+  }
   check_rope_interpolation(config.rope, rope_factor,
                            "'longlora.rope_scale' for model '" + recipe.model + "'");
   const auto device = pick_device(recipe.device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
   model->interpolate_rope(rope_factor);
-  const auto& spec = find_adapter(recipe.adapter.type);
-  // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
-  const auto knots =
-      recipe.cola.enabled() ? cola_knot_steps(recipe.cola, total_steps) : std::vector<int64_t>{};
-  size_t link = 0;  // knots tied so far
-  AdapterSettings settings = cola_link_settings(recipe.cola, adapter_settings(recipe.adapter), 0);
-  const auto sites = model->adapter_sites();
-  spec.attach_new(settings, sites);
-  ColaChain chain = recipe.cola.enabled() ? start_chain(model) : ColaChain{};
-  AuxLoss aux_loss;
-  if (spec.aux_loss) {
-    aux_loss = [&](const torch::Tensor& keep, double scale) {
-      return spec.aux_loss(settings, sites, keep, scale);
-    };
+  auto routing = route_jobs(model->adapter_sites(), jobs.size());
+  for (auto& job : jobs) {
+    job.sites = routing.sites[job.index];
+    attach_job(job, model);
   }
-  model->checkpoint_layers = tr.gradient_checkpointing;
-  // Base tensors that train: all of them (full fine-tuning), or LongLoRA's embeddings and
-  // norms, the head excepted (a tied head keeps its own frozen copy).
-  BaseFilter base_trains;
-  if (spec.trains_base) base_trains = every_base_tensor;
-  const auto& extra = recipe.longlora.trainable;
-  const bool embed = std::count(extra.begin(), extra.end(), "embed") > 0;
-  const bool norms = std::count(extra.begin(), extra.end(), "norm") > 0;
-  if (recipe.longlora.enabled && (embed || norms)) {
-    if (embed) model->untie_head();
-    base_trains = [embed, norms](const std::string& name) {
-      return (embed && name == "model.embed_tokens.weight") ||
-             (norms && name.find("norm.weight") != std::string::npos);
-    };
-  }
+  routing.place_routers();
+  model->checkpoint_layers = recipes.front().train.gradient_checkpointing;
   use_longlora_attention(model, recipe.longlora);
   // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
   const size_t pad_multiple =
       recipe.longlora.enabled ? static_cast<size_t>(std::llround(2.0 / recipe.longlora.group_ratio))
                               : 1;
-  AdamWSettings adamw;
-  adamw.weight_decay = tr.weight_decay;
-  std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot
-  std::optional<MasterWeights> masters;  // of the trained base tensors not in fp32
-  auto new_optimizer = [&] {
-    auto params = trainable_parameters(model, base_trains);
-    masters = masters_for(params);
-    optimizer.emplace(params, adamw);
-  };
-  new_optimizer();
-  // The trained base tensors by checkpoint name, as checkpoints and outputs hold them: their
-  // fp32 masters where the model computes in a lower precision.
-  auto trained_base = [&] {
-    std::vector<std::pair<std::string, torch::Tensor>> out;
-    for (auto& [name, t] : model->checkpoint_tensors()) {
-      if (!base_trains || !base_trains(name)) continue;
-      out.emplace_back(name, t);
-      if (!masters) continue;
-      for (size_t i = 0; i < masters->model.size(); ++i)
-        if (masters->model[i].is_same(t)) out.back().second = masters->masters[i];
-    }
-    return out;
-  };
-  // What a checkpoint or the run's output holds of the model: the adapter (with LongLoRA's
-  // trained embeddings and norms), or (full fine-tuning) the whole model as a Hugging Face
-  // checkpoint.
-  auto save_adapter_to = [&](const std::string& dir, torch::Dtype full_dtype) {
-    if (spec.trains_base) {
-      fs::create_directories(dir);
-      write_model_files(dir, trained_base(), recipe.model, full_dtype);
-    } else {
-      auto saved = spec.save(settings, model->adapter_sites(), recipe.model);
-      add_modules_to_save(saved, trained_base());
-      if (rope_factor > 1) saved.config["rope_scaling"] = linear_rope_scaling(rope_factor);
-      write_adapter_files(dir, saved);
-    }
-    if (recipe.cola.enabled()) save_chain(dir, chain);
-  };
-  // Overwrites the trained tensors with those saved in `dir` (same keys and shapes).
-  auto copy_adapter_weights = [&](const std::string& dir) {
-    torch::NoGradGuard no_grad;
-    if (spec.trains_base) {
-      SafetensorsCheckpoint saved(dir);
-      for (auto& [name, t] : trained_base()) t.copy_(saved.tensor(name));
-      if (masters) masters->publish();
-      return;
-    }
-    SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
-    auto trained = spec.save(settings, model->adapter_sites(), recipe.model).tensors;
-    for (auto& [name, t] : trained_base()) trained["base_model.model." + name] = t;
-    for (const auto& [name, t] : trained) {
-      if (!saved.find(name)) {
-        throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
-                                 "' (hint: its targets and rank must match the recipe's adapter)");
-      }
-      const auto src = saved.tensor(name);
-      if (src.sizes() != t.sizes()) {
-        throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir +
-                                 "' does not have the "
-                                 "recipe's shape (hint: adapter.r must match)");
-      }
-      t.copy_(src);
-    }
-    if (masters) masters->publish();
-  };
-  if (!recipe.adapter.init.empty()) copy_adapter_weights(recipe.adapter.init);
+  for (auto& job : jobs) {
+    new_optimizer(job, model);
+    if (!job.recipe.adapter.init.empty()) copy_adapter_weights(job, model, job.recipe.adapter.init);
+  }
 
   // Only now, with data and model loaded, does the run write anything.
-  fs::create_directories(out / "checkpoints");
-  write_file_atomic((out / "recipe.yaml").string(), recipe_to_yaml(recipe));
-
-  TrainerState state;
-  if (!run.resume.empty()) {
-    const auto ckpt = latest_checkpoint(run.resume);
-    const auto j = nlohmann::json::parse(std::ifstream(ckpt / "trainer_state.json"));
-    state.step = j.at("step");
-    state.data = {j.at("epoch"), j.at("cursor")};
-    if (recipe.cola.enabled()) {
-      load_chain(ckpt.string(), chain, model);
-      link = chain.links.size();
-      settings = cola_link_settings(recipe.cola, adapter_settings(recipe.adapter), link);
-      spec.attach_new(settings, sites);
-      new_optimizer();
-    }
-    copy_adapter_weights(ckpt.string());
-    optimizer->load((ckpt / "optimizer.safetensors").string());
-    torch::Tensor rng;
-    torch::load(rng, (ckpt / "rng.pt").string());
-    compat::set_cpu_rng_state(rng);
-    truncate_metrics(out / "metrics.jsonl", state.step);
-    fmt::print(stderr, "resuming from {} (step {})\n", ckpt.string(), state.step);
+  if (shared) {
+    fs::create_directories(recipe.output);
+    write_file_atomic((fs::path(recipe.output) / "recipe.yaml").string(), recipe_to_yaml(recipe));
   }
-
-  ExampleStream stream(train_examples.size(), static_cast<uint64_t>(recipe.seed), state.data,
-                       recipe.data.shuffle);
-  std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
-  LossHistory history = read_loss_history((out / "metrics.jsonl").string());
-  const bool tty = isatty(STDERR_FILENO);
-  const auto started = Clock::now();
-  int64_t tokens_since_log = 0;
-  auto log_started = Clock::now();
-  const int64_t first_step = state.step;
-  model->train();
-
-  // --- The step loop.
-  while (state.step < total_steps) {
-    if (link < knots.size() && state.step == knots[link]) {
-      // COLA: merge the link into the base, start the next with a fresh optimizer.
-      const auto next = cola_link_settings(recipe.cola, adapter_settings(recipe.adapter), ++link);
-      tie_knot(chain, model, spec, settings, next, recipe.model);
-      settings = next;
-      new_optimizer();
-      metrics << nlohmann::json{{"step", state.step}, {"knot", link}, {"r", settings.r}}.dump()
-              << "\n";
-      fmt::print(stderr, "{}step {}/{}  knot {}: link {} merged, link {} (r={}) starts\n",
-                 tty ? "\r\033[K" : "", state.step, total_steps, link, link, link + 1, settings.r);
-    }
-    const auto rows = stream.next(tr.batch_size);
-    const int64_t targets = target_count(train_examples, rows);
-    std::vector<Batch> micro_batches;
-    for (int64_t start = 0; start < tr.batch_size; start += tr.micro_batch_size) {
-      const std::vector<size_t> micro(rows.begin() + start,
-                                      rows.begin() + start + tr.micro_batch_size);
-      micro_batches.push_back(collate(train_examples, micro, device, pad_multiple));
-      tokens_since_log += micro_batches.back().tokens;
-    }
-    // Reading the loss waits for the backward pass, once per step: a non-finite loss must stop
-    // the run before the update.
-    const auto step_loss = accumulate_gradients(model, micro_batches, targets, aux_loss);
-    const double loss_sum = step_loss.nll.item<double>();
-    const double aux_sum = step_loss.aux.defined() ? step_loss.aux.item<double>() : 0.0;
-    if (!std::isfinite(loss_sum + aux_sum)) {
-      throw Error(
-          fmt::format("the training loss became {} at step {}; the last good checkpoint is "
-                      "under {} (hint: lower train.lr or raise train.warmup_steps)",
-                      loss_sum, state.step + 1, (out / "checkpoints").string()));
-    }
-    double lr = scheduled_lr(tr, state.step, total_steps);
-    if (recipe.cola.lr_restart == "rewarm" && link > 0 && tr.warmup_steps > 0) {
-      lr *= std::min(1.0, static_cast<double>(state.step - knots[link - 1]) /
-                              static_cast<double>(tr.warmup_steps));
-    }
-    if (masters) masters->take_grads();
-    const auto grad_norm = optimizer->step(lr, tr.max_grad_norm);  // [] or undefined
-    if (masters) masters->publish();
-    ++state.step;
-    state.data = stream.position();
-
-    const bool log_step = state.step % tr.log_every == 0 || state.step == total_steps;
-    if (log_step || tty) {
-      const double secs = std::chrono::duration<double>(Clock::now() - log_started).count();
-      const double tok_s = tokens_since_log / std::max(secs, 1e-9);
-      const double done = std::chrono::duration<double>(Clock::now() - started).count();
-      const double eta = done / (state.step - first_step) * (total_steps - state.step);
-      // A terminal gets one line updated every step; a pipe gets a line per log step.
-      fmt::print(stderr, "{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}",
-                 tty ? "\r\033[K" : "", state.step, total_steps, loss_sum, lr, tok_s,
-                 format_duration(eta), tty ? "" : "\n");
-      if (log_step) {
-        nlohmann::json line{{"step", state.step},
-                            {"loss", loss_sum},
-                            {"lr", lr},
-                            {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
-                            {"tokens_per_s", tok_s}};
-        if (step_loss.aux.defined()) line["aux_loss"] = aux_sum;
-        if (spec.step_metrics) line.update(spec.step_metrics(settings, sites));
-        metrics << line.dump() << "\n" << std::flush;
-        history.train.emplace_back(state.step, loss_sum);
-        tokens_since_log = 0;
-        log_started = Clock::now();
+  for (auto& job : jobs) {
+    fs::create_directories(job.out / "checkpoints");
+    write_file_atomic((job.out / "recipe.yaml").string(), recipe_to_yaml(job.recipe));
+    // With several jobs, --resume names the run's output and each job resumes from its own:
+    // a finished job is done, one without a checkpoint starts over.
+    fs::path ckpt;
+    if (!run.resume.empty() && shared) {
+      if (fs::exists(job.out / "job_state.json")) {
+        job.status = Job::Status::Done;
+        fmt::print(stderr, "{}finished earlier: outputs in {}\n", job.prefix, job.out.string());
+        continue;
+      }
+      ckpt = find_checkpoint(job.out);
+    } else if (!run.resume.empty()) {
+      ckpt = find_checkpoint(run.resume);
+      if (ckpt.empty()) {
+        throw IoError("--resume '" + run.resume +
+                      "': no checkpoint found (expected trainer_state.json there "
+                      "or checkpoints/step-N/ under it)");
       }
     }
-    if (!valid_examples.empty() && tr.eval_every > 0 &&
-        (state.step % tr.eval_every == 0 || state.step == total_steps)) {
-      const double v = validation_loss(model, valid_examples, tr.micro_batch_size, device);
-      metrics << nlohmann::json{{"step", state.step}, {"eval_loss", v}}.dump() << "\n"
-              << std::flush;
-      history.valid.emplace_back(state.step, v);
-      fmt::print(stderr, "{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "", state.step,
-                 total_steps, v);
-    }
-    if (tr.save_every > 0 && state.step % tr.save_every == 0 && state.step < total_steps) {
-      write_checkpoint(out / "checkpoints" / ("step-" + std::to_string(state.step)), state,
-                       *optimizer, [&](const std::string& dir) {
-                         save_adapter_to(dir, torch::kFloat32);  // resumes exactly
-                       });
-    }
+    if (!ckpt.empty()) resume_job(job, model, ckpt);
+    job.stream.emplace(job.train_examples.size(), static_cast<uint64_t>(job.recipe.seed),
+                       job.state.data, job.recipe.data.shuffle);
+    job.metrics.open(job.out / "metrics.jsonl", std::ios::app);
+    job.history = read_loss_history((job.out / "metrics.jsonl").string());
+    job.first_step = job.state.step;
   }
-  if (tty) fmt::print(stderr, "\n");
+  const bool tty = isatty(STDERR_FILENO) && !shared;
+  const size_t max_running =
+      recipe.max_concurrent > 0 ? static_cast<size_t>(recipe.max_concurrent) : jobs.size();
+  std::vector<std::string> failures;
+  model->train();
 
-  // --- Outputs.
-  write_file_atomic((out / "loss.svg").string(), loss_svg(history));
-  if (spec.trains_base) {
-    const fs::path dir = out / "model", tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
-    compat::remove_tree(tmp);
-    save_adapter_to(tmp.string(), checkpoint_dtype(recipe.model));
-    compat::remove_tree(dir);
-    fs::rename(tmp, dir);
-    fmt::print(stderr, "model written to {}\n", dir.string());
-    fmt::print(stderr, "evaluate: lorafit eval --model {} --data FILE\n", dir.string());
-    return;
+  // --- The step loop: one fused micro-batch of the running jobs per pass.
+  while (true) {
+    size_t running = 0;
+    for (auto& job : jobs) {
+      if (job.status == Job::Status::Waiting && running < max_running) {
+        job.status = Job::Status::Running;
+        job.started = job.log_started = Clock::now();
+        if (shared) fmt::print(stderr, "{}starts ({} steps)\n", job.prefix, job.total_steps);
+      }
+      running += job.status == Job::Status::Running;
+    }
+    if (running == 0) break;
+
+    // Each running job's next micro-batch; a job starting an optimizer step draws its rows.
+    std::vector<std::pair<Job*, std::vector<size_t>>> parts;
+    for (auto& job : jobs) {
+      if (job.status != Job::Status::Running) continue;
+      const auto& tr = job.recipe.train;
+      if (job.next_micro == 0) {
+        if (job.link < job.knots.size() && job.state.step == job.knots[job.link]) {
+          // COLA: merge the link into the base, start the next with a fresh optimizer.
+          const auto next = cola_link_settings(job.recipe.cola, adapter_settings(job.recipe.adapter),
+                                               ++job.link);
+          tie_knot(job.chain, model, *job.spec, job.settings, next, job.recipe.model);
+          job.settings = next;
+          new_optimizer(job, model);
+          job.metrics << nlohmann::json{{"step", job.state.step}, {"knot", job.link},
+                                        {"r", job.settings.r}}
+                             .dump()
+                      << "\n";
+          fmt::print(stderr, "{}{}step {}/{}  knot {}: link {} merged, link {} (r={}) starts\n",
+                     tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, job.link,
+                     job.link, job.link + 1, job.settings.r);
+        }
+        job.rows = job.stream->next(tr.batch_size);
+        job.targets = target_count(job.train_examples, job.rows);
+        job.step_loss = {};
+      }
+      const auto first = job.rows.begin() + job.next_micro * tr.micro_batch_size;
+      parts.emplace_back(&job, std::vector<size_t>(first, first + tr.micro_batch_size));
+      for (auto r : parts.back().second)
+        job.tokens_since_log += static_cast<int64_t>(job.train_examples[r].input_ids.size());
+    }
+
+    for (const auto& group : group_by_length(parts)) {
+      std::vector<BatchPart> batch_parts;
+      std::vector<JobRows::Span> spans;
+      std::vector<int64_t> row_counts;
+      for (const auto& [job, rows] : group) {
+        batch_parts.push_back({&job->train_examples, rows});
+        spans.push_back({job->index, static_cast<int64_t>(rows.size())});
+        row_counts.push_back(static_cast<int64_t>(rows.size()));
+      }
+      const auto batch = collate(batch_parts, device, pad_multiple);
+      routing.set_rows(spans);
+      const auto nll = nll_sums(model, batch, row_counts);
+      // Each job's micro-batch adds its share of the job's step token mean (the gradient is
+      // that of the mean over every target token of the step, not a mean of micro-batch
+      // means), plus its strategy's own term; one backward for the group.
+      torch::Tensor total;
+      int64_t row = 0;
+      for (size_t i = 0; i < group.size(); ++i) {
+        auto& job = *group[i].first;
+        const auto n = row_counts[i];
+        auto loss = nll[i] / static_cast<double>(std::max<int64_t>(1, job.targets));
+        auto& sl = job.step_loss;
+        sl.nll = sl.nll.defined() ? sl.nll + loss.detach() : loss.detach();
+        if (job.aux_loss) {
+          const bool padded = batch.tokens < batch.ids.numel();
+          const auto keep = padded ? batch.keep.narrow(0, row, n).reshape({-1}) : torch::Tensor();
+          const auto share = job.aux_loss(keep, 1.0 / static_cast<double>(job.micro_batches));
+          if (share.defined()) {
+            sl.aux = sl.aux.defined() ? sl.aux + share.detach() : share.detach();
+            loss = loss + share;
+          }
+        }
+        total = total.defined() ? total + loss : loss;
+        row += n;
+      }
+      total.backward();
+    }
+
+    // Each job whose accumulation is complete takes its optimizer step.
+    for (auto& [job_ptr, rows] : parts) {
+      auto& job = *job_ptr;
+      const auto& tr = job.recipe.train;
+      if (++job.next_micro < job.micro_batches) continue;
+      job.next_micro = 0;
+      // Reading the loss waits for the backward pass, once per step: a non-finite loss must
+      // stop the job before the update.
+      const double loss_sum = job.step_loss.nll.item<double>();
+      const double aux_sum = job.step_loss.aux.defined() ? job.step_loss.aux.item<double>() : 0.0;
+      if (!std::isfinite(loss_sum + aux_sum)) {
+        job.failure = fmt::format(
+            "{}the training loss became {} at step {}; the last good checkpoint is under {} "
+            "(hint: lower train.lr or raise train.warmup_steps)",
+            shared ? "job '" + job.recipe.name + "': " : "", loss_sum, job.state.step + 1,
+            (job.out / "checkpoints").string());
+        job.status = Job::Status::Failed;
+        failures.push_back(job.failure);
+        if (shared) fmt::print(stderr, "lorafit: {}; the other jobs go on\n", job.failure);
+        continue;
+      }
+      double lr = scheduled_lr(tr, job.state.step, job.total_steps);
+      if (job.recipe.cola.lr_restart == "rewarm" && job.link > 0 && tr.warmup_steps > 0) {
+        lr *= std::min(1.0, static_cast<double>(job.state.step - job.knots[job.link - 1]) /
+                                static_cast<double>(tr.warmup_steps));
+      }
+      if (job.masters) job.masters->take_grads();
+      const auto grad_norm = job.optimizer->step(lr, tr.max_grad_norm);  // [] or undefined
+      if (job.masters) job.masters->publish();
+      ++job.state.step;
+      job.state.data = job.stream->position();
+
+      const bool log_step = job.state.step % tr.log_every == 0 || job.state.step == job.total_steps;
+      if (log_step || tty) {
+        const double secs = std::chrono::duration<double>(Clock::now() - job.log_started).count();
+        const double tok_s = job.tokens_since_log / std::max(secs, 1e-9);
+        const double done = std::chrono::duration<double>(Clock::now() - job.started).count();
+        const double eta =
+            done / (job.state.step - job.first_step) * (job.total_steps - job.state.step);
+        // A terminal gets one line updated every step; a pipe gets a line per log step.
+        fmt::print(stderr, "{}{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}",
+                   tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, loss_sum,
+                   lr, tok_s, format_duration(eta), tty ? "" : "\n");
+        if (log_step) {
+          nlohmann::json line{{"step", job.state.step},
+                              {"loss", loss_sum},
+                              {"lr", lr},
+                              {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
+                              {"tokens_per_s", tok_s}};
+          if (job.step_loss.aux.defined()) line["aux_loss"] = aux_sum;
+          if (job.spec->step_metrics) line.update(job.spec->step_metrics(job.settings, job.sites));
+          job.metrics << line.dump() << "\n" << std::flush;
+          job.history.train.emplace_back(job.state.step, loss_sum);
+          job.tokens_since_log = 0;
+          job.log_started = Clock::now();
+        }
+      }
+      if (!job.valid_examples.empty() && tr.eval_every > 0 &&
+          (job.state.step % tr.eval_every == 0 || job.state.step == job.total_steps)) {
+        routing.set_rows({{job.index, 0}});
+        const double v =
+            validation_loss(model, job.valid_examples, tr.micro_batch_size, device);
+        job.metrics << nlohmann::json{{"step", job.state.step}, {"eval_loss", v}}.dump() << "\n"
+                    << std::flush;
+        job.history.valid.emplace_back(job.state.step, v);
+        fmt::print(stderr, "{}{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "",
+                   job.prefix, job.state.step, job.total_steps, v);
+      }
+      if (tr.save_every > 0 && job.state.step % tr.save_every == 0 &&
+          job.state.step < job.total_steps) {
+        write_checkpoint(job.out / "checkpoints" / ("step-" + std::to_string(job.state.step)),
+                         job.state, *job.optimizer, [&](const std::string& dir) {
+                           save_adapter_to(job, model, rope_factor, dir,
+                                           torch::kFloat32);  // resumes exactly
+                         });
+      }
+      if (job.state.step == job.total_steps) {
+        if (tty) fmt::print(stderr, "\n");
+        finish_job(job, model, rope_factor);
+      }
+    }
   }
-  const auto adapter = (out / "adapter").string();
-  if (recipe.cola.enabled()) {
-    // The chain as one PEFT LoRA, and every link (the last one still attached) on its own.
-    write_adapter_files(adapter, chain_adapter(chain, model, settings, recipe.model));
-    chain.links.push_back(spec.save(settings, sites, recipe.model));
-    save_chain(out.string(), chain);
-    fmt::print(stderr, "chain of {} links written to {} (each link under {})\n", chain.links.size(),
-               adapter, (out / "links").string());
-  } else {
-    save_adapter_to(adapter, torch::kFloat32);
-  }
-  fmt::print(stderr, "adapter written to {}\n", adapter);
-  fmt::print(stderr, "evaluate: lorafit eval --model {} --adapter {} --data FILE\n", recipe.model,
-             adapter);
-  fmt::print(stderr, "merge:    lorafit merge --model {} --adapter {} --out DIR\n", recipe.model,
-             adapter);
+  if (!failures.empty()) throw Error(join_problems(failures, /*limit=*/100));
 }
 
 }  // namespace lorafit

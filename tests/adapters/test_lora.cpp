@@ -85,7 +85,7 @@ TEST_CASE("the fused low-rank projection has the composite's gradients in float6
     }
     return g;
   };
-  const auto fused = grads(low_rank_linear(x, w, a, b, 0.75));
+  const auto fused = grads(low_rank_linear(x, w, LowRank{{{a, b, 0.75}}}));
   const auto plain = grads(x.matmul(w.t()) + 0.75 * x.matmul(a.t()).matmul(b.t()));
   for (size_t i = 0; i < fused.size(); ++i) {
     INFO(i);

@@ -89,7 +89,10 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"train.epochs=2"}, "set exactly one of 'train.steps' and 'train.epochs'"},
       {{"train.micro_batch_size=3"}, "must be a multiple of 'train.micro_batch_size' (3)"},
       {{"data.packing=maybe"}, "'data.packing' must be true or false"},
-      {{"jobs=[]"}, "'jobs' is not supported"},
+      {{"jobs=5"}, "'jobs' must be a list of jobs"},
+      {{"jobs=[{adapter: {r: 2}}]"}, "jobs[0]: 'name' is required"},
+      {{"jobs=[{name: a, dtype: bf16}]"}, "job 'a': 'dtype' is shared by all jobs"},
+      {{"jobs=[{name: a, trian: {}}]"}, "job 'a': unknown key 'trian' (did you mean 'train'?)"},
       {{"longlora.group_ratio=0.3"}, "is not a whole, even number of tokens per group"},
       {{"longlora.shift=rol"}, "(did you mean 'roll'?)"},
       {{"longlora.rope_scale=0.5"}, "expected auto or a factor >= 1"},
@@ -122,4 +125,90 @@ TEST_CASE("a recipe that is not YAML is refused with its path", "[core][recipe]"
   REQUIRE_THROWS_WITH(load_text("model: [unclosed"), Catch::Contains("is not valid YAML"));
   REQUIRE_THROWS_WITH(load_recipe("no/such/recipe.yaml"),
                       Catch::Contains("cannot read recipe 'no/such/recipe.yaml'"));
+}
+
+namespace {
+
+const std::string kTwoJobs = R"(
+max_concurrent: 1
+jobs:
+  - name: small
+    adapter: {r: 2, targets: [q_proj, v_proj]}
+    train: {lr: 1.0e-3}
+  - name: big
+    output: elsewhere/big
+    seed: 5
+    adapter: {type: multilora, n: 2}
+    data: {max_seq_len: 48}
+    train: {steps: 20, batch_size: 8}
+)";
+
+}  // namespace
+
+TEST_CASE("jobs inherit the top level and override it key by key", "[core][recipe]") {
+  const auto r = load_text(base_recipe() + kTwoJobs);
+  REQUIRE(r.max_concurrent == 1);
+  REQUIRE(r.jobs.size() == 2);
+  const auto& small = r.jobs[0];
+  const auto& big = r.jobs[1];
+  REQUIRE(small.name == "small");
+  REQUIRE(small.output == "runs/x/small");
+  REQUIRE(small.adapter.r == 2);
+  REQUIRE(small.adapter.alpha == 8);  // from the top
+  REQUIRE(small.adapter.targets == std::vector<std::string>{"q_proj", "v_proj"});
+  REQUIRE(small.train.lr == 1e-3);
+  REQUIRE(small.train.steps == 10);
+  REQUIRE(small.data.max_seq_len == 32);
+  REQUIRE(big.output == "elsewhere/big");
+  REQUIRE(big.seed == 5);
+  REQUIRE(small.seed == 0);
+  REQUIRE(big.adapter.type == "multilora");
+  REQUIRE(big.adapter.r == 4);
+  REQUIRE(big.data.max_seq_len == 48);
+  REQUIRE(big.data.train == "recipes/data/tiny_train.jsonl");
+  REQUIRE(big.train.batch_size == 8);
+  REQUIRE(big.train.micro_batch_size == 2);
+  REQUIRE(recipe_jobs(r).size() == 2);
+  REQUIRE(recipe_jobs(load_text(base_recipe())).size() == 1);
+
+  // The resolved recipe spells each job out and reads back as the same jobs; each job's own
+  // resolved recipe is a plain recipe that trains that job alone.
+  const auto again = load_text(recipe_to_yaml(r));
+  REQUIRE(recipe_to_yaml(again) == recipe_to_yaml(r));
+  for (size_t i = 0; i < 2; ++i) {
+    const auto alone = load_text(recipe_to_yaml(r.jobs[i]));
+    REQUIRE(alone.jobs.empty());
+    REQUIRE(recipe_to_yaml(alone) == recipe_to_yaml(r.jobs[i]));
+  }
+}
+
+TEST_CASE("a bad job is named; a problem of the shared top level is reported once",
+          "[core][recipe]") {
+  const std::string jobs = R"(
+jobs:
+  - name: a
+    data: {train: missing.jsonl}
+  - name: b
+    adapter: {type: lorra}
+  - name: c
+  - name: c
+    output: runs/x/a
+    adapter: {type: full}
+)";
+  try {
+    load_text(base_recipe() + jobs, {"train.lr=fast", "cola.links=2"});
+    FAIL("no error");
+  } catch (const ConfigError& e) {
+    const std::string msg = e.what();
+    INFO(msg);
+    REQUIRE_THAT(msg, Catch::Contains("job 'a': 'data.train': file 'missing.jsonl' does not exist"));
+    REQUIRE_THAT(msg, Catch::Contains("job 'b': 'adapter.type' is 'lorra'"));
+    REQUIRE_THAT(msg, Catch::Contains("two jobs are named 'c'"));
+    REQUIRE_THAT(msg, Catch::Contains("output 'runs/x/a' is another job's too"));
+    REQUIRE_THAT(msg, Catch::Contains("adapter.type full trains the base, which the jobs share"));
+    REQUIRE_THAT(msg, Catch::Contains("'cola' merges adapters into the base"));
+    // Every job inherits the bad learning rate: one report, without a job's name.
+    REQUIRE_THAT(msg, Catch::Contains("problems: 'train.lr' must be a number"));
+    REQUIRE_THAT(msg, !Catch::Contains("job 'a': 'train.lr'"));
+  }
 }
