@@ -75,6 +75,8 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     const auto dtype = x.scalar_type();
     torch::Tensor y = value_needed ? torch::mm(x2, weight.t())
                                    : torch::empty({x2.size(0), weight.size(0)}, x.options());
+    // Saved: x, weight, the factors, then per group its stacked a and xa and its terms' b,
+    // all in x's dtype.
     std::vector<torch::Tensor> saved{x2, weight};
     saved.insert(saved.end(), factors.begin(), factors.end());
     for (const auto& g : groups_of(code)) {
@@ -82,18 +84,19 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t].to(dtype));
       const auto a = as.size() == 1 ? as[0] : torch::cat(as, 0);    // [K, in]
       const auto xa = torch::mm(x2.narrow(0, g.row, g.rows), a.t());  // [n, K]
-      if (value_needed) {
-        int64_t k = 0;
-        for (size_t t = g.first; t < g.first + g.count; ++t) {
-          const auto& b = factors[2 * t + 1];  // [out_t, k_t]
-          y.narrow(0, g.row, g.rows)
-              .narrow(1, code[3 * t + 2], b.size(0))
-              .addmm_(xa.narrow(1, k, b.size(1)), b.to(dtype).t(), 1, scales[t]);
-          k += b.size(1);
-        }
-      }
       saved.push_back(a);
       saved.push_back(xa);
+      int64_t k = 0;
+      for (size_t t = g.first; t < g.first + g.count; ++t) {
+        const auto b = factors[2 * t + 1].to(dtype);  // [out_t, k_t]
+        if (value_needed) {
+          y.narrow(0, g.row, g.rows)
+              .narrow(1, code[3 * t + 2], b.size(0))
+              .addmm_(xa.narrow(1, k, b.size(1)), b.t(), 1, scales[t]);
+        }
+        saved.push_back(b);
+        k += b.size(1);
+      }
     }
     ctx->save_for_backward(saved);
     ctx->saved_data["code"] = code;
@@ -114,31 +117,39 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     if (ctx->needs_input_grad(0)) dx = torch::mm(dy, weight);  // [N, in]
     if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
     std::vector<torch::Tensor> dfactors(2 * terms);
-    size_t at = 2 + 2 * terms;  // the groups' stacked a and xa
+    size_t at = 2 + 2 * terms;  // each group's stacked a, xa and its terms' b
     for (const auto& g : groups_of(code)) {
       const auto &a = saved[at], &xa = saved[at + 1];
-      at += 2;
+      const size_t b_at = at + 2;
+      at += 2 + g.count;
       const auto dys = dy.narrow(0, g.row, g.rows);  // [n, out]
       const auto xs = x2.narrow(0, g.row, g.rows);   // [n, in]
-      std::vector<torch::Tensor> dxas;               // [n, k_t], scaled
+      // A group whose terms share one scaling (a job's adapters) applies it in the GEMMs
+      // below; otherwise each term's part of dxa is scaled on its own.
+      bool shared = true;
+      for (size_t t = g.first; t < g.first + g.count; ++t) shared = shared && scales[t] == scales[g.first];
+      const double s = shared ? scales[g.first] : 1.0;
+      std::vector<torch::Tensor> dxas;  // [n, k_t]
       int64_t k = 0;
       for (size_t t = g.first; t < g.first + g.count; ++t) {
-        const auto& b = saved[2 + 2 * t + 1];  // [out_t, k_t]
+        const auto& b = saved[b_at + (t - g.first)];  // [out_t, k_t]
         const auto dyt = dys.narrow(1, code[3 * t + 2], b.size(0));
-        dxas.push_back(torch::mm(dyt, b.to(dtype)).mul_(scales[t]));
+        dxas.push_back(shared ? torch::mm(dyt, b) : torch::mm(dyt, b).mul_(scales[t]));
+        const auto& b_in = saved[2 + 2 * t + 1];
         if (ctx->needs_input_grad(2 + 2 * t + 1)) {
-          dfactors[2 * t + 1] =
-              torch::mm(dyt.t(), xa.narrow(1, k, b.size(1))).mul_(scales[t]).to(b.scalar_type());
+          dfactors[2 * t + 1] = torch::empty_like(b)
+                                    .addmm_(dyt.t(), xa.narrow(1, k, b.size(1)), 0, scales[t])
+                                    .to(b_in.scalar_type());
         }
         k += b.size(1);
       }
       const auto dxa = dxas.size() == 1 ? dxas[0] : torch::cat(dxas, 1);  // [n, K]
-      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa, a);
+      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa, a, 1, s);
       bool any_a = false;
       for (size_t t = g.first; t < g.first + g.count; ++t)
         any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
       if (!any_a) continue;
-      const auto da = torch::mm(dxa.t(), xs);  // [K, in]
+      const auto da = torch::empty_like(a).addmm_(dxa.t(), xs, 0, s);  // [K, in]
       k = 0;
       for (size_t t = g.first; t < g.first + g.count; ++t) {
         const auto& a_t = saved[2 + 2 * t];
