@@ -111,7 +111,6 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     const auto code = ctx->saved_data["code"].toIntVector();
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
     const size_t terms = code.size() / 3;
-    const auto dtype = x2.scalar_type();
     const auto dy = grads[0].reshape({-1, weight.size(0)});  // [N, out]
     torch::Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = torch::mm(dy, weight);  // [N, in]

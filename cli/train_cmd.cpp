@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include "cli/commands.h"
+#include "core/distributed.h"
 #include "core/recipe.h"
 #include "core/trainer.h"
 
@@ -39,7 +40,7 @@ Action add_train(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   return [o] {
     const Recipe recipe = resolved(*o);
-    fmt::print(stderr, "{}", recipe_to_yaml(recipe));
+    if (launch_from_env().rank == 0) fmt::print(stderr, "{}", recipe_to_yaml(recipe));
     train(recipe, {o->recipe, o->resume});
   };
 }

@@ -11,13 +11,26 @@
 #ifdef LORAFIT_WITH_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/cuda.h>
 #endif
 
 #include <cmath>
 #include <filesystem>
 
+namespace c10d {
+class Backend;
+class ProcessGroup;
+}  // namespace c10d
+
 namespace lorafit::compat {
+
+/// What c10d's backends (ProcessGroupGloo, ProcessGroupNCCL) derive from.
+#if TORCH_VERSION_MAJOR >= 2
+using CollectiveBackend = c10d::Backend;
+#else
+using CollectiveBackend = c10d::ProcessGroup;
+#endif
 
 /// Each KV head serving heads/kv_heads consecutive query heads, as transformers' repeat_kv.
 /// x: [B, KV, T, D] -> [B, H, T, D]
@@ -140,6 +153,13 @@ inline void reset_peak_memory(torch::Device device) {
 #ifdef LORAFIT_WITH_CUDA
   if (device.is_cuda())
     c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+#endif
+}
+
+/// Makes `device` the current CUDA device (a data-parallel rank's GPU); nothing on the CPU.
+inline void use_cuda_device(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::set_device(device.index());
 #endif
 }
 

@@ -113,6 +113,8 @@ void visit_fields(Recipe_& r, F&& f) {
   f("longlora.shift", r.longlora.shift, one_of({"roll", "nowrap", "none"}));
   f("longlora.trainable", r.longlora.trainable, Rule{});
   f("longlora.rope_scale", r.longlora.rope_scale, Rule{});
+  f("distributed.timeout_s", r.distributed.timeout_s, at_least(1));
+  f("distributed.bucket_mb", r.distributed.bucket_mb, positive());
 }
 
 std::vector<std::string> split(const std::string& key, char sep) {
@@ -488,8 +490,8 @@ YAML::Node parse_yaml(const std::string& path) {
 }
 
 const std::vector<std::string> kJobKeys = {"name", "output", "seed", "data", "adapter", "train"};
-const std::vector<std::string> kSharedKeys = {"model",    "device", "dtype",         "cola",
-                                              "longlora", "jobs",   "max_concurrent"};
+const std::vector<std::string> kSharedKeys = {"model", "device",   "dtype",       "cola",
+                                              "longlora", "jobs", "max_concurrent", "distributed"};
 
 bool valid_job_name(const std::string& name) {
   return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {

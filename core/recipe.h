@@ -81,6 +81,12 @@ struct LongLoraRecipe {
   std::string rope_scale = "auto";
 };
 
+// Data parallelism (torchrun's environment picks the ranks; see core/distributed.h).
+struct DistributedRecipe {
+  int64_t timeout_s = 600;  // the longest wait for another rank: start-up, each collective
+  double bucket_mb = 25;    // gradients per all-reduce
+};
+
 struct Recipe {
   std::string name;  // a job's name (jobs: several adapters on one base); empty for a plain recipe
   std::string model;
@@ -93,6 +99,7 @@ struct Recipe {
   TrainRecipe train;
   ColaRecipe cola;
   LongLoraRecipe longlora;
+  DistributedRecipe distributed;
   // `jobs:` each job's resolved recipe: the top level with the job's own name, output, seed,
   // data, adapter and train keys over it. Empty: the recipe is its own one job.
   std::vector<Recipe> jobs;

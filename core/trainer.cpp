@@ -20,6 +20,7 @@
 #include "core/compat.h"
 #include "core/datasets.h"
 #include "core/device.h"
+#include "core/distributed.h"
 #include "core/errors.h"
 #include "core/eval.h"
 #include "core/loss_plot.h"
@@ -115,23 +116,30 @@ torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
   return nll_sums(model, batch, {batch.ids.size(0)})[0];
 }
 
+// The mean loss over `examples`, each rank taking every size-th of them.
 double validation_loss(LlamaForCausalLM& model,
                        const std::vector<Example>& examples,
                        int64_t micro_batch,
-                       torch::Device device) {
+                       torch::Device device,
+                       World& world,
+                       int64_t step) {
   torch::NoGradGuard no_grad;
   model->eval();
-  double nll = 0;
-  int64_t count = 0;
-  for (size_t start = 0; start < examples.size(); start += micro_batch) {
-    std::vector<size_t> rows;
-    for (size_t i = start; i < std::min(examples.size(), start + micro_batch); ++i)
-      rows.push_back(i);
-    nll += nll_sum(model, collate({{&examples, rows}}, device)).item<double>();
-    count += target_count(examples, rows);
+  std::vector<size_t> mine;
+  for (size_t i = static_cast<size_t>(world.rank()); i < examples.size();
+       i += static_cast<size_t>(world.size()))
+    mine.push_back(i);
+  auto nll = torch::zeros({}, torch::dtype(torch::kFloat64).device(device));
+  for (size_t start = 0; start < mine.size(); start += micro_batch) {
+    const std::vector<size_t> rows(mine.begin() + start,
+                                   mine.begin() + std::min(mine.size(), start + micro_batch));
+    nll += nll_sum(model, collate({{&examples, rows}}, device));
   }
+  auto sums = torch::stack({nll, torch::full({}, static_cast<double>(target_count(examples, mine)),
+                                            nll.options())});  // [2]
+  world.sum({sums}, step);
   model->train();
-  return nll / count;
+  return sums[0].item<double>() / sums[1].item<double>();
 }
 
 std::string format_duration(double seconds) {
@@ -225,11 +233,13 @@ struct Job {
   int64_t targets = 0;
   int64_t next_micro = 0;
   StepLoss step_loss;
+  int64_t step_tokens = 0;  // this rank's, in the step in progress
   int64_t tokens_since_log = 0;
   Clock::time_point started, log_started;
   int64_t first_step = 0;
   Status status = Status::Waiting;
   std::string failure;
+  bool writes = true;  // rank 0 of a data-parallel run alone writes logs and outputs
 
   bool cola() const { return recipe.cola.enabled(); }
 };
@@ -240,6 +250,17 @@ void new_optimizer(Job& job, LlamaForCausalLM& model) {
   AdamWSettings adamw;
   adamw.weight_decay = job.recipe.train.weight_decay;
   job.optimizer.emplace(params, adamw);
+}
+
+// The tensors whose gradients the job's step takes: the optimizer's, the model's own tensor in
+// place of an fp32 master (gradients reach the master only in take_grads).
+std::vector<torch::Tensor> gradient_holders(const Job& job) {
+  auto out = job.optimizer->params;
+  if (job.masters)
+    for (auto& t : out)
+      for (size_t i = 0; i < job.masters->masters.size(); ++i)
+        if (t.is_same(job.masters->masters[i])) t = job.masters->model[i];
+  return out;
 }
 
 // The trained base tensors by checkpoint name, as checkpoints and outputs hold them: their
@@ -364,17 +385,19 @@ void resume_job(Job& job, LlamaForCausalLM& model, const fs::path& ckpt) {
   torch::Tensor rng;
   torch::load(rng, (ckpt / "rng.pt").string());
   compat::set_cpu_rng_state(rng);
+  if (!job.writes) return;
   truncate_metrics(job.out / "metrics.jsonl", job.state.step);
   fmt::print(stderr, "{}resuming from {} (step {})\n", job.prefix, ckpt.string(), job.state.step);
 }
 
 // The job's final outputs, and a note that it finished (a resumed run of several jobs skips it).
 void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
+  job.status = Job::Status::Done;
+  if (!job.writes) return;
   const auto& out = job.out;
   write_file_atomic((out / "loss.svg").string(), loss_svg(job.history));
   write_file_atomic((out / "job_state.json").string(),
                     nlohmann::json{{"finished", true}, {"step", job.state.step}}.dump(2) + "\n");
-  job.status = Job::Status::Done;
   if (job.spec->trains_base) {
     const fs::path dir = out / "model", tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
     compat::remove_tree(tmp);
@@ -505,7 +528,28 @@ void train(const Recipe& recipe, const TrainRun& run) {
   }
   check_rope_interpolation(config.rope, rope_factor,
                            "'longlora.rope_scale' for model '" + recipe.model + "'");
-  const auto device = pick_device(recipe.device);
+  // Data parallelism: each rank takes its share of every job's global batch, one device each.
+  const auto launch = launch_from_env();
+  for (const auto& job : jobs) {
+    const auto& tr = job.recipe.train;
+    if (tr.batch_size % (launch.world_size * tr.micro_batch_size) != 0) {
+      throw ConfigError(fmt::format(
+          "{}'train.batch_size' ({}) must be a multiple of WORLD_SIZE ({}) x "
+          "'train.micro_batch_size' ({}): each rank takes an equal share of every batch",
+          job.prefix, tr.batch_size, launch.world_size, tr.micro_batch_size));
+    }
+  }
+  auto device = pick_device(recipe.device);
+  if (device.is_cuda() && launch.world_size > 1) {
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank));
+    compat::use_cuda_device(device);
+  }
+  World world(launch, device, std::chrono::seconds(recipe.distributed.timeout_s),
+              static_cast<int64_t>(recipe.distributed.bucket_mb * (1 << 20)));
+  for (auto& job : jobs) {
+    job.writes = world.main();
+    job.micro_batches /= world.size();
+  }
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
   model->interpolate_rope(rope_factor);
@@ -526,21 +570,24 @@ void train(const Recipe& recipe, const TrainRun& run) {
     if (!job.recipe.adapter.init.empty()) copy_adapter_weights(job, model, job.recipe.adapter.init);
   }
 
-  // Only now, with data and model loaded, does the run write anything.
-  if (shared) {
+  // Only now, with data and model loaded, does the run write anything (rank 0 alone).
+  if (shared && world.main()) {
     fs::create_directories(recipe.output);
     write_file_atomic((fs::path(recipe.output) / "recipe.yaml").string(), recipe_to_yaml(recipe));
   }
   for (auto& job : jobs) {
-    fs::create_directories(job.out / "checkpoints");
-    write_file_atomic((job.out / "recipe.yaml").string(), recipe_to_yaml(job.recipe));
+    if (job.writes) {
+      fs::create_directories(job.out / "checkpoints");
+      write_file_atomic((job.out / "recipe.yaml").string(), recipe_to_yaml(job.recipe));
+    }
     // With several jobs, --resume names the run's output and each job resumes from its own:
     // a finished job is done, one without a checkpoint starts over.
     fs::path ckpt;
     if (!run.resume.empty() && shared) {
       if (fs::exists(job.out / "job_state.json")) {
         job.status = Job::Status::Done;
-        fmt::print(stderr, "{}finished earlier: outputs in {}\n", job.prefix, job.out.string());
+        if (job.writes)
+          fmt::print(stderr, "{}finished earlier: outputs in {}\n", job.prefix, job.out.string());
         continue;
       }
       ckpt = find_checkpoint(job.out);
@@ -555,11 +602,13 @@ void train(const Recipe& recipe, const TrainRun& run) {
     if (!ckpt.empty()) resume_job(job, model, ckpt);
     job.stream.emplace(job.train_examples.size(), static_cast<uint64_t>(job.recipe.seed),
                        job.state.data, job.recipe.data.shuffle);
-    job.metrics.open(job.out / "metrics.jsonl", std::ios::app);
-    job.history = read_loss_history((job.out / "metrics.jsonl").string());
+    if (job.writes) {
+      job.metrics.open(job.out / "metrics.jsonl", std::ios::app);
+      job.history = read_loss_history((job.out / "metrics.jsonl").string());
+    }
     job.first_step = job.state.step;
   }
-  const bool tty = isatty(STDERR_FILENO) && !shared;
+  const bool tty = isatty(STDERR_FILENO) && !shared && world.main();
   const size_t max_running =
       recipe.max_concurrent > 0 ? static_cast<size_t>(recipe.max_concurrent) : jobs.size();
   std::vector<std::string> failures;
@@ -572,7 +621,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
       if (job.status == Job::Status::Waiting && running < max_running) {
         job.status = Job::Status::Running;
         job.started = job.log_started = Clock::now();
-        if (shared) fmt::print(stderr, "{}starts ({} steps)\n", job.prefix, job.total_steps);
+        if (shared && job.writes)
+          fmt::print(stderr, "{}starts ({} steps)\n", job.prefix, job.total_steps);
       }
       running += job.status == Job::Status::Running;
     }
@@ -591,22 +641,26 @@ void train(const Recipe& recipe, const TrainRun& run) {
           tie_knot(job.chain, model, *job.spec, job.settings, next, job.recipe.model);
           job.settings = next;
           new_optimizer(job, model);
-          job.metrics << nlohmann::json{{"step", job.state.step}, {"knot", job.link},
-                                        {"r", job.settings.r}}
-                             .dump()
-                      << "\n";
-          fmt::print(stderr, "{}{}step {}/{}  knot {}: link {} merged, link {} (r={}) starts\n",
-                     tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, job.link,
-                     job.link, job.link + 1, job.settings.r);
+          if (job.writes) {
+            job.metrics << nlohmann::json{{"step", job.state.step}, {"knot", job.link},
+                                          {"r", job.settings.r}}
+                               .dump()
+                        << "\n";
+            fmt::print(stderr, "{}{}step {}/{}  knot {}: link {} merged, link {} (r={}) starts\n",
+                       tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps,
+                       job.link, job.link, job.link + 1, job.settings.r);
+          }
         }
         job.rows = job.stream->next(tr.batch_size);
         job.targets = target_count(job.train_examples, job.rows);
         job.step_loss = {};
       }
-      const auto first = job.rows.begin() + job.next_micro * tr.micro_batch_size;
+      // This rank's share of the global batch, then its next micro-batch.
+      const auto first = job.rows.begin() + world.rank() * (tr.batch_size / world.size()) +
+                         job.next_micro * tr.micro_batch_size;
       parts.emplace_back(&job, std::vector<size_t>(first, first + tr.micro_batch_size));
       for (auto r : parts.back().second)
-        job.tokens_since_log += static_cast<int64_t>(job.train_examples[r].input_ids.size());
+        job.step_tokens += static_cast<int64_t>(job.train_examples[r].input_ids.size());
     }
 
     for (const auto& group : group_by_length(parts)) {
@@ -635,7 +689,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
         if (job.aux_loss) {
           const bool padded = batch.tokens < batch.ids.numel();
           const auto keep = padded ? batch.keep.narrow(0, row, n).reshape({-1}) : torch::Tensor();
-          const auto share = job.aux_loss(keep, 1.0 / static_cast<double>(job.micro_batches));
+          // Averaged over the micro-batches of the global batch, all ranks together.
+          const auto share = job.aux_loss(keep, static_cast<double>(job.recipe.train.micro_batch_size) /
+                                                    static_cast<double>(job.recipe.train.batch_size));
           if (share.defined()) {
             sl.aux = sl.aux.defined() ? sl.aux + share.detach() : share.detach();
             loss = loss + share;
@@ -653,10 +709,29 @@ void train(const Recipe& recipe, const TrainRun& run) {
       const auto& tr = job.recipe.train;
       if (++job.next_micro < job.micro_batches) continue;
       job.next_micro = 0;
+      // Data parallelism: the ranks' gradients (each already a share of the global token
+      // mean) and losses are summed, so every rank takes the same step.
+      auto stats = torch::stack(  // [3]: nll, aux, tokens of the step
+          {job.step_loss.nll.to(torch::kFloat64),
+           job.step_loss.aux.defined() ? job.step_loss.aux.to(torch::kFloat64)
+                                       : torch::zeros({}, job.step_loss.nll.options().dtype(torch::kFloat64)),
+           torch::full({}, static_cast<double>(job.step_tokens),
+                       job.step_loss.nll.options().dtype(torch::kFloat64))});
+      if (world.size() > 1) {
+        std::vector<torch::Tensor> reduced{stats};
+        for (auto& t : gradient_holders(job)) {
+          if (!t.grad().defined()) t.mutable_grad() = torch::zeros_like(t);
+          reduced.push_back(t.grad());
+        }
+        world.sum(reduced, job.state.step + 1);
+      }
       // Reading the loss waits for the backward pass, once per step: a non-finite loss must
       // stop the job before the update.
-      const double loss_sum = job.step_loss.nll.item<double>();
-      const double aux_sum = job.step_loss.aux.defined() ? job.step_loss.aux.item<double>() : 0.0;
+      const auto host = stats.cpu();
+      const double loss_sum = host[0].item<double>();
+      const double aux_sum = host[1].item<double>();
+      job.tokens_since_log += static_cast<int64_t>(host[2].item<double>());
+      job.step_tokens = 0;
       if (!std::isfinite(loss_sum + aux_sum)) {
         job.failure = fmt::format(
             "{}the training loss became {} at step {}; the last good checkpoint is under {} "
@@ -665,7 +740,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
             (job.out / "checkpoints").string());
         job.status = Job::Status::Failed;
         failures.push_back(job.failure);
-        if (shared) fmt::print(stderr, "lorafit: {}; the other jobs go on\n", job.failure);
+        if (shared && job.writes)
+          fmt::print(stderr, "lorafit: {}; the other jobs go on\n", job.failure);
         continue;
       }
       double lr = scheduled_lr(tr, job.state.step, job.total_steps);
@@ -680,7 +756,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
       job.state.data = job.stream->position();
 
       const bool log_step = job.state.step % tr.log_every == 0 || job.state.step == job.total_steps;
-      if (log_step || tty) {
+      if (job.writes && (log_step || tty)) {
         const double secs = std::chrono::duration<double>(Clock::now() - job.log_started).count();
         const double tok_s = job.tokens_since_log / std::max(secs, 1e-9);
         const double done = std::chrono::duration<double>(Clock::now() - job.started).count();
@@ -707,15 +783,17 @@ void train(const Recipe& recipe, const TrainRun& run) {
       if (!job.valid_examples.empty() && tr.eval_every > 0 &&
           (job.state.step % tr.eval_every == 0 || job.state.step == job.total_steps)) {
         routing.set_rows({{job.index, 0}});
-        const double v =
-            validation_loss(model, job.valid_examples, tr.micro_batch_size, device);
-        job.metrics << nlohmann::json{{"step", job.state.step}, {"eval_loss", v}}.dump() << "\n"
-                    << std::flush;
-        job.history.valid.emplace_back(job.state.step, v);
-        fmt::print(stderr, "{}{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "",
-                   job.prefix, job.state.step, job.total_steps, v);
+        const double v = validation_loss(model, job.valid_examples, tr.micro_batch_size, device,
+                                         world, job.state.step);
+        if (job.writes) {
+          job.metrics << nlohmann::json{{"step", job.state.step}, {"eval_loss", v}}.dump() << "\n"
+                      << std::flush;
+          job.history.valid.emplace_back(job.state.step, v);
+          fmt::print(stderr, "{}{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "",
+                     job.prefix, job.state.step, job.total_steps, v);
+        }
       }
-      if (tr.save_every > 0 && job.state.step % tr.save_every == 0 &&
+      if (job.writes && tr.save_every > 0 && job.state.step % tr.save_every == 0 &&
           job.state.step < job.total_steps) {
         write_checkpoint(job.out / "checkpoints" / ("step-" + std::to_string(job.state.step)),
                          job.state, *job.optimizer, [&](const std::string& dir) {

@@ -3,8 +3,10 @@
 set -euo pipefail
 # libopenblas0-openmp: Debian's LibTorch calls the system BLAS, which is otherwise netlib's
 # reference BLAS; OpenBLAS makes CPU training about 9x faster (scripts/experiment_multitask.sh).
+# libgloo-dev: the headers of Gloo, c10d's CPU backend (data-parallel training on CPUs).
 packages=(build-essential cmake ninja-build ccache libtorch-dev libyaml-cpp-dev libcli11-dev
-          libsentencepiece-dev libfmt-dev catch2 nlohmann-json3-dev libopenblas0-openmp)
+          libsentencepiece-dev libfmt-dev catch2 nlohmann-json3-dev libopenblas0-openmp
+          libgloo-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

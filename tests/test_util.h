@@ -53,9 +53,15 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
 
+/// Copies the folder `src` to `dest` (which must not exist) with cp: std::filesystem::copy of
+/// a folder crashes the test binaries on the GPU machine (g++ 13, pip LibTorch).
+inline void copy_folder(const std::string& src, const std::string& dest) {
+  REQUIRE(std::system(("cp -r '" + src + "' '" + dest + "'").c_str()) == 0);
+}
+
 /// Copies a fixture folder into `dest` and returns dest.
 inline std::string copy_fixture(const std::string& name, const std::string& dest) {
-  fs::copy(fixture(name), dest, fs::copy_options::recursive);
+  copy_folder(fixture(name), dest);
   return dest;
 }
 
@@ -71,12 +77,15 @@ struct RunResult {
 };
 
 /// Runs `lorafit ARGS` through the shell (args are quoted by the caller), capturing both
-/// streams. `stdin_text`, if given, is piped to standard input.
-inline RunResult run_lorafit(const std::string& args, const std::string& stdin_text = "") {
+/// streams. `stdin_text`, if given, is piped to standard input; `env` ("NAME=value ...") is
+/// set for it.
+inline RunResult run_lorafit(const std::string& args,
+                             const std::string& stdin_text = "",
+                             const std::string& env = "") {
   TempDir tmp;
   const auto out = tmp / "out", err = tmp / "err", in = tmp / "in";
   write_text(in, stdin_text);
-  const std::string cmd = std::string("'") + LORAFIT_BIN + "' " + args + " <'" + in + "' >'" + out +
+  const std::string cmd = env + " '" + LORAFIT_BIN + "' " + args + " <'" + in + "' >'" + out +
                           "' 2>'" + err + "'";
   const int status = std::system(cmd.c_str());
   RunResult r;
