@@ -54,7 +54,8 @@ struct TempDir {
 };
 
 /// Copies the folder `src` to `dest` (which must not exist) with cp: std::filesystem::copy of
-/// a folder crashes the test binaries on the GPU machine (g++ 13, pip LibTorch).
+/// a folder crashes programs linked against the pip LibTorch, as remove_all does (see
+/// compat::remove_tree).
 inline void copy_folder(const std::string& src, const std::string& dest) {
   REQUIRE(std::system(("cp -r '" + src + "' '" + dest + "'").c_str()) == 0);
 }
