@@ -8,15 +8,10 @@
 #   ROWS="llama2-7b:2048:2:0 llama2-7b:4096:1:1" bash scripts/bench_vs_peft.sh
 # COMPILED="" skips compiled PEFT.
 set -uo pipefail
-out="${OUT:-/tmp/lorafit-gpu}"
-mkdir -p "$out"
-source .gpu-deps/env.sh
-export PYTHONUNBUFFERED=1
+source scripts/gpu_common.sh
 rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1}"
 compiled="${COMPILED-$rows}"
-{ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build-gpu -j"$(nproc)" --target lorafit; } > "$out/bench-build.log" 2>&1 ||
-  { tail -30 "$out/bench-build.log"; exit 1; }
+gpu_build bench lorafit
 results="$out/bench.jsonl"
 : > "$results"
 for row in $rows; do

@@ -9,13 +9,8 @@
 #     shape and prints tokens/s and peak memory side by side.
 # Needs .gpu-deps, python3 with transformers and PEFT.   bash scripts/gpu_adapters.sh
 set -uo pipefail
-out="${OUT:-/tmp/lorafit-gpu}"
-mkdir -p "$out"
-source .gpu-deps/env.sh
-export PYTHONUNBUFFERED=1
-{ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build-gpu -j"$(nproc)"; } > "$out/adapters-build.log" 2>&1 ||
-  { grep -m20 -A3 error "$out/adapters-build.log"; exit 1; }
+source scripts/gpu_common.sh
+gpu_build adapters
 bin=./build-gpu/lorafit
 
 echo "== 1. CPU tests on LibTorch $(python3 -c 'import torch;print(torch.__version__)')"

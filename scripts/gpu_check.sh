@@ -9,14 +9,10 @@
 #   bash scripts/gpu_check.sh            # logs go to $OUT (or /tmp/lorafit-gpu)
 set -uo pipefail
 status=0
-out="${OUT:-/tmp/lorafit-gpu}"
-mkdir -p "$out"
-source .gpu-deps/env.sh
-export PYTHONUNBUFFERED=1
+source scripts/gpu_common.sh
 
 echo "== build"
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release > "$out/cmake.log" 2>&1 || { tail -30 "$out/cmake.log"; exit 1; }
-cmake --build build-gpu -j16 > "$out/build.log" 2>&1 || { grep -m20 -A3 error "$out/build.log"; exit 1; }
+gpu_build check
 
 echo "== CPU tests on LibTorch $(python3 -c 'import torch;print(torch.__version__)')"
 ctest --test-dir build-gpu -LE gpu -j8 > "$out/ctest-cpu.log" 2>&1 || status=1

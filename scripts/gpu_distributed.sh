@@ -8,14 +8,9 @@
 #   EXTRA_PKGS=libgloo-dev bash ../shared/gpu/bundle-deps.sh .gpu-deps
 # and python3 with torch and transformers.   bash scripts/gpu_distributed.sh
 set -uo pipefail
-out="${OUT:-/tmp/lorafit-gpu}"
-mkdir -p "$out"
-source .gpu-deps/env.sh
-export PYTHONUNBUFFERED=1
+source scripts/gpu_common.sh
 steps="${STEPS:-30}"
-{ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build-gpu -j"$(nproc)" --target lorafit lorafit_cli_tests; } \
-  > "$out/dist-build.log" 2>&1 || { grep -m20 -A3 error "$out/dist-build.log"; exit 1; }
+gpu_build dist lorafit lorafit_cli_tests
 bin=$PWD/build-gpu/lorafit
 grep -E "LORAFIT_WITH_(GLOO|NCCL)" build-gpu/build.ninja | grep -o "LORAFIT_WITH_[A-Z]*" | sort -u |
   tr '\n' ' ' | sed 's/^/c10d backends built: /'; echo

@@ -11,14 +11,9 @@
 # each job's last loss. Also runs the jobs tests on LibTorch 2.x (CPU).
 # Needs .gpu-deps, python3 with transformers and PEFT.   bash scripts/gpu_jobs.sh
 set -uo pipefail
-out="${OUT:-/tmp/lorafit-gpu}"
-mkdir -p "$out"
-source .gpu-deps/env.sh
-export PYTHONUNBUFFERED=1
+source scripts/gpu_common.sh
 steps="${STEPS:-40}"
-{ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build-gpu -j"$(nproc)" --target lorafit lorafit_unit_tests lorafit_cli_tests; } \
-  > "$out/jobs-build.log" 2>&1 || { grep -m20 -A3 error "$out/jobs-build.log"; exit 1; }
+gpu_build jobs lorafit lorafit_unit_tests lorafit_cli_tests
 bin=./build-gpu/lorafit
 
 echo "== jobs tests on LibTorch $(python3 -c 'import torch;print(torch.__version__)') (CPU)"

@@ -10,13 +10,8 @@
 #     runs out of memory.
 # Needs .gpu-deps, python3 with transformers and PEFT.   bash scripts/gpu_longlora.sh
 set -uo pipefail
-out="${OUT:-/tmp/lorafit-gpu}"
-mkdir -p "$out"
-source .gpu-deps/env.sh
-export PYTHONUNBUFFERED=1
-{ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release &&
-  cmake --build build-gpu -j"$(nproc)" --target lorafit; } > "$out/longlora-build.log" 2>&1 ||
-  { grep -m20 -A3 error "$out/longlora-build.log"; exit 1; }
+source scripts/gpu_common.sh
+gpu_build longlora lorafit
 bin=./build-gpu/lorafit
 work=/tmp/lorafit-longlora
 rm -rf "$work" && mkdir -p "$work"
