@@ -34,8 +34,8 @@ TermLayout layout_of(const LowRank& u, int64_t n) {
   const int64_t per = u.batch_rows > 0 ? n / u.batch_rows : n;
   for (const auto& t : u.terms) {
     const bool all = t.row_end == 0;
-    l.code.insert(l.code.end(), {all ? 0 : t.row_begin * per,
-                                 all ? n : (t.row_end - t.row_begin) * per, t.col});
+    l.code.insert(l.code.end(),
+                  {all ? 0 : t.row_begin * per, all ? n : (t.row_end - t.row_begin) * per, t.col});
     l.scales.push_back(t.scaling);
   }
   return l;
@@ -82,7 +82,7 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     for (const auto& g : groups_of(code)) {
       std::vector<torch::Tensor> as;  // [k_t, in] in x's dtype
       for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t].to(dtype));
-      const auto a = as.size() == 1 ? as[0] : torch::cat(as, 0);    // [K, in]
+      const auto a = as.size() == 1 ? as[0] : torch::cat(as, 0);      // [K, in]
       const auto xa = torch::mm(x2.narrow(0, g.row, g.rows), a.t());  // [n, K]
       saved.push_back(a);
       saved.push_back(xa);
@@ -126,7 +126,8 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       // A group whose terms share one scaling (a job's adapters) applies it in the GEMMs
       // below; otherwise each term's part of dxa is scaled on its own.
       bool shared = true;
-      for (size_t t = g.first; t < g.first + g.count; ++t) shared = shared && scales[t] == scales[g.first];
+      for (size_t t = g.first; t < g.first + g.count; ++t)
+        shared = shared && scales[t] == scales[g.first];
       const double s = shared ? scales[g.first] : 1.0;
       std::vector<torch::Tensor> dxas;  // [n, k_t]
       int64_t k = 0;
@@ -180,8 +181,8 @@ torch::Tensor with_terms(const torch::Tensor& x,
   for (const auto& t : u.terms) {
     TORCH_CHECK(t.row_end == 0 && t.col == 0 && t.b.size(0) == base.size(-1),
                 "an adapter's own update covers every row and column");
-    y = y + torch::nn::functional::linear(
-                torch::nn::functional::linear(h, t.a.to(x.scalar_type())), t.b.to(x.scalar_type())) *
+    y = y + torch::nn::functional::linear(torch::nn::functional::linear(h, t.a.to(x.scalar_type())),
+                                          t.b.to(x.scalar_type())) *
                 t.scaling;
   }
   return y;

@@ -23,7 +23,7 @@ struct LowRankTerm {
   torch::Tensor b;  // [out_t, k]
   double scaling = 1.0;
   int64_t row_begin = 0, row_end = 0;  // batch rows
-  int64_t col = 0;                       // the first output column
+  int64_t col = 0;                     // the first output column
 };
 
 /// A low-rank update of a projection: y = x W^T + its terms. Several terms are several

@@ -10,6 +10,7 @@
 #include "core/distributed.h"
 
 #include <fmt/core.h>
+
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef LORAFIT_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -133,8 +134,7 @@ World::World(const Launch& launch,
     } else {
 #ifdef LORAFIT_WITH_GLOO
       auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-      const bool loopback =
-          launch.master_addr == "127.0.0.1" || launch.master_addr == "localhost";
+      const bool loopback = launch.master_addr == "127.0.0.1" || launch.master_addr == "localhost";
       if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
         options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
       } else {

@@ -490,8 +490,8 @@ YAML::Node parse_yaml(const std::string& path) {
 }
 
 const std::vector<std::string> kJobKeys = {"name", "output", "seed", "data", "adapter", "train"};
-const std::vector<std::string> kSharedKeys = {"model", "device",   "dtype",       "cola",
-                                              "longlora", "jobs", "max_concurrent", "distributed"};
+const std::vector<std::string> kSharedKeys = {
+    "model", "device", "dtype", "cola", "longlora", "jobs", "max_concurrent", "distributed"};
 
 bool valid_job_name(const std::string& name) {
   return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
@@ -524,7 +524,8 @@ YAML::Node job_tree(const YAML::Node& root,
       }
       if (!merged[key].IsMap()) merged[key] = YAML::Node(YAML::NodeType::Map);
       YAML::Node block = merged[key];
-      for (const auto& item : kv.second) block[item.first.as<std::string>()] = YAML::Clone(item.second);
+      for (const auto& item : kv.second)
+        block[item.first.as<std::string>()] = YAML::Clone(item.second);
     } else if (key != "name") {
       merged[key] = YAML::Clone(kv.second);
     }
@@ -537,7 +538,9 @@ YAML::Node job_tree(const YAML::Node& root,
 
 // Checks that concern the jobs together: unique names and outputs, and what a shared base
 // allows when there are several.
-void check_jobs(const Recipe& top, const std::vector<Recipe>& jobs, std::vector<std::string>& problems) {
+void check_jobs(const Recipe& top,
+                const std::vector<Recipe>& jobs,
+                std::vector<std::string>& problems) {
   std::set<std::string> names, outputs;
   for (const auto& j : jobs) {
     if (!names.insert(j.name).second) problems.push_back("two jobs are named '" + j.name + "'");
@@ -620,8 +623,10 @@ std::vector<Recipe> read_jobs(const YAML::Node& root,
                               std::vector<std::string>& problems) {
   const YAML::Node list = root["jobs"];
   if (!list.IsSequence()) {
-    problems.push_back("'jobs' must be a list of jobs, each with name, adapter, data, train "
-                       "and output" + where(list));
+    problems.push_back(
+        "'jobs' must be a list of jobs, each with name, adapter, data, train "
+        "and output" +
+        where(list));
     return {};
   }
   std::vector<Recipe> jobs;
@@ -635,8 +640,10 @@ std::vector<Recipe> read_jobs(const YAML::Node& root,
     }
     const YAML::Node name = node["name"];
     if (!name.IsDefined() || !name.IsScalar() || !valid_job_name(name.Scalar())) {
-      problems.push_back(label + ": 'name' is required: letters, digits, '-', '_' or '.', "
-                         "used in the job's output folder" + where(node));
+      problems.push_back(label +
+                         ": 'name' is required: letters, digits, '-', '_' or '.', "
+                         "used in the job's output folder" +
+                         where(node));
       continue;
     }
     Recipe job;

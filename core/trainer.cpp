@@ -136,7 +136,7 @@ double validation_loss(LlamaForCausalLM& model,
     nll += nll_sum(model, collate({{&examples, rows}}, device));
   }
   auto sums = torch::stack({nll, torch::full({}, static_cast<double>(target_count(examples, mine)),
-                                            nll.options())});  // [2]
+                                             nll.options())});  // [2]
   world.sum({sums}, step);
   model->train();
   return sums[0].item<double>() / sums[1].item<double>();
@@ -329,8 +329,9 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
 void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& config) {
   const auto& d = job.recipe.data;
   const auto& tr = job.recipe.train;
-  DatasetOptions opts{d.format,           d.max_seq_len, d.packing, config.bos_token_id,
-                      config.eos_token_ids.front(), config.vocab_size};
+  DatasetOptions opts{
+      d.format,         d.max_seq_len, d.packing, config.bos_token_id, config.eos_token_ids.front(),
+      config.vocab_size};
   job.train_examples = load_examples(d.train, tokenizer, opts);
   if (!d.valid.empty()) job.valid_examples = load_examples(d.valid, tokenizer, opts);
   job.total_steps =
@@ -375,8 +376,8 @@ void resume_job(Job& job, LlamaForCausalLM& model, const fs::path& ckpt) {
   if (job.cola()) {
     load_chain(ckpt.string(), job.chain, model);
     job.link = job.chain.links.size();
-    job.settings = cola_link_settings(job.recipe.cola, adapter_settings(job.recipe.adapter),
-                                      job.link);
+    job.settings =
+        cola_link_settings(job.recipe.cola, adapter_settings(job.recipe.adapter), job.link);
     job.spec->attach_new(job.settings, job.sites);
     new_optimizer(job, model);
   }
@@ -412,8 +413,7 @@ void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
   const auto adapter = (out / "adapter").string();
   if (job.cola()) {
     // The chain as one PEFT LoRA, and every link (the last one still attached) on its own.
-    write_adapter_files(adapter,
-                        chain_adapter(job.chain, model, job.settings, job.recipe.model));
+    write_adapter_files(adapter, chain_adapter(job.chain, model, job.settings, job.recipe.model));
     job.chain.links.push_back(job.spec->save(job.settings, job.sites, job.recipe.model));
     save_chain(out.string(), job.chain);
     fmt::print(stderr, "chain of {} links written to {} (each link under {})\n",
@@ -636,19 +636,20 @@ void train(const Recipe& recipe, const TrainRun& run) {
       if (job.next_micro == 0) {
         if (job.link < job.knots.size() && job.state.step == job.knots[job.link]) {
           // COLA: merge the link into the base, start the next with a fresh optimizer.
-          const auto next = cola_link_settings(job.recipe.cola, adapter_settings(job.recipe.adapter),
-                                               ++job.link);
+          const auto next =
+              cola_link_settings(job.recipe.cola, adapter_settings(job.recipe.adapter), ++job.link);
           tie_knot(job.chain, model, *job.spec, job.settings, next, job.recipe.model);
           job.settings = next;
           new_optimizer(job, model);
           if (job.writes) {
-            job.metrics << nlohmann::json{{"step", job.state.step}, {"knot", job.link},
+            job.metrics << nlohmann::json{{"step", job.state.step},
+                                          {"knot", job.link},
                                           {"r", job.settings.r}}
                                .dump()
                         << "\n";
             fmt::print(stderr, "{}{}step {}/{}  knot {}: link {} merged, link {} (r={}) starts\n",
-                       tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps,
-                       job.link, job.link, job.link + 1, job.settings.r);
+                       tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, job.link,
+                       job.link, job.link + 1, job.settings.r);
           }
         }
         job.rows = job.stream->next(tr.batch_size);
@@ -690,8 +691,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
           const bool padded = batch.tokens < batch.ids.numel();
           const auto keep = padded ? batch.keep.narrow(0, row, n).reshape({-1}) : torch::Tensor();
           // Averaged over the micro-batches of the global batch, all ranks together.
-          const auto share = job.aux_loss(keep, static_cast<double>(job.recipe.train.micro_batch_size) /
-                                                    static_cast<double>(job.recipe.train.batch_size));
+          const auto share =
+              job.aux_loss(keep, static_cast<double>(job.recipe.train.micro_batch_size) /
+                                     static_cast<double>(job.recipe.train.batch_size));
           if (share.defined()) {
             sl.aux = sl.aux.defined() ? sl.aux + share.detach() : share.detach();
             loss = loss + share;
@@ -713,8 +715,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
       // mean) and losses are summed, so every rank takes the same step.
       auto stats = torch::stack(  // [3]: nll, aux, tokens of the step
           {job.step_loss.nll.to(torch::kFloat64),
-           job.step_loss.aux.defined() ? job.step_loss.aux.to(torch::kFloat64)
-                                       : torch::zeros({}, job.step_loss.nll.options().dtype(torch::kFloat64)),
+           job.step_loss.aux.defined()
+               ? job.step_loss.aux.to(torch::kFloat64)
+               : torch::zeros({}, job.step_loss.nll.options().dtype(torch::kFloat64)),
            torch::full({}, static_cast<double>(job.step_tokens),
                        job.step_loss.nll.options().dtype(torch::kFloat64))});
       if (world.size() > 1) {
@@ -764,8 +767,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
             done / (job.state.step - job.first_step) * (job.total_steps - job.state.step);
         // A terminal gets one line updated every step; a pipe gets a line per log step.
         fmt::print(stderr, "{}{}step {}/{}  loss {:.4f}  lr {:.3e}  {:.0f} tok/s  ETA {}{}",
-                   tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, loss_sum,
-                   lr, tok_s, format_duration(eta), tty ? "" : "\n");
+                   tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, loss_sum, lr,
+                   tok_s, format_duration(eta), tty ? "" : "\n");
         if (log_step) {
           nlohmann::json line{{"step", job.state.step},
                               {"loss", loss_sum},

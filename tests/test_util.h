@@ -86,8 +86,8 @@ inline RunResult run_lorafit(const std::string& args,
   TempDir tmp;
   const auto out = tmp / "out", err = tmp / "err", in = tmp / "in";
   write_text(in, stdin_text);
-  const std::string cmd = env + " '" + LORAFIT_BIN + "' " + args + " <'" + in + "' >'" + out +
-                          "' 2>'" + err + "'";
+  const std::string cmd =
+      env + " '" + LORAFIT_BIN + "' " + args + " <'" + in + "' >'" + out + "' 2>'" + err + "'";
   const int status = std::system(cmd.c_str());
   RunResult r;
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);

@@ -28,8 +28,8 @@ ThreeJobs three_jobs() {
   AdapterSettings lora;
   lora.r = 2, lora.alpha = 4, lora.targets = {"q_proj", "v_proj"};
   AdapterSettings multi = lora;
-  multi.n = 2, multi.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                "down_proj"};
+  multi.n = 2,
+  multi.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   AdapterSettings mix = lora;
   mix.targets = {"q_proj", "gate_proj", "down_proj"};
   mix.experts = 3, mix.top_k = 2, mix.expert_r = 2, mix.expert_alpha = 2;
@@ -50,7 +50,8 @@ ThreeJobs three_jobs() {
 std::vector<torch::Tensor> grads_of(const ThreeJobs& t) {
   std::vector<torch::Tensor> out;
   for (const auto& job : t.params)
-    for (const auto& p : job) out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+    for (const auto& p : job)
+      out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
   return out;
 }
 
@@ -83,7 +84,8 @@ TEST_CASE("a fused batch gives each job what its rows give alone", "[adapters][j
       t.routing.set_rows({{s.job, 0}});
       alone.push_back(t.model->forward(ids.narrow(0, row, s.rows)));
       // The job without adapters has nothing to train.
-      if (alone.back().requires_grad()) (alone.back() * weight.narrow(0, row, s.rows)).sum().backward();
+      if (alone.back().requires_grad())
+        (alone.back() * weight.narrow(0, row, s.rows)).sum().backward();
       row += s.rows;
     }
     REQUIRE(torch::allclose(fused, torch::cat(alone, 0), 1e-10, 1e-12));

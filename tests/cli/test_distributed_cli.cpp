@@ -39,16 +39,16 @@ int free_port() {
 
 std::string rank_env(int rank, int world, int port) {
   return "RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
-         " WORLD_SIZE=" + std::to_string(world) + " MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
-         std::to_string(port);
+         " WORLD_SIZE=" + std::to_string(world) +
+         " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
 }
 
 // Starts `lorafit ARGS` as rank `rank` of `world`, its stderr into `err`.
 pid_t spawn_rank(int rank, int world, int port, const std::string& args, const std::string& err) {
   const pid_t pid = fork();
   if (pid == 0) {
-    const std::string cmd = "exec env " + rank_env(rank, world, port) + " '" + LORAFIT_BIN +
-                            "' " + args + " >/dev/null 2>'" + err + "'";
+    const std::string cmd = "exec env " + rank_env(rank, world, port) + " '" + LORAFIT_BIN + "' " +
+                            args + " >/dev/null 2>'" + err + "'";
     execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
     _exit(127);
   }
@@ -88,8 +88,9 @@ double max_diff(const std::string& a_path, const std::string& b_path) {
   return worst;
 }
 
-const std::string kTrain = "train recipes/quickstart.yaml --device cpu --set train.steps=8 "
-                           "--set train.save_every=4 --set train.eval_every=4 --set train.log_every=2 ";
+const std::string kTrain =
+    "train recipes/quickstart.yaml --device cpu --set train.steps=8 "
+    "--set train.save_every=4 --set train.eval_every=4 --set train.log_every=2 ";
 
 }  // namespace
 
@@ -100,7 +101,8 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
     std::vector<std::string> files;
   };
   const std::vector<Case> cases = {
-      {"lora, 2 micro-batches per rank", "--set train.micro_batch_size=2",
+      {"lora, 2 micro-batches per rank",
+       "--set train.micro_batch_size=2",
        {"adapter/adapter_model.safetensors"}},
       {"multilora", "--set adapter.type=multilora", {"adapter/adapter_model.safetensors"}},
       {"mixlora",
@@ -108,7 +110,8 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
        "--set adapter.router_aux_loss_coef=0.01",
        {"adapter/adapter_model.safetensors"}},
       {"cola", "--set cola.links=2", {"adapter/adapter_model.safetensors"}},
-      {"longlora", "--set longlora.group_ratio=0.25 --set 'longlora.trainable=[embed, norm]'",
+      {"longlora",
+       "--set longlora.group_ratio=0.25 --set 'longlora.trainable=[embed, norm]'",
        {"adapter/adapter_model.safetensors"}},
       {"full", "--set adapter.type=full --set train.lr=1e-3", {"model/model.safetensors"}},
   };
@@ -149,8 +152,8 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
     const auto out = tmp / "resumed";
     lorafit::test::copy_folder(whole, out);
     compat::remove_tree(out + "/adapter");
-    const auto two = run_ranks(2, kTrain + "--set train.micro_batch_size=2 --set output=" +
-                                      q(out) + " --resume " + q(out + "/checkpoints/step-4"));
+    const auto two = run_ranks(2, kTrain + "--set train.micro_batch_size=2 --set output=" + q(out) +
+                                      " --resume " + q(out + "/checkpoints/step-4"));
     INFO(two[0].err);
     REQUIRE(two[0].code == 0);
     REQUIRE(two[1].code == 0);
@@ -165,11 +168,11 @@ TEST_CASE("a rank that dies or hangs ends the others with an error naming it", "
     INFO((sig == SIGKILL ? "killed" : "stopped"));
     TempDir tmp;
     const int port = free_port();
-    const std::string args = "train recipes/quickstart.yaml --device cpu --set output=" +
-                             q(tmp / "run") +
-                             " --set train.steps=100000 --set train.log_every=1 "
-                             "--set train.save_every=0 --set train.eval_every=0 "
-                             "--set distributed.timeout_s=5";
+    const std::string args =
+        "train recipes/quickstart.yaml --device cpu --set output=" + q(tmp / "run") +
+        " --set train.steps=100000 --set train.log_every=1 "
+        "--set train.save_every=0 --set train.eval_every=0 "
+        "--set distributed.timeout_s=5";
     const pid_t r0 = spawn_rank(0, 2, port, args, tmp / "err0");
     const pid_t r1 = spawn_rank(1, 2, port, args, tmp / "err1");
     const auto deadline = Clock::now() + std::chrono::seconds(60);

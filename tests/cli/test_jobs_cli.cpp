@@ -18,14 +18,16 @@ namespace {
 // batch and micro-batch sizes (so each steps its optimizer on its own cadence), step counts.
 std::string jobs_recipe(const std::string& out, const std::string& extra = "") {
   return R"(model: tests/fixtures/gqa_llama3/model
-output: )" + out + R"(
+output: )" +
+         out + R"(
 seed: 0
 device: cpu
 data: {train: recipes/data/tiny_train.jsonl, valid: recipes/data/tiny_valid.jsonl, max_seq_len: 64}
 adapter: {type: lora, r: 8, alpha: 16, dropout: 0.0, targets: all-linear}
 train: {steps: 12, batch_size: 8, micro_batch_size: 4, lr: 5.0e-3, warmup_steps: 2,
         log_every: 4, eval_every: 6, save_every: 6}
-)" + extra + R"(
+)" + extra +
+         R"(
 jobs:
   - name: qv
     adapter: {r: 4, targets: [q_proj, v_proj]}
@@ -69,8 +71,7 @@ double adapter_diff(const std::string& a_dir, const std::string& b_dir) {
 
 }  // namespace
 
-TEST_CASE("a fused run of four jobs ends with the adapters of four runs alone",
-          "[cli][jobs]") {
+TEST_CASE("a fused run of four jobs ends with the adapters of four runs alone", "[cli][jobs]") {
   // Gradient checkpointing and padding are pinned in float64 by the routing tests: here fp32
   // round-off in rarely chosen MixLoRA experts' near-zero gradients, which AdamW scales up to
   // whole steps, would exceed 1e-5 (about 1.4e-5 in one expert's A with checkpointing).
@@ -135,9 +136,7 @@ TEST_CASE("max_concurrent runs jobs in turn, and --resume resumes each job", "[c
 TEST_CASE("a job whose loss turns non-finite stops alone and the others go on", "[cli][jobs]") {
   TempDir tmp;
   const auto out = tmp / "run";
-  const auto recipe = write_recipe(
-      tmp, "jobs.yaml",
-      jobs_recipe(out) + R"(  - name: wild
+  const auto recipe = write_recipe(tmp, "jobs.yaml", jobs_recipe(out) + R"(  - name: wild
     train: {lr: 1.0e+30, warmup_steps: 0, max_grad_norm: 0, save_every: 1}
 )");
   const auto r = train_recipe(recipe);

@@ -201,7 +201,8 @@ jobs:
   } catch (const ConfigError& e) {
     const std::string msg = e.what();
     INFO(msg);
-    REQUIRE_THAT(msg, Catch::Contains("job 'a': 'data.train': file 'missing.jsonl' does not exist"));
+    REQUIRE_THAT(msg,
+                 Catch::Contains("job 'a': 'data.train': file 'missing.jsonl' does not exist"));
     REQUIRE_THAT(msg, Catch::Contains("job 'b': 'adapter.type' is 'lorra'"));
     REQUIRE_THAT(msg, Catch::Contains("two jobs are named 'c'"));
     REQUIRE_THAT(msg, Catch::Contains("output 'runs/x/a' is another job's too"));
