@@ -1,5 +1,6 @@
-// `lorafit train`: one adapter on one frozen base, from a validated recipe to PEFT-format
-// outputs, with resumable checkpoints.
+// `lorafit train`: the adapter of each job of a recipe (one, or a `jobs:` list) on one shared
+// frozen base, in one process or over data-parallel ranks, from a validated recipe to
+// PEFT-format outputs, with resumable checkpoints.
 #pragma once
 
 #include <torch/torch.h>
@@ -18,9 +19,11 @@ struct TrainRun {
   std::string resume;       // OUTPUT or OUTPUT/checkpoints/step-N; empty for a fresh run
 };
 
-/// Trains as the recipe says and writes OUTPUT/{adapter, checkpoints, metrics.jsonl,
-/// loss.svg, recipe.yaml}; full fine-tuning writes OUTPUT/model (a Hugging Face checkpoint in
-/// the base's dtype) instead of OUTPUT/adapter, training fp32 masters of a bf16 or f16 model.
+/// Trains as the recipe says and writes, for each job, OUTPUT/{adapter, checkpoints,
+/// metrics.jsonl, loss.svg, recipe.yaml, job_state.json} (with `jobs:`, each under the job's
+/// own output); full fine-tuning writes OUTPUT/model (a Hugging Face checkpoint in the base's
+/// dtype) instead of OUTPUT/adapter, training fp32 masters of a bf16 or f16 model. Under
+/// torchrun (WORLD_SIZE > 1) each rank trains its share of every batch and rank 0 writes.
 void train(const Recipe& recipe, const TrainRun& run);
 
 /// Turns on a recipe's S2-Attn (longlora block) in the model's layers; nothing without one.
