@@ -576,50 +576,6 @@ void check_jobs(const Recipe& top,
 std::vector<Recipe> read_jobs(const YAML::Node& root,
                               const Recipe& top,
                               bool check_files,
-                              std::vector<std::string>& problems);
-
-// Reads a recipe from its YAML tree after the overrides; `name` says where it came from.
-Recipe read_recipe(YAML::Node root,
-                   const std::string& name,
-                   const std::vector<std::string>& overrides,
-                   bool check_files) {
-  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
-  if (!root.IsMap()) throw ConfigError("recipe '" + name + "' must be a mapping of keys");
-
-  std::vector<std::string> problems;
-  for (const auto& o : overrides) apply_override(root, o, problems);
-
-  Recipe recipe;
-  std::set<std::string> known;
-  std::vector<std::string> known_list;
-  visit_fields(recipe, [&](const char* key, auto&, const Rule&) {
-    known.insert(key);
-    known_list.push_back(key);
-  });
-  unknown_keys(root, "", known, known_list, problems);
-  const YAML::Node jobs = root["jobs"];
-  const bool has_jobs = jobs.IsDefined() && !(jobs.IsSequence() && jobs.size() == 0);
-  // With jobs, each job's recipe is checked whole; the top level is only their defaults.
-  std::vector<std::string> top_problems;
-  visit_fields(recipe, Reader{root, has_jobs ? top_problems : problems});
-  recipe.longlora.enabled = find(root, "longlora").IsDefined();
-  if (has_jobs) {
-    Reader{root, problems}("max_concurrent", recipe.max_concurrent, at_least(0));
-    recipe.jobs = read_jobs(root, recipe, check_files, problems);
-  } else {
-    check_recipe(recipe, check_files, problems);
-  }
-  if (!problems.empty()) {
-    throw ConfigError("recipe '" + name + "' has " + std::to_string(problems.size()) +
-                      (problems.size() == 1 ? " problem: " : " problems: ") +
-                      join_problems(problems, /*limit=*/100));
-  }
-  return recipe;
-}
-
-std::vector<Recipe> read_jobs(const YAML::Node& root,
-                              const Recipe& top,
-                              bool check_files,
                               std::vector<std::string>& problems) {
   const YAML::Node list = root["jobs"];
   if (!list.IsSequence()) {
@@ -670,6 +626,45 @@ std::vector<Recipe> read_jobs(const YAML::Node& root,
   }
   check_jobs(top, jobs, problems);
   return jobs;
+}
+
+// Reads a recipe from its YAML tree after the overrides; `name` says where it came from.
+Recipe read_recipe(YAML::Node root,
+                   const std::string& name,
+                   const std::vector<std::string>& overrides,
+                   bool check_files) {
+  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  if (!root.IsMap()) throw ConfigError("recipe '" + name + "' must be a mapping of keys");
+
+  std::vector<std::string> problems;
+  for (const auto& o : overrides) apply_override(root, o, problems);
+
+  Recipe recipe;
+  std::set<std::string> known;
+  std::vector<std::string> known_list;
+  visit_fields(recipe, [&](const char* key, auto&, const Rule&) {
+    known.insert(key);
+    known_list.push_back(key);
+  });
+  unknown_keys(root, "", known, known_list, problems);
+  const YAML::Node jobs = root["jobs"];
+  const bool has_jobs = jobs.IsDefined() && !(jobs.IsSequence() && jobs.size() == 0);
+  // With jobs, each job's recipe is checked whole; the top level is only their defaults.
+  std::vector<std::string> top_problems;
+  visit_fields(recipe, Reader{root, has_jobs ? top_problems : problems});
+  recipe.longlora.enabled = find(root, "longlora").IsDefined();
+  if (has_jobs) {
+    Reader{root, problems}("max_concurrent", recipe.max_concurrent, at_least(0));
+    recipe.jobs = read_jobs(root, recipe, check_files, problems);
+  } else {
+    check_recipe(recipe, check_files, problems);
+  }
+  if (!problems.empty()) {
+    throw ConfigError("recipe '" + name + "' has " + std::to_string(problems.size()) +
+                      (problems.size() == 1 ? " problem: " : " problems: ") +
+                      join_problems(problems, /*limit=*/100));
+  }
+  return recipe;
 }
 
 }  // namespace

@@ -116,6 +116,31 @@ torch::Tensor nll_sum(LlamaForCausalLM& model, const Batch& batch) {
   return nll_sums(model, batch, {batch.ids.size(0)})[0];
 }
 
+// A micro-batch's part of its step's loss, to back-propagate: its summed NLL over the step's
+// `targets` (so the gradient is that of the mean over every target token of the step, not a
+// mean of micro-batch means) plus the strategy's own term times `aux_scale` (keep: [N] bool,
+// the real tokens, or undefined). Both parts are added, detached, to `step`.
+torch::Tensor micro_batch_loss(const torch::Tensor& nll,
+                               int64_t targets,
+                               const AuxLoss& aux,
+                               const torch::Tensor& keep,
+                               double aux_scale,
+                               StepLoss& step) {
+  auto add = [](torch::Tensor& sum, const torch::Tensor& x) {
+    sum = sum.defined() ? sum + x.detach() : x.detach();
+  };
+  auto loss = nll / static_cast<double>(std::max<int64_t>(1, targets));
+  add(step.nll, loss);
+  if (aux) {
+    const auto share = aux(keep, aux_scale);
+    if (share.defined()) {
+      add(step.aux, share);
+      loss = loss + share;
+    }
+  }
+  return loss;
+}
+
 // The mean loss over `examples`, each rank taking every size-th of them.
 double validation_loss(LlamaForCausalLM& model,
                        const std::vector<Example>& examples,
@@ -213,7 +238,7 @@ struct Job {
   AdapterSites sites;  // where its adapters attach
   std::vector<Example> train_examples, valid_examples;
   int64_t total_steps = 0;
-  int64_t micro_batches = 1;  // per optimizer step
+  int64_t micro_batches = 1;  // per optimizer step, on this rank
   // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
   std::vector<int64_t> knots;
   size_t link = 0;  // knots tied so far
@@ -238,7 +263,6 @@ struct Job {
   Clock::time_point started, log_started;
   int64_t first_step = 0;
   Status status = Status::Waiting;
-  std::string failure;
   bool writes = true;  // rank 0 of a data-parallel run alone writes logs and outputs
 
   bool cola() const { return recipe.cola.enabled(); }
@@ -339,7 +363,6 @@ void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& conf
           ? tr.steps
           : (tr.epochs * static_cast<int64_t>(job.train_examples.size()) + tr.batch_size - 1) /
                 tr.batch_size;
-  job.micro_batches = tr.batch_size / tr.micro_batch_size;
 }
 
 // Attaches the job's fresh adapter (seeded by the job, as a run of it alone would be).
@@ -459,23 +482,11 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
                               int64_t targets,
                               const AuxLoss& aux) {
   StepLoss step;
-  auto add = [](torch::Tensor& sum, const torch::Tensor& x) {
-    sum = sum.defined() ? sum + x.detach() : x.detach();
-  };
   for (const auto& batch : micro_batches) {
-    // Each micro-batch adds its share of the step's token mean, so the gradient is that of the
-    // mean over every target token of the step, not a mean of micro-batch means.
-    auto loss = nll_sum(model, batch) / static_cast<double>(std::max<int64_t>(1, targets));
-    add(step.nll, loss);
-    if (aux) {
-      const auto share = aux(batch.keep.defined() ? batch.keep.reshape({-1}) : batch.keep,
-                             1.0 / static_cast<double>(micro_batches.size()));
-      if (share.defined()) {
-        add(step.aux, share);
-        loss = loss + share;
-      }
-    }
-    loss.backward();
+    micro_batch_loss(nll_sum(model, batch), targets, aux,
+                     batch.keep.defined() ? batch.keep.reshape({-1}) : batch.keep,
+                     1.0 / static_cast<double>(micro_batches.size()), step)
+        .backward();
   }
   return step;
 }
@@ -547,8 +558,9 @@ void train(const Recipe& recipe, const TrainRun& run) {
   World world(launch, device, std::chrono::seconds(recipe.distributed.timeout_s),
               static_cast<int64_t>(recipe.distributed.bucket_mb * (1 << 20)));
   for (auto& job : jobs) {
+    const auto& tr = job.recipe.train;
     job.writes = world.main();
-    job.micro_batches /= world.size();
+    job.micro_batches = tr.batch_size / world.size() / tr.micro_batch_size;  // this rank's
   }
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
@@ -676,29 +688,21 @@ void train(const Recipe& recipe, const TrainRun& run) {
       const auto batch = collate(batch_parts, device, pad_multiple);
       routing.set_rows(spans);
       const auto nll = nll_sums(model, batch, row_counts);
-      // Each job's micro-batch adds its share of the job's step token mean (the gradient is
-      // that of the mean over every target token of the step, not a mean of micro-batch
-      // means), plus its strategy's own term; one backward for the group.
+      // Each job's micro-batch adds its part of the job's step loss (the strategy's term
+      // averaged over the micro-batches of the global batch, all ranks together); one
+      // backward for the group.
+      const bool padded = batch.tokens < batch.ids.numel();
       torch::Tensor total;
       int64_t row = 0;
       for (size_t i = 0; i < group.size(); ++i) {
         auto& job = *group[i].first;
         const auto n = row_counts[i];
-        auto loss = nll[i] / static_cast<double>(std::max<int64_t>(1, job.targets));
-        auto& sl = job.step_loss;
-        sl.nll = sl.nll.defined() ? sl.nll + loss.detach() : loss.detach();
-        if (job.aux_loss) {
-          const bool padded = batch.tokens < batch.ids.numel();
-          const auto keep = padded ? batch.keep.narrow(0, row, n).reshape({-1}) : torch::Tensor();
-          // Averaged over the micro-batches of the global batch, all ranks together.
-          const auto share =
-              job.aux_loss(keep, static_cast<double>(job.recipe.train.micro_batch_size) /
-                                     static_cast<double>(job.recipe.train.batch_size));
-          if (share.defined()) {
-            sl.aux = sl.aux.defined() ? sl.aux + share.detach() : share.detach();
-            loss = loss + share;
-          }
-        }
+        const auto& tr = job.recipe.train;
+        const auto loss = micro_batch_loss(
+            nll[i], job.targets, job.aux_loss,
+            padded ? batch.keep.narrow(0, row, n).reshape({-1}) : torch::Tensor(),
+            static_cast<double>(tr.micro_batch_size) / static_cast<double>(tr.batch_size),
+            job.step_loss);
         total = total.defined() ? total + loss : loss;
         row += n;
       }
@@ -736,15 +740,15 @@ void train(const Recipe& recipe, const TrainRun& run) {
       job.tokens_since_log += static_cast<int64_t>(host[2].item<double>());
       job.step_tokens = 0;
       if (!std::isfinite(loss_sum + aux_sum)) {
-        job.failure = fmt::format(
+        const auto failure = fmt::format(
             "{}the training loss became {} at step {}; the last good checkpoint is under {} "
             "(hint: lower train.lr or raise train.warmup_steps)",
             shared ? "job '" + job.recipe.name + "': " : "", loss_sum, job.state.step + 1,
             (job.out / "checkpoints").string());
         job.status = Job::Status::Failed;
-        failures.push_back(job.failure);
+        failures.push_back(failure);
         if (shared && job.writes)
-          fmt::print(stderr, "lorafit: {}; the other jobs go on\n", job.failure);
+          fmt::print(stderr, "lorafit: {}; the other jobs go on\n", failure);
         continue;
       }
       double lr = scheduled_lr(tr, job.state.step, job.total_steps);
@@ -785,7 +789,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
       }
       if (!job.valid_examples.empty() && tr.eval_every > 0 &&
           (job.state.step % tr.eval_every == 0 || job.state.step == job.total_steps)) {
-        routing.set_rows({{job.index, 0}});
+        routing.set_rows(JobRows::only(job.index).spans);
         const double v = validation_loss(model, job.valid_examples, tr.micro_batch_size, device,
                                          world, job.state.step);
         if (job.writes) {
