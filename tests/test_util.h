@@ -3,6 +3,7 @@
 #pragma once
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <catch2/catch.hpp>
@@ -94,6 +95,28 @@ inline RunResult run_lorafit(const std::string& args,
   r.out = read_text(out);
   r.err = read_text(err);
   return r;
+}
+
+/// Starts `lorafit ARGS` in the background (args quoted by the caller, `env` as for
+/// run_lorafit), its stderr into `err_path`; returns its pid, for kill and exit_code.
+inline pid_t start_lorafit(const std::string& args,
+                           const std::string& err_path,
+                           const std::string& env = "") {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string cmd =
+        "exec env " + env + " '" + LORAFIT_BIN + "' " + args + " >/dev/null 2>'" + err_path + "'";
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
+    _exit(127);
+  }
+  return pid;
+}
+
+/// Waits for a process from start_lorafit: its exit code, or 128 + the signal that ended it.
+inline int exit_code(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 /// max |a - b| / max |b|: the relative error used against reference outputs.

@@ -4,7 +4,6 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -19,6 +18,7 @@ namespace fs = std::filesystem;
 using lorafit::test::read_text;
 using lorafit::test::run_lorafit;
 constexpr auto q = lorafit::test::quote;
+using lorafit::test::exit_code;
 using lorafit::test::TempDir;
 using Clock = std::chrono::steady_clock;
 
@@ -45,20 +45,7 @@ std::string rank_env(int rank, int world, int port) {
 
 // Starts `lorafit ARGS` as rank `rank` of `world`, its stderr into `err`.
 pid_t spawn_rank(int rank, int world, int port, const std::string& args, const std::string& err) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    const std::string cmd = "exec env " + rank_env(rank, world, port) + " '" + LORAFIT_BIN + "' " +
-                            args + " >/dev/null 2>'" + err + "'";
-    execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
-    _exit(127);
-  }
-  return pid;
-}
-
-int exit_code(pid_t pid) {
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return lorafit::test::start_lorafit(args, err, rank_env(rank, world, port));
 }
 
 // Runs `lorafit ARGS` as `world` ranks at once; each rank's exit code and stderr.

@@ -1,7 +1,5 @@
 // `lorafit train`, `validate` and `merge` as a user runs them, on the tiny fixture model.
 #include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -141,13 +139,8 @@ TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[
   REQUIRE(train(tmp / "whole", sets).code == 0);
 
   const auto out = tmp / "killed";
-  const pid_t pid = fork();
-  if (pid == 0) {
-    const std::string cmd = std::string(LORAFIT_BIN) + " train " + kRecipe +
-                            " --device cpu --set output=" + q(out) + " " + sets + " 2>/dev/null";
-    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
-    _exit(127);
-  }
+  const pid_t pid = lorafit::test::start_lorafit(
+      "train " + kRecipe + " --device cpu --set output=" + q(out) + " " + sets, "/dev/null");
   // Kill it once a checkpoint exists, a little after, wherever it is then.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (!fs::exists(out + "/checkpoints/step-30") && std::chrono::steady_clock::now() < deadline) {
@@ -155,8 +148,7 @@ TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(37));
   kill(pid, SIGKILL);
-  int status = 0;
-  waitpid(pid, &status, 0);
+  lorafit::test::exit_code(pid);
   REQUIRE(fs::exists(out + "/checkpoints/step-30"));
   REQUIRE_FALSE(fs::exists(out + "/adapter/adapter_model.safetensors"));
 
