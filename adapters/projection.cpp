@@ -219,8 +219,9 @@ torch::Tensor ProjectionImpl::forward(const torch::Tensor& x, bool value_needed)
   const auto f = adapter->low_rank();
   // Dropout reaches only the adapter's input: the fused path would need the mask in its
   // backward, so that one runs as plain autograd.
-  if (!f || (f->dropout > 0 && adapter->is_training()))
-    return adapted_output(*adapter, x, torch::nn::functional::linear(x, weight));
+  if (!f) return adapter->forward(x, torch::nn::functional::linear(x, weight));
+  if (f->dropout > 0 && adapter->is_training())
+    return with_terms(x, torch::nn::functional::linear(x, weight), *f, true);
   return low_rank_linear(x, weight, *f, value_needed || weight.requires_grad());
 }
 
