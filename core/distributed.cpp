@@ -76,7 +76,6 @@ struct World::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<compat::CollectiveBackend> group;
   int64_t bucket_bytes = 0;
-  torch::Device device = torch::kCPU;
 
   // Which rank stopped, as far as the store can tell: the ranks behind `step`; the host of the
   // store (rank 0) when it cannot be reached.
@@ -112,8 +111,18 @@ World::World(const Launch& launch,
              int64_t bucket_bytes)
     : launch_(launch), impl_(std::make_unique<Impl>()) {
   if (launch.world_size <= 1) return;
+#ifndef LORAFIT_WITH_NCCL
+  // A backend this LibTorch lacks is refused before any rank waits for the others.
+  if (device.is_cuda()) throw ConfigError("data parallelism on CUDA needs a LibTorch with NCCL");
+#endif
+#ifndef LORAFIT_WITH_GLOO
+  if (!device.is_cuda()) {
+    throw ConfigError(
+        "data parallelism on the CPU needs a LibTorch with Gloo (hint: on Debian, install "
+        "libgloo-dev and rebuild)");
+  }
+#endif
   impl_->bucket_bytes = bucket_bytes;
-  impl_->device = device;
   const int rank = static_cast<int>(launch.rank), size = static_cast<int>(launch.world_size);
   try {
     c10d::TCPStoreOptions opts;
@@ -123,16 +132,15 @@ World::World(const Launch& launch,
     opts.waitWorkers = true;
     opts.timeout = timeout;
     impl_->store = c10::make_intrusive<c10d::TCPStore>(launch.master_addr, opts);
-    if (device.is_cuda()) {
 #ifdef LORAFIT_WITH_NCCL
+    if (device.is_cuda()) {
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
       impl_->group = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl_->store, rank, size, options);
-#else
-      throw ConfigError("data parallelism on CUDA needs a LibTorch with NCCL");
+    }
 #endif
-    } else {
 #ifdef LORAFIT_WITH_GLOO
+    if (!device.is_cuda()) {
       auto options = c10d::ProcessGroupGloo::Options::create(timeout);
       const bool loopback = launch.master_addr == "127.0.0.1" || launch.master_addr == "localhost";
       if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
@@ -143,14 +151,8 @@ World::World(const Launch& launch,
                      : c10d::ProcessGroupGloo::createDefaultDevice());
       }
       impl_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, rank, size, options);
-#else
-      throw ConfigError(
-          "data parallelism on the CPU needs a LibTorch with Gloo (hint: on Debian, install "
-          "libgloo-dev and rebuild)");
-#endif
     }
-  } catch (const Error&) {
-    throw;
+#endif
   } catch (const std::exception& e) {
     throw DistributedError(fmt::format(
         "rank {} of {}: could not join the others through {}:{} within {} s: {} (hint: start "
