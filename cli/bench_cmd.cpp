@@ -17,15 +17,14 @@ Action add_bench(CLI::App& app) {
                     ->check(CLI::IsMember({"tiny", "llama-1b", "llama2-7b", "llama3-8b"}));
   auto* model = cmd->add_option("--model", o->model, "a Hugging Face model folder instead");
   shape->excludes(model);
-  cmd->add_option("--seq", o->seq, "tokens per sequence")->check(CLI::Range(2, 1 << 20));
-  cmd->add_option("--batch", o->batch, "sequences per step")->check(CLI::PositiveNumber);
+  cmd->add_option("--seq", o->seq, "tokens per sequence")->check(in_range(2, 1 << 20));
+  cmd->add_option("--batch", o->batch, "sequences per step")->check(in_range(1));
   cmd->add_option("--set", o->overrides,
                   "recipe keys: --set adapter.r=8 --set train.gradient_checkpointing=true");
   cmd->add_option("--device", o->device, "auto | cpu | cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  cmd->add_option("--steps", o->steps, "timed steps")->check(CLI::PositiveNumber);
-  cmd->add_option("--warmup", o->warmup_steps, "untimed steps first")
-      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--steps", o->steps, "timed steps")->check(in_range(1));
+  cmd->add_option("--warmup", o->warmup_steps, "untimed steps first")->check(in_range(0));
   cmd->add_option("--profile", o->profile,
                   "write a Chrome trace of the timed steps here (LibTorch 2.x)");
   cmd->add_flag("--json", *json, "print the result as JSON");

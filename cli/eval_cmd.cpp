@@ -59,9 +59,8 @@ Action add_eval(CLI::App& app) {
                   "responses, as training reads them")
       ->check(CLI::IsMember({"text", "alpaca", "chat", "tokens"}));
   cmd->add_option("--max-seq-len", o->max_seq_len, "cut each record to N tokens (with BOS)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--batch-size", o->batch_size, "records per forward pass")
-      ->check(CLI::PositiveNumber);
+      ->check(in_range(1));
+  cmd->add_option("--batch-size", o->batch_size, "records per forward pass")->check(in_range(1));
   cmd->add_flag("--json", o->json,
                 "print {\"loss\", \"perplexity\", \"tokens\", \"accuracy\", \"records\"} as JSON");
   return [o] { run_eval(*o); };

@@ -38,11 +38,10 @@ Action add_generate(CLI::App& app) {
   add_model_options(cmd, o->model);
   cmd->add_option("--prompt", o->prompt, "prompt text, or - to read standard input")->required();
   cmd->add_option("--max-new-tokens", o->options.max_new_tokens, "stop after N new tokens")
-      ->check(CLI::PositiveNumber);
+      ->check(in_range(1));
   cmd->add_option("--temperature", o->options.temperature, "0 for greedy decoding")
-      ->check(CLI::Range(0.0, 100.0));
-  cmd->add_option("--top-p", o->options.top_p, "nucleus sampling threshold")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(in_range(0, 100));
+  cmd->add_option("--top-p", o->options.top_p, "nucleus sampling threshold")->check(in_range(0, 1));
   cmd->add_option("--seed", o->options.seed, "sampling seed");
   return [o] { run_generate(*o); };
 }

@@ -1,7 +1,10 @@
 // lorafit's entry point and the one place where errors are caught: a lorafit::Error (a user
-// mistake) exits 2, anything else exits 1, each with one `lorafit: error:` line on stderr.
+// mistake) exits 2, anything else exits 1, each with one `lorafit: error:` line on stderr; a
+// run stopped by SIGINT or SIGTERM exits 128 + the signal after saying how to resume.
 #include <c10/util/Exception.h>
 #include <fmt/core.h>
+#include <torch/cuda.h>
+#include <torch/version.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -11,9 +14,24 @@
 #include "cli/commands.h"
 #include "core/errors.h"
 
+namespace {
+
+// lorafit's version, the commit it was built from, and what it runs on.
+std::string version_text() {
+  const bool cuda = torch::cuda::is_available();
+  return fmt::format("lorafit {} (commit {}), LibTorch {}, CUDA {}", LORAFIT_VERSION,
+                     LORAFIT_GIT_COMMIT, TORCH_VERSION,
+                     cuda ? fmt::format("yes ({} devices)", torch::cuda::device_count()) : "no");
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"lorafit: fine-tune LLaMA-family models with LoRA-family adapters"};
   app.require_subcommand(1);
+  // Every option's help shows its default; subcommands copy this when they are added.
+  app.option_defaults()->always_capture_default();
+  app.set_version_flag("--version", std::function<std::string()>(version_text));
   std::map<CLI::App*, lorafit::cli::Action> actions;
   auto add = [&](lorafit::cli::Action (*make)(CLI::App&)) {
     auto action = make(app);
@@ -27,14 +45,15 @@ int main(int argc, char** argv) {
   add(lorafit::cli::add_generate);
   add(lorafit::cli::add_bench);
 
-  std::string known;
-  bool is_command = false;
-  for (const auto* sub : app.get_subcommands({})) {
-    known += (known.empty() ? "" : ", ") + sub->get_name();
-    is_command = is_command || (argc > 1 && sub->get_name() == argv[1]);
-  }
-  if (argc > 1 && argv[1][0] != '-' && !is_command) {
-    fmt::print(stderr, "lorafit: error: unknown command '{}' (commands: {})\n", argv[1], known);
+  std::vector<std::string> known;
+  for (const auto* sub : app.get_subcommands({})) known.push_back(sub->get_name());
+  const std::string command = argc > 1 ? argv[1] : "";
+  const bool is_command = std::count(known.begin(), known.end(), command) > 0;
+  if (!command.empty() && command[0] != '-' && !is_command) {
+    std::string list;
+    for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+    fmt::print(stderr, "lorafit: error: unknown command '{}'{} (commands: {})\n", command,
+               lorafit::did_you_mean(command, known), list);
     return 2;
   }
   try {
@@ -43,8 +62,11 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    fmt::print(stderr, "lorafit: error: {} (see lorafit --help)\n", e.what());
+    fmt::print(stderr, "lorafit: error: {} (see lorafit {}--help)\n", e.what(),
+               is_command ? command + " " : "");
     return 2;
   }
   try {
@@ -53,6 +75,9 @@ int main(int argc, char** argv) {
   } catch (const lorafit::Error& e) {
     fmt::print(stderr, "lorafit: error: {}\n", e.what());
     return 2;
+  } catch (const lorafit::Interrupted& e) {
+    fmt::print(stderr, "lorafit: {}\n", e.what());
+    return 128 + e.signal;
   } catch (const c10::Error& e) {
     fmt::print(stderr, "lorafit: error: {}\n", e.what_without_backtrace());
     return 1;

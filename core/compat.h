@@ -16,7 +16,6 @@
 #endif
 
 #include <cmath>
-#include <filesystem>
 
 namespace c10d {
 class Backend;
@@ -200,18 +199,6 @@ inline void profile_stop(const std::string& trace_path) {
 #else
   (void)trace_path;
 #endif
-}
-
-/// Removes a file or a folder with everything in it. The pip LibTorch (2.x) exports its own
-/// copy of std::filesystem::remove_all, which programs linked against it bind to and which
-/// crashes on any non-empty folder; this walks the tree with the calls that work in both.
-inline void remove_tree(const std::filesystem::path& path) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(std::filesystem::symlink_status(path, ec))) {
-    for (const auto& entry : std::filesystem::directory_iterator(path, ec))
-      remove_tree(entry.path());
-  }
-  std::filesystem::remove(path, ec);
 }
 
 }  // namespace lorafit::compat

@@ -154,8 +154,10 @@ std::string alpaca_prompt(const std::string& instruction, const std::string& inp
 
 std::vector<Example> load_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
-                                   const DatasetOptions& o) {
+                                   const DatasetOptions& o,
+                                   size_t* record_count) {
   const auto records = read_json_records(path);
+  if (record_count) *record_count = records.size();
   std::vector<Example> out;
   if (o.format == "text") {
     out = text_examples(records, tokenizer, o);
@@ -185,7 +187,9 @@ std::vector<Example> load_examples(const std::string& path,
     if (ex.input_ids.size() >= 2 && trains) usable.push_back(std::move(ex));
   }
   if (usable.empty()) {
-    throw IoError("dataset '" + path + "' has no example with a token to train on");
+    throw IoError("dataset '" + path + "' has no example with a token to train on" +
+                  (records.empty() ? " (it holds no record)" : "") + " (hint: data.format is '" +
+                  o.format + "'; is that the file's format?)");
   }
   return usable;
 }

@@ -33,10 +33,12 @@ struct DatasetOptions {
   int64_t vocab_size = 0;  // ids must be below it
 };
 
-/// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line.
+/// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line; so
+/// is a file with no example to train on. `records`, if given, gets the file's record count.
 std::vector<Example> load_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
-                                   const DatasetOptions& options);
+                                   const DatasetOptions& options,
+                                   size_t* records = nullptr);
 
 /// The prompt Stanford Alpaca trains with (its "input" variant when input is non-empty).
 std::string alpaca_prompt(const std::string& instruction, const std::string& input);

@@ -3,6 +3,7 @@
 // environment failure and ends it with exit code 1. Only cli/main.cpp catches.
 #pragma once
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -29,6 +30,42 @@ struct ConfigError : Error {
 struct ModelMismatchError : Error {
   using Error::Error;
 };
+
+/// A run stopped by SIGINT or SIGTERM after writing what it needs to resume: not a mistake
+/// and not a failure; the process exits with 128 + the signal, as the shell expects.
+struct Interrupted : std::runtime_error {
+  Interrupted(const std::string& message, int signal_number)
+      : std::runtime_error(message), signal(signal_number) {}
+  int signal;
+};
+
+/// The number of single-character edits that turn `a` into `b` (Levenshtein).
+inline size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] != b[j - 1])});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+/// " (did you mean 'x'?)" for the closest candidate, if one is close; "" otherwise.
+inline std::string did_you_mean(const std::string& word,
+                                const std::vector<std::string>& candidates) {
+  std::string best;
+  size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
+  for (const auto& c : candidates) {
+    const size_t d = edit_distance(word, c);
+    if (d < best_d) best_d = d, best = c;
+  }
+  return best.empty() ? "" : " (did you mean '" + best + "'?)";
+}
 
 /// Joins several problems into one message, so the user fixes them all in one go.
 /// At most `limit` are listed; the count of the rest is given.

@@ -14,9 +14,18 @@ constexpr double kWidth = 640, kHeight = 400, kLeft = 60, kRight = 20, kTop = 30
 
 std::string fmt(double v) {
   std::ostringstream s;
-  s.precision(4);
-  s << v;
+  s.precision(6);
+  s << (std::abs(v) < 1e-12 ? 0.0 : v);
   return s.str();
+}
+
+// A round tick spacing (1, 2 or 5 times a power of ten) that cuts `span` into about 5 parts.
+double tick_step(double span) {
+  const double raw = span / 5;
+  const double unit = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 5.0})
+    if (m * unit >= raw) return m * unit;
+  return 10 * unit;
 }
 
 }  // namespace
@@ -45,6 +54,12 @@ std::string loss_svg(const LossHistory& h) {
   }
   if (!std::isfinite(y_min)) y_min = 0, y_max = 1;
   if (y_max - y_min < 1e-9) y_min -= 0.5, y_max += 0.5;
+  // Both axes run between round ticks: steps from 0, losses from a tick below the lowest.
+  const double x_step = std::max(1.0, std::ceil(tick_step(x_max)));
+  x_max = std::ceil(x_max / x_step) * x_step;
+  const double y_step = tick_step(y_max - y_min);
+  y_min = std::floor(y_min / y_step) * y_step;
+  y_max = std::ceil(y_max / y_step) * y_step;
   const double pw = kWidth - kLeft - kRight, ph = kHeight - kTop - kBottom;
   auto px = [&](double step) { return kLeft + step / x_max * pw; };
   auto py = [&](double loss) { return kTop + (y_max - loss) / (y_max - y_min) * ph; };
@@ -54,16 +69,18 @@ std::string loss_svg(const LossHistory& h) {
       << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
       << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
       << "<text x=\"" << kLeft << "\" y=\"18\" font-size=\"14\">loss</text>\n";
-  for (int i = 0; i <= 4; ++i) {  // horizontal grid with loss values
-    const double v = y_min + (y_max - y_min) * i / 4;
+  const auto y_ticks = std::lround((y_max - y_min) / y_step);
+  for (long i = 0; i <= y_ticks; ++i) {  // grid lines at round losses
+    const double v = y_min + static_cast<double>(i) * y_step;
     svg << "<line x1=\"" << kLeft << "\" x2=\"" << kLeft + pw << "\" y1=\"" << py(v) << "\" y2=\""
         << py(v) << "\" stroke=\"#ddd\"/><text x=\"" << kLeft - 6 << "\" y=\"" << py(v) + 4
         << "\" text-anchor=\"end\">" << fmt(v) << "</text>\n";
   }
-  for (int i = 0; i <= 4; ++i) {  // step ticks
-    const double step = x_max * i / 4;
+  const auto x_ticks = std::lround(x_max / x_step);
+  for (long i = 0; i <= x_ticks; ++i) {  // round step ticks
+    const double step = static_cast<double>(i) * x_step;
     svg << "<text x=\"" << px(step) << "\" y=\"" << kTop + ph + 16 << "\" text-anchor=\"middle\">"
-        << fmt(std::round(step)) << "</text>\n";
+        << fmt(step) << "</text>\n";
   }
   svg << "<text x=\"" << kLeft + pw / 2 << "\" y=\"" << kHeight - 8
       << "\" text-anchor=\"middle\">step</text>\n";

@@ -1,15 +1,13 @@
 #include "core/merge.h"
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/adapter_io.h"
-#include "core/compat.h"
 #include "core/device.h"
 #include "core/errors.h"
+#include "core/run_dir.h"
 #include "core/safetensors.h"
 
 namespace lorafit {
@@ -68,14 +66,13 @@ void refuse_existing(const std::string& out) {
   }
 }
 
-// Writes the model into a temporary folder and renames it to `out`.
+// Writes the model into a temporary folder and renames it to `out`; a merge killed earlier
+// left its temporary folder, which goes first.
 void write_new_model_folder(const std::string& out,
                             LlamaForCausalLM& model,
                             const std::string& base_dir,
                             torch::Dtype dtype) {
-  const fs::path tmp = out + ".tmp-" + std::to_string(::getpid());
-  compat::remove_tree(tmp);
-  fs::create_directories(tmp);
+  remove_stale_siblings(out);
   // A model whose RoPE the adapter interpolates (LongLoRA) says so in its config, in the
   // base config's spelling, so that transformers runs it at the new length.
   nlohmann::json updates = nlohmann::json::object();
@@ -90,8 +87,9 @@ void write_new_model_folder(const std::string& out,
           {"rope_type", "linear"}, {"type", "linear"}, {"factor", rope.factor}};
     }
   }
-  write_model_files(tmp.string(), model->checkpoint_tensors(), base_dir, dtype, updates);
-  fs::rename(tmp, out);
+  write_folder_atomic(out, [&](const std::string& tmp) {
+    write_model_files(tmp, model->checkpoint_tensors(), base_dir, dtype, updates);
+  });
 }
 
 }  // namespace

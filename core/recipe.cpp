@@ -4,10 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -22,6 +25,20 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// The shortest decimal that reads back as exactly `v` (0.005, not 0.0050000000000000001).
+std::string number_text(double v) {
+  char buf[32];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  return buf;
+}
+
+// Longer sequences than any GPU trains today; a typo such as 1e11 stops here, not in the
+// allocator.
+constexpr double kMaxSeqLen = 1 << 24;
+
 const std::vector<std::string> kProjections = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                "gate_proj", "up_proj", "down_proj"};
 
@@ -29,9 +46,11 @@ const std::vector<std::string> kProjections = {"q_proj",    "k_proj",  "v_proj",
 struct Rule {
   bool required = false;
   std::optional<double> min;  // inclusive
+  std::optional<double> max;  // inclusive
   bool positive = false;      // > 0
   bool below_one = false;     // < 1
   std::vector<std::string> one_of;
+  std::string hint;  // added to a value out of range
 };
 
 Rule required() {
@@ -42,6 +61,13 @@ Rule required() {
 Rule at_least(double min) {
   Rule r;
   r.min = min;
+  return r;
+}
+Rule between(double min, double max, std::string hint) {
+  Rule r;
+  r.min = min;
+  r.max = max;
+  r.hint = std::move(hint);
   return r;
 }
 Rule positive() {
@@ -73,9 +99,11 @@ void visit_fields(Recipe_& r, F&& f) {
   f("data.train", r.data.train, required());
   f("data.valid", r.data.valid, Rule{});
   f("data.format", r.data.format, one_of({"text", "alpaca", "chat", "tokens"}));
-  f("data.max_seq_len", r.data.max_seq_len, at_least(2));
+  f("data.max_seq_len", r.data.max_seq_len,
+    between(2, kMaxSeqLen, "tokens per sequence, e.g. 2048"));
   f("data.packing", r.data.packing, Rule{});
   f("data.shuffle", r.data.shuffle, Rule{});
+  f("data.allow_longer_context", r.data.allow_longer_context, Rule{});
   f("adapter.type", r.adapter.type, Rule{});
   f("adapter.r", r.adapter.r, at_least(1));
   f("adapter.alpha", r.adapter.alpha, positive());
@@ -96,15 +124,18 @@ void visit_fields(Recipe_& r, F&& f) {
   f("train.epochs", r.train.epochs, at_least(0));
   f("train.batch_size", r.train.batch_size, at_least(1));
   f("train.micro_batch_size", r.train.micro_batch_size, at_least(1));
+  f("train.gradient_accumulation_steps", r.train.gradient_accumulation_steps, at_least(0));
   f("train.lr", r.train.lr, positive());
   f("train.schedule", r.train.schedule, one_of({"constant", "linear", "cosine"}));
   f("train.warmup_steps", r.train.warmup_steps, at_least(0));
+  f("train.warmup_ratio", r.train.warmup_ratio, probability());
   f("train.weight_decay", r.train.weight_decay, at_least(0));
   f("train.max_grad_norm", r.train.max_grad_norm, at_least(0));
   f("train.gradient_checkpointing", r.train.gradient_checkpointing, Rule{});
   f("train.log_every", r.train.log_every, at_least(1));
   f("train.eval_every", r.train.eval_every, at_least(0));
   f("train.save_every", r.train.save_every, at_least(0));
+  f("train.save_total_limit", r.train.save_total_limit, at_least(0));
   f("cola.links", r.cola.links, at_least(0));
   f("cola.knots", r.cola.knots, Rule{});
   f("cola.ranks", r.cola.ranks, Rule{});
@@ -122,32 +153,6 @@ std::vector<std::string> split(const std::string& key, char sep) {
   std::stringstream ss(key);
   for (std::string p; std::getline(ss, p, sep);) parts.push_back(p);
   return parts;
-}
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] != b[j - 1])});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
-
-/// " (did you mean 'x'?)" for the closest candidate, if one is close.
-std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates) {
-  std::string best;
-  size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
-  for (const auto& c : candidates) {
-    const size_t d = edit_distance(word, c);
-    if (d < best_d) best_d = d, best = c;
-  }
-  return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
 
 // yaml-cpp's Node::operator= writes through to the node it refers to; reset() rebinds.
@@ -230,7 +235,15 @@ struct Reader {
       value = n.as<T>();
       return true;
     } catch (const YAML::BadConversion&) {
-      problems.push_back("'" + std::string(key) + "' must be " + expected + where(n));
+      std::string got, hint;
+      if (n.IsScalar()) {
+        got = ", got " + n.Scalar();
+        char* end = nullptr;
+        std::strtod(n.Scalar().c_str(), &end);
+        if (std::is_same_v<T, int64_t> && end != n.Scalar().c_str() && *end == '\0')
+          hint = " (hint: write a whole number without a decimal point or exponent)";
+      }
+      problems.push_back("'" + std::string(key) + "' must be " + expected + got + where(n) + hint);
       return false;
     }
   }
@@ -241,11 +254,13 @@ struct Reader {
       const double v = static_cast<double>(value);
       std::string expected;
       if (rule.min && v < *rule.min) expected = ">= " + fmt_num(*rule.min);
+      if (rule.max && v > *rule.max) expected = "<= " + fmt_num(*rule.max);
       if (rule.positive && !(v > 0)) expected = "> 0";
       if (rule.below_one && !(v < 1)) expected = "in [0, 1)";
       if (!expected.empty()) {
         problems.push_back("'" + std::string(key) + "' must be " + expected + ", got " +
-                           n.Scalar() + where(n));
+                           n.Scalar() + where(n) +
+                           (rule.hint.empty() ? "" : " (hint: " + rule.hint + ")"));
       }
     }
     if constexpr (std::is_same_v<T, std::string>) {
@@ -259,11 +274,7 @@ struct Reader {
     }
   }
 
-  static std::string fmt_num(double v) {
-    std::ostringstream s;
-    s << v;
-    return s.str();
-  }
+  static std::string fmt_num(double v) { return number_text(v); }
 };
 
 // Keys of the YAML tree that no field accepts.
@@ -395,6 +406,43 @@ void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
   }
 }
 
+// A max_seq_len past the positions the model was trained on gives RoPE angles it never saw:
+// refused unless a longlora block interpolates them or the recipe says it means it.
+void check_context(const Recipe& r, int64_t positions, std::vector<std::string>& problems) {
+  if (r.data.allow_longer_context || positions <= 0) return;
+  double factor = 1;
+  std::string scaled;
+  if (r.longlora.enabled) {
+    try {
+      factor = rope_scale_factor(r.longlora, r.data.max_seq_len, positions);
+    } catch (const std::exception&) {
+      return;  // a malformed rope_scale is reported by check_longlora
+    }
+    scaled = " x longlora.rope_scale " + number_text(factor);
+  }
+  if (static_cast<double>(r.data.max_seq_len) <= static_cast<double>(positions) * factor) return;
+  problems.push_back("'data.max_seq_len' is " + std::to_string(r.data.max_seq_len) +
+                     ", more than the " + std::to_string(positions) + " positions" + scaled +
+                     " of model '" + r.model +
+                     "' (max_position_embeddings) (hint: train at most that long; a longlora "
+                     "block interpolates RoPE to train longer; data.allow_longer_context: true "
+                     "trains past it without interpolation)");
+}
+
+// Settings that can be spelled two ways must be spelled one way in `tree`.
+void check_spelled_once(const YAML::Node& tree,
+                        const Recipe& r,
+                        std::vector<std::string>& problems) {
+  if (r.train.gradient_accumulation_steps > 0 && find(tree, "train.batch_size").IsDefined()) {
+    problems.push_back(
+        "set one of 'train.batch_size' and 'train.gradient_accumulation_steps' (hint: "
+        "batch_size = gradient_accumulation_steps x micro_batch_size x WORLD_SIZE)");
+  }
+  if (r.train.warmup_ratio > 0 && find(tree, "train.warmup_steps").IsDefined()) {
+    problems.push_back("set one of 'train.warmup_steps' and 'train.warmup_ratio'");
+  }
+}
+
 // Checks that need several fields or, with check_files, the file system.
 void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& problems) {
   if (check_files && !r.model.empty()) {
@@ -403,7 +451,7 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                          "' is not a Hugging Face model folder (no config.json)");
     } else {
       try {
-        load_llama_config(r.model);
+        check_context(r, load_llama_config(r.model).max_position_embeddings, problems);
       } catch (const Error& e) {
         problems.push_back(std::string("'model': ") + e.what());
       }
@@ -426,8 +474,9 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   if ((r.train.steps > 0) == (r.train.epochs > 0)) {
     problems.push_back("set exactly one of 'train.steps' and 'train.epochs'");
   }
-  if (r.train.micro_batch_size > r.train.batch_size ||
-      r.train.batch_size % r.train.micro_batch_size != 0) {
+  if (r.train.gradient_accumulation_steps == 0 &&
+      (r.train.micro_batch_size > r.train.batch_size ||
+       r.train.batch_size % r.train.micro_batch_size != 0)) {
     problems.push_back("'train.batch_size' (" + std::to_string(r.train.batch_size) +
                        ") must be a multiple of 'train.micro_batch_size' (" +
                        std::to_string(r.train.micro_batch_size) + ")");
@@ -478,11 +527,43 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   }
 }
 
+// Keys given twice in one mapping, anywhere in the tree: YAML forbids them, and yaml-cpp
+// would silently keep the first.
+void duplicate_keys(const YAML::Node& node,
+                    const std::string& prefix,
+                    std::vector<std::string>& problems) {
+  if (node.IsSequence()) {
+    const auto list = prefix.empty() ? prefix : prefix.substr(0, prefix.size() - 1);  // "jobs"
+    for (size_t i = 0; i < node.size(); ++i)
+      duplicate_keys(node[i], list + "[" + std::to_string(i) + "].", problems);
+    return;
+  }
+  if (!node.IsMap()) return;
+  std::map<std::string, int> first_line;
+  for (const auto& kv : node) {
+    if (!kv.first.IsScalar()) continue;
+    const auto key = kv.first.Scalar();
+    const int line = kv.first.Mark().line + 1;
+    const auto [at, fresh] = first_line.emplace(key, line);
+    if (!fresh) {
+      problems.push_back("'" + prefix + key + "' is given twice (lines " +
+                         std::to_string(at->second) + " and " + std::to_string(line) +
+                         ") (hint: keep one)");
+    }
+    duplicate_keys(kv.second, prefix + key + ".", problems);
+  }
+}
+
 YAML::Node parse_yaml(const std::string& path) {
+  if (path != "-" && fs::is_directory(path)) {
+    throw IoError("recipe '" + path +
+                  "' is a folder, not a YAML file (hint: name the recipe file, e.g. " + path +
+                  "/recipe.yaml)");
+  }
   try {
     if (path == "-") return YAML::Load(std::cin);
     std::ifstream in(path);
-    if (!in) throw IoError("cannot read recipe '" + path + "'");
+    if (!in) throw IoError("cannot read recipe '" + path + "' (hint: check the path)");
     return YAML::Load(in);
   } catch (const YAML::Exception& e) {
     throw ConfigError("recipe '" + path + "' is not valid YAML: " + e.what());
@@ -608,6 +689,7 @@ std::vector<Recipe> read_jobs(const YAML::Node& root,
     const YAML::Node tree = job_tree(root, node, "job '" + job.name + "'", problems);
     visit_fields(job, Reader{tree, mine});
     job.longlora.enabled = top.longlora.enabled;
+    check_spelled_once(tree, job, mine);
     check_recipe(job, check_files, mine);
     jobs.push_back(job);
     own.push_back(mine);
@@ -637,6 +719,7 @@ Recipe read_recipe(YAML::Node root,
   if (!root.IsMap()) throw ConfigError("recipe '" + name + "' must be a mapping of keys");
 
   std::vector<std::string> problems;
+  duplicate_keys(root, "", problems);
   for (const auto& o : overrides) apply_override(root, o, problems);
 
   Recipe recipe;
@@ -657,6 +740,7 @@ Recipe read_recipe(YAML::Node root,
     Reader{root, problems}("max_concurrent", recipe.max_concurrent, at_least(0));
     recipe.jobs = read_jobs(root, recipe, check_files, problems);
   } else {
+    check_spelled_once(root, recipe, problems);
     check_recipe(recipe, check_files, problems);
   }
   if (!problems.empty()) {
@@ -701,21 +785,94 @@ std::vector<Recipe> recipe_jobs(const Recipe& recipe) {
 
 namespace {
 
-// The recipe's fields whose first key `take` accepts, as a YAML tree.
+// Whether a key means anything for the recipe's strategy and modifiers: the resolved recipe
+// shows only these, and resuming compares only these.
+bool applies(const Recipe& r, const std::string& key) {
+  const auto& a = r.adapter;
+  const auto& t = r.train;
+  const auto is = [&](std::initializer_list<const char*> keys) {
+    return std::any_of(keys.begin(), keys.end(), [&](const char* k) { return key == k; });
+  };
+  if (key.rfind("cola.", 0) == 0) {
+    return r.cola.enabled() && (key != "cola.links" || r.cola.links > 0) &&
+           (key != "cola.knots" || !r.cola.knots.empty()) &&
+           (key != "cola.ranks" || !r.cola.ranks.empty());
+  }
+  if (key.rfind("longlora.", 0) == 0)
+    return r.longlora.enabled && (key != "longlora.trainable" || !r.longlora.trainable.empty());
+  if (is({"adapter.n", "adapter.scale"})) return a.type == "multilora";
+  if (is({"adapter.routing_strategy", "adapter.num_experts", "adapter.top_k",
+          "adapter.router_aux_loss_coef"}))
+    return a.type == "mixlora";
+  if (key == "adapter.expert_r") return a.type == "mixlora" && a.expert_r > 0;
+  if (key == "adapter.expert_alpha") return a.type == "mixlora" && a.expert_alpha > 0;
+  if (key == "adapter.expert_dropout") return a.type == "mixlora" && a.expert_dropout != -1;
+  if (key == "adapter.init") return !a.init.empty();
+  if (is({"adapter.r", "adapter.alpha", "adapter.dropout", "adapter.targets",
+          "adapter.use_rslora"}))
+    return a.type != "full";
+  if (key == "data.valid") return !r.data.valid.empty();
+  if (key == "data.allow_longer_context") return r.data.allow_longer_context;
+  if (key == "train.steps") return t.steps > 0;
+  if (key == "train.epochs") return t.epochs > 0;
+  if (key == "train.batch_size") return t.gradient_accumulation_steps == 0;
+  if (key == "train.gradient_accumulation_steps") return t.gradient_accumulation_steps > 0;
+  if (key == "train.warmup_steps") return t.warmup_ratio == 0;
+  if (key == "train.warmup_ratio") return t.warmup_ratio > 0;
+  if (key == "train.save_total_limit") return t.save_total_limit > 0;
+  const DistributedRecipe defaults;
+  if (key == "distributed.timeout_s") return r.distributed.timeout_s != defaults.timeout_s;
+  if (key == "distributed.bucket_mb") return r.distributed.bucket_mb != defaults.bucket_mb;
+  return true;
+}
+
+YAML::Node yaml_value(const std::string& v) {
+  return YAML::Node(v);
+}
+YAML::Node yaml_value(bool v) {
+  return YAML::Node(v);
+}
+YAML::Node yaml_value(int64_t v) {
+  return YAML::Node(std::to_string(v));
+}
+YAML::Node yaml_value(double v) {
+  return YAML::Node(number_text(v));
+}
+template <class T>
+YAML::Node yaml_value(const std::vector<T>& v) {
+  YAML::Node node(YAML::NodeType::Sequence);
+  for (const auto& x : v) node.push_back(yaml_value(x));
+  node.SetStyle(YAML::EmitterStyle::Flow);  // targets: [q_proj, v_proj]
+  return node;
+}
+
+// The recipe's keys that apply, whose first part `take` accepts, with their values as YAML.
+std::vector<std::pair<std::string, YAML::Node>> applied_fields(
+    const Recipe& recipe, const std::function<bool(const std::string&)>& take) {
+  std::vector<std::pair<std::string, YAML::Node>> out;
+  visit_fields(recipe, [&](const char* key, auto& value, const Rule&) {
+    if (take(split(key, '.')[0]) && applies(recipe, key)) out.emplace_back(key, yaml_value(value));
+  });
+  return out;
+}
+
 YAML::Node fields_yaml(const Recipe& recipe, const std::function<bool(const std::string&)>& take) {
   YAML::Node root(YAML::NodeType::Map);
-  Recipe copy = recipe;
-  visit_fields(copy, [&](const char* key, auto& value, const Rule&) {
+  for (const auto& [key, value] : applied_fields(recipe, take)) {
     const auto parts = split(key, '.');
-    if (!take(parts[0]) || (parts[0] == "longlora" && !recipe.longlora.enabled)) return;
-    YAML::Node node = parts.size() == 1 ? root[parts[0]] : root[parts[0]][parts[1]];
-    node = value;
-    if constexpr (std::is_same_v<std::decay_t<decltype(value)>, std::vector<double>> ||
-                  std::is_same_v<std::decay_t<decltype(value)>, std::vector<int64_t>>) {
-      node.SetStyle(YAML::EmitterStyle::Flow);  // cola.knots: [0.5, 0.8]
+    if (parts.size() == 1) {
+      root[parts[0]] = value;
+    } else {
+      root[parts[0]][parts[1]] = value;
     }
-  });
+  }
   return root;
+}
+
+std::string flow_text(const YAML::Node& node) {
+  YAML::Emitter out;
+  out << YAML::Flow << node;
+  return out.c_str();
 }
 
 }  // namespace
@@ -738,9 +895,45 @@ std::string recipe_to_yaml(const Recipe& recipe) {
     }
   }
   YAML::Emitter out;
-  out.SetDoublePrecision(15);
   out << root;
   return std::string(out.c_str()) + "\n";
+}
+
+Recipe parse_recipe_text(const std::string& yaml, const std::string& name) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError("recipe '" + name + "' is not valid YAML: " + e.what());
+  }
+  return read_recipe(root, name, {}, /*check_files=*/false);
+}
+
+const std::vector<std::string>& resume_changeable_keys() {
+  static const std::vector<std::string> keys = {
+      "output",          "device",           "train.steps",           "train.epochs",
+      "train.log_every", "train.eval_every", "train.save_every",      "train.save_total_limit",
+      "data.valid",      "max_concurrent",   "distributed.timeout_s", "distributed.bucket_mb"};
+  return keys;
+}
+
+std::vector<std::string> resume_differences(const Recipe& saved, const Recipe& now) {
+  const auto& changeable = resume_changeable_keys();
+  auto texts = [&](const Recipe& r) {
+    std::map<std::string, std::string> m;
+    for (const auto& [key, value] : applied_fields(r, [](const std::string&) { return true; }))
+      if (!std::count(changeable.begin(), changeable.end(), key)) m[key] = flow_text(value);
+    return m;
+  };
+  const auto before = texts(saved), after = texts(now);
+  std::vector<std::string> out;
+  visit_fields(now, [&](const char* key, auto&, const Rule&) {
+    const auto b = before.find(key), n = after.find(key);
+    const std::string was = b == before.end() ? "(unset)" : b->second;
+    const std::string is = n == after.end() ? "(unset)" : n->second;
+    if (was != is) out.push_back(std::string(key) + ": " + was + " -> " + is);
+  });
+  return out;
 }
 
 }  // namespace lorafit

@@ -17,6 +17,9 @@ struct DataRecipe {
   int64_t max_seq_len = 512;
   bool packing = true;
   bool shuffle = true;  // false: file order, every epoch
+  // Train past the model's max_position_embeddings without RoPE interpolation (a longlora
+  // block interpolates): false refuses such a max_seq_len.
+  bool allow_longer_context = false;
 };
 
 struct AdapterRecipe {
@@ -44,17 +47,22 @@ struct AdapterRecipe {
 struct TrainRecipe {
   int64_t steps = 0;  // exactly one of steps and epochs is set
   int64_t epochs = 0;
-  int64_t batch_size = 16;       // sequences per optimizer step
+  int64_t batch_size = 16;       // sequences per optimizer step (all ranks together)
   int64_t micro_batch_size = 4;  // sequences per forward/backward
+  // Another way to say batch_size, as Hugging Face's Trainer does: micro-batches per optimizer
+  // step on each rank (batch_size = this x micro_batch_size x WORLD_SIZE); 0: unused.
+  int64_t gradient_accumulation_steps = 0;
   double lr = 2e-4;
   std::string schedule = "cosine";  // constant | linear | cosine
   int64_t warmup_steps = 20;
+  double warmup_ratio = 0;  // > 0: warm up for ceil(ratio x total steps) instead
   double weight_decay = 0.0;
   double max_grad_norm = 1.0;  // 0 turns clipping off
   bool gradient_checkpointing = false;
   int64_t log_every = 10;
-  int64_t eval_every = 100;  // 0: no evaluation during training
-  int64_t save_every = 200;  // 0: no checkpoints during training
+  int64_t eval_every = 100;      // 0: no evaluation during training
+  int64_t save_every = 200;      // 0: no checkpoints during training
+  int64_t save_total_limit = 0;  // keep the newest N checkpoints (0: all)
 };
 
 // COLA (Chain of LoRA): knots where the adapter is merged into the base and restarted.
@@ -128,7 +136,20 @@ double rope_scale_factor(const LongLoraRecipe& longlora,
 /// The adapter block as the strategy registry takes it.
 AdapterSettings adapter_settings(const AdapterRecipe& adapter);
 
-/// The resolved recipe as YAML, every key spelled out.
+/// The resolved recipe as YAML: every key that applies to its strategy and modifiers, numbers
+/// in their shortest exact form. Reading it back gives the same recipe.
 std::string recipe_to_yaml(const Recipe& recipe);
+
+/// A recipe from YAML text that recipe_to_yaml wrote (a run's recipe.yaml), checked like a
+/// recipe file but without looking at files; `name` says where it came from.
+Recipe parse_recipe_text(const std::string& yaml, const std::string& name);
+
+/// The keys that --resume may change: the run's length, its log, eval and save cadence, where
+/// it writes and runs. Any other difference would resume a different run.
+const std::vector<std::string>& resume_changeable_keys();
+
+/// "key: SAVED -> NOW" for every key, other than the changeable ones, in which `now` differs
+/// from the `saved` recipe of the run it resumes.
+std::vector<std::string> resume_differences(const Recipe& saved, const Recipe& now);
 
 }  // namespace lorafit

@@ -6,6 +6,7 @@
 #include "core/trainer.h"
 
 #include <fmt/core.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -16,6 +17,7 @@
 
 #include "adapters/job_routing.h"
 #include "core/adapter_io.h"
+#include "core/checkpoint.h"
 #include "core/cola.h"
 #include "core/compat.h"
 #include "core/datasets.h"
@@ -26,7 +28,9 @@
 #include "core/loss_plot.h"
 #include "core/merge.h"
 #include "core/optimizer.h"
+#include "core/run_dir.h"
 #include "core/safetensors.h"
+#include "core/stop_signal.h"
 
 namespace lorafit {
 
@@ -172,48 +176,6 @@ std::string format_duration(double seconds) {
   return fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60);
 }
 
-// What a checkpoint holds besides the adapter and the optimizer.
-struct TrainerState {
-  int64_t step = 0;
-  DataPosition data;
-};
-
-void write_checkpoint(const fs::path& dir,
-                      const TrainerState& state,
-                      const AdamW& opt,
-                      const std::function<void(const std::string&)>& save_adapter_to) {
-  // Everything goes into a temporary folder that is renamed into place at the end: a run
-  // killed at any moment leaves either the whole checkpoint or none.
-  const fs::path tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
-  compat::remove_tree(tmp);
-  fs::create_directories(tmp);
-  save_adapter_to(tmp.string());
-  opt.save((tmp / "optimizer.safetensors").string());
-  torch::save(compat::cpu_rng_state(), (tmp / "rng.pt").string());
-  nlohmann::json j = {
-      {"step", state.step}, {"epoch", state.data.epoch}, {"cursor", state.data.cursor}};
-  write_file_atomic((tmp / "trainer_state.json").string(), j.dump(2) + "\n");
-  compat::remove_tree(dir);
-  fs::rename(tmp, dir);
-}
-
-// The newest checkpoint at `resume` (a checkpoint, or an output with checkpoints/step-N/),
-// or an empty path when there is none.
-fs::path find_checkpoint(const fs::path& resume) {
-  if (fs::exists(resume / "trainer_state.json")) return resume;
-  fs::path best;
-  int64_t best_step = -1;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(resume / "checkpoints", ec)) {
-    const auto name = e.path().filename().string();
-    if (name.rfind("step-", 0) != 0 || name.find(".tmp") != std::string::npos) continue;
-    if (!fs::exists(e.path() / "trainer_state.json")) continue;
-    const int64_t step = std::stoll(name.substr(5));
-    if (step > best_step) best_step = step, best = e.path();
-  }
-  return best;
-}
-
 // Keeps the metrics lines of steps up to `step`: a resumed run rewrites what followed.
 void truncate_metrics(const fs::path& path, int64_t step) {
   std::ifstream in(path);
@@ -227,7 +189,7 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 // One job of a run: its recipe, data, adapter and optimizer, and where it stands.
 struct Job {
-  enum class Status { Waiting, Running, Done, Failed };
+  enum class Status { Waiting, Running, Done, Failed, Stopped };
 
   Recipe recipe;       // the job's resolved recipe
   size_t index = 0;    // its slot in the routing
@@ -237,6 +199,11 @@ struct Job {
   AdapterSettings settings;
   AdapterSites sites;  // where its adapters attach
   std::vector<Example> train_examples, valid_examples;
+  size_t train_records = 0;
+  fs::path checkpoint;         // to resume from; empty: from the start
+  TrainerState resume_state;   // the checkpoint's
+  int64_t finished_step = -1;  // where an earlier run of the job finished (job_state.json)
+  int64_t saved_step = -1;     // of the job's newest checkpoint
   int64_t total_steps = 0;
   int64_t micro_batches = 1;  // per optimizer step, on this rank
   // COLA: knots split the steps into links, each with its own (maybe smaller) adapter.
@@ -349,15 +316,18 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
   if (job.masters) job.masters->publish();
 }
 
-// The job's data, read before any weight loads (its errors are the user's).
+// The job's data, read before any weight loads (its errors are the user's). The held-out
+// records are read as `lorafit eval --format F --max-seq-len L` reads them (one record a row,
+// no packing), so that eval_loss is the number that command prints.
 void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& config) {
   const auto& d = job.recipe.data;
   const auto& tr = job.recipe.train;
   DatasetOptions opts{
       d.format,         d.max_seq_len, d.packing, config.bos_token_id, config.eos_token_ids.front(),
       config.vocab_size};
-  job.train_examples = load_examples(d.train, tokenizer, opts);
-  if (!d.valid.empty()) job.valid_examples = load_examples(d.valid, tokenizer, opts);
+  job.train_examples = load_examples(d.train, tokenizer, opts, &job.train_records);
+  if (!d.valid.empty())
+    job.valid_examples = eval_examples(d.valid, tokenizer, d.format, config, d.max_seq_len);
   job.total_steps =
       tr.steps > 0
           ? tr.steps
@@ -392,10 +362,50 @@ void attach_job(Job& job, LlamaForCausalLM& model) {
   }
 }
 
+// Finds what the job resumes from, and checks it, before anything loads: the checkpoint, its
+// state, and that the recipe is the one that checkpoint trained with (but for the keys that a
+// resume may change).
+void find_resume_point(Job& job, const TrainRun& run, bool shared) {
+  if (run.resume.empty()) return;
+  // With several jobs, --resume names the run's output and each job resumes from its own: a
+  // finished job is done, one without a checkpoint starts over.
+  const auto from = shared ? job.out : fs::path(run.resume);
+  job.checkpoint = find_checkpoint(from);
+  if (job.checkpoint.empty() && !shared) {
+    throw IoError("--resume '" + run.resume +
+                  "': no checkpoint found (expected trainer_state.json there or "
+                  "checkpoints/step-N/ under it)");
+  }
+  // Resuming a run (not one named checkpoint): a job that finished has nothing left to do.
+  const auto state_file = job.out / "job_state.json";
+  const bool named_checkpoint = !shared && fs::exists(from / "trainer_state.json");
+  if (!named_checkpoint && fs::exists(state_file)) {
+    const auto j = nlohmann::json::parse(std::ifstream(state_file), nullptr, false);
+    if (j.is_object() && j.value("finished", false) && j.contains("step") &&
+        j["step"].is_number_integer())
+      job.finished_step = j["step"].get<int64_t>();
+  }
+  if (job.checkpoint.empty()) return;
+  job.resume_state = read_trainer_state(job.checkpoint);
+  job.saved_step = job.resume_state.step;
+  const auto saved = checkpoint_recipe(job.checkpoint);
+  if (!saved) return;
+  const auto differences = resume_differences(*saved, job.recipe);
+  if (!differences.empty()) {
+    std::string changeable;
+    for (const auto& k : resume_changeable_keys())
+      changeable += (changeable.empty() ? "" : ", ") + k;
+    throw ConfigError(job.prefix + "--resume '" + job.checkpoint.string() +
+                      "': the recipe differs from the one that run trained with: " +
+                      join_problems(differences, 20) +
+                      " (hint: undo the change to resume, or train anew with another output "
+                      "or --overwrite; a resume may change " +
+                      changeable + ")");
+  }
+}
+
 void resume_job(Job& job, LlamaForCausalLM& model, const fs::path& ckpt) {
-  const auto j = nlohmann::json::parse(std::ifstream(ckpt / "trainer_state.json"));
-  job.state.step = j.at("step");
-  job.state.data = {j.at("epoch"), j.at("cursor")};
+  job.state = job.resume_state;
   if (job.cola()) {
     load_chain(ckpt.string(), job.chain, model);
     job.link = job.chain.links.size();
@@ -414,20 +424,35 @@ void resume_job(Job& job, LlamaForCausalLM& model, const fs::path& ckpt) {
   fmt::print(stderr, "{}resuming from {} (step {})\n", job.prefix, ckpt.string(), job.state.step);
 }
 
-// The job's final outputs, and a note that it finished (a resumed run of several jobs skips it).
+// A checkpoint of the job where it stands, exact enough to resume bit for bit.
+void save_checkpoint(Job& job, LlamaForCausalLM& model, double rope_factor) {
+  write_checkpoint(
+      job.out / "checkpoints" / ("step-" + std::to_string(job.state.step)), job.state,
+      *job.optimizer, recipe_to_yaml(job.recipe),
+      [&](const std::string& dir) {
+        save_adapter_to(job, model, rope_factor, dir, torch::kFloat32);
+      },
+      job.recipe.train.save_total_limit);
+  job.saved_step = job.state.step;
+}
+
+// The job's final outputs, each folder written whole; job_state.json, the note that the job
+// finished (a resumed run skips it), comes last, so it never stands beside missing outputs.
 void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
   job.status = Job::Status::Done;
   if (!job.writes) return;
   const auto& out = job.out;
-  write_file_atomic((out / "loss.svg").string(), loss_svg(job.history));
-  write_file_atomic((out / "job_state.json").string(),
-                    nlohmann::json{{"finished", true}, {"step", job.state.step}}.dump(2) + "\n");
+  const auto write_state = [&] {
+    write_file_atomic((out / "loss.svg").string(), loss_svg(job.history));
+    write_file_atomic((out / "job_state.json").string(),
+                      nlohmann::json{{"finished", true}, {"step", job.state.step}}.dump(2) + "\n");
+  };
   if (job.spec->trains_base) {
-    const fs::path dir = out / "model", tmp = dir.string() + ".tmp-" + std::to_string(::getpid());
-    compat::remove_tree(tmp);
-    save_adapter_to(job, model, rope_factor, tmp.string(), checkpoint_dtype(job.recipe.model));
-    compat::remove_tree(dir);
-    fs::rename(tmp, dir);
+    const fs::path dir = out / "model";
+    write_folder_atomic(dir, [&](const std::string& tmp) {
+      save_adapter_to(job, model, rope_factor, tmp, checkpoint_dtype(job.recipe.model));
+    });
+    write_state();
     fmt::print(stderr, "{}model written to {}\n", job.prefix, dir.string());
     fmt::print(stderr, "{}evaluate: lorafit eval --model {} --data FILE\n", job.prefix,
                dir.string());
@@ -436,13 +461,19 @@ void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
   const auto adapter = (out / "adapter").string();
   if (job.cola()) {
     // The chain as one PEFT LoRA, and every link (the last one still attached) on its own.
-    write_adapter_files(adapter, chain_adapter(job.chain, model, job.settings, job.recipe.model));
+    write_folder_atomic(adapter, [&](const std::string& tmp) {
+      write_adapter_files(tmp, chain_adapter(job.chain, model, job.settings, job.recipe.model));
+    });
     job.chain.links.push_back(job.spec->save(job.settings, job.sites, job.recipe.model));
     save_chain(out.string(), job.chain);
+    write_state();
     fmt::print(stderr, "chain of {} links written to {} (each link under {})\n",
                job.chain.links.size(), adapter, (out / "links").string());
   } else {
-    save_adapter_to(job, model, rope_factor, adapter, torch::kFloat32);
+    write_folder_atomic(adapter, [&](const std::string& tmp) {
+      save_adapter_to(job, model, rope_factor, tmp, torch::kFloat32);
+    });
+    write_state();
   }
   fmt::print(stderr, "{}adapter written to {}\n", job.prefix, adapter);
   fmt::print(stderr, "{}evaluate: lorafit eval --model {} --adapter {} --data FILE\n", job.prefix,
@@ -498,32 +529,117 @@ void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& l) {
                                                      : S2Shift::None);
 }
 
+int64_t warmup_steps(const TrainRecipe& t, int64_t total) {
+  if (t.warmup_ratio > 0)
+    return static_cast<int64_t>(std::ceil(t.warmup_ratio * static_cast<double>(total)));
+  return t.warmup_steps;
+}
+
 double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
-  if (step < t.warmup_steps)
-    return t.lr * static_cast<double>(step) / std::max<int64_t>(1, t.warmup_steps);
-  const double span = static_cast<double>(std::max<int64_t>(1, total - t.warmup_steps));
-  const double progress = static_cast<double>(step - t.warmup_steps) / span;
+  const int64_t warmup = warmup_steps(t, total);
+  if (step < warmup) return t.lr * static_cast<double>(step) / std::max<int64_t>(1, warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, total - warmup));
+  const double progress = static_cast<double>(step - warmup) / span;
   if (t.schedule == "linear") return t.lr * std::max(0.0, static_cast<double>(total - step) / span);
   if (t.schedule == "cosine") return t.lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
   return t.lr;
 }
 
-void train(const Recipe& recipe, const TrainRun& run) {
-  const auto recipes = recipe_jobs(recipe);
-  const bool shared = recipes.size() > 1;
+namespace {
 
-  // --- Set-up: every job's data first (cheap, and its errors are the user's), then the model.
-  const auto tokenizer = load_tokenizer(recipe.model);
-  const auto config = load_llama_config(recipe.model);
+// The jobs of a recipe with their resolved batch (gradient_accumulation_steps says it per
+// rank) and their outputs; nothing read yet.
+std::vector<Job> make_jobs(const Recipe& recipe, int64_t world_size) {
+  const auto recipes = recipe_jobs(recipe);
   std::vector<Job> jobs(recipes.size());
   for (size_t j = 0; j < jobs.size(); ++j) {
     auto& job = jobs[j];
     job.recipe = recipes[j];
     job.index = j;
     job.out = job.recipe.output;
-    if (shared) job.prefix = "[" + job.recipe.name + "] ";
-    load_job_data(job, tokenizer, config);
+    if (recipes.size() > 1) job.prefix = "[" + job.recipe.name + "] ";
+    auto& tr = job.recipe.train;
+    if (tr.gradient_accumulation_steps > 0)
+      tr.batch_size = tr.gradient_accumulation_steps * tr.micro_batch_size * world_size;
   }
+  return jobs;
+}
+
+// What a user should hear about a job's schedule before it trains.
+std::vector<std::string> schedule_warnings(const Job& job) {
+  const auto& tr = job.recipe.train;
+  const int64_t warmup = warmup_steps(tr, job.total_steps);
+  std::vector<std::string> out;
+  if (warmup >= job.total_steps) {
+    out.push_back(fmt::format(
+        "{}warning: the warmup ({} steps) is not shorter than the run ({} steps): the learning "
+        "rate never reaches train.lr (hint: lower train.warmup_steps or set train.warmup_ratio)",
+        job.prefix, warmup, job.total_steps));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> describe_data(const Recipe& recipe, std::vector<std::string>& warnings) {
+  const auto tokenizer = load_tokenizer(recipe.model);
+  const auto config = load_llama_config(recipe.model);
+  auto jobs = make_jobs(recipe, launch_from_env().world_size);
+  std::vector<std::string> lines;
+  for (auto& job : jobs) {
+    load_job_data(job, tokenizer, config);
+    const auto& d = job.recipe.data;
+    const auto& tr = job.recipe.train;
+    int64_t tokens = 0;
+    for (const auto& ex : job.train_examples) tokens += static_cast<int64_t>(ex.input_ids.size());
+    lines.push_back(fmt::format(
+        "{}data.train '{}': {} records ({}), {} tokens in {} sequences of at most {} tokens{}",
+        job.prefix, d.train, job.train_records, d.format, tokens, job.train_examples.size(),
+        d.max_seq_len, d.format == "text" && d.packing ? " (packed)" : ""));
+    if (!d.valid.empty()) {
+      int64_t scored = 0;
+      for (const auto& ex : job.valid_examples)
+        scored += std::count_if(ex.labels.begin() + 1, ex.labels.end(),
+                                [](int64_t l) { return l != kIgnoreLabel; });
+      lines.push_back(fmt::format("{}data.valid '{}': {} records, {} tokens scored", job.prefix,
+                                  d.valid, job.valid_examples.size(), scored));
+    }
+    lines.push_back(fmt::format("{}train: {} steps of {} sequences ({:.2f} epochs)", job.prefix,
+                                job.total_steps, tr.batch_size,
+                                static_cast<double>(job.total_steps * tr.batch_size) /
+                                    static_cast<double>(job.train_examples.size())));
+    for (auto& w : schedule_warnings(job)) warnings.push_back(std::move(w));
+  }
+  return lines;
+}
+
+void train(const Recipe& recipe, const TrainRun& run) {
+  if (run.overwrite && !run.resume.empty()) {
+    throw ConfigError(
+        "--overwrite and --resume contradict each other (hint: --resume continues the run in "
+        "its folder; --overwrite deletes it and trains anew)");
+  }
+  const auto mode = run.overwrite        ? OutputMode::Overwrite
+                    : run.resume.empty() ? OutputMode::Fresh
+                                         : OutputMode::Resume;
+  const auto launch = launch_from_env();
+  auto jobs = make_jobs(recipe, launch.world_size);
+  const bool shared = jobs.size() > 1;
+
+  // --- Set-up, in the order of what is cheap to check: the output folders and the
+  // checkpoints to resume (nothing is written yet), every job's data, then the model.
+  const bool top_output = shared && !recipe.output.empty();
+  auto output_key = [](const Job& job) {
+    return job.prefix.empty() ? std::string("'output'") : "job '" + job.recipe.name + "': output";
+  };
+  if (top_output) check_output(recipe.output, mode, "'output'");
+  for (auto& job : jobs) {
+    check_output(job.out.string(), mode, output_key(job));
+    find_resume_point(job, run, shared);
+  }
+  const auto tokenizer = load_tokenizer(recipe.model);
+  const auto config = load_llama_config(recipe.model);
+  for (auto& job : jobs) load_job_data(job, tokenizer, config);
   // LongLoRA's position interpolation, checked before any weight loads: one for the shared base.
   double rope_factor = 0;
   for (const auto& job : jobs) {
@@ -540,7 +656,6 @@ void train(const Recipe& recipe, const TrainRun& run) {
   check_rope_interpolation(config.rope, rope_factor,
                            "'longlora.rope_scale' for model '" + recipe.model + "'");
   // Data parallelism: each rank takes its share of every job's global batch, one device each.
-  const auto launch = launch_from_env();
   for (const auto& job : jobs) {
     const auto& tr = job.recipe.train;
     if (tr.batch_size % (launch.world_size * tr.micro_batch_size) != 0) {
@@ -549,6 +664,10 @@ void train(const Recipe& recipe, const TrainRun& run) {
           "'train.micro_batch_size' ({}): each rank takes an equal share of every batch",
           job.prefix, tr.batch_size, launch.world_size, tr.micro_batch_size));
     }
+  }
+  if (launch.rank == 0) {
+    for (const auto& job : jobs)
+      for (const auto& w : schedule_warnings(job)) fmt::print(stderr, "lorafit: {}\n", w);
   }
   auto device = pick_device(recipe.device);
   if (device.is_cuda() && launch.world_size > 1) {
@@ -571,7 +690,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     attach_job(job, model);
   }
   routing.place_routers();
-  model->checkpoint_layers = recipes.front().train.gradient_checkpointing;
+  model->checkpoint_layers = jobs.front().recipe.train.gradient_checkpointing;
   use_longlora_attention(model, recipe.longlora);
   // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
   const size_t pad_multiple =
@@ -582,36 +701,44 @@ void train(const Recipe& recipe, const TrainRun& run) {
     if (!job.recipe.adapter.init.empty()) copy_adapter_weights(job, model, job.recipe.adapter.init);
   }
 
-  // Only now, with data and model loaded, does the run write anything (rank 0 alone).
-  if (shared && world.main()) {
-    fs::create_directories(recipe.output);
-    write_file_atomic((fs::path(recipe.output) / "recipe.yaml").string(), recipe_to_yaml(recipe));
+  // Only now, with data and model loaded, does the run write anything (rank 0 alone): it
+  // claims its folders for as long as it runs, then writes the recipes.
+  std::vector<OutputLock> locks;
+  if (world.main()) {
+    if (top_output) {
+      locks.emplace_back(recipe.output, mode, "'output'");
+      write_file_atomic((fs::path(recipe.output) / "recipe.yaml").string(), recipe_to_yaml(recipe));
+    }
+    for (const auto& job : jobs) locks.emplace_back(job.out.string(), mode, output_key(job));
   }
+  const bool tty = isatty(STDERR_FILENO) && !shared && world.main();
+  auto evaluate_job = [&](Job& job) {
+    routing.set_rows(JobRows::only(job.index).spans);
+    const auto& tr = job.recipe.train;
+    const double v = validation_loss(model, job.valid_examples, tr.micro_batch_size, device, world,
+                                     job.state.step);
+    if (!job.writes) return;
+    job.metrics << nlohmann::json{{"step", job.state.step}, {"eval_loss", v}}.dump() << "\n"
+                << std::flush;
+    job.history.valid.emplace_back(job.state.step, v);
+    fmt::print(stderr, "{}{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "", job.prefix,
+               job.state.step, job.total_steps, v);
+  };
   for (auto& job : jobs) {
+    if (job.finished_step >= job.total_steps) {
+      job.status = Job::Status::Done;
+      if (job.writes)
+        fmt::print(stderr, "{}finished earlier (step {}): outputs in {}\n", job.prefix,
+                   job.finished_step, job.out.string());
+      continue;
+    }
     if (job.writes) {
       fs::create_directories(job.out / "checkpoints");
       write_file_atomic((job.out / "recipe.yaml").string(), recipe_to_yaml(job.recipe));
+      // While it trains, the job is not finished, whatever an earlier run of it said.
+      fs::remove(job.out / "job_state.json");
     }
-    // With several jobs, --resume names the run's output and each job resumes from its own:
-    // a finished job is done, one without a checkpoint starts over.
-    fs::path ckpt;
-    if (!run.resume.empty() && shared) {
-      if (fs::exists(job.out / "job_state.json")) {
-        job.status = Job::Status::Done;
-        if (job.writes)
-          fmt::print(stderr, "{}finished earlier: outputs in {}\n", job.prefix, job.out.string());
-        continue;
-      }
-      ckpt = find_checkpoint(job.out);
-    } else if (!run.resume.empty()) {
-      ckpt = find_checkpoint(run.resume);
-      if (ckpt.empty()) {
-        throw IoError("--resume '" + run.resume +
-                      "': no checkpoint found (expected trainer_state.json there "
-                      "or checkpoints/step-N/ under it)");
-      }
-    }
-    if (!ckpt.empty()) resume_job(job, model, ckpt);
+    if (!job.checkpoint.empty()) resume_job(job, model, job.checkpoint);
     job.stream.emplace(job.train_examples.size(), static_cast<uint64_t>(job.recipe.seed),
                        job.state.data, job.recipe.data.shuffle);
     if (job.writes) {
@@ -619,18 +746,32 @@ void train(const Recipe& recipe, const TrainRun& run) {
       job.history = read_loss_history((job.out / "metrics.jsonl").string());
     }
     job.first_step = job.state.step;
+    if (job.state.step >= job.total_steps) {
+      // Resumed at or past its end: nothing is left to train, only the outputs to write.
+      if (job.writes)
+        fmt::print(stderr,
+                   "{}the checkpoint's step {} is at or past the run's {} steps: "
+                   "nothing left to train\n",
+                   job.prefix, job.state.step, job.total_steps);
+      finish_job(job, model, rope_factor);
+      continue;
+    }
+    // The held-out loss before any step, the first point of the loss curve.
+    if (job.state.step == 0 && !job.valid_examples.empty() && job.recipe.train.eval_every > 0)
+      evaluate_job(job);
   }
-  const bool tty = isatty(STDERR_FILENO) && !shared && world.main();
   const size_t max_running =
       recipe.max_concurrent > 0 ? static_cast<size_t>(recipe.max_concurrent) : jobs.size();
   std::vector<std::string> failures;
+  bool stopping = false;  // SIGINT or SIGTERM reached a rank: no job starts, each stops
+  const StopSignals stop_signals;
   model->train();
 
   // --- The step loop: one fused micro-batch of the running jobs per pass.
   while (true) {
     size_t running = 0;
     for (auto& job : jobs) {
-      if (job.status == Job::Status::Waiting && running < max_running) {
+      if (job.status == Job::Status::Waiting && running < max_running && !stopping) {
         job.status = Job::Status::Running;
         job.started = job.log_started = Clock::now();
         if (shared && job.writes)
@@ -639,7 +780,6 @@ void train(const Recipe& recipe, const TrainRun& run) {
       running += job.status == Job::Status::Running;
     }
     if (running == 0) break;
-
     // Each running job's next micro-batch; a job starting an optimizer step draws its rows.
     std::vector<std::pair<Job*, std::vector<size_t>>> parts;
     for (auto& job : jobs) {
@@ -716,14 +856,15 @@ void train(const Recipe& recipe, const TrainRun& run) {
       if (++job.next_micro < job.micro_batches) continue;
       job.next_micro = 0;
       // Data parallelism: the ranks' gradients (each already a share of the global token
-      // mean) and losses are summed, so every rank takes the same step.
-      auto stats = torch::stack(  // [3]: nll, aux, tokens of the step
+      // mean) and losses are summed, so every rank takes the same step; so is the count of
+      // ranks that were asked to stop, so that all stop after the same step.
+      const auto f64 = job.step_loss.nll.options().dtype(torch::kFloat64);
+      auto stats = torch::stack(  // [4]: nll, aux, tokens of the step, stop requests
           {job.step_loss.nll.to(torch::kFloat64),
-           job.step_loss.aux.defined()
-               ? job.step_loss.aux.to(torch::kFloat64)
-               : torch::zeros({}, job.step_loss.nll.options().dtype(torch::kFloat64)),
-           torch::full({}, static_cast<double>(job.step_tokens),
-                       job.step_loss.nll.options().dtype(torch::kFloat64))});
+           job.step_loss.aux.defined() ? job.step_loss.aux.to(torch::kFloat64)
+                                       : torch::zeros({}, f64),
+           torch::full({}, static_cast<double>(job.step_tokens), f64),
+           torch::full({}, StopSignals::received() != 0 ? 1.0 : 0.0, f64)});
       if (world.size() > 1) {
         std::vector<torch::Tensor> reduced{stats};
         for (auto& t : gradient_holders(job)) {
@@ -739,12 +880,15 @@ void train(const Recipe& recipe, const TrainRun& run) {
       const double aux_sum = host[1].item<double>();
       job.tokens_since_log += static_cast<int64_t>(host[2].item<double>());
       job.step_tokens = 0;
+      stopping = stopping || host[3].item<double>() > 0;
       if (!std::isfinite(loss_sum + aux_sum)) {
+        const auto last = find_checkpoint(job.out);
         const auto failure = fmt::format(
-            "{}the training loss became {} at step {}; the last good checkpoint is under {} "
-            "(hint: lower train.lr or raise train.warmup_steps)",
+            "{}the training loss became {} at step {}; {} (hint: lower train.lr or raise "
+            "train.warmup_steps)",
             shared ? "job '" + job.recipe.name + "': " : "", loss_sum, job.state.step + 1,
-            (job.out / "checkpoints").string());
+            last.empty() ? "no checkpoint was written before it"
+                         : "the last good checkpoint is " + last.string());
         job.status = Job::Status::Failed;
         failures.push_back(failure);
         if (shared && job.writes)
@@ -752,9 +896,10 @@ void train(const Recipe& recipe, const TrainRun& run) {
         continue;
       }
       double lr = scheduled_lr(tr, job.state.step, job.total_steps);
-      if (job.recipe.cola.lr_restart == "rewarm" && job.link > 0 && tr.warmup_steps > 0) {
+      const int64_t warmup = warmup_steps(tr, job.total_steps);
+      if (job.recipe.cola.lr_restart == "rewarm" && job.link > 0 && warmup > 0) {
         lr *= std::min(1.0, static_cast<double>(job.state.step - job.knots[job.link - 1]) /
-                                static_cast<double>(tr.warmup_steps));
+                                static_cast<double>(warmup));
       }
       if (job.masters) job.masters->take_grads();
       const auto grad_norm = job.optimizer->step(lr, tr.max_grad_norm);  // [] or undefined
@@ -787,32 +932,37 @@ void train(const Recipe& recipe, const TrainRun& run) {
           job.log_started = Clock::now();
         }
       }
+      const bool last_step = job.state.step == job.total_steps;
       if (!job.valid_examples.empty() && tr.eval_every > 0 &&
-          (job.state.step % tr.eval_every == 0 || job.state.step == job.total_steps)) {
-        routing.set_rows(JobRows::only(job.index).spans);
-        const double v = validation_loss(model, job.valid_examples, tr.micro_batch_size, device,
-                                         world, job.state.step);
-        if (job.writes) {
-          job.metrics << nlohmann::json{{"step", job.state.step}, {"eval_loss", v}}.dump() << "\n"
-                      << std::flush;
-          job.history.valid.emplace_back(job.state.step, v);
-          fmt::print(stderr, "{}{}step {}/{}  eval_loss {:.4f}\n", tty ? "\r\033[K" : "",
-                     job.prefix, job.state.step, job.total_steps, v);
-        }
-      }
-      if (job.writes && tr.save_every > 0 && job.state.step % tr.save_every == 0 &&
-          job.state.step < job.total_steps) {
-        write_checkpoint(job.out / "checkpoints" / ("step-" + std::to_string(job.state.step)),
-                         job.state, *job.optimizer, [&](const std::string& dir) {
-                           save_adapter_to(job, model, rope_factor, dir,
-                                           torch::kFloat32);  // resumes exactly
-                         });
-      }
-      if (job.state.step == job.total_steps) {
+          (job.state.step % tr.eval_every == 0 || last_step))
+        evaluate_job(job);
+      if (job.writes && tr.save_every > 0 && (job.state.step % tr.save_every == 0 || last_step))
+        save_checkpoint(job, model, rope_factor);
+      if (last_step) {
         if (tty) fmt::print(stderr, "\n");
         finish_job(job, model, rope_factor);
+      } else if (stopping) {
+        if (job.writes && job.saved_step != job.state.step)
+          save_checkpoint(job, model, rope_factor);
+        job.status = Job::Status::Stopped;
       }
     }
+  }
+  if (stopping) {
+    std::string where;
+    for (const auto& job : jobs) {
+      if (job.status != Job::Status::Stopped) continue;
+      where += fmt::format(
+          "{}{}step {} is saved in {}", where.empty() ? "" : "; ", job.prefix, job.state.step,
+          (job.out / "checkpoints" / ("step-" + std::to_string(job.state.step))).string());
+    }
+    if (tty) fmt::print(stderr, "\n");
+    const int sig = StopSignals::received() != 0 ? StopSignals::received() : SIGTERM;
+    const auto output = top_output ? recipe.output : jobs.front().out.string();
+    throw Interrupted(fmt::format("stopped by {}{}; continue with: lorafit train {} --resume {}",
+                                  sig == SIGINT ? "SIGINT" : "SIGTERM",
+                                  where.empty() ? "" : ": " + where, run.recipe_path, output),
+                      sig);
   }
   if (!failures.empty()) throw Error(join_problems(failures, /*limit=*/100));
 }

@@ -15,8 +15,9 @@
 namespace lorafit {
 
 struct TrainRun {
-  std::string recipe_path;  // for the final message
+  std::string recipe_path;  // for the messages that say how to go on
   std::string resume;       // OUTPUT or OUTPUT/checkpoints/step-N; empty for a fresh run
+  bool overwrite = false;   // replace whatever the output folders hold
 };
 
 /// Trains as the recipe says and writes, for each job, OUTPUT/{adapter, checkpoints,
@@ -24,7 +25,17 @@ struct TrainRun {
 /// own output); full fine-tuning writes OUTPUT/model (a Hugging Face checkpoint in the base's
 /// dtype) instead of OUTPUT/adapter, training fp32 masters of a bf16 or f16 model. Under
 /// torchrun (WORLD_SIZE > 1) each rank trains its share of every batch and rank 0 writes.
+/// Each output folder holds one run: a fresh run needs an empty one, and rank 0 locks it for
+/// as long as it trains. A resume goes on from the newest checkpoint, up to the recipe's steps
+/// (a checkpoint at or past them just writes the outputs), and refuses a recipe that differs
+/// in a key that resume_changeable_keys() leaves out. SIGINT or SIGTERM stops every job after
+/// its step in progress, with a checkpoint, and throws Interrupted.
 void train(const Recipe& recipe, const TrainRun& run);
+
+/// What `lorafit validate` says of a recipe's data, read and tokenized exactly as train reads
+/// it: a line per dataset and job (records, tokens, sequences, steps); warnings (such as a
+/// warmup as long as the run) go to `warnings`. A bad or empty dataset throws IoError.
+std::vector<std::string> describe_data(const Recipe& recipe, std::vector<std::string>& warnings);
 
 /// Turns on a recipe's S2-Attn (longlora block) in the model's layers; nothing without one.
 void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& longlora);
@@ -57,6 +68,9 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
                               const std::vector<Batch>& micro_batches,
                               int64_t targets,
                               const AuxLoss& aux = {});
+
+/// The warmup of a run of `total` steps: train.warmup_steps, or ceil(warmup_ratio x total).
+int64_t warmup_steps(const TrainRecipe& t, int64_t total);
 
 /// HF transformers' learning rate at optimizer step `step` (0-based) of `total`: linear warmup
 /// from 0, then constant, linear decay to 0, or half a cosine to 0.

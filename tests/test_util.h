@@ -15,7 +15,7 @@
 #include <sstream>
 #include <string>
 
-#include "core/compat.h"
+#include "core/run_dir.h"
 
 namespace lorafit::test {
 
@@ -50,13 +50,13 @@ struct TempDir {
         fs::temp_directory_path() / ("lorafit-test-" + std::to_string(rd()) + std::to_string(rd()));
     fs::create_directories(path);
   }
-  ~TempDir() { compat::remove_tree(path); }
+  ~TempDir() { remove_tree(path); }
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
 
 /// Copies the folder `src` to `dest` (which must not exist) with cp: std::filesystem::copy of
 /// a folder crashes programs linked against the pip LibTorch, as remove_all does (see
-/// compat::remove_tree).
+/// remove_tree).
 inline void copy_folder(const std::string& src, const std::string& dest) {
   REQUIRE(std::system(("cp -r '" + src + "' '" + dest + "'").c_str()) == 0);
 }
@@ -117,6 +117,25 @@ inline int exit_code(pid_t pid) {
   int status = 0;
   waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/// The values of `key` in OUT/metrics.jsonl, in order.
+inline std::vector<double> metric(const std::string& out, const char* key) {
+  std::vector<double> v;
+  std::ifstream in(out + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains(key)) v.push_back(j[key]);
+  }
+  return v;
+}
+
+/// The pid of a process that has ended (for temporary names a dead process left).
+inline pid_t dead_pid() {
+  const pid_t pid = fork();
+  if (pid == 0) _exit(0);
+  waitpid(pid, nullptr, 0);
+  return pid;
 }
 
 /// max |a - b| / max |b|: the relative error used against reference outputs.

@@ -138,7 +138,7 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
     const auto whole = tmp / "lora, 2 micro-batches per rank-2";
     const auto out = tmp / "resumed";
     lorafit::test::copy_folder(whole, out);
-    compat::remove_tree(out + "/adapter");
+    remove_tree(out + "/adapter");
     const auto two = run_ranks(2, kTrain + "--set train.micro_batch_size=2 --set output=" + q(out) +
                                       " --resume " + q(out + "/checkpoints/step-4"));
     INFO(two[0].err);

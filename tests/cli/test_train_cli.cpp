@@ -12,6 +12,7 @@
 
 using namespace lorafit;
 namespace fs = std::filesystem;
+using lorafit::test::metric;
 using lorafit::test::read_text;
 using lorafit::test::run_lorafit;
 constexpr auto q = lorafit::test::quote;
@@ -40,16 +41,6 @@ double eval_loss(const std::string& adapter) {
   return model_loss("tests/fixtures/gqa_llama3/model", adapter);
 }
 
-std::vector<double> metric(const std::string& out, const char* key) {
-  std::vector<double> v;
-  std::ifstream in(out + "/metrics.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    const auto j = nlohmann::json::parse(line);
-    if (j.contains(key)) v.push_back(j[key]);
-  }
-  return v;
-}
-
 // Every tensor of two adapter folders agrees to float32 round-off.
 void require_adapters_close(const std::string& a_dir, const std::string& b_dir) {
   SafetensorsFile a(a_dir + "/adapter_model.safetensors");
@@ -74,7 +65,7 @@ TEST_CASE("training lowers the loss and the adapter beats the base on held-out d
   const auto losses = metric(out, "loss");
   REQUIRE(losses.size() == 60);
   REQUIRE(losses.back() < losses.front() - 1.0);
-  REQUIRE(metric(out, "eval_loss").size() == 2);
+  REQUIRE(metric(out, "eval_loss").size() == 3);  // steps 0, 30 and 60
   REQUIRE(eval_loss(out + "/adapter") < eval_loss("") - 1.0);
   for (const char* f : {"adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                         "metrics.jsonl", "loss.svg", "recipe.yaml"}) {
@@ -503,4 +494,113 @@ TEST_CASE("LongLoRA's RoPE interpolation goes with the adapter and into the merg
   REQUIRE(refused.code == 2);
   REQUIRE(refused.err.find("already scales its RoPE") != std::string::npos);
   REQUIRE(!fs::exists(tmp / "refused"));
+}
+
+TEST_CASE("held-out loss during training is lorafit eval's number, from step 0 on",
+          "[cli][train]") {
+  TempDir tmp;
+  const auto out = tmp / "run";
+  REQUIRE(train(out, "--set train.steps=20 --set train.eval_every=10").code == 0);
+  std::vector<int64_t> steps;
+  std::ifstream in(out + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("eval_loss")) steps.push_back(j["step"]);
+  }
+  REQUIRE(steps == std::vector<int64_t>{0, 10, 20});
+  auto eval = [&](const std::string& adapter) {
+    const auto r = run_lorafit(
+        "eval --device cpu --json --max-seq-len 64 --model tests/fixtures/gqa_llama3/model "
+        "--data recipes/data/tiny_valid.jsonl" +
+        (adapter.empty() ? "" : " --adapter " + q(adapter)));
+    REQUIRE(r.code == 0);
+    return nlohmann::json::parse(r.out)["loss"].get<double>();
+  };
+  const auto in_training = metric(out, "eval_loss");
+  REQUIRE(in_training.front() == Approx(eval("")).epsilon(1e-5));
+  REQUIRE(in_training.back() == Approx(eval(out + "/adapter")).epsilon(1e-5));
+}
+
+TEST_CASE("save_total_limit keeps the newest checkpoints", "[cli][train]") {
+  TempDir tmp;
+  REQUIRE(train(tmp / "run",
+                "--set train.steps=10 --set train.save_every=2 "
+                "--set train.save_total_limit=2")
+              .code == 0);
+  std::vector<std::string> kept;
+  for (const auto& e : fs::directory_iterator(tmp / "run/checkpoints"))
+    kept.push_back(e.path().filename().string());
+  std::sort(kept.begin(), kept.end());
+  REQUIRE(kept == std::vector<std::string>{"step-10", "step-8"});
+}
+
+TEST_CASE("gradient_accumulation_steps trains what the batch_size it spells does", "[cli][train]") {
+  TempDir tmp;
+  auto recipe = read_text(kRecipe);
+  recipe.replace(recipe.find("  batch_size: 8\n"), 16, "  gradient_accumulation_steps: 2\n");
+  lorafit::test::write_text(tmp / "gas.yaml", recipe);
+  const std::string sets = " --set train.steps=3 --set adapter.dropout=0.1";
+  REQUIRE(run_lorafit("train " + q(tmp / "gas.yaml") + " --device cpu" + sets +
+                      " --set output=" + q(tmp / "gas"))
+              .code == 0);
+  REQUIRE(train(tmp / "batch", sets).code == 0);
+  REQUIRE(read_text(tmp / "gas/adapter/adapter_model.safetensors") ==
+          read_text(tmp / "batch/adapter/adapter_model.safetensors"));
+}
+
+TEST_CASE("KEY=VALUE after the recipe overrides it, as torchtune's command line does",
+          "[cli][train]") {
+  TempDir tmp;
+  const auto r = run_lorafit("train " + kRecipe + " --device cpu train.steps=3 train.log_every=1 " +
+                             "output=" + q(tmp / "run"));
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  REQUIRE(metric(tmp / "run", "loss").size() == 3);
+  const auto stray = run_lorafit("validate " + kRecipe + " steps");
+  REQUIRE(stray.code == 2);
+  REQUIRE_THAT(stray.err, Catch::Contains("unexpected argument 'steps'"));
+}
+
+TEST_CASE("validate reads the data as train does and warns of a warmup as long as the run",
+          "[cli][train]") {
+  const auto ok = run_lorafit("validate " + kRecipe);
+  INFO(ok.err);
+  REQUIRE(ok.code == 0);
+  REQUIRE_THAT(ok.err, Catch::Contains("records (text)") && Catch::Contains("tokens in") &&
+                           Catch::Contains("200 steps of 8 sequences") &&
+                           Catch::Contains("tokens scored"));
+  const auto warm = run_lorafit("validate " + kRecipe + " --set train.steps=5");
+  REQUIRE(warm.code == 0);
+  REQUIRE_THAT(warm.err, Catch::Contains("warning: the warmup (10 steps)"));
+  TempDir tmp;
+  lorafit::test::write_text(tmp / "empty.jsonl", "");
+  lorafit::test::write_text(tmp / "alpaca.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n");
+  for (const auto& [file, fragment] : {std::pair{tmp / "empty.jsonl", "holds no record"},
+                                       {tmp / "alpaca.jsonl", "expected a \"text\" string"}}) {
+    const auto bad = run_lorafit("validate " + kRecipe + " --set data.train=" + q(file));
+    INFO(bad.err);
+    REQUIRE(bad.code == 2);
+    REQUIRE_THAT(bad.err, Catch::Contains(fragment));
+  }
+}
+
+TEST_CASE("the command line: --version, defaults in help, plain range errors, did-you-mean",
+          "[cli]") {
+  const auto v = run_lorafit("--version");
+  REQUIRE(v.code == 0);
+  REQUIRE_THAT(v.out, Catch::StartsWith("lorafit 0.") && Catch::Contains("(commit ") &&
+                          Catch::Contains("LibTorch ") && Catch::Contains("CUDA "));
+  const auto help = run_lorafit("generate --help");
+  REQUIRE(help.code == 0);
+  REQUIRE_THAT(help.out, Catch::Contains("--max-new-tokens INT:>= 1=128") &&
+                             Catch::Contains("--device TEXT:{auto,cpu,cuda}=auto"));
+  REQUIRE_THAT(run_lorafit("bench --help").out, Catch::Contains("--steps INT:>= 1=10"));
+  const auto zero = run_lorafit("generate --model m --prompt hi --max-new-tokens 0");
+  REQUIRE(zero.code == 2);
+  REQUIRE_THAT(zero.err, Catch::Contains("must be at least 1, got 0") &&
+                             Catch::Contains("see lorafit generate --help"));
+  REQUIRE(zero.err.size() < 300);
+  const auto typo = run_lorafit("trian " + kRecipe);
+  REQUIRE(typo.code == 2);
+  REQUIRE_THAT(typo.err, Catch::Contains("did you mean 'train'?"));
 }

@@ -2,6 +2,7 @@
 
 #include "core/errors.h"
 #include "core/recipe.h"
+#include "core/trainer.h"
 #include "test_util.h"
 
 using namespace lorafit;
@@ -55,9 +56,9 @@ TEST_CASE("a recipe reads its keys and keeps the defaults of the rest", "[core][
 
 TEST_CASE("overrides with --set reach any key by its dotted path", "[core][recipe]") {
   const auto r = load_text(
-      base_recipe(), {"data.max_seq_len=1024", "adapter.targets=[q_proj, v_proj]", "train.lr=1e-3",
+      base_recipe(), {"data.max_seq_len=200", "adapter.targets=[q_proj, v_proj]", "train.lr=1e-3",
                       "seed=7", "data.valid=recipes/data/tiny_valid.jsonl"});
-  REQUIRE(r.data.max_seq_len == 1024);
+  REQUIRE(r.data.max_seq_len == 200);
   REQUIRE(r.adapter.targets == std::vector<std::string>{"q_proj", "v_proj"});
   REQUIRE(r.train.lr == 1e-3);
   REQUIRE(r.seed == 7);
@@ -212,4 +213,63 @@ jobs:
     REQUIRE_THAT(msg, Catch::Contains("problems: 'train.lr' must be a number"));
     REQUIRE_THAT(msg, !Catch::Contains("job 'a': 'train.lr'"));
   }
+}
+
+TEST_CASE("a key given twice is an error that names both lines", "[core][recipe]") {
+  const std::string yaml = base_recipe() + "seed: 1\nadapter:\n  r: 2\nseed: 2\n";
+  REQUIRE_THROWS_WITH(load_text(yaml), Catch::Contains("'seed' is given twice (lines 14 and 17)") &&
+                                           Catch::Contains("'adapter' is given twice"));
+  REQUIRE_THROWS_WITH(load_text(base_recipe() + "jobs:\n  - name: a\n    seed: 1\n    seed: 2\n"),
+                      Catch::Contains("'jobs[0].seed' is given twice"));
+}
+
+TEST_CASE("the resolved recipe shows what applies, numbers as written, and reads back",
+          "[core][recipe]") {
+  const auto lora = load_text(base_recipe(), {"train.lr=0.005", "adapter.dropout=0.1"});
+  const auto yaml = recipe_to_yaml(lora);
+  REQUIRE_THAT(yaml, Catch::Contains("lr: 0.005\n") && Catch::Contains("dropout: 0.1\n"));
+  for (const char* other : {"num_experts", "top_k", "scale:", "cola", "longlora", "expert_",
+                            "distributed", "epochs", "warmup_ratio", "valid"}) {
+    INFO(other);
+    REQUIRE_THAT(yaml, !Catch::Contains(other));
+  }
+  REQUIRE(recipe_to_yaml(parse_recipe_text(yaml, "recipe.yaml")) == yaml);
+  const auto mix =
+      load_text(base_recipe(), {"adapter.type=mixlora", "adapter.router_aux_loss_coef=0.01"});
+  REQUIRE_THAT(recipe_to_yaml(mix), Catch::Contains("num_experts: 8") &&
+                                        Catch::Contains("router_aux_loss_coef: 0.01\n") &&
+                                        !Catch::Contains("scale:"));
+}
+
+TEST_CASE("a resume may change the run's length and cadence, nothing else", "[core][recipe]") {
+  const auto saved = load_text(base_recipe());
+  const auto same = load_text(base_recipe(), {"train.steps=50", "train.save_every=5",
+                                              "train.log_every=1", "output=runs/y", "device=cpu"});
+  REQUIRE(resume_differences(saved, same).empty());
+  const auto changed =
+      load_text(base_recipe(), {"train.lr=1e-3", "adapter.targets=[q_proj]", "train.steps=50"});
+  REQUIRE(resume_differences(saved, changed) ==
+          std::vector<std::string>{
+              "adapter.targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] -> "
+              "[q_proj]",
+              "train.lr: 0.0002 -> 0.001"});
+  // A strategy's knobs count once the strategy is chosen.
+  REQUIRE(resume_differences(saved, load_text(base_recipe(), {"adapter.n=5"})).empty());
+}
+
+TEST_CASE("warmup and the batch can each be said one of two ways, not both", "[core][recipe]") {
+  const auto ratio = load_text(base_recipe(), {"train.warmup_ratio=0.1"});
+  REQUIRE(warmup_steps(ratio.train, 95) == 10);  // ceil(9.5), as Hugging Face's Trainer
+  REQUIRE(warmup_steps(load_text(base_recipe()).train, 95) == 20);
+  REQUIRE_THROWS_WITH(load_text(base_recipe(), {"train.warmup_ratio=0.1", "train.warmup_steps=5"}),
+                      Catch::Contains("set one of 'train.warmup_steps' and 'train.warmup_ratio'"));
+  REQUIRE_THROWS_WITH(load_text(base_recipe(), {"train.gradient_accumulation_steps=2"}),
+                      Catch::Contains("set one of 'train.batch_size' and "
+                                      "'train.gradient_accumulation_steps'"));
+  std::string no_batch = base_recipe();
+  no_batch.replace(no_batch.find("  batch_size: 4\n"), 16, "");
+  const auto gas = load_text(no_batch, {"train.gradient_accumulation_steps=3"});
+  REQUIRE(gas.train.gradient_accumulation_steps == 3);
+  REQUIRE_THAT(recipe_to_yaml(gas), Catch::Contains("gradient_accumulation_steps: 3") &&
+                                        !Catch::Contains("\n  batch_size: "));
 }
