@@ -44,5 +44,6 @@ Action add_merge(CLI::App& app);
 Action add_init(CLI::App& app);
 Action add_generate(CLI::App& app);
 Action add_bench(CLI::App& app);
+Action add_tokenize(CLI::App& app);
 
 }  // namespace lorafit::cli

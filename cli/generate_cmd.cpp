@@ -6,6 +6,7 @@
 
 #include "cli/commands.h"
 #include "cli/model_options.h"
+#include "core/errors.h"
 #include "core/generate.h"
 #include "tokenizer/tokenizer.h"
 
@@ -24,8 +25,13 @@ void run_generate(const GenerateCmd& o) {
   if (prompt == "-") prompt.assign(std::istreambuf_iterator<char>(std::cin), {});
   const auto tokenizer = load_tokenizer(o.model.model);
   auto model = load_model(o.model);
-  std::vector<int64_t> ids{model->config.bos_token_id};
-  for (auto id : tokenizer.encode(prompt)) ids.push_back(id);
+  // As transformers' tokenizer(prompt): with the tokenizer's special prefix (BOS).
+  const auto ids = tokenizer.encode(prompt, /*add_special_tokens=*/true);
+  if (ids.empty()) {
+    throw ConfigError("--prompt is empty and the tokenizer '" + tokenizer.path() +
+                      "' puts no BOS before a text: there is nothing to continue (hint: give a "
+                      "prompt)");
+  }
   const auto out = generate(model, ids, o.options);
   fmt::print("{}\n", tokenizer.decode(out));
 }

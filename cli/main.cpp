@@ -44,6 +44,7 @@ int main(int argc, char** argv) {
   add(lorafit::cli::add_init);
   add(lorafit::cli::add_generate);
   add(lorafit::cli::add_bench);
+  add(lorafit::cli::add_tokenize);
 
   std::vector<std::string> known;
   for (const auto* sub : app.get_subcommands({})) known.push_back(sub->get_name());

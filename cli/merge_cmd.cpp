@@ -25,7 +25,9 @@ Action add_init(CLI::App& app) {
   auto o = std::make_shared<InitOptions>();
   auto* cmd = app.add_subcommand(
       "init", "a new model with random weights, to train from scratch with adapter.type full");
-  cmd->add_option("--from", o->from, "folder with config.json and tokenizer.model")->required();
+  cmd->add_option("--from", o->from,
+                  "folder with config.json and tokenizer.json or tokenizer.model")
+      ->required();
   cmd->add_option("--out", o->out, "new model folder (must not exist)")->required();
   cmd->add_option("--seed", o->seed, "seed of the random weights (default 0)");
   return [o] {

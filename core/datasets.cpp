@@ -38,7 +38,7 @@ std::vector<Example> text_examples(const std::vector<JsonRecord>& records,
   std::vector<Example> docs;
   for (const auto& r : records) {
     Example ex;
-    append(ex, {o.bos}, true);
+    append(ex, o.prefix, true);
     append(ex, tok.encode(string_field(r, "text")), true);
     append(ex, {o.eos}, true);
     docs.push_back(std::move(ex));
@@ -67,7 +67,7 @@ std::vector<Example> text_examples(const std::vector<JsonRecord>& records,
 
 Example alpaca_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOptions& o) {
   Example ex;
-  append(ex, {o.bos}, false);
+  append(ex, o.prefix, false);
   append(ex,
          tok.encode(alpaca_prompt(string_field(r, "instruction"), string_field(r, "input", true))),
          false);
@@ -105,7 +105,7 @@ Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOpt
       user = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + user;
       system.clear();
     }
-    append(ex, {o.bos}, false);
+    append(ex, o.prefix, false);
     append(ex, tok.encode("[INST] " + user + " [/INST]"), false);
     append(ex, tok.encode(turns[i + 1].second), true);
     append(ex, {o.eos}, true);
@@ -138,6 +138,21 @@ Example tokens_example(const JsonRecord& r, const DatasetOptions& o) {
 }
 
 }  // namespace
+
+DatasetOptions dataset_options(const Tokenizer& tokenizer,
+                               const LlamaConfig& config,
+                               const std::string& format,
+                               int64_t max_seq_len,
+                               bool packing) {
+  DatasetOptions o;
+  o.format = format;
+  o.max_seq_len = max_seq_len;
+  o.packing = packing;
+  o.prefix = tokenizer.encode("", /*add_special_tokens=*/true);
+  o.eos = tokenizer.eos_id().value_or(config.eos_token_ids.front());
+  o.vocab_size = config.vocab_size;
+  return o;
+}
 
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
   if (input.empty()) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/hf_config.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lorafit {
@@ -28,10 +29,21 @@ struct DatasetOptions {
   std::string format = "text";
   int64_t max_seq_len = 512;
   bool packing = true;  // text only
-  int64_t bos = 1;
-  int64_t eos = 2;
+  // What transformers' tokenizer(text) puts before a text: BOS (LLaMA 1/2, Llama 3.1), or
+  // nothing (Qwen).
+  std::vector<int64_t> prefix{1};
+  int64_t eos = 2;         // what ends a training record
   int64_t vocab_size = 0;  // ids must be below it
 };
+
+/// The options that frame records as transformers does for this model: the tokenizer's own
+/// special prefix, and as EOS tokenizer_config.json's eos_token (Llama 3 Instruct's
+/// <|eot_id|>, Qwen's <|im_end|>), else config.json's first eos_token_id.
+DatasetOptions dataset_options(const Tokenizer& tokenizer,
+                               const LlamaConfig& config,
+                               const std::string& format,
+                               int64_t max_seq_len,
+                               bool packing);
 
 /// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line; so
 /// is a file with no example to train on. `records`, if given, gets the file's record count.

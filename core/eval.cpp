@@ -20,22 +20,14 @@ std::vector<Example> eval_examples(const std::string& path,
                                    const std::string& format,
                                    const LlamaConfig& config,
                                    int64_t max_seq_len) {
-  if (format != "text") {
-    DatasetOptions o{format,
-                     max_seq_len,
-                     /*packing=*/false,
-                     config.bos_token_id,
-                     config.eos_token_ids.front(),
-                     config.vocab_size};
-    return load_examples(path, tokenizer, o);
-  }
+  const auto options = dataset_options(tokenizer, config, format, max_seq_len, false);
+  if (format != "text") return load_examples(path, tokenizer, options);
   std::vector<Example> out;
   for (const auto& r : read_text_records(path)) {
-    std::vector<int64_t> ids{config.bos_token_id};
-    const auto body = tokenizer.encode(r.text);
-    ids.insert(ids.end(), body.begin(), body.end());
+    // As transformers' tokenizer(text): with the tokenizer's special prefix, no EOS.
+    auto ids = tokenizer.encode(r.text, /*add_special_tokens=*/true);
     if (static_cast<int64_t>(ids.size()) > max_seq_len) ids.resize(max_seq_len);
-    out.push_back({ids, ids});
+    if (!ids.empty()) out.push_back({ids, ids});
   }
   return out;
 }

@@ -9,6 +9,7 @@
 #include "core/errors.h"
 #include "core/run_dir.h"
 #include "core/safetensors.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lorafit {
 
@@ -97,10 +98,10 @@ void write_new_model_folder(const std::string& out,
 void init_model(const InitOptions& o) {
   refuse_existing(o.out);
   const auto config = load_llama_config(o.from);
-  if (!fs::is_regular_file(fs::path(o.from) / "tokenizer.model")) {
+  if (!has_tokenizer(o.from)) {
     throw IoError("--from '" + o.from +
-                  "' has no tokenizer.model (hint: the new model needs its tokenizer beside "
-                  "config.json)");
+                  "' has no tokenizer.json or tokenizer.model (hint: the new model needs its "
+                  "tokenizer beside config.json)");
   }
   auto model = random_llama(config, torch::kCPU, torch::kFloat32, o.seed);
   write_new_model_folder(o.out, model, o.from, torch::kFloat32);

@@ -18,6 +18,7 @@
 #include "adapters/registry.h"
 #include "core/errors.h"
 #include "core/hf_config.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lorafit {
 
@@ -455,8 +456,10 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
       } catch (const Error& e) {
         problems.push_back(std::string("'model': ") + e.what());
       }
-      if (!fs::is_regular_file(fs::path(r.model) / "tokenizer.model")) {
-        problems.push_back("'model': '" + r.model + "' has no tokenizer.model");
+      if (!has_tokenizer(r.model)) {
+        problems.push_back("'model': '" + r.model +
+                           "' has no tokenizer.json or tokenizer.model (hint: copy the model's "
+                           "tokenizer files beside its config.json)");
       }
     }
   }

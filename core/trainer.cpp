@@ -322,9 +322,7 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
 void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& config) {
   const auto& d = job.recipe.data;
   const auto& tr = job.recipe.train;
-  DatasetOptions opts{
-      d.format,         d.max_seq_len, d.packing, config.bos_token_id, config.eos_token_ids.front(),
-      config.vocab_size};
+  const auto opts = dataset_options(tokenizer, config, d.format, d.max_seq_len, d.packing);
   job.train_examples = load_examples(d.train, tokenizer, opts, &job.train_records);
   if (!d.valid.empty())
     job.valid_examples = eval_examples(d.valid, tokenizer, d.format, config, d.max_seq_len);

@@ -71,4 +71,15 @@ int64_t lorafit_spm_decode(
   return static_cast<int64_t>(out.size());
 }
 
+int64_t lorafit_spm_bos_id(void* sp) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(sp)->bos_id();
+}
+
+// The piece of `id`, cut to `cap` - 1 bytes ("" for an id out of range).
+void lorafit_spm_id_to_piece(void* sp, int64_t id, char* piece, size_t cap) {
+  const auto* p = static_cast<sentencepiece::SentencePieceProcessor*>(sp);
+  const bool known = id >= 0 && id < p->GetPieceSize();
+  copy_message(known ? p->IdToPiece(static_cast<int>(id)) : "", piece, cap);
+}
+
 }  // extern "C"

@@ -249,3 +249,32 @@ TEST_CASE("eval --format chat scores only the responses and reports exact matche
                                q(fixture("trained_tiny/model")) + " --data " + q(chat));
   REQUIRE(bad.code == 2);
 }
+
+TEST_CASE("tokenize shows a folder's ids and tokens from its tokenizer files alone",
+          "[cli][tokenize]") {
+  const auto dir = lorafit::test::fixture("tokenizers/llama3_1");  // no config.json, no weights
+  const auto expected = lorafit::test::read_json(dir + "/expected.json");
+  std::string input;
+  for (const auto& r : expected) input += nlohmann::json{{"text", r["text"]}}.dump() + "\n";
+  for (const bool special : {true, false}) {
+    const auto r = lorafit::test::run_lorafit(
+        "tokenize --json --model " + lorafit::test::quote(dir) + (special ? "" : " --no-special"),
+        input);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    std::istringstream lines(r.out);
+    size_t i = 0;
+    for (std::string line; std::getline(lines, line); ++i) {
+      const auto j = nlohmann::json::parse(line);
+      REQUIRE(j["ids"] == expected[i][special ? "ids_special" : "ids"]);
+      REQUIRE(j["text"] == expected[i]["text"]);
+      REQUIRE(j["tokens"].size() == j["ids"].size());
+    }
+    REQUIRE(i == expected.size());
+  }
+  const auto view = lorafit::test::run_lorafit("tokenize --model " + lorafit::test::quote(dir),
+                                               "{\"text\": \"Hello world\"}\n");
+  REQUIRE(view.code == 0);
+  REQUIRE_THAT(view.out, Catch::Contains("128000:\"<|begin_of_text|>\"") &&
+                             Catch::Contains("1917:\"Ġworld\"") && Catch::Contains("(3 tokens)"));
+}

@@ -22,7 +22,7 @@ std::vector<Example> examples_of(const std::string& jsonl,
                                  bool packing = false) {
   TempDir tmp;
   lorafit::test::write_text(tmp / "d.jsonl", jsonl);
-  return load_examples(tmp / "d.jsonl", tokenizer(), {format, max_len, packing, 1, 2, 320});
+  return load_examples(tmp / "d.jsonl", tokenizer(), {format, max_len, packing, {1}, 2, 320});
 }
 
 // The expected example, built piece by piece: (ids, trained?) segments.
