@@ -552,12 +552,17 @@ ByteLevelBpe::ByteLevelBpe() : impl_(std::make_unique<Impl>()) {}
 ByteLevelBpe::~ByteLevelBpe() = default;
 
 std::unique_ptr<ByteLevelBpe> ByteLevelBpe::load(const std::string& path) {
+  return parse(read_file(path), path);
+}
+
+std::unique_ptr<ByteLevelBpe> ByteLevelBpe::parse(const std::string& text,
+                                                  const std::string& path) {
   std::unique_ptr<ByteLevelBpe> t(new ByteLevelBpe());
   auto& impl = *t->impl_;
   impl.path = path;
   json j;
   try {
-    j = json::parse(read_file(path));
+    j = json::parse(text);
   } catch (const json::exception& e) {
     throw IoError("tokenizer '" + path + "' is not valid JSON (" + e.what() +
                   ") (hint: is the file complete?)");
@@ -578,6 +583,14 @@ std::unique_ptr<ByteLevelBpe> ByteLevelBpe::load(const std::string& path) {
                   [](const PreTokenizer& p) { return p.kind == PreTokenizer::Kind::ByteLevel; });
   if (!byte_level || !impl.byte_level_decoder)
     throw Unsupported(impl.where("a BPE without a ByteLevel pre-tokenizer and decoder"));
+  for (const auto* ids : {&impl.post.before, &impl.post.after}) {
+    for (const auto id : *ids) {
+      if (t->token(id).empty()) {
+        throw IoError(impl.where("the post-processor adds id " + std::to_string(id) +
+                                 ", which is no token of the vocabulary or the added tokens"));
+      }
+    }
+  }
   return t;
 }
 

@@ -21,6 +21,8 @@ class ByteLevelBpe {
   /// compute (another model type, normalizer, pre-tokenizer, post-processor or decoder) is an
   /// IoError that names it, and `supported` tells the two apart.
   static std::unique_ptr<ByteLevelBpe> load(const std::string& path);
+  /// The same from the file's text; `name` stands for the file in messages.
+  static std::unique_ptr<ByteLevelBpe> parse(const std::string& text, const std::string& name);
   /// Whether the file's pipeline is one lorafit computes (the model type and components),
   /// without checking the rest: a folder whose tokenizer.json is of another kind falls back to
   /// its tokenizer.model.

@@ -156,6 +156,16 @@ TEST_CASE("a broken tokenizer.json is refused with the file and the problem", "[
     REQUIRE_THROWS_WITH(load_tokenizer(tmp.path.string()),
                         Catch::Contains(file) && Catch::Contains(fragment));
   }
+  // A post-processor that adds an id the vocabulary lacks (found by fuzz_tokenizer_json).
+  auto template_file =
+      nlohmann::json::parse(small_tokenizer({}, nlohmann::json::array(), kByteLevel));
+  template_file["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single", {{{"SpecialToken", {{"id", "<s>"}}}}, {{"Sequence", {{"id", "A"}}}}}},
+      {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {600}}, {"tokens", {"<s>"}}}}}}};
+  write_text(file, template_file.dump());
+  REQUIRE_THROWS_WITH(load_tokenizer(tmp.path.string()),
+                      Catch::Contains("the post-processor adds id 600, which is no token"));
   // A kind of tokenizer.json that lorafit does not compute is named, unless the folder's
   // tokenizer.model can stand in for it.
   auto other = nlohmann::json::parse(small_tokenizer({}, nlohmann::json::array(), kByteLevel));
