@@ -476,7 +476,7 @@ std::vector<std::string> ByteLevelBpe::Impl::pre_tokenize(const std::string& tex
     std::vector<std::string> next;
     for (auto& piece : pieces) {
       if (step.kind == PreTokenizer::Kind::ByteLevel && step.add_prefix_space &&
-          piece.front() != ' ')
+          (piece.empty() || piece.front() != ' '))
         piece.insert(piece.begin(), ' ');
       if (!step.regex) {
         next.push_back(piece);
