@@ -8,10 +8,12 @@ bash scripts/setup.sh
 bash scripts/build.sh
 model=tests/fixtures/gqa_llama3/model
 valid=recipes/data/tiny_valid.jsonl
+# Records cut to the recipe's data.max_seq_len, as the eval_loss of training reads them.
+eval=(./build/lorafit eval --model $model --data $valid --max-seq-len 64)
 rm -rf runs/quickstart
 echo "== held-out loss of the base model"
-./build/lorafit eval --model $model --data $valid
+"${eval[@]}"
 echo "== training (recipes/quickstart.yaml)"
 ./build/lorafit train recipes/quickstart.yaml
 echo "== held-out loss with the trained adapter"
-./build/lorafit eval --model $model --adapter runs/quickstart/adapter --data $valid
+"${eval[@]}" --adapter runs/quickstart/adapter
