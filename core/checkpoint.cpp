@@ -22,8 +22,8 @@ std::map<int64_t, fs::path> checkpoints_by_step(const fs::path& folder) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(folder, ec)) {
     const auto name = e.path().filename().string();
-    if (name.rfind("step-", 0) != 0 || name.find(".tmp") != std::string::npos) continue;
-    const auto digits = name.substr(5);
+    if (name.rfind("step-", 0) != 0) continue;
+    const auto digits = name.substr(5);  // "4.tmp-123" is not digits: a temporary folder
     if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
     if (!fs::exists(e.path() / "trainer_state.json")) continue;
     out[std::stoll(digits)] = e.path();

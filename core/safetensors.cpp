@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "core/errors.h"
+#include "core/run_dir.h"
 
 namespace lorafit {
 
@@ -210,7 +211,7 @@ StDtype to_st_dtype(torch::Dtype dtype) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  const std::string tmp = temp_path(path).string();
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
