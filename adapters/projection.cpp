@@ -8,11 +8,13 @@ ProjectionImpl::ProjectionImpl(std::string name_,
                                int64_t in,
                                int64_t out,
                                const torch::TensorOptions& options,
-                               torch::Tensor shared_weight)
+                               torch::Tensor shared_weight,
+                               torch::Tensor bias_)
     : name(std::move(name_)), in_features(in), out_features(out) {
   weight = register_parameter(
       "weight", shared_weight.defined() ? shared_weight : torch::empty({out, in}, options),
       /*requires_grad=*/false);
+  if (bias_.defined()) bias = register_parameter("bias", bias_, /*requires_grad=*/false);
 }
 
 torch::Tensor ProjectionAdapterImpl::forward(const torch::Tensor&, const torch::Tensor&) {
@@ -211,18 +213,27 @@ torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
   return f ? with_terms(x, base, *f, adapter.is_training()) : adapter.forward(x, base);
 }
 
-torch::Tensor ProjectionImpl::forward(const torch::Tensor& x, bool value_needed) {
-  if (!adapter) {
-    if (value_needed || weight.requires_grad()) return torch::nn::functional::linear(x, weight);
-    return low_rank_linear(x, weight, LowRank{}, false);
-  }
-  const auto f = adapter->low_rank();
+namespace {
+
+// x W^T through the projection's adapter. x: [..., in] -> [..., out]
+torch::Tensor unbiased_output(ProjectionImpl& p, const torch::Tensor& x, bool value_needed) {
+  if (!p.adapter) return low_rank_linear(x, p.weight, LowRank{}, false);
+  const auto f = p.adapter->low_rank();
   // Dropout reaches only the adapter's input: the fused path would need the mask in its
   // backward, so that one runs as plain autograd.
-  if (!f) return adapter->forward(x, torch::nn::functional::linear(x, weight));
-  if (f->dropout > 0 && adapter->is_training())
-    return with_terms(x, torch::nn::functional::linear(x, weight), *f, true);
-  return low_rank_linear(x, weight, *f, value_needed || weight.requires_grad());
+  if (!f) return p.adapter->forward(x, torch::nn::functional::linear(x, p.weight));
+  if (f->dropout > 0 && p.adapter->is_training())
+    return with_terms(x, torch::nn::functional::linear(x, p.weight), *f, true);
+  return low_rank_linear(x, p.weight, *f, value_needed || p.weight.requires_grad());
+}
+
+}  // namespace
+
+torch::Tensor ProjectionImpl::forward(const torch::Tensor& x, bool value_needed) {
+  if (!adapter && (value_needed || weight.requires_grad()))
+    return torch::nn::functional::linear(x, weight, bias);
+  const auto y = unbiased_output(*this, x, value_needed);
+  return bias.defined() ? y + bias : y;
 }
 
 void ProjectionImpl::attach(std::shared_ptr<ProjectionAdapterImpl> a) {
@@ -237,7 +248,8 @@ std::string projection_kind(const std::string& name) {
 
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
-                            const std::vector<ProjectionImpl*>& group) {
+                            const std::vector<ProjectionImpl*>& group,
+                            const torch::Tensor& bias) {
   LowRank update;
   bool grouped = !weight.requires_grad();
   int64_t row = 0;
@@ -264,13 +276,14 @@ torch::Tensor project_group(const torch::Tensor& x,
     for (auto* p : group) outs.push_back(p->forward(x));
     return torch::cat(outs, -1);
   }
-  if (update.terms.empty()) return torch::nn::functional::linear(x, weight);
+  if (update.terms.empty()) return torch::nn::functional::linear(x, weight, bias);
   // Terms on the same rows side by side (a job's, when jobs share the batch), so they share
   // one down-projection.
   std::stable_sort(update.terms.begin(), update.terms.end(), [](const auto& a, const auto& b) {
     return std::make_pair(a.row_begin, a.row_end) < std::make_pair(b.row_begin, b.row_end);
   });
-  return low_rank_linear(x, weight, update);
+  const auto y = low_rank_linear(x, weight, update);
+  return bias.defined() ? y + bias : y;
 }
 
 void attach_to_kinds(

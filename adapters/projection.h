@@ -62,15 +62,17 @@ struct FfnAdapterImpl : torch::nn::Module {
   virtual torch::Tensor take_backward_root() { return {}; }
 };
 
-/// A bias-free Linear with a frozen weight and an optional adapter.
+/// A Linear with a frozen weight, an optional frozen bias and an optional adapter. The bias is
+/// added after the adapter, as PEFT's base layer adds it: adapters see x W^T.
 struct ProjectionImpl : torch::nn::Module {
   /// `shared_weight`, when given, is used as the weight (tied embeddings, a view of a group's
-  /// stacked weights).
+  /// stacked weights); `bias`, when given, becomes the "bias" parameter (Qwen2's q, k, v).
   ProjectionImpl(std::string name,
                  int64_t in_features,
                  int64_t out_features,
                  const torch::TensorOptions& options,
-                 torch::Tensor shared_weight = {});
+                 torch::Tensor shared_weight = {},
+                 torch::Tensor bias = {});
 
   /// x: [..., in] -> [..., out]. With `value_needed` false (recomputation for a backward
   /// pass that only needs the graph) a frozen plain or low-rank projection skips its output
@@ -83,6 +85,7 @@ struct ProjectionImpl : torch::nn::Module {
   int64_t in_features;
   int64_t out_features;
   torch::Tensor weight;  // [out, in], a parameter created frozen
+  torch::Tensor bias;    // [out], frozen; undefined for a bias-free projection
   std::shared_ptr<ProjectionAdapterImpl> adapter;
 };
 TORCH_MODULE(Projection);
@@ -120,11 +123,13 @@ torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
 /// the group costs one base GEMM and one down-projection per row range. Any adapter that is
 /// not low-rank, an active dropout, a trained base weight, or weights that no longer view
 /// `weight` (a model moved after it was built) send every projection through its own forward
-/// instead.
+/// instead. `bias` [sum of outs], when the projections have biases, is theirs stacked the same
+/// way (undefined when they have none).
 /// x: [..., in] -> [..., sum of outs], each projection's output in its columns.
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
-                            const std::vector<ProjectionImpl*>& group);
+                            const std::vector<ProjectionImpl*>& group,
+                            const torch::Tensor& bias = {});
 
 /// Attaches make(projection) to every projection whose kind is in `kinds`: the one loop
 /// by which each strategy puts fresh adapters on a model.

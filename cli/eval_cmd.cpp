@@ -16,7 +16,8 @@ struct EvalOptions {
   ModelOptions model;
   std::string data;
   std::string format = "text";
-  int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
+  std::string chat_template = "model";
+  int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings (or its window)
   int64_t batch_size = 8;
   bool json = false;
 };
@@ -24,8 +25,13 @@ struct EvalOptions {
 void run_eval(const EvalOptions& o) {
   auto model = load_model(o.model);
   const auto tokenizer = load_tokenizer(o.model.model);
-  const auto max_len = o.max_seq_len > 0 ? o.max_seq_len : model->config.max_position_embeddings;
-  const auto examples = eval_examples(o.data, tokenizer, o.format, model->config, max_len);
+  const auto& c = model->config;
+  const auto max_len = o.max_seq_len > 0 ? o.max_seq_len
+                       : c.sliding_window > 0
+                           ? std::min(c.max_position_embeddings, c.sliding_window)
+                           : c.max_position_embeddings;
+  const auto examples =
+      eval_examples(o.data, tokenizer, o.format, model->config, max_len, o.chat_template);
   const auto result = evaluate(model, examples, o.batch_size);
   if (result.tokens == 0) {
     throw Error("dataset '" + o.data +
@@ -58,6 +64,8 @@ Action add_eval(CLI::App& app) {
                   "text: every token after BOS scored; alpaca, chat, tokens: only the "
                   "responses, as training reads them")
       ->check(CLI::IsMember({"text", "alpaca", "chat", "tokens"}));
+  cmd->add_option("--chat-template", o->chat_template,
+                  "chat: model (its tokenizer_config.json's), llama2, or a Jinja template file");
   cmd->add_option("--max-seq-len", o->max_seq_len, "cut each record to N tokens (with BOS)")
       ->check(in_range(1));
   cmd->add_option("--batch-size", o->batch_size, "records per forward pass")->check(in_range(1));

@@ -127,6 +127,21 @@ std::vector<int64_t> token_ids(Reader& r, const char* key, std::vector<int64_t> 
   return ids.empty() ? fallback : ids;
 }
 
+// The attention window in tokens, 0 for none. Mistral applies `sliding_window` when it is set;
+// Qwen only with `use_sliding_window` (on its layers from max_window_layers on) or when
+// transformers' `layer_types` lists a sliding layer.
+int64_t sliding_window(Reader& r, const std::string& model_type) {
+  if (model_type == "llama") return 0;
+  bool applies = model_type == "mistral";
+  if (model_type != "mistral") {
+    applies = r.boolean("use_sliding_window", false);
+    if (const json* types = r.find(r.j, "layer_types"); types && types->is_array()) {
+      for (const auto& t : *types) applies = applies || t == "sliding_attention";
+    }
+  }
+  return applies ? r.integer("sliding_window", 0, false) : 0;
+}
+
 }  // namespace
 
 LlamaConfig parse_llama_config(const std::string& json_text, const std::string& path) {
@@ -139,16 +154,41 @@ LlamaConfig parse_llama_config(const std::string& json_text, const std::string& 
   if (!j.is_object()) throw ConfigError("config '" + path + "' is not a JSON object");
 
   Reader r{j, path, {}};
-  if (const json* mt = r.find(j, "model_type"); mt && *mt != "llama") {
-    throw ConfigError("config '" + path + "': model_type is " + mt->dump() +
-                      "; lorafit supports LLaMA-family checkpoints (model_type \"llama\") only");
+  LlamaConfig c;
+  if (const json* mt = r.find(j, "model_type")) {
+    const bool known =
+        mt->is_string() && (*mt == "llama" || *mt == "mistral" || *mt == "qwen2" || *mt == "qwen3");
+    if (!known) {
+      throw ConfigError("config '" + path + "': model_type is " + mt->dump() +
+                        "; lorafit supports the dense decoders llama, mistral, qwen2 and qwen3 "
+                        "(hint: MoE experts and vision towers are not supported)");
+    }
+    c.model_type = mt->get<std::string>();
   }
-  for (const char* key : {"attention_bias", "mlp_bias"}) {
-    if (r.boolean(key, false)) {
+  for (const char* key : {"vision_config", "audio_config"}) {
+    if (r.find(j, key)) {
       r.problems.push_back("'" + std::string(key) +
-                           "' is true; lorafit supports bias-free LLaMA only");
+                           "' is present: lorafit trains text-only decoders, not a model "
+                           "with a vision or audio tower");
     }
   }
+  for (const char* key : {"num_experts", "num_local_experts", "n_routed_experts"}) {
+    if (const json* v = r.find(j, key); v && *v != 0) {
+      r.problems.push_back("'" + std::string(key) + "' is " + v->dump() +
+                           ": lorafit does not support mixture-of-experts checkpoints");
+    }
+  }
+  if (r.boolean("mlp_bias", false)) {
+    r.problems.push_back("'mlp_bias' is true; lorafit supports bias-free MLPs only");
+  }
+  // Qwen2 always has q, k and v biases and Mistral none; LLaMA's and Qwen3's attention_bias
+  // puts one on all four projections.
+  const bool attention_bias =
+      (c.model_type == "llama" || c.model_type == "qwen3") && r.boolean("attention_bias", false);
+  c.qkv_bias = c.model_type == "qwen2" || attention_bias;
+  c.o_bias = c.model_type != "qwen2" && attention_bias;
+  c.qk_norm = c.model_type == "qwen3";
+  c.sliding_window = sliding_window(r, c.model_type);
   if (const json* act = r.find(j, "hidden_act"); act && *act != "silu") {
     r.problems.push_back("'hidden_act' is " + act->dump() + "; lorafit supports \"silu\" only");
   }
@@ -156,7 +196,6 @@ LlamaConfig parse_llama_config(const std::string& json_text, const std::string& 
     r.problems.push_back("'pretraining_tp' is " + tp->dump() + "; lorafit supports 1 only");
   }
 
-  LlamaConfig c;
   c.hidden_size = r.integer("hidden_size", 0, true);
   c.intermediate_size = r.integer("intermediate_size", 0, true);
   c.num_hidden_layers = r.integer("num_hidden_layers", 0, true);
@@ -216,6 +255,16 @@ LlamaConfig load_llama_config(const std::string& model_dir) {
   std::stringstream ss;
   ss << in.rdbuf();
   return parse_llama_config(ss.str(), path);
+}
+
+void check_sliding_window(const LlamaConfig& c, int64_t tokens, const std::string& where) {
+  if (c.sliding_window > 0 && tokens > c.sliding_window) {
+    throw ConfigError(where + ": " + std::to_string(tokens) + " tokens reach past the model's " +
+                      "sliding attention window of " + std::to_string(c.sliding_window) +
+                      ", which lorafit does not implement (hint: keep data.max_seq_len and "
+                      "generated lengths at most " +
+                      std::to_string(c.sliding_window) + ")");
+  }
 }
 
 }  // namespace lorafit

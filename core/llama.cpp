@@ -66,13 +66,24 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c,
   const auto hidden = c.hidden_size, q = heads * head_dim, kv = kv_heads * head_dim;
   // One allocation for the three, so they can run as one GEMM (project_group).
   qkv_weight = torch::empty({q + 2 * kv, hidden}, o);
-  q_proj = register_module(
-      "q_proj", Projection(prefix + ".q_proj", hidden, q, o, qkv_weight.narrow(0, 0, q)));
-  k_proj = register_module(
-      "k_proj", Projection(prefix + ".k_proj", hidden, kv, o, qkv_weight.narrow(0, q, kv)));
-  v_proj = register_module(
-      "v_proj", Projection(prefix + ".v_proj", hidden, kv, o, qkv_weight.narrow(0, q + kv, kv)));
-  o_proj = register_module("o_proj", Projection(prefix + ".o_proj", q, hidden, o));
+  if (c.qkv_bias) qkv_bias = torch::empty({q + 2 * kv}, o);
+  auto bias = [&](int64_t at, int64_t n) {
+    return c.qkv_bias ? qkv_bias.narrow(0, at, n) : torch::Tensor();
+  };
+  q_proj = register_module("q_proj", Projection(prefix + ".q_proj", hidden, q, o,
+                                                qkv_weight.narrow(0, 0, q), bias(0, q)));
+  k_proj = register_module("k_proj", Projection(prefix + ".k_proj", hidden, kv, o,
+                                                qkv_weight.narrow(0, q, kv), bias(q, kv)));
+  v_proj =
+      register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv, o,
+                                           qkv_weight.narrow(0, q + kv, kv), bias(q + kv, kv)));
+  o_proj =
+      register_module("o_proj", Projection(prefix + ".o_proj", q, hidden, o, torch::Tensor(),
+                                           c.o_bias ? torch::empty({hidden}, o) : torch::Tensor()));
+  if (c.qk_norm) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, o));
+    k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps, o));
+  }
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
@@ -80,7 +91,18 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
                                      KVCache* cache,
                                      size_t layer) {
   const auto b = x.size(0), t = x.size(1);
-  auto qkv = project_group(x, qkv_weight, {q_proj.get(), k_proj.get(), v_proj.get()});
+  auto qkv = project_group(x, qkv_weight, {q_proj.get(), k_proj.get(), v_proj.get()},
+                           qkv_bias);  // [B, T, (H + 2 KV) * D]
+  if (q_norm) {
+    // Qwen3 normalises each head of q and k over D before RoPE.
+    const auto q_width = heads * head_dim, k_width = kv_heads * head_dim;
+    auto norm = [&](RMSNorm& n, int64_t at, int64_t width) {
+      return n(qkv.narrow(-1, at, width).view({b, t, -1, head_dim})).view({b, t, width});
+    };
+    qkv = torch::cat({norm(q_norm, 0, q_width), norm(k_norm, q_width, k_width),
+                      qkv.narrow(-1, q_width + k_width, k_width)},
+                     -1);
+  }
   auto [q, k, v] = split_rope(qkv, heads, kv_heads, pos.cos, pos.sin);  // [B, H|KV, T, D]
   int64_t offset = 0;
   if (cache) {
@@ -267,8 +289,9 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
 torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
                                             KVCache* cache,
                                             const torch::Tensor& keep) {
-  auto h = model->embed_tokens(ids);  // [B, T, C]
   const int64_t start = cache ? cache->length : 0;
+  check_sliding_window(config, start + ids.size(1), "the model's forward");
+  auto h = model->embed_tokens(ids);  // [B, T, C]
   auto pos = positions(start, ids.size(1), h.scalar_type());
   pos.keep = keep;
   const bool checkpoint =
@@ -493,7 +516,7 @@ LlamaForCausalLM random_llama(const LlamaConfig& config,
   torch::manual_seed(seed);
   for (auto& [name, t] : model->checkpoint_tensors()) {
     if (t.dim() == 1) {
-      t.fill_(1.0);
+      t.fill_(name.size() > 5 && name.substr(name.size() - 5) == ".bias" ? 0.0 : 1.0);
     } else {
       t.normal_(0.0, 0.02);  // drawn where the tensor lives: no host copy of a large model
     }

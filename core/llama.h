@@ -1,6 +1,8 @@
 // The LLaMA decoder as transformers computes it (modeling_llama.py): RMSNorm, RoPE in the
 // rotate_half convention on HF-layout weights, grouped-query attention, SwiGLU MLP, tied or
-// untied head. Module and parameter names equal the checkpoint's keys, so loading is by name.
+// untied head; with the few differences of Mistral, Qwen2 (q, k, v biases) and Qwen3 (RMSNorm
+// on each head of q and k). Module and parameter names equal the checkpoint's keys, so
+// loading is by name.
 #pragma once
 
 #include <torch/torch.h>
@@ -65,6 +67,8 @@ struct AttentionImpl : torch::nn::Module {
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   torch::Tensor qkv_weight;  // [(H + 2 KV) * D, C]: q, k and v's weights view it
+  torch::Tensor qkv_bias;    // [(H + 2 KV) * D]: their biases view it; undefined without
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};  // weight [D] each, Qwen3 only
   int64_t heads, kv_heads, head_dim;
   // LongLoRA: S2-Attn in training, over groups of s2_ratio * T tokens (0: full attention).
   double s2_ratio = 0.0;
@@ -189,7 +193,7 @@ torch::Tensor s2_attention(const torch::Tensor& q,
                            S2Shift shift,
                            const torch::Tensor& keep = {});
 
-/// A model with random weights (N(0, 0.02), norms 1, as transformers initialises), for
+/// A model with random weights (N(0, 0.02), norms 1, biases 0, as transformers initialises), for
 /// benchmarks that need no checkpoint.
 LlamaForCausalLM random_llama(const LlamaConfig& config,
                               torch::Device device,

@@ -100,6 +100,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("data.train", r.data.train, required());
   f("data.valid", r.data.valid, Rule{});
   f("data.format", r.data.format, one_of({"text", "alpaca", "chat", "tokens"}));
+  f("data.chat_template", r.data.chat_template, Rule{});
   f("data.max_seq_len", r.data.max_seq_len,
     between(2, kMaxSeqLen, "tokens per sequence, e.g. 2048"));
   f("data.packing", r.data.packing, Rule{});
@@ -452,7 +453,13 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                          "' is not a Hugging Face model folder (no config.json)");
     } else {
       try {
-        check_context(r, load_llama_config(r.model).max_position_embeddings, problems);
+        const auto config = load_llama_config(r.model);
+        check_context(r, config.max_position_embeddings, problems);
+        try {
+          check_sliding_window(config, r.data.max_seq_len, "'data.max_seq_len'");
+        } catch (const ConfigError& e) {
+          problems.push_back(e.what());
+        }
       } catch (const Error& e) {
         problems.push_back(std::string("'model': ") + e.what());
       }
@@ -462,6 +469,15 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                            "tokenizer files beside its config.json)");
       }
     }
+  }
+  if (r.data.chat_template != "model" && r.data.format != "chat") {
+    problems.push_back("'data.chat_template' is set but data.format is '" + r.data.format +
+                       "' (hint: data.format: chat)");
+  }
+  if (check_files && r.data.chat_template != "model" && r.data.chat_template != "llama2" &&
+      !fs::is_regular_file(r.data.chat_template)) {
+    problems.push_back("'data.chat_template': '" + r.data.chat_template +
+                       "' is neither model, llama2 nor a template file");
   }
   for (const auto& [key, path] :
        {std::pair{"data.train", r.data.train}, {"data.valid", r.data.valid}}) {
@@ -815,6 +831,7 @@ bool applies(const Recipe& r, const std::string& key) {
           "adapter.use_rslora"}))
     return a.type != "full";
   if (key == "data.valid") return !r.data.valid.empty();
+  if (key == "data.chat_template") return r.data.format == "chat";
   if (key == "data.allow_longer_context") return r.data.allow_longer_context;
   if (key == "train.steps") return t.steps > 0;
   if (key == "train.epochs") return t.epochs > 0;

@@ -3,7 +3,10 @@
 
 Run where torch, transformers, peft and sentencepiece are installed (the GPU machine's python3):
 
-    python3 scripts/make_reference_fixtures.py OUT_DIR
+    python3 scripts/make_reference_fixtures.py OUT_DIR [CASE...]
+
+With CASE names only those cases are written; TOKENIZER=PATH then reuses the committed
+fixtures' tokenizer.model instead of training a new one, so that new cases join the old.
 
 OUT_DIR receives, for each case, a Hugging Face model folder (config.json, safetensors,
 tokenizer.model), PEFT adapter folders, and `reference.safetensors` + `expected.json` holding
@@ -17,6 +20,12 @@ Cases (each covers a point of the loader that can silently go wrong):
   mha_linear   MHA, untied head, linear rope scaling in transformers 4's `rope_theta` +
                `rope_scaling` spelling, bf16 weights in several shards with an index;
                PEFT rsLoRA on q_proj and v_proj only (`lora_rslora`).
+  qwen2_bias   Qwen2: biases on q, k and v (none on o), GQA, tied embeddings, bf16 weights;
+               PEFT LoRA on q, k, v and o, whose biases stay frozen (`lora_qkvo`).
+  qwen3_norm   Qwen3: RMSNorm on each head of q and k, explicit head_dim 16 != hidden/heads,
+               untied head; PEFT LoRA on all seven projections (`lora_all`).
+  mistral_swa  Mistral: a sliding_window (256) longer than every sequence here, so full
+               causal attention is exact; PEFT LoRA on the MLP (`lora_mlp`).
   trained_tiny a tiny LLaMA that transformers trains on the corpus, so that its greedy
                continuations (recorded from transformers' generate) are meaningful text.
 """
@@ -30,7 +39,8 @@ import sentencepiece as spm
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 320
 MAX_SEQ_LEN = 24  # eval cut; some records are longer, so truncation is exercised
@@ -112,13 +122,15 @@ def scale_up(model, std):
             p.data = std * torch.randn(p.shape, generator=g)
 
 
-def make_case(out, name, cfg_kwargs, spelling, dtype, shard, adapter):
+def make_case(out, name, cfg_kwargs, spelling, dtype, shard, adapter,
+              arch=(LlamaConfig, LlamaForCausalLM)):
+    config_class, model_class = arch
     folder = os.path.join(out, name)
     model_dir = os.path.join(folder, "model")
     os.makedirs(model_dir, exist_ok=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **cfg_kwargs)
-    model = LlamaForCausalLM(cfg).float()
+    cfg = config_class(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **cfg_kwargs)
+    model = model_class(cfg).float()
     scale_up(model, std=0.15)
     save_kwargs = {"max_shard_size": "24KB"} if shard else {}
     model.to(dtype).save_pretrained(model_dir, **save_kwargs)
@@ -126,7 +138,7 @@ def make_case(out, name, cfg_kwargs, spelling, dtype, shard, adapter):
     write_config(model_dir, spelling)
 
     # Reload from disk so transformers itself parses the spelling we wrote.
-    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
     texts = eval_texts()
     seqs = encode(sp, texts, bos=1)
@@ -145,7 +157,7 @@ def make_case(out, name, cfg_kwargs, spelling, dtype, shard, adapter):
     tensors["logits_long"] = base(long_ids).logits[0, -4:].float().contiguous()  # [4, V]
 
     ad_name, ad_cfg = adapter
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+    peft_model = get_peft_model(model_class.from_pretrained(model_dir, dtype=torch.float32),
                                 ad_cfg)
     g = torch.Generator().manual_seed(99)
     for n, p in peft_model.named_parameters():
@@ -159,7 +171,7 @@ def make_case(out, name, cfg_kwargs, spelling, dtype, shard, adapter):
     with open(os.path.join(ad_dir, "adapter_config.json"), "w") as f:
         json.dump(acfg, f, indent=2, sort_keys=True)
     loaded = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ad_dir).eval()
+        model_class.from_pretrained(model_dir, dtype=torch.float32), ad_dir).eval()
     loss, count = eval_loss(loaded, seqs)
     expected[ad_name] = {"loss": loss, "tokens": count}
     tensors["logits_" + ad_name] = logits_of(loaded, seqs[-2])
@@ -230,32 +242,68 @@ def to_v4_spelling(cfg):
 
 def main():
     out = sys.argv[1]
+    only = set(sys.argv[2:])  # case names; all when none
     os.makedirs(out, exist_ok=True)
-    train_tokenizer(os.path.join(out, "tokenizer"))
-    os.remove(os.path.join(out, "tokenizer.vocab"))
+    if os.environ.get("TOKENIZER"):  # the committed fixtures' tokenizer, to add cases to them
+        shutil.copy(os.environ["TOKENIZER"], os.path.join(out, "tokenizer.model"))
+    else:
+        train_tokenizer(os.path.join(out, "tokenizer"))
+        os.remove(os.path.join(out, "tokenizer.vocab"))
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    make_case(
-        out, "gqa_llama3",
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-             max_position_embeddings=256, rms_norm_eps=1e-5,
-             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 64}),
-        to_v5_spelling, torch.float32, shard=False,
-        adapter=("lora_all", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                         target_modules=seven, task_type="CAUSAL_LM")))
-    make_case(
-        out, "mha_linear",
-        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=256,
-             rms_norm_eps=1e-6,
-             rope_parameters={"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}),
-        to_v4_spelling, torch.bfloat16, shard=True,
-        adapter=("lora_rslora", LoraConfig(r=8, lora_alpha=4, lora_dropout=0.1, use_rslora=True,
-                                            target_modules=["q_proj", "v_proj"],
-                                            task_type="CAUSAL_LM")))
-    make_trained_case(out)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cases = {
+        "gqa_llama3": lambda: make_case(
+            out, "gqa_llama3",
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                 max_position_embeddings=256, rms_norm_eps=1e-5,
+                 rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 64}),
+            to_v5_spelling, torch.float32, shard=False,
+            adapter=("lora_all", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=seven, task_type="CAUSAL_LM"))),
+        "mha_linear": lambda: make_case(
+            out, "mha_linear",
+            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=256,
+                 rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}),
+            to_v4_spelling, torch.bfloat16, shard=True,
+            adapter=("lora_rslora", LoraConfig(r=8, lora_alpha=4, lora_dropout=0.1,
+                                                use_rslora=True, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))),
+        "qwen2_bias": lambda: make_case(
+            out, "qwen2_bias",
+            dict(small, tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+            to_v5_spelling, torch.bfloat16, shard=False,
+            adapter=("lora_qkvo", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                              target_modules=seven[:4], task_type="CAUSAL_LM")),
+            arch=(Qwen2Config, Qwen2ForCausalLM)),
+        "qwen3_norm": lambda: make_case(
+            out, "qwen3_norm",
+            dict(small, head_dim=16, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                 attention_bias=False, use_sliding_window=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+            to_v5_spelling, torch.float32, shard=False,
+            adapter=("lora_all", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=seven, task_type="CAUSAL_LM")),
+            arch=(Qwen3Config, Qwen3ForCausalLM)),
+        "mistral_swa": lambda: make_case(
+            out, "mistral_swa",
+            dict(small, tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=256,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            to_v4_spelling, torch.float32, shard=False,
+            adapter=("lora_mlp", LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=seven[4:], task_type="CAUSAL_LM")),
+            arch=(MistralConfig, MistralForCausalLM)),
+        "trained_tiny": lambda: make_trained_case(out),
+    }
+    for name, make in cases.items():
+        if not only or name in only:
+            make()
     os.remove(os.path.join(out, "tokenizer.model"))  # each model folder holds its copy
     for root, _, files in os.walk(out):
         for f in files:

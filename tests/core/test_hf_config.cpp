@@ -76,14 +76,23 @@ TEST_CASE("unsupported configs are refused with the reason", "[core][config]") {
     REQUIRE_THROWS_WITH(parse(j), Catch::Contains(fragment));
   };
   auto j = base_config();
-  j["model_type"] = "mistral";
-  expect(j, "model_type is \"mistral\"");
+  j["model_type"] = "qwen3_moe";
+  expect(j, "model_type is \"qwen3_moe\"");
+  j = base_config();
+  j["model_type"] = "mixtral";
+  expect(j, "model_type is \"mixtral\"");
+  j = base_config();
+  j["num_local_experts"] = 8;
+  expect(j, "'num_local_experts' is 8");
+  j = base_config();
+  j["vision_config"] = nlohmann::json::object();
+  expect(j, "'vision_config' is present");
+  j = base_config();
+  j["mlp_bias"] = true;
+  expect(j, "'mlp_bias' is true");
   j = base_config();
   j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
   expect(j, "'rope_scaling.rope_type' is 'yarn'");
-  j = base_config();
-  j["attention_bias"] = true;
-  expect(j, "'attention_bias' is true");
   j = base_config();
   j["num_key_value_heads"] = 3;
   expect(j, "multiple of 'num_key_value_heads'");
@@ -105,4 +114,44 @@ TEST_CASE("every problem of a config is reported at once", "[core][config]") {
     REQUIRE_THAT(msg, Catch::Contains("'vocab_size' must be an integer"));
     REQUIRE_THAT(msg, Catch::Contains("'rope_parameters.factor' is missing"));
   }
+}
+
+TEST_CASE("the families' differences from LLaMA are read as transformers reads them",
+          "[core][config]") {
+  auto llama = base_config();
+  llama["attention_bias"] = true;
+  auto c = parse(llama);
+  REQUIRE((c.qkv_bias && c.o_bias && !c.qk_norm && c.sliding_window == 0));
+
+  auto qwen2 = base_config();
+  qwen2["model_type"] = "qwen2";
+  qwen2["sliding_window"] = 32;  // ignored unless use_sliding_window
+  qwen2["use_sliding_window"] = false;
+  c = parse(qwen2);
+  REQUIRE((c.model_type == "qwen2" && c.qkv_bias && !c.o_bias && c.sliding_window == 0));
+  qwen2["use_sliding_window"] = true;
+  REQUIRE(parse(qwen2).sliding_window == 32);
+  qwen2.erase("use_sliding_window");
+  qwen2["layer_types"] = {"full_attention", "sliding_attention"};
+  REQUIRE(parse(qwen2).sliding_window == 32);
+
+  auto qwen3 = base_config();
+  qwen3["model_type"] = "qwen3";
+  qwen3["head_dim"] = 32;
+  qwen3["attention_bias"] = false;
+  qwen3["sliding_window"] = nullptr;
+  c = parse(qwen3);
+  REQUIRE((c.qk_norm && !c.qkv_bias && c.head_dim == 32 && c.sliding_window == 0));
+
+  auto mistral = base_config();
+  mistral["model_type"] = "mistral";
+  mistral["sliding_window"] = 4096;
+  mistral["attention_bias"] = true;  // MistralAttention has no bias whatever the config says
+  c = parse(mistral);
+  REQUIRE((c.sliding_window == 4096 && !c.qkv_bias && !c.o_bias));
+  REQUIRE_NOTHROW(check_sliding_window(c, 4096, "eval"));
+  REQUIRE_THROWS_WITH(check_sliding_window(c, 4097, "eval"),
+                      Catch::Contains("sliding attention window of 4096"));
+  mistral["sliding_window"] = nullptr;
+  REQUIRE(parse(mistral).sliding_window == 0);
 }

@@ -1,5 +1,6 @@
 // The model against transformers and PEFT: tests/fixtures/*/reference.safetensors and
-// expected.json were written by scripts/make_reference_fixtures.py (fp32, CPU).
+// expected.json were written by scripts/make_reference_fixtures.py (fp32, CPU), for LLaMA,
+// Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral checkpoints.
 #include <catch2/catch.hpp>
 
 #include "adapters/lora.h"
@@ -25,7 +26,11 @@ struct Case {
   std::string adapter;  // its PEFT adapter folder
 };
 
-const Case kCases[] = {{"gqa_llama3", "lora_all"}, {"mha_linear", "lora_rslora"}};
+const Case kCases[] = {{"gqa_llama3", "lora_all"},
+                       {"mha_linear", "lora_rslora"},
+                       {"qwen2_bias", "lora_qkvo"},
+                       {"qwen3_norm", "lora_all"},
+                       {"mistral_swa", "lora_mlp"}};
 
 torch::Tensor ids_tensor(const nlohmann::json& ids) {
   return torch::tensor(ids.get<std::vector<int64_t>>(), torch::kInt64).unsqueeze(0);  // [1, T]
