@@ -1,6 +1,7 @@
 #include "core/datasets.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <numeric>
 #include <random>
 
@@ -11,7 +12,7 @@ namespace lorafit {
 
 namespace {
 
-using nlohmann::json;
+using nlohmann::ordered_json;
 
 void append(Example& ex, const std::vector<int64_t>& ids, bool train) {
   ex.input_ids.insert(ex.input_ids.end(), ids.begin(), ids.end());
@@ -77,13 +78,13 @@ Example alpaca_example(const JsonRecord& r, const Tokenizer& tok, const DatasetO
 }
 
 // LLaMA-2 chat: <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s> per turn.
-Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOptions& o) {
-  auto it = r.value.is_object() ? r.value.find("messages") : r.value.end();
-  if (it == r.value.end() || !it->is_array() || it->empty()) {
-    throw IoError(r.where + ": expected a non-empty \"messages\" list");
-  }
+Example llama2_chat(const JsonRecord& r,
+                    const ordered_json& messages,
+                    const Tokenizer& tok,
+                    const DatasetOptions& o,
+                    std::string* text) {
   std::vector<std::pair<std::string, std::string>> turns;  // (role, content)
-  for (const auto& m : *it) {
+  for (const auto& m : messages) {
     if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
         !m["content"].is_string()) {
       throw IoError(r.where + ": each message needs \"role\" and \"content\" strings");
@@ -98,7 +99,8 @@ Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOpt
     if (turns[i].first != "user" || i + 1 >= turns.size() || turns[i + 1].first != "assistant") {
       throw IoError(r.where +
                     ": messages must be an optional system message, then user and "
-                    "assistant turns in alternation, ending with an assistant turn");
+                    "assistant turns in alternation, ending with an assistant turn (the "
+                    "llama2 chat format)");
     }
     std::string user = turns[i].second;
     if (!system.empty()) {
@@ -110,8 +112,40 @@ Example chat_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOpt
     append(ex, tok.encode(turns[i + 1].second), true);
     append(ex, {o.eos}, true);
   }
+  if (text) *text = tok.decode(ex.input_ids);
   return ex;
 }
+
+}  // namespace
+
+Example chat_example(const JsonRecord& r,
+                     const Tokenizer& tok,
+                     const DatasetOptions& o,
+                     std::string* text) {
+  auto it = r.value.is_object() ? r.value.find("messages") : r.value.end();
+  if (it == r.value.end() || !it->is_array() || it->empty()) {
+    throw IoError(r.where + ": expected a non-empty \"messages\" list");
+  }
+  for (const auto& m : *it) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw IoError(r.where + ": each message needs a \"role\" string");
+  }
+  if (!o.chat || !o.chat->jinja) return llama2_chat(r, *it, tok, o, text);
+  ordered_json variables = ordered_json::object();
+  if (auto kw = r.value.find("chat_template_kwargs"); kw != r.value.end()) {
+    if (!kw->is_object()) throw IoError(r.where + ": \"chat_template_kwargs\" must be an object");
+    variables = *kw;
+  }
+  auto rendered = render_chat(*o.chat, tok, *it, o.add_generation_prompt, variables, r.where);
+  Example ex;
+  ex.input_ids = rendered.ids;
+  for (size_t k = 0; k < rendered.ids.size(); ++k)
+    ex.labels.push_back(rendered.trained[k] ? rendered.ids[k] : kIgnoreLabel);
+  if (text) *text = std::move(rendered.text);
+  return ex;
+}
+
+namespace {
 
 Example tokens_example(const JsonRecord& r, const DatasetOptions& o) {
   auto ids = r.value.is_object() ? r.value.find("input_ids") : r.value.end();
@@ -143,7 +177,8 @@ DatasetOptions dataset_options(const Tokenizer& tokenizer,
                                const LlamaConfig& config,
                                const std::string& format,
                                int64_t max_seq_len,
-                               bool packing) {
+                               bool packing,
+                               const std::string& chat_template) {
   DatasetOptions o;
   o.format = format;
   o.max_seq_len = max_seq_len;
@@ -151,6 +186,10 @@ DatasetOptions dataset_options(const Tokenizer& tokenizer,
   o.prefix = tokenizer.encode("", /*add_special_tokens=*/true);
   o.eos = tokenizer.eos_id().value_or(config.eos_token_ids.front());
   o.vocab_size = config.vocab_size;
+  if (format == "chat") {
+    o.chat = std::make_shared<ChatTemplate>(load_chat_template(
+        std::filesystem::path(tokenizer.path()).parent_path().string(), chat_template));
+  }
   return o;
 }
 

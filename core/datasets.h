@@ -3,16 +3,20 @@
 //           documents are concatenated and cut into max_seq_len blocks. Every token trains.
 //   alpaca  {"instruction", "input"?, "output"}: Stanford Alpaca's prompt, then the response;
 //           only the response and its EOS train.
-//   chat    {"messages": [{"role": system|user|assistant, "content"}]}: LLaMA-2's [INST]
-//           template; only assistant turns (and their EOS) train.
+//   chat    {"messages": [{"role", "content", ...}], "chat_template_kwargs"?: {...}}: the
+//           model's own chat template (tokenizer/chat.h), or LLaMA-2's [INST] format; only
+//           the assistant turns (and what ends them) train.
 //   tokens  {"input_ids", "labels"?}: pre-tokenized; labels default to input_ids, -100 masks.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/hf_config.h"
+#include "core/text_data.h"
+#include "tokenizer/chat.h"
 #include "tokenizer/tokenizer.h"
 
 namespace lorafit {
@@ -34,16 +38,28 @@ struct DatasetOptions {
   std::vector<int64_t> prefix{1};
   int64_t eos = 2;         // what ends a training record
   int64_t vocab_size = 0;  // ids must be below it
+  // chat: the template (a null jinja: the llama2 format), and whether a rendering ends with
+  // the generation prompt (lorafit tokenize --add-generation-prompt)
+  std::shared_ptr<const ChatTemplate> chat;
+  bool add_generation_prompt = false;
 };
 
 /// The options that frame records as transformers does for this model: the tokenizer's own
 /// special prefix, and as EOS tokenizer_config.json's eos_token (Llama 3 Instruct's
-/// <|eot_id|>, Qwen's <|im_end|>), else config.json's first eos_token_id.
+/// <|eot_id|>, Qwen's <|im_end|>), else config.json's first eos_token_id. For chat, the
+/// template that `chat_template` chooses (see load_chat_template) from the tokenizer's folder.
 DatasetOptions dataset_options(const Tokenizer& tokenizer,
                                const LlamaConfig& config,
                                const std::string& format,
                                int64_t max_seq_len,
-                               bool packing);
+                               bool packing,
+                               const std::string& chat_template = "model");
+
+/// One chat record as it trains; `text`, if given, gets its rendering.
+Example chat_example(const JsonRecord& record,
+                     const Tokenizer& tokenizer,
+                     const DatasetOptions& options,
+                     std::string* text = nullptr);
 
 /// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line; so
 /// is a file with no example to train on. `records`, if given, gets the file's record count.

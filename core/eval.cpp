@@ -19,8 +19,10 @@ std::vector<Example> eval_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
                                    const std::string& format,
                                    const LlamaConfig& config,
-                                   int64_t max_seq_len) {
-  const auto options = dataset_options(tokenizer, config, format, max_seq_len, false);
+                                   int64_t max_seq_len,
+                                   const std::string& chat_template) {
+  const auto options =
+      dataset_options(tokenizer, config, format, max_seq_len, false, chat_template);
   if (format != "text") return load_examples(path, tokenizer, options);
   std::vector<Example> out;
   for (const auto& r : read_text_records(path)) {

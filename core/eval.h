@@ -26,12 +26,13 @@ struct EvalResult {
 /// What `lorafit eval` scores in each record of a dataset file. `text`: BOS + encode(text), no
 /// EOS, every position after the first (DESIGN.md); alpaca, chat and tokens: the sequence and
 /// labels training builds (only responses and their EOS scored), one record per example.
-/// Either way cut to max_seq_len tokens.
+/// Either way cut to max_seq_len tokens. `chat_template` as data.chat_template.
 std::vector<Example> eval_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
                                    const std::string& format,
                                    const LlamaConfig& config,
-                                   int64_t max_seq_len);
+                                   int64_t max_seq_len,
+                                   const std::string& chat_template = "model");
 
 /// Scores the examples in batches of `batch_size` (right-padded; causal attention keeps the
 /// padding from reaching real tokens): position t predicts labels[t + 1].

@@ -14,6 +14,9 @@ struct DataRecipe {
   std::string train;
   std::string valid;            // optional
   std::string format = "text";  // text | alpaca | chat | tokens
+  // chat: model (tokenizer_config.json's chat_template; llama2 without one), llama2, or a
+  // Jinja file
+  std::string chat_template = "model";
   int64_t max_seq_len = 512;
   bool packing = true;
   bool shuffle = true;  // false: file order, every epoch

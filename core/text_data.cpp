@@ -21,7 +21,7 @@ std::vector<JsonRecord> read_jsonl(std::istream& in, const std::string& name) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = name + ":" + std::to_string(n);
     try {
-      out.push_back({nlohmann::json::parse(line), where});
+      out.push_back({nlohmann::ordered_json::parse(line), where});
     } catch (const nlohmann::json::exception& e) {
       throw IoError(where + ": not valid JSON (" + std::string(e.what()) + ")");
     }
@@ -38,10 +38,10 @@ std::vector<JsonRecord> read_json_records(const std::string& path) {
   if (ends_with(path, ".jsonl")) return read_jsonl(in, path);
   std::vector<JsonRecord> out;
   if (ends_with(path, ".json")) {
-    nlohmann::json j;
+    nlohmann::ordered_json j;
     try {
       in >> j;
-    } catch (const nlohmann::json::exception& e) {
+    } catch (const nlohmann::ordered_json::exception& e) {
       throw IoError(path + ": not valid JSON (" + std::string(e.what()) + ")");
     }
     if (!j.is_array()) throw IoError(path + ": expected a JSON array of records");
@@ -54,7 +54,8 @@ std::vector<JsonRecord> read_json_records(const std::string& path) {
     std::string line;
     for (size_t n = 1; std::getline(in, line); ++n) {
       if (!line.empty() && line.back() == '\r') line.pop_back();
-      if (!line.empty()) out.push_back({{{"text", line}}, path + ":" + std::to_string(n)});
+      if (!line.empty())
+        out.push_back({nlohmann::ordered_json{{"text", line}}, path + ":" + std::to_string(n)});
     }
     return out;
   }

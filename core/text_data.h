@@ -9,8 +9,8 @@
 namespace lorafit {
 
 struct JsonRecord {
-  nlohmann::json value;
-  std::string where;  // "file:line" (or "file: element i"), for messages
+  nlohmann::ordered_json value;  // key order kept: templates print tool schemas in it
+  std::string where;             // "file:line" (or "file: element i"), for messages
 };
 
 /// Every record of the file; a line that is not JSON is an IoError naming file and line.

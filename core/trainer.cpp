@@ -322,10 +322,12 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
 void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& config) {
   const auto& d = job.recipe.data;
   const auto& tr = job.recipe.train;
-  const auto opts = dataset_options(tokenizer, config, d.format, d.max_seq_len, d.packing);
+  const auto opts =
+      dataset_options(tokenizer, config, d.format, d.max_seq_len, d.packing, d.chat_template);
   job.train_examples = load_examples(d.train, tokenizer, opts, &job.train_records);
   if (!d.valid.empty())
-    job.valid_examples = eval_examples(d.valid, tokenizer, d.format, config, d.max_seq_len);
+    job.valid_examples =
+        eval_examples(d.valid, tokenizer, d.format, config, d.max_seq_len, d.chat_template);
   job.total_steps =
       tr.steps > 0
           ? tr.steps

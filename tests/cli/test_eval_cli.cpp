@@ -1,5 +1,6 @@
 // `lorafit eval` as a user runs it: the binary, its output and its exit codes.
 #include <catch2/catch.hpp>
+#include <functional>
 
 #include "core/safetensors.h"
 #include "test_util.h"
@@ -38,8 +39,11 @@ std::string eval_args(const std::string& model_dir, const std::string& data) {
 }  // namespace
 
 TEST_CASE("eval --json gives transformers' and PEFT's loss", "[cli][eval]") {
-  for (const auto& [name, adapter] :
-       {std::pair{"gqa_llama3", "lora_all"}, {"mha_linear", "lora_rslora"}}) {
+  for (const auto& [name, adapter] : {std::pair{"gqa_llama3", "lora_all"},
+                                      {"mha_linear", "lora_rslora"},
+                                      {"qwen2_bias", "lora_qkvo"},
+                                      {"qwen3_norm", "lora_all"},
+                                      {"mistral_swa", "lora_mlp"}}) {
     const std::string dir = fixture(name);
     const auto expected = lorafit::test::read_json(dir + "/expected.json");
     const auto base = eval_json("--max-seq-len 24 --model " + q(dir + "/model") + " --data " +
@@ -277,4 +281,122 @@ TEST_CASE("tokenize shows a folder's ids and tokens from its tokenizer files alo
   REQUIRE(view.code == 0);
   REQUIRE_THAT(view.out, Catch::Contains("128000:\"<|begin_of_text|>\"") &&
                              Catch::Contains("1917:\"Ġworld\"") && Catch::Contains("(3 tokens)"));
+}
+
+TEST_CASE("tokenize --format chat shows the rendering and which tokens train", "[cli][tokenize]") {
+  const auto dir = lorafit::test::fixture("tokenizers/llama3_1");
+  const std::string record =
+      R"({"messages": [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello world"}]})";
+  const auto r = run_lorafit("tokenize --json --format chat --model " + q(dir), record + "\n");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto j = nlohmann::json::parse(r.out);
+  REQUIRE(
+      j["text"].get<std::string>().find("<|start_header_id|>assistant<|end_header_id|>\n\nHello "
+                                        "world<|eot_id|>") != std::string::npos);
+  REQUIRE(j["labels_mask"].size() == j["ids"].size());
+  std::vector<std::string> trained;
+  for (size_t k = 0; k < j["ids"].size(); ++k)
+    if (j["labels_mask"][k] == 1) trained.push_back(j["tokens"][k]);
+  REQUIRE(trained == std::vector<std::string>{"Hello", "Ġworld", "<|eot_id|>"});
+  // The generation prompt ends the rendering; a record's kwargs reach the template.
+  const auto gen = run_lorafit(
+      "tokenize --format chat --add-generation-prompt --chat-template-kwargs "
+      "'{\"enable_thinking\": false}' --model " +
+          q(lorafit::test::fixture("tokenizers/qwen3")),
+      R"({"messages": [{"role": "user", "content": "Hello world"}]})"
+      "\n");
+  INFO(gen.err);
+  REQUIRE(gen.code == 0);
+  REQUIRE_THAT(gen.out, Catch::Contains("<|im_start|>assistant\n<think>\n\n</think>\n\n") &&
+                            Catch::Contains("0 trained, marked *"));
+}
+
+TEST_CASE("broken tokenizer and chat inputs exit 2 naming the file and the problem",
+          "[cli][tokenize]") {
+  TempDir tmp;
+  const std::string hello = R"({"text": "Hello world"})";
+  const std::string chat =
+      R"({"messages": [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello world"}]})";
+  // A copy of a real tokenizer folder with one file edited.
+  auto folder = [&](const std::string& name, const std::string& from,
+                    const std::function<void(const std::string&)>& edit) {
+    const auto dir = lorafit::test::copy_fixture("tokenizers/" + from, tmp / name);
+    edit(dir);
+    return dir;
+  };
+  auto edit_json = [](const std::string& path, const std::function<void(nlohmann::json&)>& f) {
+    auto j = lorafit::test::read_json(path);
+    f(j);
+    lorafit::test::write_text(path, j.dump());
+  };
+  auto tokenize = [&](const std::string& dir, const std::string& input, const std::string& extra,
+                      const std::string& fragment) {
+    const auto r = run_lorafit("tokenize " + extra + " --model " + q(dir), input + "\n");
+    INFO(input << "\n" << r.err);
+    REQUIRE(r.code == 2);
+    REQUIRE(r.err.rfind("lorafit: error: ", 0) == 0);
+    REQUIRE_THAT(r.err, Catch::Contains(fragment));
+  };
+  const std::string as_chat = "--format chat";
+
+  auto d = folder("truncated", "llama3_1", [](const std::string& dir) {
+    const auto text = lorafit::test::read_text(dir + "/tokenizer.json");
+    lorafit::test::write_text(dir + "/tokenizer.json", text.substr(0, text.size() / 2));
+  });
+  tokenize(d, hello, "", "truncated/tokenizer.json");
+  d = folder("merge", "llama3_1", [&](const std::string& dir) {
+    edit_json(dir + "/tokenizer.json", [](auto& j) { j["model"]["merges"].push_back("zzq qqz"); });
+  });
+  tokenize(d, hello, "", "merge");
+  d = folder("vocab", "qwen3", [&](const std::string& dir) {
+    edit_json(dir + "/tokenizer.json", [](auto& j) { j["model"]["vocab"] = "not a map"; });
+  });
+  tokenize(d, hello, "", "vocab/tokenizer.json");
+  d = folder("noconfig", "qwen3", [](const std::string& dir) {
+    lorafit::test::write_text(dir + "/tokenizer_config.json", "{\"chat_template\": ");
+  });
+  tokenize(d, chat, as_chat, "noconfig/tokenizer_config.json' is not");
+  d = folder("syntax", "qwen3", [&](const std::string& dir) {
+    edit_json(dir + "/tokenizer_config.json",
+              [](auto& j) { j["chat_template"] = "{% for m in messages %}{{ m.content }"; });
+  });
+  tokenize(d, chat, as_chat, "line 1: syntax error");
+  d = folder("number", "qwen3", [&](const std::string& dir) {
+    edit_json(dir + "/tokenizer_config.json", [](auto& j) { j["chat_template"] = 7; });
+  });
+  tokenize(d, chat, as_chat, "chat_template of");
+  d = folder("unsupported", "qwen3", [&](const std::string& dir) {
+    edit_json(dir + "/tokenizer_config.json",
+              [](auto& j) { j["chat_template"] = "{% include 'other.jinja' %}"; });
+  });
+  tokenize(d, chat, as_chat, "{% include %} statement is not supported");
+  const auto qwen = lorafit::test::fixture("tokenizers/qwen3");
+  const auto jinja = lorafit::test::read_json(lorafit::test::fixture("jinja/cases.json"));
+  lorafit::test::write_text(tmp / "nemo.jinja", jinja["templates"]["mistral_nemo"]);
+  tokenize(qwen,
+           R"({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})",
+           as_chat + " --chat-template " + q(tmp / "nemo.jinja"),
+           "conversation roles must alternate user/assistant");
+  lorafit::test::write_text(
+      tmp / "roles.jinja",
+      "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
+      "{{ raise_exception('unknown role ' + m.role) }}{% endif %}{% endfor %}");
+  tokenize(qwen, R"({"messages": [{"role": "narrator", "content": "hi"}]})",
+           as_chat + " --chat-template " + q(tmp / "roles.jinja"), "unknown role narrator");
+  tokenize(qwen, chat, as_chat + " --chat-template " + q(tmp / "missing.jinja"),
+           "cannot read chat template");
+  tokenize(qwen, R"({"text": "no messages"})", as_chat,
+           "<stdin>:1: expected a non-empty \"messages\"");
+  tokenize(qwen, R"({"messages": [{"content": "no role"}]})", as_chat, "needs a \"role\" string");
+  tokenize(qwen, R"({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": 3})",
+           as_chat, "\"chat_template_kwargs\" must be an object");
+  tokenize(qwen, chat, as_chat + " --chat-template-kwargs '[1'",
+           "--chat-template-kwargs is not JSON");
+  tokenize(lorafit::test::fixture("gqa_llama3/model"), chat,
+           as_chat + " --chat-template " + q(tmp / "roles.jinja"),
+           "needs the model's tokenizer.json");
+  tokenize(lorafit::test::fixture("gqa_llama3/model"),
+           R"({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]})",
+           as_chat, "the llama2 chat format");
 }

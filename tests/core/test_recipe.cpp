@@ -103,6 +103,9 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"cola.links=3", "cola.ranks=[8, 4]"}, "'cola.ranks' lists 2 ranks for a chain of 3"},
       {{"cola.lr_restart=rewarn"}, "(did you mean 'rewarm'?)"},
       {{"train=5"}, "'train' must be a mapping of keys"},
+      {{"data.chat_template=llama2"}, "'data.chat_template' is set but data.format is 'text'"},
+      {{"data.format=chat", "data.chat_template=no/such.jinja"},
+       "'data.chat_template': 'no/such.jinja' is neither model, llama2 nor a template file"},
   };
   for (const auto& [overrides, fragment] : cases) {
     INFO(overrides[0]);
