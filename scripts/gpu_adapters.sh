@@ -30,18 +30,18 @@ declare -A sets=(
   [cola]="--set cola.links=3 --set cola.ranks=[8,8,4]"
 )
 for name in multilora mixlora cola; do
-  $bin train recipes/quickstart.yaml --device cuda --set output=$work/$name ${sets[$name]} \
+  $bin train recipes/tiny.yaml --device cuda --set output=$work/$name ${sets[$name]} \
     2> "$out/adapters-train-$name.log" || { tail -3 "$out/adapters-train-$name.log"; continue; }
   printf "%-28s %s\n" "$name (bf16 base)" "$(evaluate --model $model --adapter $work/$name/adapter)"
 done
 $bin init --from $model --out $work/init --seed 1 2> /dev/null
-$bin train recipes/quickstart.yaml --device cuda --set output=$work/full --set adapter.type=full \
+$bin train recipes/tiny.yaml --device cuda --set output=$work/full --set adapter.type=full \
   --set model=$work/init --set train.lr=3e-3 2> "$out/adapters-train-full.log" &&
   printf "%-28s %s\n" "full from init (fp32)" "$(evaluate --model $work/full/model)" &&
   printf "%-28s %s\n" "  its random init" "$(evaluate --model $work/init)"
 
 echo "== 3. PEFT reads the COLA chain (trained on the CPU, fp32)"
-$bin train recipes/quickstart.yaml --device cpu --set output=$work/cola-cpu \
+$bin train recipes/tiny.yaml --device cpu --set output=$work/cola-cpu \
   --set cola.links=3 "--set" "cola.ranks=[8,8,4]" 2> "$out/adapters-train-cola-cpu.log"
 ours=$($bin eval --device cpu --json --model $model --adapter $work/cola-cpu/adapter --data $valid --max-seq-len 64)
 peft=$(python3 scripts/peft_reference.py eval $model $valid 64 $work/cola-cpu/adapter 2>/dev/null)

@@ -19,10 +19,10 @@ model=tests/fixtures/trained_tiny/model
 valid=recipes/data/tiny_valid.jsonl
 
 echo "== 2. PEFT and transformers read LongLoRA's outputs"
-$bin train recipes/quickstart.yaml --device cpu --set model=$model --set output=$work/plus \
+$bin train recipes/tiny.yaml --device cpu --set model=$model --set output=$work/plus \
   --set train.steps=60 --set longlora.group_ratio=0.25 "--set" "longlora.trainable=[embed, norm]" \
   2> "$out/longlora-plus.log"
-$bin train recipes/quickstart.yaml --device cpu --set model=$model --set output=$work/pi \
+$bin train recipes/tiny.yaml --device cpu --set model=$model --set output=$work/pi \
   --set train.steps=60 --set data.max_seq_len=256 --set longlora.group_ratio=0.25 \
   2> "$out/longlora-pi.log"
 $bin merge --model $model --adapter $work/pi/adapter --out $work/pi/merged --dtype f32

@@ -17,7 +17,7 @@ rm -rf "$work" && mkdir -p "$work"
 echo "== 1. PEFT and transformers read lorafit's outputs"
 model=tests/fixtures/gqa_llama3/model
 valid=recipes/data/tiny_valid.jsonl
-$bin train recipes/quickstart.yaml --device cpu --set output=$work/q 2> "$out/quickstart.log"
+$bin train recipes/tiny.yaml --device cpu --set output=$work/q 2> "$out/quickstart.log"
 $bin merge --model $model --adapter $work/q/adapter --out $work/q/merged --dtype f32
 ours=$($bin eval --device cpu --json --model $model --adapter $work/q/adapter --data $valid --max-seq-len 64)
 peft=$(python3 scripts/peft_reference.py eval $model $valid 64 $work/q/adapter 2>/dev/null)

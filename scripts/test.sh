@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/build.sh -DLORAFIT_WARNINGS_AS_ERRORS=ON
+bash scripts/build.sh
 ctest --test-dir build --label-exclude gpu --output-on-failure -j"$(nproc)"

@@ -26,6 +26,11 @@ inline std::string fixture(const std::string& name) {
   return std::string(LORAFIT_FIXTURES) + "/" + name;
 }
 
+/// The pretrained model the repository ships: recipes/models/stories260k.
+inline std::string stories260k() {
+  return std::string(LORAFIT_FIXTURES) + "/../../recipes/models/stories260k";
+}
+
 inline std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::stringstream ss;

@@ -76,7 +76,7 @@ double max_diff(const std::string& a_path, const std::string& b_path) {
 }
 
 const std::string kTrain =
-    "train recipes/quickstart.yaml --device cpu --set train.steps=8 "
+    "train recipes/tiny.yaml --device cpu --set train.steps=8 "
     "--set train.save_every=4 --set train.eval_every=4 --set train.log_every=2 ";
 
 }  // namespace
@@ -155,11 +155,10 @@ TEST_CASE("a rank that dies or hangs ends the others with an error naming it", "
     INFO((sig == SIGKILL ? "killed" : "stopped"));
     TempDir tmp;
     const int port = free_port();
-    const std::string args =
-        "train recipes/quickstart.yaml --device cpu --set output=" + q(tmp / "run") +
-        " --set train.steps=100000 --set train.log_every=1 "
-        "--set train.save_every=0 --set train.eval_every=0 "
-        "--set distributed.timeout_s=5";
+    const std::string args = "train recipes/tiny.yaml --device cpu --set output=" + q(tmp / "run") +
+                             " --set train.steps=100000 --set train.log_every=1 "
+                             "--set train.save_every=0 --set train.eval_every=0 "
+                             "--set distributed.timeout_s=5";
     const pid_t r0 = spawn_rank(0, 2, port, args, tmp / "err0");
     const pid_t r1 = spawn_rank(1, 2, port, args, tmp / "err1");
     const auto deadline = Clock::now() + std::chrono::seconds(60);

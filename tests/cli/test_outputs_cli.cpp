@@ -24,10 +24,10 @@ constexpr auto q = lorafit::test::quote;
 
 namespace {
 
-const std::string kRecipe = "recipes/quickstart.yaml";
+const std::string kRecipe = "recipes/tiny.yaml";
 const std::string kModel = "tests/fixtures/gqa_llama3/model";
 
-// `lorafit train` of the quickstart recipe into `out`; `env` prefixes the command (a time
+// `lorafit train` of recipes/tiny.yaml into `out`; `env` prefixes the command (a time
 // limit, a file-size limit).
 lorafit::test::RunResult train(const std::string& out,
                                const std::string& args = "",

@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include "core/datasets.h"
+#include "core/eval.h"
 #include "core/generate.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"
@@ -89,4 +91,23 @@ TEST_CASE("greedy generation prints transformers' continuation token for token",
     REQUIRE(nlohmann::json(prompt) == case_["prompt_ids"]);
     REQUIRE(nlohmann::json(generate(model, prompt, o)) == case_["new_ids"]);
   }
+}
+
+TEST_CASE("stories260K: lorafit's loss and greedy text are llama2.c's run.c's",
+          "[core][generate]") {
+  // tests/fixtures/stories260k/expected.json: scripts/stories260k_reference.py ran llama2.c's
+  // run.c on the shipped model converted back to llama2.c's format (q/k rows interleaved again).
+  const auto expected = lorafit::test::read_json(fixture("stories260k/expected.json"));
+  auto model = load_llama(lorafit::test::stories260k(), torch::kCPU, torch::kFloat32);
+  const auto tokenizer = load_tokenizer(lorafit::test::stories260k());
+  REQUIRE(nlohmann::json(tokenizer.encode(expected["story"], true)) == expected["story_ids"]);
+  const auto ids = expected["story_ids"].get<std::vector<int64_t>>();
+  const auto result = evaluate(model, {Example{ids, ids}}, 1);
+  REQUIRE(result.tokens == expected["tokens"].get<int64_t>());
+  REQUIRE(std::abs(result.loss - expected["loss"].get<double>()) < 1e-5 * result.loss);
+  GenerateOptions o;
+  o.max_new_tokens = static_cast<int64_t>(expected["greedy_ids"].size());
+  const auto prompt = tokenizer.encode(expected["prompt"], true);
+  REQUIRE(nlohmann::json(prompt) == expected["prompt_ids"]);
+  REQUIRE(nlohmann::json(generate(model, prompt, o)) == expected["greedy_ids"]);
 }
