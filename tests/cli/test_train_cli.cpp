@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <map>
 #include <thread>
 
 #include "core/adapter_io.h"
@@ -20,9 +21,9 @@ using lorafit::test::TempDir;
 
 namespace {
 
-const std::string kRecipe = "recipes/quickstart.yaml";
+const std::string kRecipe = "recipes/tiny.yaml";
 
-// Trains the quickstart recipe into `out` with extra --set overrides.
+// Trains recipes/tiny.yaml into `out` with extra --set overrides.
 lorafit::test::RunResult train(const std::string& out, const std::string& sets = "") {
   return run_lorafit("train " + kRecipe + " --device cpu --set output=" + q(out) + " " + sets);
 }
@@ -36,7 +37,7 @@ double model_loss(const std::string& model, const std::string& adapter = "") {
   return nlohmann::json::parse(r.out)["loss"].get<double>();
 }
 
-// Held-out loss of the quickstart's base model, with an adapter if given.
+// Held-out loss of recipes/tiny.yaml's base model, with an adapter if given.
 double eval_loss(const std::string& adapter) {
   return model_loss("tests/fixtures/gqa_llama3/model", adapter);
 }
@@ -603,4 +604,53 @@ TEST_CASE("the command line: --version, defaults in help, plain range errors, di
   const auto typo = run_lorafit("trian " + kRecipe);
   REQUIRE(typo.code == 2);
   REQUIRE_THAT(typo.err, Catch::Contains("did you mean 'train'?"));
+}
+
+TEST_CASE("every strategy, the jobs, merge, eval and generate work on Qwen2, Qwen3 and Mistral",
+          "[cli][train]") {
+  TempDir tmp;
+  const std::map<std::string, std::string> strategies = {
+      {"lora", ""},
+      {"multilora", "--set adapter.type=multilora --set adapter.n=2 --set adapter.r=4"},
+      {"mixlora",
+       "--set adapter.type=mixlora --set adapter.r=4 --set adapter.num_experts=4 "
+       "--set adapter.top_k=2 --set adapter.router_aux_loss_coef=0.01"},
+      {"cola", "--set cola.links=2 --set \"cola.ranks=[4, 4]\""},
+      {"longlora", "--set longlora.group_ratio=0.25"}};
+  for (const char* family : {"qwen2_bias", "qwen3_norm", "mistral_swa"}) {
+    const std::string model = lorafit::test::fixture(std::string(family) + "/model");
+    const double base = model_loss(model);
+    for (const auto& [name, sets] : strategies) {
+      INFO(family << " " << name);
+      const auto out = tmp / (std::string(family) + "-" + name);
+      const auto r = train(out, "--set model=" + q(model) + " --set train.steps=30 " + sets);
+      INFO(r.err);
+      REQUIRE(r.code == 0);
+      const double adapted = model_loss(model, out + "/adapter");
+      REQUIRE(adapted < base - 0.2);
+      if (name == "mixlora") continue;  // no dense weight expresses it
+      const auto merge = run_lorafit("merge --model " + q(model) + " --adapter " +
+                                     q(out + "/adapter") + " --out " + q(out + "/merged"));
+      INFO(merge.err);
+      REQUIRE(merge.code == 0);
+      REQUIRE(model_loss(out + "/merged") == Approx(adapted).epsilon(1e-4));
+      // The merged checkpoint keeps the family: its config and its extra tensors.
+      const auto config = lorafit::test::read_json(out + "/merged/config.json");
+      REQUIRE(config["model_type"] ==
+              lorafit::test::read_json(model + "/config.json")["model_type"]);
+    }
+    const auto jobs = run_lorafit("train recipes/jobs.yaml --device cpu --set model=" + q(model) +
+                                  " --set train.steps=10 --set output=" + q(tmp / family));
+    INFO(jobs.err);
+    REQUIRE(jobs.code == 0);
+    const auto story =
+        run_lorafit("generate --device cpu --max-new-tokens 8 --model " + q(model) + " --adapter " +
+                    q(tmp / family + "/qv/adapter") + " --prompt 'The cat'");
+    REQUIRE(story.code == 0);
+    REQUIRE_FALSE(story.out.empty());
+  }
+  SafetensorsFile merged(tmp / "qwen2_bias-lora/merged/model.safetensors");
+  REQUIRE(merged.find("model.layers.0.self_attn.q_proj.bias") != nullptr);
+  SafetensorsFile qwen3(tmp / "qwen3_norm-lora/merged/model.safetensors");
+  REQUIRE(qwen3.find("model.layers.1.self_attn.k_norm.weight") != nullptr);
 }
