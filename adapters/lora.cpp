@@ -5,6 +5,7 @@
 #include <regex>
 #include <set>
 
+#include "adapters/peft_names.h"
 #include "core/errors.h"
 
 namespace lorafit {
@@ -125,8 +126,8 @@ SavedAdapter lora_save(const AdapterSettings& s,
     const auto* lora = p->adapter ? p->adapter->as<LoraImpl>() : nullptr;
     if (!lora) continue;
     kinds.insert(projection_kind(p->name));
-    out.tensors["base_model.model." + p->name + ".lora_A.weight"] = lora->lora_A.detach();
-    out.tensors["base_model.model." + p->name + ".lora_B.weight"] = lora->lora_B.detach();
+    out.tensors[kPeftPrefix + p->name + ".lora_A.weight"] = lora->lora_A.detach();
+    out.tensors[kPeftPrefix + p->name + ".lora_B.weight"] = lora->lora_B.detach();
   }
   out.config = peft_lora_config(s, {kinds.begin(), kinds.end()}, base_model);
   return out;
@@ -185,8 +186,8 @@ void lora_attach_saved(const json& config,
   std::set<std::string> used;
   for (auto p : projections) {  // holders by value: attach() is not const
     if (!peft_targets(*targets_it, p->name)) continue;
-    const std::string key_a = "base_model.model." + p->name + ".lora_A.weight";
-    const std::string key_b = "base_model.model." + p->name + ".lora_B.weight";
+    const std::string key_a = kPeftPrefix + p->name + ".lora_A.weight";
+    const std::string key_b = kPeftPrefix + p->name + ".lora_B.weight";
     auto a = weights.find(key_a);
     auto b = weights.find(key_b);
     if (a == weights.end() || b == weights.end()) {

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "adapters/lora.h"
+#include "adapters/peft_names.h"
 #include "core/errors.h"
 
 namespace lorafit {
@@ -14,8 +15,7 @@ using nlohmann::json;
 namespace {
 
 std::string key(const std::string& module, const char* what, int64_t i, bool weight) {
-  return "base_model.model." + module + "." + what + "." + std::to_string(i) +
-         (weight ? ".weight" : "");
+  return kPeftPrefix + module + "." + what + "." + std::to_string(i) + (weight ? ".weight" : "");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "adapters/job_routing.h"
+#include "adapters/peft_names.h"
 #include "adapters/registry.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -76,14 +77,6 @@ void write_adapter_files(const std::string& dir, const SavedAdapter& saved) {
   write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
 }
 
-void save_adapter(const std::string& dir,
-                  const AdapterSpec& spec,
-                  const AdapterSettings& settings,
-                  LlamaForCausalLM& model,
-                  const std::string& base_model) {
-  write_adapter_files(dir, spec.save(settings, model->adapter_sites(), base_model));
-}
-
 std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
                                                 const AdapterSites& sites,
                                                 const BaseFilter& base) {
@@ -114,9 +107,7 @@ std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, const B
   return trainable_parameters(model, model->adapter_sites(), base);
 }
 
-namespace {
-const std::string kPeftPrefix = "base_model.model.";
-}  // namespace
+namespace {}  // namespace
 
 void add_modules_to_save(SavedAdapter& saved,
                          const std::vector<std::pair<std::string, torch::Tensor>>& base) {

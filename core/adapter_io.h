@@ -22,14 +22,6 @@ void write_adapter_files(const std::string& dir, const SavedAdapter& saved);
 /// that its peft_type names. Every mismatch with the model is reported at once.
 void load_adapter(const std::string& dir, LlamaForCausalLM& model);
 
-/// Writes the model's attached adapters to `dir` (created if needed) as adapter_config.json
-/// and adapter_model.safetensors, each through a temporary name.
-void save_adapter(const std::string& dir,
-                  const AdapterSpec& spec,
-                  const AdapterSettings& settings,
-                  LlamaForCausalLM& model,
-                  const std::string& base_model);
-
 /// Which base tensors train besides the adapters, by checkpoint name (full fine-tuning: all;
 /// LongLoRA: embeddings and norms); empty: none.
 using BaseFilter = std::function<bool(const std::string& name)>;

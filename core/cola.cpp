@@ -5,6 +5,7 @@
 #include <set>
 
 #include "adapters/lora.h"
+#include "adapters/peft_names.h"
 #include "core/adapter_io.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -113,8 +114,8 @@ SavedAdapter chain_adapter(const ColaChain& chain,
     }
     rank = a.size(0);
     kinds.insert(projection_kind(p->name));
-    out.tensors["base_model.model." + p->name + ".lora_A.weight"] = a;
-    out.tensors["base_model.model." + p->name + ".lora_B.weight"] = b;
+    out.tensors[kPeftPrefix + p->name + ".lora_A.weight"] = a;
+    out.tensors[kPeftPrefix + p->name + ".lora_B.weight"] = b;
   }
   AdapterSettings s = settings;
   s.r = rank;

@@ -40,9 +40,6 @@ std::string number_text(double v) {
 // allocator.
 constexpr double kMaxSeqLen = 1 << 24;
 
-const std::vector<std::string> kProjections = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                                               "gate_proj", "up_proj", "down_proj"};
-
 // What a field accepts beyond its type.
 struct Rule {
   bool required = false;
@@ -191,7 +188,7 @@ struct Reader {
 
   bool read(const char* key, const YAML::Node& n, std::vector<std::string>& value) {
     if (n.IsScalar() && n.Scalar() == "all-linear") {
-      value = kProjections;
+      value = kProjectionKinds;
       return true;
     }
     if (!n.IsSequence()) {
@@ -535,9 +532,9 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   if (r.longlora.enabled) check_longlora(r, problems);
   std::set<std::string> seen;
   for (const auto& t : r.adapter.targets) {
-    if (std::find(kProjections.begin(), kProjections.end(), t) == kProjections.end()) {
+    if (std::find(kProjectionKinds.begin(), kProjectionKinds.end(), t) == kProjectionKinds.end()) {
       problems.push_back("'adapter.targets': the model has no module '" + t + "'" +
-                         did_you_mean(t, kProjections) +
+                         did_you_mean(t, kProjectionKinds) +
                          " (LLaMA has q_proj, k_proj, v_proj, o_proj, "
                          "gate_proj, up_proj, down_proj)");
     } else if (!seen.insert(t).second) {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "adapters/peft_names.h"
 #include "adapters/registry.h"
 
 namespace lorafit {
@@ -30,8 +31,7 @@ struct AdapterRecipe {
   int64_t r = 16;
   double alpha = 32;
   double dropout = 0.05;
-  std::vector<std::string> targets{"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                                   "gate_proj", "up_proj", "down_proj"};
+  std::vector<std::string> targets = kProjectionKinds;
   bool use_rslora = false;
   std::string init;              // optional: a saved adapter to start from instead of PEFT's init
   int64_t n = 3;                 // multilora: parallel LoRA modules per projection

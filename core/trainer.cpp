@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "adapters/job_routing.h"
+#include "adapters/peft_names.h"
 #include "core/adapter_io.h"
 #include "core/checkpoint.h"
 #include "core/cola.h"
@@ -299,7 +300,7 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
   }
   SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
   auto trained = job.spec->save(job.settings, job.sites, job.recipe.model).tensors;
-  for (auto& [name, t] : trained_base(job, model)) trained["base_model.model." + name] = t;
+  for (auto& [name, t] : trained_base(job, model)) trained[kPeftPrefix + name] = t;
   for (const auto& [name, t] : trained) {
     if (!saved.find(name)) {
       throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
