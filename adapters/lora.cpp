@@ -49,12 +49,6 @@ const json* pattern_value(const json& config, const char* key, const std::string
   return nullptr;
 }
 
-std::string shape_of(const torch::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 }  // namespace
 
 LoraImpl::LoraImpl(int64_t in,
@@ -199,10 +193,11 @@ void lora_attach_saved(const json& config,
     const auto r = a->second.dim() == 2 ? a->second.size(0) : -1;
     if (r <= 0 || a->second.size(1) != p->in_features || b->second.dim() != 2 ||
         b->second.size(0) != p->out_features || b->second.size(1) != r) {
-      problems.push_back("tensors '" + key_a + "' " + shape_of(a->second) + " and lora_B " +
-                         shape_of(b->second) + " do not fit the projection [" +
-                         std::to_string(p->out_features) + ", " + std::to_string(p->in_features) +
-                         "], expected [r, " + std::to_string(p->in_features) + "] and [" +
+      problems.push_back("tensors '" + key_a + "' " + shape_text(a->second.sizes()) +
+                         " and lora_B " + shape_text(b->second.sizes()) +
+                         " do not fit the projection [" + std::to_string(p->out_features) + ", " +
+                         std::to_string(p->in_features) + "], expected [r, " +
+                         std::to_string(p->in_features) + "] and [" +
                          std::to_string(p->out_features) + ", r]");
       continue;
     }

@@ -132,8 +132,8 @@ void apply_modules_to_save(SavedAdapter& saved, LlamaForCausalLM& model, const s
     if (found == saved.tensors.end()) continue;
     if (found->second.sizes() != t.sizes()) {
       throw ModelMismatchError("adapter '" + where + "': tensor '" + found->first + "' has shape " +
-                               c10::str(found->second.sizes()) + ", the model's is " +
-                               c10::str(t.sizes()) + " (hint: an adapter for another model)");
+                               shape_text(found->second.sizes()) + ", the model's is " +
+                               shape_text(t.sizes()) + " (hint: an adapter for another model)");
     }
     t.copy_(found->second);
     saved.tensors.erase(found);

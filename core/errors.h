@@ -67,6 +67,19 @@ inline std::string did_you_mean(const std::string& word,
   return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
 
+/// A tensor shape as messages write it: "[4096, 11008]". Any range of integers (a
+/// torch::IntArrayRef, a std::vector<int64_t>).
+template <class Shape>
+std::string shape_text(const Shape& shape) {
+  std::string s = "[";
+  bool first = true;
+  for (const auto d : shape) {
+    s += (first ? "" : ", ") + std::to_string(d);
+    first = false;
+  }
+  return s + "]";
+}
+
 /// Joins several problems into one message, so the user fixes them all in one go.
 /// At most `limit` are listed; the count of the rest is given.
 inline std::string join_problems(const std::vector<std::string>& problems, size_t limit = 12) {

@@ -30,12 +30,6 @@ torch::Tensor rdiv(double scalar, const torch::Tensor& t) {
   return t.reciprocal() * scalar;
 }
 
-std::string shape_str(torch::IntArrayRef shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 }  // namespace
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& o) : eps(eps_) {
@@ -537,13 +531,13 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
     expected.insert(name);
     auto it = entries.find(name);
     if (it == entries.end()) {
-      problems.push_back("missing tensor '" + name + "' " + shape_str(t.sizes()));
+      problems.push_back("missing tensor '" + name + "' " + shape_text(t.sizes()));
       continue;
     }
     const StEntry& e = *it->second;
     if (torch::IntArrayRef(e.shape) != t.sizes()) {
-      problems.push_back("tensor '" + name + "' has shape " + shape_str(e.shape) + ", expected " +
-                         shape_str(t.sizes()));
+      problems.push_back("tensor '" + name + "' has shape " + shape_text(e.shape) + ", expected " +
+                         shape_text(t.sizes()));
     } else if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
       problems.push_back("tensor '" + name + "' has dtype " + st_dtype_name(e.dtype) +
                          ", expected F32, F16 or BF16");
@@ -553,7 +547,7 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
     const bool derived = name.size() > 13 && name.substr(name.size() - 13) == "rotary_emb.inv_freq";
     const bool tied_head = config.tie_word_embeddings && name == "lm_head.weight";
     if (!expected.count(name) && !derived && !tied_head) {
-      problems.push_back("unexpected tensor '" + name + "' " + shape_str(e->shape));
+      problems.push_back("unexpected tensor '" + name + "' " + shape_text(e->shape));
     }
   }
   if (!problems.empty()) {
