@@ -11,14 +11,16 @@ model=recipes/models/stories260k
 prompt="Once upon a time, there was a little robot named"
 # Records cut to the recipe's data.max_seq_len, as the eval_loss of training reads them.
 eval=(./build/lorafit eval --model $model --data recipes/data/stories_valid.jsonl --max-seq-len 128)
+# generate prints the continuation alone, without the space sentencepiece puts before its first
+# word: the prompt and it are joined with one.
 story=(./build/lorafit generate --model $model --prompt "$prompt" --max-new-tokens 80)
 rm -rf runs/quickstart
 echo "== the pretrained model: held-out loss, and its story"
 "${eval[@]}"
-echo "$prompt$("${story[@]}")"
+echo "$prompt $("${story[@]}")"
 echo
 echo "== training a LoRA (recipes/quickstart.yaml)"
 ./build/lorafit train recipes/quickstart.yaml
 echo "== with the LoRA: held-out loss, and its story"
 "${eval[@]}" --adapter runs/quickstart/adapter
-echo "$prompt$("${story[@]}" --adapter runs/quickstart/adapter)"
+echo "$prompt $("${story[@]}" --adapter runs/quickstart/adapter)"
