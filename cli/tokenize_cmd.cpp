@@ -38,12 +38,12 @@ void run_tokenize(const TokenizeOptions& o) {
   DatasetOptions chat;
   nlohmann::ordered_json kwargs;
   if (o.format == "chat") {
-    const bool has_config = std::filesystem::exists(std::filesystem::path(o.model) / "config.json");
+    // Without config.json the defaults stand in (EOS 2, LLaMA's), as the llama2 format needs one.
     LlamaConfig config;
-    if (has_config) config = load_llama_config(o.model);
+    if (std::filesystem::exists(std::filesystem::path(o.model) / "config.json"))
+      config = load_llama_config(o.model);
     chat = dataset_options(tokenizer, config, "chat", 0, false, o.chat_template);
     chat.add_generation_prompt = o.add_generation_prompt;
-    if (!has_config && !tokenizer.eos_id()) chat.eos = 2;
     if (!o.template_kwargs.empty()) {
       try {
         kwargs = nlohmann::ordered_json::parse(o.template_kwargs);

@@ -1,5 +1,6 @@
 #include "tokenizer/chat.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -45,16 +46,11 @@ jinja::Template parse_template(const std::string& source, const std::string& nam
   }
 }
 
-size_t common_prefix(const std::string& a, const std::string& b) {
-  size_t n = 0;
-  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
-  return n;
-}
-
-size_t common_prefix(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
-  size_t n = 0;
-  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
-  return n;
+// How many leading elements (characters, token ids) two sequences share.
+template <class Seq>
+size_t common_prefix(const Seq& a, const Seq& b) {
+  const auto n = std::min(a.size(), b.size());
+  return static_cast<size_t>(std::mismatch(a.begin(), a.begin() + n, b.begin()).first - a.begin());
 }
 
 }  // namespace
