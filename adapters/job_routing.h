@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "adapters/projection.h"
-#include "adapters/registry.h"
+#include "adapters/strategy.h"
 
 namespace lorafit {
 

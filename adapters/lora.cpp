@@ -127,10 +127,13 @@ SavedAdapter lora_save(const AdapterSettings& s,
   return out;
 }
 
-void lora_attach_saved(const json& config,
-                       const TensorMap& weights,
-                       const Projections& projections,
-                       const std::string& where) {
+void attach_lora_format(const json& config,
+                        const TensorMap& weights,
+                        const Projections& projections,
+                        const std::string& where,
+                        bool use_dora,
+                        const std::vector<std::string>& extra_suffixes,
+                        const LoraFormatMake& make) {
   std::vector<std::string> problems;
   auto unsupported = [&](const char* key, const json& ok) {
     auto it = config.find(key);
@@ -141,7 +144,7 @@ void lora_attach_saved(const json& config,
                          ok.dump() + ")");
     }
   };
-  unsupported("use_dora", false);
+  unsupported("use_dora", use_dora);
   unsupported("fan_in_fan_out", false);
   unsupported("bias", "none");
   unsupported("lora_bias", false);
@@ -180,24 +183,28 @@ void lora_attach_saved(const json& config,
   std::set<std::string> used;
   for (auto p : projections) {  // holders by value: attach() is not const
     if (!peft_targets(*targets_it, p->name)) continue;
-    const std::string key_a = kPeftPrefix + p->name + ".lora_A.weight";
-    const std::string key_b = kPeftPrefix + p->name + ".lora_B.weight";
-    auto a = weights.find(key_a);
-    auto b = weights.find(key_b);
-    if (a == weights.end() || b == weights.end()) {
-      problems.push_back("missing tensor '" + (a == weights.end() ? key_a : key_b) + "'");
-      continue;
+    std::vector<std::string> keys = {kPeftPrefix + p->name + ".lora_A.weight",
+                                     kPeftPrefix + p->name + ".lora_B.weight"};
+    for (const auto& suffix : extra_suffixes) keys.push_back(kPeftPrefix + p->name + suffix);
+    std::vector<torch::Tensor> found;
+    for (const auto& key : keys) {
+      const auto it = weights.find(key);
+      if (it == weights.end()) {
+        problems.push_back("missing tensor '" + key + "'");
+        break;
+      }
+      found.push_back(it->second);
+      used.insert(key);
     }
-    used.insert(key_a);
-    used.insert(key_b);
-    const auto r = a->second.dim() == 2 ? a->second.size(0) : -1;
-    if (r <= 0 || a->second.size(1) != p->in_features || b->second.dim() != 2 ||
-        b->second.size(0) != p->out_features || b->second.size(1) != r) {
-      problems.push_back("tensors '" + key_a + "' " + shape_text(a->second.sizes()) +
-                         " and lora_B " + shape_text(b->second.sizes()) +
-                         " do not fit the projection [" + std::to_string(p->out_features) + ", " +
-                         std::to_string(p->in_features) + "], expected [r, " +
-                         std::to_string(p->in_features) + "] and [" +
+    if (found.size() != keys.size()) continue;
+    const auto &a = found[0], &b = found[1];
+    const auto r = a.dim() == 2 ? a.size(0) : -1;
+    if (r <= 0 || a.size(1) != p->in_features || b.dim() != 2 || b.size(0) != p->out_features ||
+        b.size(1) != r) {
+      problems.push_back("tensors '" + keys[0] + "' " + shape_text(a.sizes()) + " and lora_B " +
+                         shape_text(b.sizes()) + " do not fit the projection [" +
+                         std::to_string(p->out_features) + ", " + std::to_string(p->in_features) +
+                         "], expected [r, " + std::to_string(p->in_features) + "] and [" +
                          std::to_string(p->out_features) + ", r]");
       continue;
     }
@@ -211,15 +218,9 @@ void lora_attach_saved(const json& config,
     if (const json* pa = pattern_value(config, "alpha_pattern", p->name); pa && pa->is_number()) {
       alpha = pa->get<double>();
     }
-    const double scaling = lora_scaling(alpha, r, rslora);
-    auto lora = Lora(p->in_features, p->out_features, r, scaling, dropout,
-                     torch::device(p->weight.device()));
-    {
-      torch::NoGradGuard no_grad;
-      lora->lora_A.copy_(a->second);
-      lora->lora_B.copy_(b->second);
-    }
-    p->attach(lora.ptr());
+    const SavedLoraFactors factors{a, b, lora_scaling(alpha, r, rslora), dropout};
+    if (auto adapter = make(*p, factors, {found.begin() + 2, found.end()}, problems))
+      p->attach(std::move(adapter));
   }
   for (const auto& [name, t] : weights) {
     if (!used.count(name)) {
@@ -235,6 +236,44 @@ void lora_attach_saved(const json& config,
                              "' does not fit the model: " + join_problems(problems) +
                              " (hint: was it trained on this base model?)");
   }
+}
+
+void lora_attach_saved(const json& config,
+                       const TensorMap& weights,
+                       const Projections& projections,
+                       const std::string& where) {
+  attach_lora_format(config, weights, projections, where, /*use_dora=*/false, {},
+                     [](const ProjectionImpl& p, const SavedLoraFactors& f,
+                        const std::vector<torch::Tensor>&, std::vector<std::string>&) {
+                       auto lora = Lora(p.in_features, p.out_features, f.a.size(0), f.scaling,
+                                        f.dropout, torch::device(p.weight.device()));
+                       torch::NoGradGuard no_grad;
+                       lora->lora_A.copy_(f.a);
+                       lora->lora_B.copy_(f.b);
+                       return lora.ptr();
+                     });
+}
+
+AdapterSpec lora_strategy() {
+  AdapterSpec spec;
+  spec.name = "lora";
+  spec.peft_type = "LORA";
+  spec.summary = "low-rank update B*A on each targeted projection (PEFT's LoRA)";
+  spec.reads = [](const json& config) {
+    return config.value("peft_type", "") == "LORA" && config.value("use_dora", json()) != true;
+  };
+  spec.attach_saved = [](const json& config, const TensorMap& weights, const AdapterSites& sites,
+                         const std::string& where) {
+    lora_attach_saved(config, weights, sites.projections, where);
+  };
+  spec.attach_new = [](const AdapterSettings& s, const AdapterSites& sites) {
+    lora_attach_new(s, sites.projections);
+  };
+  spec.save = [](const AdapterSettings& s, const AdapterSites& sites, const std::string& base) {
+    return lora_save(s, sites.projections, base);
+  };
+  spec.chains = true;
+  return spec;
 }
 
 }  // namespace lorafit

@@ -255,34 +255,64 @@ void attach(const Shape& s, const AdapterSites& sites) {
   }
 }
 
-}  // namespace
-
-void mixlora_attach_new(const AdapterSettings& settings, const AdapterSites& sites) {
-  Shape s{settings.experts,
-          settings.top_k,
+// The settings with the experts' LoRA resolved: expert_r 0, expert_alpha 0 and
+// expert_dropout -1 mean adapter.r, alpha and dropout.
+Shape shape_of(const AdapterSettings& settings) {
+  const auto& o = settings.options;
+  const auto expert_r = o.at("expert_r").get<int64_t>();
+  const auto expert_alpha = o.at("expert_alpha").get<double>();
+  const auto expert_dropout = o.at("expert_dropout").get<double>();
+  Shape s{o.at("num_experts").get<int64_t>(),
+          o.at("top_k").get<int64_t>(),
           settings.r,
           settings.alpha,
           settings.dropout,
           settings.use_rslora,
           {},
           {},
-          settings.expert_r,
-          settings.expert_alpha,
-          settings.expert_dropout};
+          expert_r > 0 ? expert_r : settings.r,
+          expert_alpha > 0 ? expert_alpha : settings.alpha,
+          expert_dropout >= 0 ? expert_dropout : settings.dropout};
   for (const auto& kind : settings.targets)
     (is_ffn_kind(kind) ? s.ffn : s.attention).push_back(kind);
-  attach(s, sites);
+  return s;
+}
+
+void check_settings(const AdapterSettings& settings, std::vector<std::string>& problems) {
+  const auto& o = settings.options;
+  if (o.at("router_aux_loss_coef").get<double>() < 0) {
+    problems.push_back(
+        "'adapter.router_aux_loss_coef' is required with adapter.type mixlora (hint: 0.01, "
+        "MixLoRA's documented value; MoE-PEFT's code defaults to 0.001)");
+  }
+  const auto expert_dropout = o.at("expert_dropout").get<double>();
+  if (expert_dropout != -1 && (expert_dropout < 0 || expert_dropout >= 1)) {
+    problems.push_back("'adapter.expert_dropout' is " + std::to_string(expert_dropout) +
+                       ", expected a probability in [0, 1) or -1 (adapter.dropout)");
+  }
+  const auto top_k = o.at("top_k").get<int64_t>(), experts = o.at("num_experts").get<int64_t>();
+  if (top_k > experts) {
+    problems.push_back("'adapter.top_k' is " + std::to_string(top_k) +
+                       ", more than adapter.num_experts (" + std::to_string(experts) + ")");
+  }
+}
+
+}  // namespace
+
+void mixlora_attach_new(const AdapterSettings& settings, const AdapterSites& sites) {
+  attach(shape_of(settings), sites);
 }
 
 SavedAdapter mixlora_save(const AdapterSettings& settings,
                           const AdapterSites& sites,
                           const std::string& base_model) {
+  const auto s = shape_of(settings);
   SavedAdapter out;
   out.config = {{"peft_type", "MIXLORA"},
                 {"routing_strategy", "mixlora"},
-                {"num_experts", settings.experts},
-                {"top_k", settings.top_k},
-                {"router_aux_loss_coef", settings.router_aux_loss_coef},
+                {"num_experts", s.experts},
+                {"top_k", s.top_k},
+                {"router_aux_loss_coef", settings.options.at("router_aux_loss_coef")},
                 {"router_init_range", 0.02},
                 {"jitter_noise", 0.0},
                 {"r", settings.r},
@@ -293,11 +323,9 @@ SavedAdapter mixlora_save(const AdapterSettings& settings,
                 {"bias", "none"},
                 {"task_type", "CAUSAL_LM"},
                 {"base_model_name_or_path", base_model}};
-  if (settings.expert_r != settings.r || settings.expert_alpha != settings.alpha ||
-      settings.expert_dropout != settings.dropout) {
-    out.config["expert_lora"] = {{"r", settings.expert_r},
-                                 {"lora_alpha", settings.expert_alpha},
-                                 {"lora_dropout", settings.expert_dropout}};
+  if (s.expert_r != s.r || s.expert_alpha != s.alpha || s.expert_dropout != s.dropout) {
+    out.config["expert_lora"] = {
+        {"r", s.expert_r}, {"lora_alpha", s.expert_alpha}, {"lora_dropout", s.expert_dropout}};
   }
   for_each_tensor(sites, [&](const std::string& name, torch::Tensor& t) {
     out.tensors[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
@@ -389,8 +417,9 @@ torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
     }
   }
   if (logits.empty()) return {};
-  const auto st = routing_stats(logits, keep, settings.top_k);
-  const auto loss = balance_loss(st, settings.router_aux_loss_coef);
+  const auto coef = settings.options.at("router_aux_loss_coef").get<double>();
+  const auto st = routing_stats(logits, keep, settings.options.at("top_k").get<int64_t>());
+  const auto loss = balance_loss(st, coef);
   if (!loss.requires_grad() && torch::GradMode::is_enabled()) {
     // The forward kept no graph (checkpointed layers). The loss is linear in the routing
     // probabilities once the top-k shares f are fixed: d/dp[l,t,e] = coef * E * sum_j f[j,e]
@@ -400,9 +429,8 @@ torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
     const auto n = logits[0].size(0);
     for (size_t l = 0; l < blocks.size(); ++l) {
       blocks[l]->pending_router_grad =
-          (settings.router_aux_loss_coef * static_cast<double>(n_experts) * scale) *
-          share.unsqueeze(0) * st.weight.narrow(0, static_cast<int64_t>(l) * n, n).unsqueeze(1) /
-          st.weight.sum();
+          (coef * static_cast<double>(n_experts) * scale) * share.unsqueeze(0) *
+          st.weight.narrow(0, static_cast<int64_t>(l) * n, n).unsqueeze(1) / st.weight.sum();
     }
   }
   return loss * scale;
@@ -426,6 +454,37 @@ nlohmann::json mixlora_step_metrics(const AdapterSettings& settings, const Adapt
     load.push_back(row);
   }
   return {{"expert_load", load}};
+}
+
+AdapterSpec mixlora_strategy() {
+  AdapterSpec spec;
+  spec.name = "mixlora";
+  spec.peft_type = "MIXLORA";
+  spec.summary = "top-k mixture of LoRA experts on the frozen MLP, LoRA on attention (MixLoRA)";
+  StrategyKey routing{"routing_strategy", "mixlora"};
+  routing.one_of = {"mixlora"};  // MoE-PEFT's top-k routing
+  StrategyKey experts{"num_experts", 8}, top_k{"top_k", 2};
+  experts.min = top_k.min = 1;
+  // Required: MoE-PEFT's code defaults to 0.001 and its documentation to 0.01.
+  StrategyKey coef{"router_aux_loss_coef", -1.0};
+  // The experts' LoRA where it differs from r, alpha, dropout (0, 0, -1: the same).
+  StrategyKey expert_r{"expert_r", 0}, expert_alpha{"expert_alpha", 0.0},
+      expert_dropout{"expert_dropout", -1.0};
+  expert_r.min = expert_alpha.min = 0;
+  expert_r.only_when_set = expert_alpha.only_when_set = expert_dropout.only_when_set = true;
+  spec.keys = {routing, experts, top_k, coef, expert_r, expert_alpha, expert_dropout};
+  spec.reads = [](const nlohmann::json& config) {
+    return config.value("peft_type", "") == "MIXLORA";
+  };
+  spec.check = check_settings;
+  spec.attach_saved = mixlora_attach_saved;
+  spec.attach_new = mixlora_attach_new;
+  spec.save = mixlora_save;
+  spec.aux_loss = mixlora_aux_loss;
+  spec.step_metrics = mixlora_step_metrics;
+  spec.mergeable = false;
+  spec.with_trainable_base = false;
+  return spec;
 }
 
 }  // namespace lorafit

@@ -9,7 +9,7 @@
 
 #include "adapters/lora.h"
 #include "adapters/projection.h"
-#include "adapters/registry.h"
+#include "adapters/strategy.h"
 
 namespace lorafit {
 
@@ -94,5 +94,9 @@ torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,
 /// {"expert_load": per layer, the share of the last forward's routed slots (tokens x k) that
 /// went to each expert}: 1/E each when balanced.
 nlohmann::json mixlora_step_metrics(const AdapterSettings& settings, const AdapterSites& sites);
+
+/// MixLoRA's row of the strategy table: keys adapter.routing_strategy, num_experts, top_k,
+/// router_aux_loss_coef (required), expert_r, expert_alpha, expert_dropout; not mergeable.
+AdapterSpec mixlora_strategy();
 
 }  // namespace lorafit

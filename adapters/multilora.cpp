@@ -54,9 +54,11 @@ torch::Tensor MultiLoraImpl::merged_delta() const {
 }
 
 void multilora_attach_new(const AdapterSettings& s, const Projections& projections) {
+  const auto n = s.options.at("n").get<int64_t>();
+  const bool vector_scale = s.options.at("scale") == "vector";
   attach_to_kinds(projections, s.targets, [&](const ProjectionImpl& p) {
-    return MultiLora(p.in_features, p.out_features, s.r, s.n,
-                     lora_scaling(s.alpha, s.r, s.use_rslora), s.dropout, s.vector_scale,
+    return MultiLora(p.in_features, p.out_features, s.r, n,
+                     lora_scaling(s.alpha, s.r, s.use_rslora), s.dropout, vector_scale,
                      torch::device(p.weight.device()))
         .ptr();
   });
@@ -84,8 +86,8 @@ SavedAdapter multilora_save(const AdapterSettings& s,
                 {"lora_alpha", s.alpha},
                 {"lora_dropout", s.dropout},
                 {"use_rslora", s.use_rslora},
-                {"n", s.n},
-                {"scale", s.vector_scale ? "vector" : "scalar"},
+                {"n", s.options.at("n")},
+                {"scale", s.options.at("scale")},
                 {"target_modules", std::vector<std::string>(kinds.begin(), kinds.end())}};
   return out;
 }
@@ -149,6 +151,31 @@ void multilora_attach_saved(const json& config,
                              "' does not fit the model: " + join_problems(problems) +
                              " (hint: was it trained on this base model?)");
   }
+}
+
+AdapterSpec multilora_strategy() {
+  AdapterSpec spec;
+  spec.name = "multilora";
+  spec.peft_type = "MULTILORA";
+  spec.summary = "n parallel LoRA modules with learnable scales (MultiLoRA)";
+  StrategyKey n{"n", 3};
+  n.min = 1;
+  StrategyKey scale{"scale", "vector"};
+  scale.one_of = {"vector", "scalar"};
+  spec.keys = {n, scale};
+  spec.reads = [](const json& config) { return config.value("peft_type", "") == "MULTILORA"; };
+  spec.attach_saved = [](const json& config, const TensorMap& weights, const AdapterSites& sites,
+                         const std::string& where) {
+    multilora_attach_saved(config, weights, sites.projections, where);
+  };
+  spec.attach_new = [](const AdapterSettings& s, const AdapterSites& sites) {
+    multilora_attach_new(s, sites.projections);
+  };
+  spec.save = [](const AdapterSettings& s, const AdapterSites& sites, const std::string& base) {
+    return multilora_save(s, sites.projections, base);
+  };
+  spec.chains = true;
+  return spec;
 }
 
 }  // namespace lorafit

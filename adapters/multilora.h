@@ -15,7 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "adapters/projection.h"
-#include "adapters/registry.h"
+#include "adapters/strategy.h"
 
 namespace lorafit {
 
@@ -49,5 +49,9 @@ void multilora_attach_saved(const nlohmann::json& config,
                             const TensorMap& weights,
                             const Projections& projections,
                             const std::string& where);
+
+/// MultiLoRA's row of the strategy table: keys adapter.n (modules per projection, 3) and
+/// adapter.scale (vector | scalar); COLA chains it.
+AdapterSpec multilora_strategy();
 
 }  // namespace lorafit

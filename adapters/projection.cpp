@@ -24,8 +24,11 @@ torch::Tensor ProjectionAdapterImpl::forward(const torch::Tensor&, const torch::
 
 namespace {
 
-// The terms as numbers for the autograd context: per term its first flattened row, its row
-// count and its first column; and per term its scaling.
+// The terms as numbers for the autograd context: per term (kCode numbers) its first flattened
+// row, its row count, its first column and which factor after the a's and b's is its output
+// scale (-1: none); and per term its scaling.
+constexpr size_t kCode = 4;
+
 struct TermLayout {
   std::vector<int64_t> code;
   std::vector<double> scales;
@@ -34,10 +37,12 @@ struct TermLayout {
 TermLayout layout_of(const LowRank& u, int64_t n) {
   TermLayout l;
   const int64_t per = u.batch_rows > 0 ? n / u.batch_rows : n;
+  int64_t out_scales = 0;
   for (const auto& t : u.terms) {
     const bool all = t.row_end == 0;
     l.code.insert(l.code.end(),
-                  {all ? 0 : t.row_begin * per, all ? n : (t.row_end - t.row_begin) * per, t.col});
+                  {all ? 0 : t.row_begin * per, all ? n : (t.row_end - t.row_begin) * per, t.col,
+                   t.out_scale.defined() ? out_scales++ : -1});
     l.scales.push_back(t.scaling);
   }
   return l;
@@ -51,8 +56,8 @@ struct TermGroup {
 
 std::vector<TermGroup> groups_of(const std::vector<int64_t>& code) {
   std::vector<TermGroup> out;
-  for (size_t t = 0; t * 3 < code.size(); ++t) {
-    const int64_t row = code[3 * t], rows = code[3 * t + 1];
+  for (size_t t = 0; t * kCode < code.size(); ++t) {
+    const int64_t row = code[kCode * t], rows = code[kCode * t + 1];
     if (!out.empty() && out.back().row == row && out.back().rows == rows) {
       ++out.back().count;
     } else {
@@ -62,8 +67,17 @@ std::vector<TermGroup> groups_of(const std::vector<int64_t>& code) {
   return out;
 }
 
+// A term's region of the flattened output: its rows, its columns. y: [N, out]
+torch::Tensor region(const torch::Tensor& y,
+                     const std::vector<int64_t>& code,
+                     size_t t,
+                     int64_t w) {
+  return y.narrow(0, code[kCode * t], code[kCode * t + 1]).narrow(1, code[kCode * t + 2], w);
+}
+
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
-  // factors: a_0, b_0, a_1, b_1, ... (a_t [k_t, in], b_t [out_t, k_t], any floating dtype)
+  // factors: a_0, b_0, a_1, b_1, ... (a_t [k_t, in], b_t [out_t, k_t]), then the output scales
+  // ([out_t]) of the terms that have one; any floating dtype.
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
                                torch::Tensor x,       // [..., in]
                                torch::Tensor weight,  // [out, in]
@@ -75,6 +89,9 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     shape.back() = weight.size(0);
     const auto x2 = x.reshape({-1, x.size(-1)});  // [N, in]
     const auto dtype = x.scalar_type();
+    const size_t terms = code.size() / kCode;
+    const bool scaled = factors.size() > 2 * terms;
+    value_needed = value_needed || scaled;  // a scale's gradient reads the output
     torch::Tensor y = value_needed ? torch::mm(x2, weight.t())
                                    : torch::empty({x2.size(0), weight.size(0)}, x.options());
     // Saved: x, weight, the factors, then per group its stacked a and xa and its terms' b,
@@ -93,13 +110,19 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
         const auto b = factors[2 * t + 1].to(dtype);  // [out_t, k_t]
         if (value_needed) {
           y.narrow(0, g.row, g.rows)
-              .narrow(1, code[3 * t + 2], b.size(0))
+              .narrow(1, code[kCode * t + 2], b.size(0))
               .addmm_(xa.narrow(1, k, b.size(1)), b.t(), 1, scales[t]);
         }
         saved.push_back(b);
         k += b.size(1);
       }
     }
+    for (size_t t = 0; t < terms; ++t) {
+      if (code[kCode * t + 3] < 0) continue;
+      const auto& g = factors[2 * terms + code[kCode * t + 3]];  // [out_t]
+      region(y, code, t, g.size(0)).mul_(g.to(dtype));
+    }
+    if (scaled) saved.push_back(y);
     ctx->save_for_backward(saved);
     ctx->saved_data["code"] = code;
     ctx->saved_data["scales"] = scales;
@@ -112,13 +135,35 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     const auto &x2 = saved[0], &weight = saved[1];
     const auto code = ctx->saved_data["code"].toIntVector();
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
-    const size_t terms = code.size() / 3;
-    const auto dy = grads[0].reshape({-1, weight.size(0)});  // [N, out]
+    const size_t terms = code.size() / kCode;
+    size_t n_scales = 0;
+    for (size_t t = 0; t < terms; ++t) n_scales += code[kCode * t + 3] >= 0;
+    auto dy = grads[0].reshape({-1, weight.size(0)});  // [N, out]
+    std::vector<torch::Tensor> dfactors(2 * terms + n_scales);
+    if (n_scales > 0) {
+      // d/d scale = sum over the region's rows of dy * y0, y0 = y / scale the unscaled
+      // output; every gradient below then flows through dy * scale.
+      const auto& y = saved.back();  // [N, out]
+      const auto acc = torch::promote_types(dy.scalar_type(), torch::kFloat);
+      auto scaled_dy = dy.clone();
+      for (size_t t = 0; t < terms; ++t) {
+        const auto si = code[kCode * t + 3];
+        if (si < 0) continue;
+        const auto& g = saved[2 + 2 * terms + si];  // [out_t]
+        const auto w = g.size(0);
+        if (ctx->needs_input_grad(2 + 2 * terms + si)) {
+          const auto dg = (region(dy, code, t, w).to(acc) * region(y, code, t, w).to(acc)).sum(0);
+          const auto safe = torch::where(g == 0, torch::ones_like(g), g).to(acc);
+          dfactors[2 * terms + si] = (dg / safe).to(g.scalar_type());
+        }
+        region(scaled_dy, code, t, w).mul_(g.to(scaled_dy.scalar_type()));
+      }
+      dy = scaled_dy;
+    }
     torch::Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = torch::mm(dy, weight);  // [N, in]
     if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
-    std::vector<torch::Tensor> dfactors(2 * terms);
-    size_t at = 2 + 2 * terms;  // each group's stacked a, xa and its terms' b
+    size_t at = 2 + 2 * terms + n_scales;  // each group's stacked a, xa and its terms' b
     for (const auto& g : groups_of(code)) {
       const auto &a = saved[at], &xa = saved[at + 1];
       const size_t b_at = at + 2;
@@ -135,7 +180,7 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       int64_t k = 0;
       for (size_t t = g.first; t < g.first + g.count; ++t) {
         const auto& b = saved[b_at + (t - g.first)];  // [out_t, k_t]
-        const auto dyt = dys.narrow(1, code[3 * t + 2], b.size(0));
+        const auto dyt = dys.narrow(1, code[kCode * t + 2], b.size(0));
         dxas.push_back(shared ? torch::mm(dyt, b) : torch::mm(dyt, b).mul_(scales[t]));
         const auto& b_in = saved[2 + 2 * t + 1];
         if (ctx->needs_input_grad(2 + 2 * t + 1)) {
@@ -178,14 +223,18 @@ torch::Tensor with_terms(const torch::Tensor& x,
                          const torch::Tensor& base,
                          const LowRank& u,
                          bool training) {
-  const auto h = u.dropout > 0 && training ? torch::dropout(x, u.dropout, /*train=*/true) : x;
+  const bool drop = u.dropout > 0 && training;
+  const auto h = drop ? torch::dropout(x, u.dropout, /*train=*/true) : x;
   auto y = base;
   for (const auto& t : u.terms) {
     TORCH_CHECK(t.row_end == 0 && t.col == 0 && t.b.size(0) == base.size(-1),
                 "an adapter's own update covers every row and column");
+    TORCH_CHECK(!(drop && t.out_scale.defined()),
+                "an adapter that scales its output computes its own dropout");
     y = y + torch::nn::functional::linear(torch::nn::functional::linear(h, t.a.to(x.scalar_type())),
                                           t.b.to(x.scalar_type())) *
                 t.scaling;
+    if (t.out_scale.defined()) y = y * t.out_scale.to(x.scalar_type());
   }
   return y;
 }
@@ -202,6 +251,8 @@ torch::Tensor low_rank_linear(const torch::Tensor& x,
     factors.push_back(t.a);
     factors.push_back(t.b);
   }
+  for (const auto& t : update.terms)
+    if (t.out_scale.defined()) factors.push_back(t.out_scale);
   return LowRankLinear::apply(x, weight, at::TensorList(factors), value_needed, std::move(code),
                               std::move(scales));
 }

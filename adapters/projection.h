@@ -16,14 +16,22 @@ namespace lorafit {
 
 /// One term of a projection's low-rank update: rows [row_begin, row_end) of the batch (every
 /// row when row_end is 0) get scaling * (x a^T) b^T in the output columns [col, col + out_t).
-/// a and b may be in any floating dtype (an adapter's fp32 parameters): the projection
-/// computes in the activations' dtype and returns their gradients in theirs.
+/// With `out_scale`, that region of the whole output (base and update) is then multiplied by
+/// it column by column, before any bias: DoRA's magnitude over the weight's norm. A region
+/// with an out_scale has no other term. a, b and out_scale may be in any floating dtype (an
+/// adapter's fp32 parameters): the projection computes in the activations' dtype and returns
+/// their gradients in theirs.
 struct LowRankTerm {
+  LowRankTerm() = default;
+  LowRankTerm(torch::Tensor a_, torch::Tensor b_, double scaling_, torch::Tensor out_scale_ = {})
+      : a(std::move(a_)), b(std::move(b_)), scaling(scaling_), out_scale(std::move(out_scale_)) {}
+
   torch::Tensor a;  // [k, in]
   torch::Tensor b;  // [out_t, k]
   double scaling = 1.0;
   int64_t row_begin = 0, row_end = 0;  // batch rows
   int64_t col = 0;                     // the first output column
+  torch::Tensor out_scale;             // [out_t], or undefined
 };
 
 /// A low-rank update of a projection: y = x W^T + its terms. Several terms are several
@@ -99,7 +107,9 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 /// The module name's last component ("q_proj"), which PEFT's target_modules lists match.
 std::string projection_kind(const std::string& name);
 
-/// x W^T plus the update's terms, with a hand-written backward: the terms that share rows
+/// x W^T plus the update's terms (then their output scales), with a hand-written backward: the
+/// output is kept for a scale's gradient (sum over rows of dy * y / scale, so a column whose
+/// scale is exactly 0 gets none); the terms that share rows
 /// share one down-projection GEMM (their a stacked, cast once to x's dtype), the input
 /// gradient is one GEMM accumulating into another (dy W + (dy b) a, no separate add), the
 /// up-projections add into the base output in place, and the frozen weight gets no gradient.

@@ -1,5 +1,8 @@
 #include "adapters/registry.h"
 
+#include <algorithm>
+
+#include "adapters/full.h"
 #include "adapters/lora.h"
 #include "adapters/mixlora.h"
 #include "adapters/multilora.h"
@@ -7,85 +10,67 @@
 
 namespace lorafit {
 
-namespace {
-
-// A strategy that only puts adapters on projections, as an AdapterSpec row's three functions.
-template <auto AttachSaved, auto AttachNew, auto Save>
-struct OnProjections {
-  static void attach_saved(const nlohmann::json& config,
-                           const TensorMap& weights,
-                           const AdapterSites& sites,
-                           const std::string& where) {
-    AttachSaved(config, weights, sites.projections, where);
-  }
-  static void attach_new(const AdapterSettings& settings, const AdapterSites& sites) {
-    AttachNew(settings, sites.projections);
-  }
-  static SavedAdapter save(const AdapterSettings& settings,
-                           const AdapterSites& sites,
-                           const std::string& base_model) {
-    return Save(settings, sites.projections, base_model);
-  }
-};
-
-// Full fine-tuning attaches and saves nothing: the base's own weights are what trains.
-struct NoAdapter {
-  static void attach_saved(const nlohmann::json&,
-                           const TensorMap&,
-                           const AdapterSites&,
-                           const std::string& where) {
-    throw ConfigError("'" + where + "' is a full model, not an adapter (hint: pass it as --model)");
-  }
-  static void attach_new(const AdapterSettings&, const AdapterSites&) {}
-  static SavedAdapter save(const AdapterSettings&, const AdapterSites&, const std::string&) {
-    return {};
-  }
-};
-
-template <typename S>
-AdapterSpec row(std::string_view name, std::string_view peft_type, std::string_view summary) {
-  return {name, peft_type, summary, S::attach_saved, S::attach_new, S::save};
-}
-
-}  // namespace
-
 const std::vector<AdapterSpec>& adapter_specs() {
-  using Lora = OnProjections<lora_attach_saved, lora_attach_new, lora_save>;
-  using MultiLora = OnProjections<multilora_attach_saved, multilora_attach_new, multilora_save>;
   static const std::vector<AdapterSpec> specs = {
-      row<Lora>("lora", "LORA", "low-rank update B*A on each targeted projection (PEFT's LoRA)"),
-      row<MultiLora>("multilora", "MULTILORA",
-                     "n parallel LoRA modules with learnable scales (MultiLoRA)"),
-      {"mixlora", "MIXLORA",
-       "top-k mixture of LoRA experts on the frozen MLP, LoRA on attention (MixLoRA)",
-       mixlora_attach_saved, mixlora_attach_new, mixlora_save, mixlora_aux_loss,
-       mixlora_step_metrics},
-      {"full", "", "every weight of the model trains in fp32 (full fine-tuning); writes a model",
-       NoAdapter::attach_saved, NoAdapter::attach_new, NoAdapter::save, nullptr, nullptr,
-       /*trains_base=*/true},
+      lora_strategy(),
+      multilora_strategy(),
+      mixlora_strategy(),
+      full_strategy(),
   };
   return specs;
 }
 
+const AdapterSpec* find_adapter_if(const std::string& name) {
+  for (const auto& spec : adapter_specs())
+    if (spec.name == name) return &spec;
+  return nullptr;
+}
+
 const AdapterSpec& find_adapter(const std::string& name) {
+  if (const auto* spec = find_adapter_if(name)) return *spec;
   std::string known;
-  for (const auto& spec : adapter_specs()) {
-    if (spec.name == name) return spec;
+  for (const auto& spec : adapter_specs())
     known += (known.empty() ? "" : ", ") + std::string(spec.name);
-  }
   throw ConfigError("adapter type '" + name + "' is not one lorafit knows (known: " + known + ")");
 }
 
-const AdapterSpec& find_adapter_by_peft_type(const std::string& peft_type,
-                                             const std::string& where) {
+const AdapterSpec& find_adapter_for_config(const nlohmann::json& config, const std::string& where) {
   std::string known;
   for (const auto& spec : adapter_specs()) {
-    if (spec.peft_type.empty()) continue;
-    if (spec.peft_type == peft_type) return spec;
-    known += (known.empty() ? "" : ", ") + std::string(spec.peft_type);
+    if (!spec.reads) continue;
+    if (spec.reads(config)) return spec;
+    const std::string type(spec.peft_type);
+    if ((", " + known + ", ").find(", " + type + ", ") == std::string::npos)
+      known += (known.empty() ? "" : ", ") + type;
   }
-  throw ConfigError("'" + where + "': peft_type '" + peft_type +
+  throw ConfigError("'" + where + "': peft_type '" + config.value("peft_type", std::string()) +
                     "' is not one lorafit reads (known: " + known + ")");
+}
+
+const std::vector<StrategyKey>& strategy_keys() {
+  static const std::vector<StrategyKey> keys = [] {
+    std::vector<StrategyKey> out;
+    for (const auto& spec : adapter_specs()) {
+      for (const auto& key : spec.keys) {
+        const auto same = std::find_if(out.begin(), out.end(),
+                                       [&](const StrategyKey& k) { return k.name == key.name; });
+        if (same == out.end()) {
+          out.push_back(key);
+        } else if (same->fallback != key.fallback) {
+          throw std::logic_error("strategies share the key adapter." + key.name +
+                                 " with different defaults");
+        }
+      }
+    }
+    return out;
+  }();
+  return keys;
+}
+
+nlohmann::json AdapterSettings::strategy_defaults() {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& key : strategy_keys()) out[key.name] = key.fallback;
+  return out;
 }
 
 }  // namespace lorafit

@@ -54,7 +54,7 @@ nlohmann::json linear_rope_scaling(double factor) {
   return {{"rope_type", "linear"}, {"factor", factor}};
 }
 
-void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
+const AdapterSpec& load_adapter(const std::string& dir, LlamaForCausalLM& model) {
   auto saved = read_adapter_files(dir);
   apply_modules_to_save(saved, model, dir);
   if (const auto it = saved.config.find("rope_scaling"); it != saved.config.end()) {
@@ -65,10 +65,10 @@ void load_adapter(const std::string& dir, LlamaForCausalLM& model) {
     }
     model->interpolate_rope((*it)["factor"].get<double>());
   }
-  const std::string peft_type = saved.config["peft_type"];
   const auto where = (fs::path(dir) / "adapter_config.json").string();
-  const auto& spec = find_adapter_by_peft_type(peft_type, where);
+  const auto& spec = find_adapter_for_config(saved.config, where);
   spec.attach_saved(saved.config, saved.tensors, model->adapter_sites(), dir);
+  return spec;
 }
 
 void write_adapter_files(const std::string& dir, const SavedAdapter& saved) {
@@ -106,8 +106,6 @@ std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model,
 std::vector<torch::Tensor> trainable_parameters(LlamaForCausalLM& model, const BaseFilter& base) {
   return trainable_parameters(model, model->adapter_sites(), base);
 }
-
-namespace {}  // namespace
 
 void add_modules_to_save(SavedAdapter& saved,
                          const std::vector<std::pair<std::string, torch::Tensor>>& base) {

@@ -4,7 +4,7 @@
 #include <functional>
 #include <string>
 
-#include "adapters/registry.h"
+#include "adapters/strategy.h"
 #include "core/llama.h"
 
 namespace lorafit {
@@ -19,8 +19,9 @@ void write_adapter_files(const std::string& dir, const SavedAdapter& saved);
 
 /// Reads the adapter in `dir` and attaches it (with its modules_to_save, and its RoPE
 /// interpolation when it was trained with one) to `model`'s projections through the strategy
-/// that its peft_type names. Every mismatch with the model is reported at once.
-void load_adapter(const std::string& dir, LlamaForCausalLM& model);
+/// that reads its adapter_config.json, which it returns. Every mismatch with the model is
+/// reported at once.
+const AdapterSpec& load_adapter(const std::string& dir, LlamaForCausalLM& model);
 
 /// Which base tensors train besides the adapters, by checkpoint name (full fine-tuning: all;
 /// LongLoRA: embeddings and norms); empty: none.

@@ -47,7 +47,8 @@ namespace {
 // The attached adapter's update on `p` as fp32 factors (a [k, in], scaling * b [out, k]).
 std::pair<torch::Tensor, torch::Tensor> link_factors(const ProjectionImpl& p) {
   const auto f = p.adapter->low_rank();
-  TORCH_CHECK(f && f->terms.size() == 1, "cola: the adapter on ", p.name, " is not low-rank");
+  TORCH_CHECK(f && f->terms.size() == 1 && !f->terms[0].out_scale.defined(),
+              "cola: the adapter on ", p.name, " is not one low-rank term");
   const auto& t = f->terms[0];
   return {t.a.detach().to(torch::kFloat32, false, /*copy=*/true),
           (t.b.detach().to(torch::kFloat32) * t.scaling).contiguous()};

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "adapters/registry.h"
+#include "adapters/strategy.h"
 #include "core/llama.h"
 #include "core/recipe.h"
 

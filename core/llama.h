@@ -10,7 +10,7 @@
 #include <string>
 
 #include "adapters/projection.h"
-#include "adapters/registry.h"
+#include "adapters/strategy.h"
 #include "core/hf_config.h"
 
 namespace lorafit {

@@ -112,25 +112,17 @@ void merge_adapter(const MergeOptions& o) {
   const auto dtype =
       o.dtype == "auto" ? checkpoint_dtype(o.model) : pick_dtype(o.dtype, torch::kCPU);
   auto model = load_llama(o.model, torch::kCPU, torch::kFloat32);
-  load_adapter(o.adapter, model);
-
-  torch::NoGradGuard no_grad;
-  for (const auto& site : model->adapter_sites().ffns) {
-    if (site.adapter()) {
-      throw ConfigError("adapter '" + o.adapter + "' routes each token through its own experts (" +
-                        site.name +
-                        " is a sparse mixture), which no dense checkpoint can express (hint: "
-                        "use it unmerged with --adapter in eval and generate)");
-    }
+  const auto& spec = load_adapter(o.adapter, model);
+  if (!spec.mergeable) {
+    throw ConfigError("adapter '" + o.adapter + "' is a " + std::string(spec.name) +
+                      " adapter, which no dense checkpoint can express (hint: use it unmerged "
+                      "with --adapter in eval and generate)");
   }
+  torch::NoGradGuard no_grad;
   for (auto p : model->projections()) {
     if (!p->adapter) continue;
     const auto delta = p->adapter->merged_delta();  // [out, in] fp32
-    if (!delta.defined()) {
-      throw ConfigError("adapter '" + o.adapter +
-                        "' cannot be merged into a dense checkpoint "
-                        "(hint: use it unmerged with --adapter)");
-    }
+    TORCH_CHECK(delta.defined(), "a mergeable strategy left ", p->name, " without a dense update");
     p->weight.add_(delta);
   }
 

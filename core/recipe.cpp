@@ -110,15 +110,13 @@ void visit_fields(Recipe_& r, F&& f) {
   f("adapter.targets", r.adapter.targets, Rule{});
   f("adapter.use_rslora", r.adapter.use_rslora, Rule{});
   f("adapter.init", r.adapter.init, Rule{});
-  f("adapter.n", r.adapter.n, at_least(1));
-  f("adapter.scale", r.adapter.scale, one_of({"vector", "scalar"}));
-  f("adapter.routing_strategy", r.adapter.routing_strategy, one_of({"mixlora"}));
-  f("adapter.num_experts", r.adapter.num_experts, at_least(1));
-  f("adapter.top_k", r.adapter.top_k, at_least(1));
-  f("adapter.router_aux_loss_coef", r.adapter.router_aux_loss_coef, Rule{});
-  f("adapter.expert_r", r.adapter.expert_r, at_least(0));
-  f("adapter.expert_alpha", r.adapter.expert_alpha, at_least(0));
-  f("adapter.expert_dropout", r.adapter.expert_dropout, Rule{});
+  for (const auto& key : strategy_keys()) {
+    Rule rule;
+    rule.min = key.min;
+    rule.below_one = key.below_one;
+    rule.one_of = key.one_of;
+    f("adapter." + key.name, r.adapter.options[key.name], rule);
+  }
   f("train.steps", r.train.steps, at_least(0));
   f("train.epochs", r.train.epochs, at_least(0));
   f("train.batch_size", r.train.batch_size, at_least(1));
@@ -171,35 +169,58 @@ std::string where(const YAML::Node& n) {
   return n.Mark().line >= 0 ? " (line " + std::to_string(n.Mark().line + 1) + ")" : "";
 }
 
+// Calls f with a value of the C++ type that `value` (a strategy key's default) holds: int64_t,
+// double, bool or std::string.
+template <class F>
+void with_json_type(const nlohmann::json& value, F&& f) {
+  if (value.is_number_integer()) {
+    f(value.get<int64_t>());
+  } else if (value.is_number()) {
+    f(value.get<double>());
+  } else if (value.is_boolean()) {
+    f(value.get<bool>());
+  } else {
+    f(value.get<std::string>());
+  }
+}
+
 struct Reader {
   const YAML::Node& root;
   std::vector<std::string>& problems;
 
   template <class T>
-  void operator()(const char* key, T& value, const Rule& rule) {
+  void operator()(const std::string& key, T& value, const Rule& rule) {
     const YAML::Node n = find(root, key);
     if (!n.IsDefined() || n.IsNull()) {
-      if (rule.required) problems.push_back("'" + std::string(key) + "' is required");
+      if (rule.required) problems.push_back("'" + key + "' is required");
       return;
     }
-    if (!read(key, n, value)) return;
-    check(key, n, value, rule);
+    if constexpr (std::is_same_v<T, nlohmann::json>) {
+      // A strategy's key: typed by its default.
+      with_json_type(value, [&](auto typed) {
+        if (!read(key, n, typed)) return;
+        check(key, n, typed, rule);
+        value = typed;
+      });
+    } else {
+      if (!read(key, n, value)) return;
+      check(key, n, value, rule);
+    }
   }
 
-  bool read(const char* key, const YAML::Node& n, std::vector<std::string>& value) {
+  bool read(const std::string& key, const YAML::Node& n, std::vector<std::string>& value) {
     if (n.IsScalar() && n.Scalar() == "all-linear") {
       value = kProjectionKinds;
       return true;
     }
     if (!n.IsSequence()) {
-      problems.push_back("'" + std::string(key) + "' must be a list of module names or all-linear" +
-                         where(n));
+      problems.push_back("'" + key + "' must be a list of module names or all-linear" + where(n));
       return false;
     }
     value.clear();
     for (const auto& item : n) {
       if (!item.IsScalar()) {
-        problems.push_back("'" + std::string(key) + "' must list module names" + where(n));
+        problems.push_back("'" + key + "' must list module names" + where(n));
         return false;
       }
       value.push_back(item.Scalar());
@@ -208,10 +229,10 @@ struct Reader {
   }
 
   template <class T>
-  bool read(const char* key, const YAML::Node& n, std::vector<T>& value) {
+  bool read(const std::string& key, const YAML::Node& n, std::vector<T>& value) {
     const char* expected = std::is_same_v<T, int64_t> ? "integers" : "numbers";
     if (!n.IsSequence()) {
-      problems.push_back("'" + std::string(key) + "' must be a list of " + expected + where(n));
+      problems.push_back("'" + key + "' must be a list of " + expected + where(n));
       return false;
     }
     value.clear();
@@ -224,7 +245,7 @@ struct Reader {
   }
 
   template <class T>
-  bool read(const char* key, const YAML::Node& n, T& value) {
+  bool read(const std::string& key, const YAML::Node& n, T& value) {
     const char* expected = std::is_same_v<T, bool>      ? "true or false"
                            : std::is_same_v<T, int64_t> ? "an integer"
                            : std::is_same_v<T, double>  ? "a number"
@@ -242,13 +263,13 @@ struct Reader {
         if (std::is_same_v<T, int64_t> && end != n.Scalar().c_str() && *end == '\0')
           hint = " (hint: write a whole number without a decimal point or exponent)";
       }
-      problems.push_back("'" + std::string(key) + "' must be " + expected + got + where(n) + hint);
+      problems.push_back("'" + key + "' must be " + expected + got + where(n) + hint);
       return false;
     }
   }
 
   template <class T>
-  void check(const char* key, const YAML::Node& n, const T& value, const Rule& rule) {
+  void check(const std::string& key, const YAML::Node& n, const T& value, const Rule& rule) {
     if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) {
       const double v = static_cast<double>(value);
       std::string expected;
@@ -257,8 +278,7 @@ struct Reader {
       if (rule.positive && !(v > 0)) expected = "> 0";
       if (rule.below_one && !(v < 1)) expected = "in [0, 1)";
       if (!expected.empty()) {
-        problems.push_back("'" + std::string(key) + "' must be " + expected + ", got " +
-                           n.Scalar() + where(n) +
+        problems.push_back("'" + key + "' must be " + expected + ", got " + n.Scalar() + where(n) +
                            (rule.hint.empty() ? "" : " (hint: " + rule.hint + ")"));
       }
     }
@@ -267,7 +287,7 @@ struct Reader {
           std::find(rule.one_of.begin(), rule.one_of.end(), value) == rule.one_of.end()) {
         std::string list;
         for (const auto& o : rule.one_of) list += (list.empty() ? "" : " | ") + o;
-        problems.push_back("'" + std::string(key) + "' is '" + value + "', expected " + list +
+        problems.push_back("'" + key + "' is '" + value + "', expected " + list +
                            did_you_mean(value, rule.one_of) + where(n));
       }
     }
@@ -327,11 +347,23 @@ void apply_override(YAML::Node& root,
   node[parts.back()] = value;
 }
 
+// The adapter types whose strategy has `capability`: "lora, dora or multilora".
+std::string types_that(bool AdapterSpec::*capability) {
+  std::vector<std::string> names;
+  for (const auto& spec : adapter_specs())
+    if (spec.*capability && !spec.trains_base) names.emplace_back(spec.name);
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i)
+    out += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + names[i];
+  return out;
+}
+
 void check_cola(const Recipe& r, std::vector<std::string>& problems) {
   const auto& c = r.cola;
-  if (r.adapter.type != "lora" && r.adapter.type != "multilora") {
-    problems.push_back("'cola' chains lora or multilora adapters, not adapter.type '" +
-                       r.adapter.type + "'");
+  const auto* spec = find_adapter_if(r.adapter.type);
+  if (spec && !spec->chains) {
+    problems.push_back("'cola' chains " + types_that(&AdapterSpec::chains) +
+                       " adapters, not adapter.type '" + r.adapter.type + "'");
   }
   if (c.links > 0 && !c.knots.empty() && c.links != c.link_count()) {
     problems.push_back("'cola.links' is " + std::to_string(c.links) + " but 'cola.knots' makes " +
@@ -376,10 +408,11 @@ void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
                          did_you_mean(t, {"embed", "norm"}));
     }
   }
-  if (!l.trainable.empty() &&
-      (r.adapter.type == "full" || r.adapter.type == "mixlora" || r.cola.enabled())) {
+  const auto* spec = find_adapter_if(r.adapter.type);
+  if (!l.trainable.empty() && ((spec && !spec->with_trainable_base) || r.cola.enabled())) {
     problems.push_back(
-        "'longlora.trainable' goes with a lora or multilora adapter, not " +
+        "'longlora.trainable' goes with a " + types_that(&AdapterSpec::with_trainable_base) +
+        " adapter, not " +
         std::string(r.cola.enabled() ? "a cola chain" : "adapter.type " + r.adapter.type));
   }
   if (l.group_ratio > 1) {
@@ -499,35 +532,18 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   }
   std::vector<std::string> types;
   for (const auto& spec : adapter_specs()) types.emplace_back(spec.name);
-  if (std::find(types.begin(), types.end(), r.adapter.type) == types.end()) {
+  const auto* spec = find_adapter_if(r.adapter.type);
+  if (!spec) {
     problems.push_back("'adapter.type' is '" + r.adapter.type + "', expected one of: " +
                        join_problems(types) + did_you_mean(r.adapter.type, types));
   }
   if (r.adapter.targets.empty()) problems.push_back("'adapter.targets' is empty");
-  if (r.adapter.type == "full") {
-    if (!r.adapter.init.empty()) {
-      problems.push_back(
-          "'adapter.init' starts an adapter, but adapter.type full trains the "
-          "model itself (hint: point 'model' at the weights to start from)");
-    }
+  if (spec && spec->trains_base && !r.adapter.init.empty()) {
+    problems.push_back("'adapter.init' starts an adapter, but adapter.type " + r.adapter.type +
+                       " trains the model itself (hint: point 'model' at the weights to start "
+                       "from)");
   }
-  if (r.adapter.type == "mixlora") {
-    if (r.adapter.router_aux_loss_coef < 0) {
-      problems.push_back(
-          "'adapter.router_aux_loss_coef' is required with adapter.type mixlora (hint: 0.01, "
-          "MixLoRA's documented value; MoE-PEFT's code defaults to 0.001)");
-    }
-    if (r.adapter.expert_dropout != -1 &&
-        (r.adapter.expert_dropout < 0 || r.adapter.expert_dropout >= 1)) {
-      problems.push_back("'adapter.expert_dropout' is " + std::to_string(r.adapter.expert_dropout) +
-                         ", expected a probability in [0, 1) or -1 (adapter.dropout)");
-    }
-    if (r.adapter.top_k > r.adapter.num_experts) {
-      problems.push_back("'adapter.top_k' is " + std::to_string(r.adapter.top_k) +
-                         ", more than adapter.num_experts (" +
-                         std::to_string(r.adapter.num_experts) + ")");
-    }
-  }
+  if (spec && spec->check) spec->check(adapter_settings(r.adapter), problems);
   if (r.cola.enabled()) check_cola(r, problems);
   if (r.longlora.enabled) check_longlora(r, problems);
   std::set<std::string> seen;
@@ -645,10 +661,11 @@ void check_jobs(const Recipe& top,
       problems.push_back("job '" + j.name + "': output '" + j.output + "' is another job's too");
     if (jobs.size() < 2) continue;
     const std::string label = "job '" + j.name + "': ";
-    if (j.adapter.type == "full") {
-      problems.push_back(label +
-                         "adapter.type full trains the base, which the jobs share (hint: give "
-                         "full fine-tuning a recipe of its own)");
+    if (const auto* spec = find_adapter_if(j.adapter.type); spec && !spec->in_jobs) {
+      problems.push_back(label + "adapter.type " + j.adapter.type +
+                         (spec->trains_base ? " trains the base, which the jobs share"
+                                            : " cannot share the base with other jobs") +
+                         " (hint: give it a recipe of its own)");
     }
     if (j.train.gradient_checkpointing != top.train.gradient_checkpointing) {
       problems.push_back(label +
@@ -741,7 +758,7 @@ Recipe read_recipe(YAML::Node root,
   Recipe recipe;
   std::set<std::string> known;
   std::vector<std::string> known_list;
-  visit_fields(recipe, [&](const char* key, auto&, const Rule&) {
+  visit_fields(recipe, [&](const std::string& key, auto&, const Rule&) {
     known.insert(key);
     known_list.push_back(key);
   });
@@ -785,14 +802,7 @@ double rope_scale_factor(const LongLoraRecipe& l, int64_t max_seq_len, int64_t m
 }
 
 AdapterSettings adapter_settings(const AdapterRecipe& a) {
-  AdapterSettings s{a.r, a.alpha, a.dropout, a.use_rslora, a.targets, a.n, a.scale == "vector"};
-  s.experts = a.num_experts;
-  s.top_k = a.top_k;
-  s.router_aux_loss_coef = a.router_aux_loss_coef;
-  s.expert_r = a.expert_r > 0 ? a.expert_r : a.r;
-  s.expert_alpha = a.expert_alpha > 0 ? a.expert_alpha : a.alpha;
-  s.expert_dropout = a.expert_dropout >= 0 ? a.expert_dropout : a.dropout;
-  return s;
+  return {a.r, a.alpha, a.dropout, a.use_rslora, a.targets, a.options};
 }
 
 std::vector<Recipe> recipe_jobs(const Recipe& recipe) {
@@ -816,17 +826,18 @@ bool applies(const Recipe& r, const std::string& key) {
   }
   if (key.rfind("longlora.", 0) == 0)
     return r.longlora.enabled && (key != "longlora.trainable" || !r.longlora.trainable.empty());
-  if (is({"adapter.n", "adapter.scale"})) return a.type == "multilora";
-  if (is({"adapter.routing_strategy", "adapter.num_experts", "adapter.top_k",
-          "adapter.router_aux_loss_coef"}))
-    return a.type == "mixlora";
-  if (key == "adapter.expert_r") return a.type == "mixlora" && a.expert_r > 0;
-  if (key == "adapter.expert_alpha") return a.type == "mixlora" && a.expert_alpha > 0;
-  if (key == "adapter.expert_dropout") return a.type == "mixlora" && a.expert_dropout != -1;
+  const auto* spec = find_adapter_if(a.type);
+  if (key.rfind("adapter.", 0) == 0 && a.options.contains(key.substr(8))) {
+    const auto name = key.substr(8);
+    const auto& keys = spec ? spec->keys : std::vector<StrategyKey>{};
+    const auto own = std::find_if(keys.begin(), keys.end(),
+                                  [&](const StrategyKey& k) { return k.name == name; });
+    return own != keys.end() && (!own->only_when_set || a.options[name] != own->fallback);
+  }
   if (key == "adapter.init") return !a.init.empty();
   if (is({"adapter.r", "adapter.alpha", "adapter.dropout", "adapter.targets",
           "adapter.use_rslora"}))
-    return a.type != "full";
+    return !(spec && spec->trains_base);
   if (key == "data.valid") return !r.data.valid.empty();
   if (key == "data.chat_template") return r.data.format == "chat";
   if (key == "data.allow_longer_context") return r.data.allow_longer_context;
@@ -855,6 +866,11 @@ YAML::Node yaml_value(int64_t v) {
 YAML::Node yaml_value(double v) {
   return YAML::Node(number_text(v));
 }
+YAML::Node yaml_value(const nlohmann::json& v) {
+  YAML::Node node;
+  with_json_type(v, [&](auto typed) { node = yaml_value(typed); });
+  return node;
+}
 template <class T>
 YAML::Node yaml_value(const std::vector<T>& v) {
   YAML::Node node(YAML::NodeType::Sequence);
@@ -867,7 +883,7 @@ YAML::Node yaml_value(const std::vector<T>& v) {
 std::vector<std::pair<std::string, YAML::Node>> applied_fields(
     const Recipe& recipe, const std::function<bool(const std::string&)>& take) {
   std::vector<std::pair<std::string, YAML::Node>> out;
-  visit_fields(recipe, [&](const char* key, auto& value, const Rule&) {
+  visit_fields(recipe, [&](const std::string& key, auto& value, const Rule&) {
     if (take(split(key, '.')[0]) && applies(recipe, key)) out.emplace_back(key, yaml_value(value));
   });
   return out;
@@ -944,11 +960,11 @@ std::vector<std::string> resume_differences(const Recipe& saved, const Recipe& n
   };
   const auto before = texts(saved), after = texts(now);
   std::vector<std::string> out;
-  visit_fields(now, [&](const char* key, auto&, const Rule&) {
+  visit_fields(now, [&](const std::string& key, auto&, const Rule&) {
     const auto b = before.find(key), n = after.find(key);
     const std::string was = b == before.end() ? "(unset)" : b->second;
     const std::string is = n == after.end() ? "(unset)" : n->second;
-    if (was != is) out.push_back(std::string(key) + ": " + was + " -> " + is);
+    if (was != is) out.push_back(key + ": " + was + " -> " + is);
   });
   return out;
 }

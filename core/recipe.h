@@ -27,24 +27,15 @@ struct DataRecipe {
 };
 
 struct AdapterRecipe {
-  std::string type = "lora";
+  std::string type = std::string(adapter_specs().front().name);
   int64_t r = 16;
   double alpha = 32;
   double dropout = 0.05;
   std::vector<std::string> targets = kProjectionKinds;
   bool use_rslora = false;
-  std::string init;              // optional: a saved adapter to start from instead of PEFT's init
-  int64_t n = 3;                 // multilora: parallel LoRA modules per projection
-  std::string scale = "vector";  // multilora: vector (per output channel) | scalar
-  std::string routing_strategy = "mixlora";  // mixlora: top-k routing (MoE-PEFT's `mixlora`)
-  int64_t num_experts = 8;                   // mixlora
-  int64_t top_k = 2;                         // mixlora
-  // mixlora, required: MoE-PEFT's code defaults to 0.001 and its documentation to 0.01.
-  double router_aux_loss_coef = -1;
-  // mixlora: the experts' LoRA when it differs from r, alpha, dropout (0, 0, -1: the same).
-  int64_t expert_r = 0;
-  double expert_alpha = 0;
-  double expert_dropout = -1;
+  std::string init;  // optional: a saved adapter to start from instead of PEFT's init
+  // The strategies' own keys (adapter.<StrategyKey::name>), each at its default unless set.
+  nlohmann::json options = AdapterSettings::strategy_defaults();
 };
 
 struct TrainRecipe {

@@ -28,11 +28,12 @@ ThreeJobs three_jobs() {
   AdapterSettings lora;
   lora.r = 2, lora.alpha = 4, lora.targets = {"q_proj", "v_proj"};
   AdapterSettings multi = lora;
-  multi.n = 2,
+  multi.options["n"] = 2;
   multi.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   AdapterSettings mix = lora;
   mix.targets = {"q_proj", "gate_proj", "down_proj"};
-  mix.experts = 3, mix.top_k = 2, mix.expert_r = 2, mix.expert_alpha = 2;
+  mix.options["num_experts"] = 3, mix.options["top_k"] = 2;
+  mix.options["expert_r"] = 2, mix.options["expert_alpha"] = 2.0;
   find_adapter("lora").attach_new(lora, t.routing.sites[0]);
   find_adapter("multilora").attach_new(multi, t.routing.sites[1]);
   find_adapter("mixlora").attach_new(mix, t.routing.sites[2]);

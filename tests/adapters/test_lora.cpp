@@ -212,5 +212,6 @@ TEST_CASE("unsupported adapter options and unknown types are refused", "[adapter
   config["use_dora"] = true;
   REQUIRE_THROWS_WITH(lora_attach_saved(config, lora_weights(ps, 2), ps, "d"),
                       Catch::Contains("'use_dora'"));
-  REQUIRE_THROWS_WITH(find_adapter_by_peft_type("IA3", "cfg"), Catch::Contains("known: LORA"));
+  REQUIRE_THROWS_WITH(find_adapter_for_config({{"peft_type", "IA3"}}, "cfg"),
+                      Catch::Contains("known: LORA"));
 }

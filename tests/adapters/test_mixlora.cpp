@@ -146,8 +146,10 @@ TEST_CASE("MixLoRA saves in MoE-PEFT's names and loads back bit for bit", "[adap
   using lorafit::test::fixture;
   auto a = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
   AdapterSettings s;
-  s.r = 2, s.alpha = 4, s.experts = 3, s.top_k = 2, s.router_aux_loss_coef = 0.01;
-  s.expert_r = 5, s.expert_alpha = 10, s.expert_dropout = 0.0;  // expert_lora overrides
+  s.r = 2, s.alpha = 4;
+  s.options["num_experts"] = 3, s.options["top_k"] = 2, s.options["router_aux_loss_coef"] = 0.01;
+  // expert_lora overrides
+  s.options["expert_r"] = 5, s.options["expert_alpha"] = 10.0, s.options["expert_dropout"] = 0.0;
   s.targets = {"q_proj", "v_proj", "gate_proj", "down_proj"};
   const auto& spec = find_adapter("mixlora");
   spec.attach_new(s, a->adapter_sites());
@@ -196,8 +198,9 @@ TEST_CASE("MixLoRA with checkpointed layers gets the gradients of the plain back
     auto model =
         load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
     AdapterSettings s;
-    s.r = 2, s.expert_r = 2, s.alpha = 4, s.expert_alpha = 4, s.experts = 4, s.top_k = 2;
-    s.router_aux_loss_coef = 0.5;  // large, so its gradient shows
+    s.r = 2, s.alpha = 4;
+    s.options["num_experts"] = 4, s.options["top_k"] = 2;
+    s.options["router_aux_loss_coef"] = 0.5;  // large, so its gradient shows
     s.targets = {"q_proj", "gate_proj", "down_proj"};
     const auto& spec = find_adapter("mixlora");
     const auto sites = model->adapter_sites();

@@ -77,7 +77,8 @@ TEST_CASE("MultiLoRA saves and loads back bit for bit", "[adapters][multilora]")
                                           "model.layers.0.mlp.up_proj"};
   Projections a{projection(names[0], 6, 5), projection(names[1], 6, 7)};
   AdapterSettings s;
-  s.r = 2, s.alpha = 4, s.n = 3, s.vector_scale = false, s.targets = {"q_proj", "up_proj"};
+  s.r = 2, s.alpha = 4, s.targets = {"q_proj", "up_proj"};
+  s.options["n"] = 3, s.options["scale"] = "scalar";
   multilora_attach_new(s, a);
   for (auto& p : a) randomize_scales(*p->adapter->as<MultiLoraImpl>());
   const auto saved = multilora_save(s, a, "base");
