@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "adapters/dora.h"
 #include "adapters/full.h"
 #include "adapters/lora.h"
 #include "adapters/mixlora.h"
@@ -13,6 +14,7 @@ namespace lorafit {
 const std::vector<AdapterSpec>& adapter_specs() {
   static const std::vector<AdapterSpec> specs = {
       lora_strategy(),
+      dora_strategy(),
       multilora_strategy(),
       mixlora_strategy(),
       full_strategy(),

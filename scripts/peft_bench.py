@@ -4,7 +4,9 @@
 sdpa attention; torch.optim.AdamW(fused=True); tokens/s over 10 steps after the warm-up; peak
 torch.cuda.max_memory_allocated.
 
-    peft_bench.py SHAPE SEQ BATCH CHECKPOINTING(0|1) COMPILE(0|1)   -> one JSON line
+    peft_bench.py SHAPE SEQ BATCH CHECKPOINTING(0|1) COMPILE(0|1) [lora|dora]   -> one JSON line
+
+dora: the same LoRA with use_dora=True (PEFT's DoRA).
 
 With PEFT_PROFILE=FILE, two more steps are recorded by torch.profiler as a Chrome trace.
 """
@@ -29,7 +31,7 @@ SHAPES = {
 }
 
 
-def main(shape, seq, batch, ckpt, compile_):
+def main(shape, seq, batch, ckpt, compile_, adapter="lora"):
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, **SHAPES[shape])
     cfg._attn_implementation = "sdpa"
@@ -41,7 +43,7 @@ def main(shape, seq, batch, ckpt, compile_):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+        r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", use_dora=adapter == "dora",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -81,4 +83,4 @@ def main(shape, seq, batch, ckpt, compile_):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], int(a[1]), int(a[2]), a[3] == "1", a[4] == "1")
+    main(a[0], int(a[1]), int(a[2]), a[3] == "1", a[4] == "1", *a[5:6])

@@ -92,6 +92,7 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
        "--set train.micro_batch_size=2",
        {"adapter/adapter_model.safetensors"}},
       {"multilora", "--set adapter.type=multilora", {"adapter/adapter_model.safetensors"}},
+      {"dora", "--set adapter.type=dora", {"adapter/adapter_model.safetensors"}},
       {"mixlora",
        "--set adapter.type=mixlora --set adapter.num_experts=4 "
        "--set adapter.router_aux_loss_coef=0.01",

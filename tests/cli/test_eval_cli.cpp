@@ -43,7 +43,9 @@ TEST_CASE("eval --json gives transformers' and PEFT's loss", "[cli][eval]") {
                                       {"mha_linear", "lora_rslora"},
                                       {"qwen2_bias", "lora_qkvo"},
                                       {"qwen3_norm", "lora_all"},
-                                      {"mistral_swa", "lora_mlp"}}) {
+                                      {"mistral_swa", "lora_mlp"},
+                                      {"gqa_llama3", "dora_all"},
+                                      {"mha_linear", "dora_rslora"}}) {
     const std::string dir = fixture(name);
     const auto expected = lorafit::test::read_json(dir + "/expected.json");
     const auto base = eval_json("--max-seq-len 24 --model " + q(dir + "/model") + " --data " +
@@ -57,6 +59,25 @@ TEST_CASE("eval --json gives transformers' and PEFT's loss", "[cli][eval]") {
                   q(dir + "/" + adapter) + " --data " + q(dir + "/eval.jsonl"));
     REQUIRE(adapted["loss"].get<double>() ==
             Approx(expected[adapter]["loss"].get<double>()).epsilon(1e-4));
+  }
+}
+
+TEST_CASE("a PEFT DoRA adapter merged by lorafit gives PEFT's merged loss", "[cli][eval]") {
+  TempDir tmp;
+  for (const auto& [name, adapter] :
+       {std::pair{"gqa_llama3", "dora_all"}, {"mha_linear", "dora_rslora"}}) {
+    INFO(name);
+    const std::string dir = fixture(name);
+    const auto merged = tmp / name;
+    const auto r = run_lorafit("merge --dtype f32 --model " + q(dir + "/model") + " --adapter " +
+                               q(dir + "/" + adapter) + " --out " + q(merged));
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    const auto expected = lorafit::test::read_json(dir + "/expected.json");
+    const auto loss = eval_json("--max-seq-len 24 --model " + q(merged) + " --data " +
+                                q(dir + "/eval.jsonl"))["loss"];
+    REQUIRE(loss.get<double>() ==
+            Approx(expected[std::string(adapter) + "_merged"]["loss"].get<double>()).epsilon(1e-4));
   }
 }
 

@@ -99,6 +99,48 @@ TEST_CASE("a fused run of four jobs ends with the adapters of four runs alone", 
   }
 }
 
+TEST_CASE("a DoRA job beside a LoRA job trains as alone and resumes", "[cli][jobs]") {
+  TempDir tmp;
+  const auto out = tmp / "fused";
+  const std::string jobs = R"(model: tests/fixtures/gqa_llama3/model
+output: )" + out + R"(
+device: cpu
+data: {train: recipes/data/tiny_train.jsonl, max_seq_len: 64}
+adapter: {r: 4, alpha: 8, dropout: 0.0}
+train: {steps: 12, batch_size: 4, micro_batch_size: 2, lr: 5.0e-3, warmup_steps: 2,
+        log_every: 4, eval_every: 0, save_every: 6}
+jobs:
+  - name: dora
+    adapter: {type: dora, targets: [q_proj, v_proj, o_proj, up_proj, down_proj]}
+  - name: lora
+    seed: 2
+    adapter: {targets: [q_proj, k_proj, gate_proj]}
+    data: {max_seq_len: 40}
+)";
+  const auto recipe = write_recipe(tmp, "jobs.yaml", jobs);
+  const auto r = train_recipe(recipe);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  for (const char* name : {"dora", "lora"}) {
+    INFO(name);
+    const auto job = out + "/" + name;
+    const auto alone = tmp / (std::string("alone-") + name);
+    const auto single = train_recipe(job + "/recipe.yaml", "--set output=" + q(alone));
+    INFO(single.err);
+    REQUIRE(single.code == 0);
+    REQUIRE(adapter_diff(job + "/adapter", alone + "/adapter") < 1e-5);
+  }
+  REQUIRE(lorafit::test::read_json(out + "/dora/adapter/adapter_config.json")["use_dora"] == true);
+  // As if killed after the checkpoints of step 6.
+  fs::rename(out + "/dora/adapter", tmp / "dora-whole");
+  fs::remove(out + "/dora/job_state.json");
+  const auto resumed = train_recipe(recipe, "--resume " + q(out));
+  INFO(resumed.err);
+  REQUIRE(resumed.code == 0);
+  REQUIRE_THAT(resumed.err, Catch::Contains("[dora] resuming from"));
+  REQUIRE(adapter_diff(out + "/dora/adapter", tmp / "dora-whole") < 1e-5);
+}
+
 TEST_CASE("max_concurrent runs jobs in turn, and --resume resumes each job", "[cli][jobs]") {
   TempDir tmp;
   const auto out = tmp / "run";

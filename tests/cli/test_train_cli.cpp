@@ -196,7 +196,7 @@ TEST_CASE("broken recipes exit 2 and name the key and write nothing", "[cli][tra
       {"--set model=nowhere", "'model'"},
       {"--set train.micro_batch_size=5", "'train.batch_size'"},
       {"--set train.steps=0", "'train.steps'"},
-      {"--set adapter.type=dora", "'adapter.type'"},
+      {"--set adapter.type=vera", "'adapter.type'"},
       {"--set data.max_seq_len=1", "'data.max_seq_len'"},
       {"--set seed=-3", "'seed'"},
       {"--set broken", "key.path=value"},
@@ -279,6 +279,27 @@ TEST_CASE("MultiLoRA trains beats the base and is evaluated and merged from disk
                                  q(tmp / "ml/adapter") + " --out " + q(tmp / "merged"));
   REQUIRE(merge.code == 0);
   REQUIRE(model_loss(tmp / "merged") == Approx(adapted).epsilon(1e-5));
+}
+
+TEST_CASE("DoRA trains beats the base and is evaluated and merged from disk", "[cli][dora]") {
+  TempDir tmp;
+  const auto r = train(tmp / "dora", "--set train.steps=60 --set adapter.type=dora");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const auto config = lorafit::test::read_json(tmp / "dora/adapter/adapter_config.json");
+  REQUIRE(config["peft_type"] == "LORA");
+  REQUIRE(config["use_dora"] == true);
+  const double adapted = eval_loss(tmp / "dora/adapter");
+  REQUIRE(adapted < eval_loss("") - 1.0);
+  const auto merge = run_lorafit("merge --model tests/fixtures/gqa_llama3/model --adapter " +
+                                 q(tmp / "dora/adapter") + " --out " + q(tmp / "merged"));
+  REQUIRE(merge.code == 0);
+  REQUIRE(model_loss(tmp / "merged") == Approx(adapted).epsilon(1e-5));
+  // COLA merges low-rank factors at its knots; a DoRA update is a rescaling.
+  const auto chained = train(tmp / "never", "--set adapter.type=dora --set cola.links=2");
+  REQUIRE(chained.code == 2);
+  REQUIRE_THAT(chained.err, Catch::Contains("'cola' chains lora or multilora adapters, not "
+                                            "adapter.type 'dora'"));
 }
 
 TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to merge",
@@ -612,6 +633,7 @@ TEST_CASE("every strategy, the jobs, merge, eval and generate work on Qwen2, Qwe
   const std::map<std::string, std::string> strategies = {
       {"lora", ""},
       {"multilora", "--set adapter.type=multilora --set adapter.n=2 --set adapter.r=4"},
+      {"dora", "--set adapter.type=dora --set adapter.use_rslora=true"},
       {"mixlora",
        "--set adapter.type=mixlora --set adapter.r=4 --set adapter.num_experts=4 "
        "--set adapter.top_k=2 --set adapter.router_aux_loss_coef=0.01"},
