@@ -7,36 +7,34 @@ namespace lorafit {
 
 using nlohmann::json;
 
-namespace {
-
-// ||W + s B A|| over each output row, without a graph, in fp32 (or the weights' wider dtype).
-// weight: [out, in], a: [r, in], b: [out, r] -> [out]
-torch::Tensor updated_row_norms(const torch::Tensor& weight,
-                                const torch::Tensor& a,
-                                const torch::Tensor& b,
-                                double scaling) {
-  torch::NoGradGuard no_grad;
-  const auto acc = torch::promote_types(torch::promote_types(weight.scalar_type(), a.scalar_type()),
-                                        torch::kFloat);
-  auto w = weight.to(acc, /*non_blocking=*/false, /*copy=*/true);
-  w.addmm_(b.to(acc), a.to(acc), 1, scaling);
-  return torch::linalg_vector_norm(w, 2, std::vector<int64_t>{1}, false, c10::nullopt);
-}
-
-}  // namespace
-
 DoraImpl::DoraImpl(const ProjectionImpl& p, int64_t r, double scaling_, double dropout_)
     : LoraImpl(
           p.in_features, p.out_features, r, scaling_, dropout_, torch::device(p.weight.device())),
       weight(p.weight) {
   lora_magnitude_vector =
-      register_parameter("lora_magnitude_vector",
-                         updated_row_norms(weight, lora_A, lora_B, scaling).to(torch::kFloat32));
+      register_parameter("lora_magnitude_vector", updated_norms().to(torch::kFloat32));
+}
+
+torch::Tensor DoraImpl::updated_norms() const {
+  torch::NoGradGuard no_grad;
+  const auto acc = torch::promote_types(
+      torch::promote_types(weight.scalar_type(), lora_A.scalar_type()), torch::kFloat);
+  if (!weight_sq.defined() || weight_sq.scalar_type() != acc ||
+      weight_version != weight._version() || weight_data != weight.data_ptr()) {
+    weight_sq = weight.to(acc).pow(2).sum(1);
+    weight_version = weight._version();
+    weight_data = weight.data_ptr();
+  }
+  const auto a = lora_A.to(acc), b = lora_B.to(acc);
+  const auto wa = torch::matmul(weight, lora_A.to(weight.scalar_type()).t()).to(acc);  // [out, r]
+  const auto baa = torch::matmul(b, torch::matmul(a, a.t()));                          // [out, r]
+  const auto sq =
+      weight_sq + (b * wa).sum(1) * (2 * scaling) + (b * baa).sum(1) * (scaling * scaling);
+  return sq.clamp_min(0).sqrt();
 }
 
 torch::Tensor DoraImpl::column_scale() const {
-  const auto norm = updated_row_norms(weight, lora_A, lora_B, scaling);
-  return lora_magnitude_vector / norm;
+  return lora_magnitude_vector / updated_norms();
 }
 
 std::optional<LowRank> DoraImpl::low_rank() const {

@@ -27,9 +27,16 @@ struct DoraImpl : LoraImpl {
   torch::Tensor merged_delta() const override;
   /// g = m / ||W + s B A||_row: differentiable in m only. [out], in fp32 (or wider)
   torch::Tensor column_scale() const;
+  /// ||W + s B A||_row without a graph and without forming W + s B A: ||W||^2 (kept while W
+  /// is unchanged) + 2s (B . W A^T) + s^2 (B . B A A^T) row by row, so that a step reads W
+  /// once, in its own dtype. [out], in fp32 (or wider)
+  torch::Tensor updated_norms() const;
 
   torch::Tensor weight;                 // [out, in] the projection's frozen weight (not ours)
   torch::Tensor lora_magnitude_vector;  // [out] fp32
+  mutable torch::Tensor weight_sq;      // [out] ||W||^2 row by row, for weight_version
+  mutable int64_t weight_version = -1;
+  mutable const void* weight_data = nullptr;
 };
 TORCH_MODULE(Dora);
 

@@ -142,23 +142,39 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     std::vector<torch::Tensor> dfactors(2 * terms + n_scales);
     if (n_scales > 0) {
       // d/d scale = sum over the region's rows of dy * y0, y0 = y / scale the unscaled
-      // output; every gradient below then flows through dy * scale.
+      // output (the product in dy's dtype, summed in fp32 or wider, as autograd's mul and
+      // sum would); every gradient below then flows through dy * scale.
       const auto& y = saved.back();  // [N, out]
       const auto acc = torch::promote_types(dy.scalar_type(), torch::kFloat);
-      auto scaled_dy = dy.clone();
+      // Scales on every row (no jobs) make one column vector and one pass over dy.
+      auto columns = torch::ones({dy.size(1)}, dy.options());  // [out]
+      bool every_row = true;
       for (size_t t = 0; t < terms; ++t) {
         const auto si = code[kCode * t + 3];
         if (si < 0) continue;
         const auto& g = saved[2 + 2 * terms + si];  // [out_t]
         const auto w = g.size(0);
         if (ctx->needs_input_grad(2 + 2 * terms + si)) {
-          const auto dg = (region(dy, code, t, w).to(acc) * region(y, code, t, w).to(acc)).sum(0);
+          const auto dg = (region(dy, code, t, w) * region(y, code, t, w))
+                              .sum(std::vector<int64_t>{0}, false, acc);
           const auto safe = torch::where(g == 0, torch::ones_like(g), g).to(acc);
           dfactors[2 * terms + si] = (dg / safe).to(g.scalar_type());
         }
-        region(scaled_dy, code, t, w).mul_(g.to(scaled_dy.scalar_type()));
+        every_row = every_row && code[kCode * t] == 0 && code[kCode * t + 1] == dy.size(0);
+        columns.narrow(0, code[kCode * t + 2], w).copy_(g);
       }
-      dy = scaled_dy;
+      if (every_row) {
+        dy = dy * columns;
+      } else {
+        auto scaled_dy = dy.clone();
+        for (size_t t = 0; t < terms; ++t) {
+          const auto si = code[kCode * t + 3];
+          if (si < 0) continue;
+          const auto& g = saved[2 + 2 * terms + si];
+          region(scaled_dy, code, t, g.size(0)).mul_(g.to(scaled_dy.scalar_type()));
+        }
+        dy = scaled_dy;
+      }
     }
     torch::Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = torch::mm(dy, weight);  // [N, in]

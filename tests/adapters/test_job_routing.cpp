@@ -19,12 +19,13 @@ struct ThreeJobs {
   std::vector<std::vector<torch::Tensor>> params;  // per job
 };
 
-// lora on q and v; multilora on everything; mixlora with a LoRA on q; a job with nothing.
+// lora on q and v; multilora on everything; mixlora with a LoRA on q; a job with nothing;
+// dora on attention and down.
 ThreeJobs three_jobs() {
   torch::manual_seed(3);
   ThreeJobs t;
   t.model = load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
-  t.routing = route_jobs(t.model->adapter_sites(), 4);
+  t.routing = route_jobs(t.model->adapter_sites(), 5);
   AdapterSettings lora;
   lora.r = 2, lora.alpha = 4, lora.targets = {"q_proj", "v_proj"};
   AdapterSettings multi = lora;
@@ -37,8 +38,11 @@ ThreeJobs three_jobs() {
   find_adapter("lora").attach_new(lora, t.routing.sites[0]);
   find_adapter("multilora").attach_new(multi, t.routing.sites[1]);
   find_adapter("mixlora").attach_new(mix, t.routing.sites[2]);
+  AdapterSettings dora = lora;
+  dora.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"};
+  find_adapter("dora").attach_new(dora, t.routing.sites[4]);
   t.routing.place_routers();
-  for (size_t j = 0; j < 4; ++j) {
+  for (size_t j = 0; j < 5; ++j) {
     t.params.push_back(trainable_parameters(t.model, t.routing.sites[j]));
     torch::NoGradGuard no_grad;
     // In float64, and B = 0 no more.
@@ -68,13 +72,13 @@ TEST_CASE("a fused batch gives each job what its rows give alone", "[adapters][j
     INFO("checkpointed layers: " << checkpoint);
     auto t = three_jobs();
     t.model->checkpoint_layers = checkpoint;
-    // Rows in an order unlike the jobs' (job 1, 0, 3, 2), one row of job 0.
-    const std::vector<JobRows::Span> spans = {{1, 2}, {0, 1}, {3, 1}, {2, 2}};
-    const auto ids = torch::randint(3, 320, {6, 9}, torch::kInt64);
-    const auto weight = torch::randn({6, 9, t.model->config.hidden_size}, torch::kFloat64);
+    // Rows in an order unlike the jobs' (job 1, 0, 3, 4, 2), one row of job 0.
+    const std::vector<JobRows::Span> spans = {{1, 2}, {0, 1}, {3, 1}, {4, 2}, {2, 2}};
+    const auto ids = torch::randint(3, 320, {8, 9}, torch::kInt64);
+    const auto weight = torch::randn({8, 9, t.model->config.hidden_size}, torch::kFloat64);
 
     t.routing.set_rows(spans);
-    const auto fused = t.model->forward(ids);  // [6, 9, C]
+    const auto fused = t.model->forward(ids);  // [8, 9, C]
     (fused * weight).sum().backward();
     const auto fused_grads = grads_of(t);
 
