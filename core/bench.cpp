@@ -80,9 +80,7 @@ BenchResult run_bench(const BenchOptions& o) {
   auto step = [&] {
     // As the trainer: the loss is read (waiting for the backward pass) before the update.
     r.loss = accumulate_gradients(model, batches, targets, aux).nll.item<double>();
-    if (masters) masters->take_grads();
-    optimizer.step(recipe.train.lr, recipe.train.max_grad_norm);
-    if (masters) masters->publish();
+    apply_update(optimizer, masters, recipe.train.lr, recipe.train.max_grad_norm);
   };
   for (int64_t i = 0; i < o.warmup_steps; ++i) step();
   compat::synchronize(device);

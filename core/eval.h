@@ -40,14 +40,4 @@ EvalResult evaluate(LlamaForCausalLM& model,
                     const std::vector<Example>& examples,
                     int64_t batch_size);
 
-/// Sum of log p(targets[i] | hidden[i]) over rows, computing the head's logits a chunk of rows
-/// at a time so fp32 logits never exist for all rows at once; differentiable with respect to
-/// hidden (its gradient is computed in the same pass). Rows whose target is negative
-/// (kIgnoreLabel) add nothing and get a zero gradient, so callers never select rows (a
-/// boolean index would wait for the GPU).
-/// hidden: [N, C], targets: [N] -> f64 scalar.
-torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
-                                  const torch::Tensor& hidden,
-                                  const torch::Tensor& targets);
-
 }  // namespace lorafit

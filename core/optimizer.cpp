@@ -130,4 +130,20 @@ std::optional<MasterWeights> masters_for(std::vector<torch::Tensor>& params) {
   return masters;
 }
 
+int64_t warmup_steps(const TrainRecipe& t, int64_t total) {
+  if (t.warmup_ratio > 0)
+    return static_cast<int64_t>(std::ceil(t.warmup_ratio * static_cast<double>(total)));
+  return t.warmup_steps;
+}
+
+double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total) {
+  const int64_t warmup = warmup_steps(t, total);
+  if (step < warmup) return t.lr * static_cast<double>(step) / std::max<int64_t>(1, warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, total - warmup));
+  const double progress = static_cast<double>(step - warmup) / span;
+  if (t.schedule == "linear") return t.lr * std::max(0.0, static_cast<double>(total - step) / span);
+  if (t.schedule == "cosine") return t.lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
+  return t.lr;
+}
+
 }  // namespace lorafit

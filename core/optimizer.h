@@ -1,6 +1,7 @@
 // AdamW over the trainable tensors, stepped with multi-tensor kernels: each operation is one
 // launch over every tensor (LibTorch's torch::optim::AdamW launches about ten kernels per
-// tensor: 4,500 per step for LoRA on a 7B model), and gradient clipping never waits for the GPU.
+// tensor: 4,500 per step for LoRA on a 7B model), and gradient clipping never waits for the GPU;
+// and the learning-rate schedule it steps with.
 #pragma once
 
 #include <torch/torch.h>
@@ -8,6 +9,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "core/recipe.h"
 
 namespace lorafit {
 
@@ -57,5 +60,12 @@ struct MasterWeights {
 /// Masters for the trainable tensors not in fp32, put in their place in `params` (what the
 /// optimizer then updates); nullopt when every tensor is fp32 already.
 std::optional<MasterWeights> masters_for(std::vector<torch::Tensor>& params);
+
+/// The warmup of a run of `total` steps: train.warmup_steps, or ceil(warmup_ratio x total).
+int64_t warmup_steps(const TrainRecipe& t, int64_t total);
+
+/// HF transformers' learning rate at optimizer step `step` (0-based) of `total`: linear warmup
+/// from 0, then constant, linear decay to 0, or half a cosine to 0.
+double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total);
 
 }  // namespace lorafit

@@ -9,7 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "core/batching.h"
 #include "core/llama.h"
+#include "core/loss.h"
+#include "core/optimizer.h"
 #include "core/recipe.h"
 
 namespace lorafit {
@@ -40,25 +43,29 @@ std::vector<std::string> describe_data(const Recipe& recipe, std::vector<std::st
 /// Turns on a recipe's S2-Attn (longlora block) in the model's layers; nothing without one.
 void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& longlora);
 
-/// A micro-batch on the model's device.
-struct Batch {
-  torch::Tensor ids;     // [B, T] int64, right-padded with 0
-  torch::Tensor labels;  // [B, T] int64, -100 where nothing is learned
-  int64_t tokens = 0;    // real (unpadded) tokens
-  torch::Tensor keep;    // [B, T] bool, the real tokens; undefined: no padding
+/// One job's rows in a batch, as the training step weighs them.
+struct StepPart {
+  int64_t rows = 0;              // consecutive batch rows, after the previous part's
+  int64_t targets = 0;           // target tokens of the job's whole optimizer step
+  const AuxLoss* aux = nullptr;  // the job's strategy term, if any
+  double aux_scale = 1.0;        // the micro-batch's share of the step
+  StepLoss* loss = nullptr;      // where the micro-batch's losses add up
 };
 
-/// A strategy's own loss term for the last forward pass, times `scale` (see
-/// AdapterSpec::aux_loss), given the real tokens ([N] bool, or undefined for all); empty when
-/// the strategy has none.
-using AuxLoss = std::function<torch::Tensor(const torch::Tensor& keep, double scale)>;
+/// The training step's forward, loss and backward over one batch whose consecutive rows are
+/// `parts` (several jobs' micro-batches fused, or one): one forward pass, each part's
+/// micro_batch_loss, one backward. `lorafit train` and `lorafit bench` both step with it.
+void forward_backward(LlamaForCausalLM& model,
+                      const Batch& batch,
+                      const std::vector<StepPart>& parts);
 
-/// One step's losses as 0-dim tensors on the model's device: the token-mean NLL, and the
-/// strategy's term averaged over the micro-batches (undefined without one).
-struct StepLoss {
-  torch::Tensor nll;
-  torch::Tensor aux;
-};
+/// The training step's update once the gradients are complete (summed over ranks): fp32
+/// masters take the gradients, AdamW clips them to `max_grad_norm` (0: no clipping) and steps,
+/// the model gets the new weights. -> the gradient norm [] (undefined without clipping)
+torch::Tensor apply_update(AdamW& optimizer,
+                           std::optional<MasterWeights>& masters,
+                           double lr,
+                           double max_grad_norm);
 
 /// Forward and backward over the micro-batches of one optimizer step, each weighted so the
 /// gradient is that of the mean loss over all `targets` tokens of the step, plus `aux` (if
@@ -68,12 +75,5 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
                               const std::vector<Batch>& micro_batches,
                               int64_t targets,
                               const AuxLoss& aux = {});
-
-/// The warmup of a run of `total` steps: train.warmup_steps, or ceil(warmup_ratio x total).
-int64_t warmup_steps(const TrainRecipe& t, int64_t total);
-
-/// HF transformers' learning rate at optimizer step `step` (0-based) of `total`: linear warmup
-/// from 0, then constant, linear decay to 0, or half a cosine to 0.
-double scheduled_lr(const TrainRecipe& t, int64_t step, int64_t total);
 
 }  // namespace lorafit

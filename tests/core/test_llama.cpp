@@ -9,6 +9,7 @@
 #include "core/datasets.h"
 #include "core/errors.h"
 #include "core/eval.h"
+#include "core/loss.h"
 #include "core/llama.h"
 #include "core/safetensors.h"
 #include "test_util.h"
