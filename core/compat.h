@@ -31,66 +31,32 @@ using CollectiveBackend = c10d::Backend;
 using CollectiveBackend = c10d::ProcessGroup;
 #endif
 
-/// Each KV head serving heads/kv_heads consecutive query heads, as transformers' repeat_kv.
-/// x: [B, KV, T, D] -> [B, H, T, D]
-inline torch::Tensor repeat_kv(const torch::Tensor& x, int64_t heads) {
-  const auto b = x.size(0), kv = x.size(1), t = x.size(2), d = x.size(3);
-  if (kv == heads) return x;
-  return x.unsqueeze(2).expand({b, kv, heads / kv, t, d}).reshape({b, heads, t, d});
-}
-
-/// Causal self-attention with grouped KV heads, where query i sits at position offset + i and
-/// sees keys 0 .. offset + i (the keys before it are a KV cache).
-/// q: [B, H, Tq, D], k, v: [B, KV, Tk, D] with Tk = offset + Tq; returns [B, H, Tq, D].
-inline torch::Tensor causal_attention(const torch::Tensor& q,
-                                      const torch::Tensor& k,
-                                      const torch::Tensor& v,
-                                      double scale,
-                                      int64_t offset = 0) {
-  const auto heads = q.size(1), tq = q.size(-2), tk = k.size(-2);
-  // SDPA's is_causal aligns queries with the first keys, right only when there is no cache; a
-  // single new query sees every key and needs no mask; anything else gets an explicit one.
-  torch::Tensor mask;  // [Tq, Tk] bool, true where attending is allowed
-  if (offset > 0 && tq > 1) {
-    auto qpos = torch::arange(offset, offset + tq, torch::dtype(torch::kInt64).device(q.device()));
-    mask = qpos.unsqueeze(1) >=
-           torch::arange(tk, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0);
-  }
-  const bool causal = offset == 0 && tq > 1;
+/// Scaled dot-product attention: LibTorch 2.x's fused SDPA (flash on CUDA where it can; with
+/// `grouped_kv`, k and v may have fewer heads than q, which flash reads in place), or on 1.13,
+/// which has no public SDPA, the math path SDPA itself falls back to. mask: bool, true where
+/// attending is allowed, broadcastable to [B, H, Tq, Tk], or undefined; causal: queries aligned
+/// with the first keys. q: [B, H, Tq, D], k, v: [B, H or KV, Tk, D] -> [B, H, Tq, D]
+inline torch::Tensor sdpa(const torch::Tensor& q,
+                          const torch::Tensor& k,
+                          const torch::Tensor& v,
+                          const torch::Tensor& mask,
+                          bool causal,
+                          double scale,
+                          bool grouped_kv = false) {
 #if TORCH_VERSION_MAJOR >= 2
-  // SDPA picks flash attention on CUDA for bf16/f16. Flash alone reads grouped KV heads in
-  // place (enable_gqa); any other backend would fall back to the slow math kernel with it, so
-  // the heads are expanded there instead.
-  const bool flash_gqa =
-      k.size(1) != heads && q.is_cuda() && !mask.defined() && q.size(-1) <= 256 &&
-      (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16);
-  const auto kk = flash_gqa ? k : repeat_kv(k, heads), vv = flash_gqa ? v : repeat_kv(v, heads);
   return at::scaled_dot_product_attention(
-      q, kk, vv, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
-      /*dropout_p=*/0.0, causal, scale, flash_gqa);
+      q, k, v, mask.defined() ? c10::optional<torch::Tensor>(mask) : c10::nullopt,
+      /*dropout_p=*/0.0, causal, scale, grouped_kv);
 #else
-  // LibTorch 1.13 has no public SDPA: the math path SDPA itself falls back to.
-  auto scores = torch::matmul(q, repeat_kv(k, heads).transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
-  if (causal) mask = torch::ones({tq, tk}, torch::dtype(torch::kBool).device(q.device())).tril();
-  if (mask.defined())
-    scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
-  return torch::matmul(torch::softmax(scores, -1), repeat_kv(v, heads));
-#endif
-}
-
-/// Attention of every query over the keys `mask` allows ([Tq, Tk] or broadcastable to
-/// [B, H, Tq, Tk], bool, true where allowed; every query must be allowed some key).
-/// q, k, v: [B, H, T, D] with as many heads each.
-inline torch::Tensor masked_attention(const torch::Tensor& q,
-                                      const torch::Tensor& k,
-                                      const torch::Tensor& v,
-                                      const torch::Tensor& mask,
-                                      double scale) {
-#if TORCH_VERSION_MAJOR >= 2
-  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale);
-#else
+  TORCH_CHECK(!grouped_kv || k.size(1) == q.size(1), "sdpa: grouped KV heads need LibTorch 2.x");
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, H, Tq, Tk]
-  scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  auto allowed = mask;
+  if (causal) {
+    allowed =
+        torch::ones({q.size(-2), k.size(-2)}, torch::dtype(torch::kBool).device(q.device())).tril();
+  }
+  if (allowed.defined())
+    scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
   return torch::matmul(torch::softmax(scores, -1), v);
 #endif
 }

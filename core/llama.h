@@ -11,6 +11,7 @@
 
 #include "adapters/projection.h"
 #include "adapters/strategy.h"
+#include "core/attention.h"
 #include "core/hf_config.h"
 
 namespace lorafit {
@@ -45,9 +46,6 @@ struct Positions {
   torch::Tensor sin;
   torch::Tensor keep;
 };
-
-/// How S2-Attn shifts the second half of the heads (see s2_attention).
-enum class S2Shift { Roll, NoWrap, None };
 
 /// Keys and values of the positions already processed, for incremental decoding.
 struct KVCache {
@@ -174,24 +172,6 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c);
 /// The config of a built-in shape: tiny, llama-1b (Llama-3.2-1B), llama2-7b, llama3-8b.
 /// ConfigError listing the shapes otherwise.
 LlamaConfig builtin_shape(const std::string& name);
-
-/// LongLoRA's shifted sparse attention (S2-Attn, for training): causal attention within
-/// groups of `group` consecutive tokens, and for the second half of the heads within groups
-/// shifted by group/2, so that information crosses the group borders. Roll (the paper's)
-/// rolls those heads' sequence by -group/2, so their last group wraps around to the first
-/// tokens, and rolls the output back; NoWrap (LongLoRA's later flash path) cuts their sequence
-/// at group/2, 3*group/2, ..., its first and last segments half as long; None shifts nothing.
-/// Where a wrapped group could see padding (keep false), those keys are masked.
-/// A length that does not split into groups is a ConfigError with the numbers.
-/// q: [B, H, L, D], k, v: [B, KV, L, D] after RoPE, keep: [B, L] bool, undefined when no row
-/// is padded (then nothing is masked and flash attention can run) -> [B, H, L, D]
-torch::Tensor s2_attention(const torch::Tensor& q,
-                           const torch::Tensor& k,
-                           const torch::Tensor& v,
-                           double scale,
-                           int64_t group,
-                           S2Shift shift,
-                           const torch::Tensor& keep = {});
 
 /// A model with random weights (N(0, 0.02), norms 1, biases 0, as transformers initialises), for
 /// benchmarks that need no checkpoint.

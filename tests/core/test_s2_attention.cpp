@@ -29,7 +29,7 @@ torch::Tensor brute_force(const torch::Tensor& q,
                           S2Shift shift,
                           const torch::Tensor& keep) {
   const auto b = q.size(0), heads = q.size(1), l = q.size(2);
-  const auto kk = compat::repeat_kv(k, heads), vv = compat::repeat_kv(v, heads);
+  const auto kk = repeat_kv(k, heads), vv = repeat_kv(v, heads);
   auto out = torch::zeros_like(q);
   for (int64_t r = 0; r < b; ++r) {
     for (int64_t h = 0; h < heads; ++h) {
@@ -58,7 +58,7 @@ TEST_CASE("S2-Attn with one group and no shift is full causal attention", "[core
        v = torch::randn({2, 2, 12, 8}, torch::kFloat64);
   const double scale = 1.0 / std::sqrt(8.0);
   REQUIRE(torch::allclose(s2_attention(q, k, v, scale, 12, S2Shift::None),
-                          compat::causal_attention(q, k, v, scale), 1e-12, 1e-12));
+                          causal_attention(q, k, v, scale), 1e-12, 1e-12));
 }
 
 TEST_CASE("S2-Attn equals a brute-force per-head masked attention", "[core][s2]") {

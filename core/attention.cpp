@@ -1,0 +1,140 @@
+#include "core/attention.h"
+
+#include "core/compat.h"
+#include "core/errors.h"
+
+namespace lorafit {
+
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t heads) {
+  const auto b = x.size(0), kv = x.size(1), t = x.size(2), d = x.size(3);
+  if (kv == heads) return x;
+  return x.unsqueeze(2).expand({b, kv, heads / kv, t, d}).reshape({b, heads, t, d});
+}
+
+torch::Tensor causal_attention(const torch::Tensor& q,
+                               const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               double scale,
+                               int64_t offset) {
+  const auto heads = q.size(1), tq = q.size(-2), tk = k.size(-2);
+  // SDPA's is_causal aligns queries with the first keys, right only when there is no cache; a
+  // single new query sees every key and needs no mask; anything else gets an explicit one.
+  torch::Tensor mask;  // [Tq, Tk] bool, true where attending is allowed
+  if (offset > 0 && tq > 1) {
+    auto qpos = torch::arange(offset, offset + tq, torch::dtype(torch::kInt64).device(q.device()));
+    mask = qpos.unsqueeze(1) >=
+           torch::arange(tk, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0);
+  }
+  // Flash attention (CUDA, bf16/f16) alone reads grouped KV heads in place; any other backend
+  // would fall back to the slow math kernel with them, so the heads are expanded there instead.
+  const bool flash_gqa =
+      k.size(1) != heads && q.is_cuda() && !mask.defined() && q.size(-1) <= 256 &&
+      (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat16);
+  const auto kk = flash_gqa ? k : repeat_kv(k, heads), vv = flash_gqa ? v : repeat_kv(v, heads);
+  return compat::sdpa(q, kk, vv, mask, offset == 0 && tq > 1, scale, flash_gqa);
+}
+
+torch::Tensor masked_attention(const torch::Tensor& q,
+                               const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               const torch::Tensor& mask,
+                               double scale) {
+  return compat::sdpa(q, k, v, mask, /*causal=*/false, scale);
+}
+
+namespace {
+
+// [B, h, L, D] <-> [B * L/G, h, G, D]: each group of G tokens becomes a batch row.
+torch::Tensor to_groups(const torch::Tensor& x, int64_t g) {
+  const auto b = x.size(0), h = x.size(1), l = x.size(2), d = x.size(3);
+  return x.view({b, h, l / g, g, d}).transpose(1, 2).reshape({b * (l / g), h, g, d});
+}
+torch::Tensor from_groups(const torch::Tensor& y, int64_t b) {
+  const auto n = y.size(0) / b, h = y.size(1), g = y.size(2), d = y.size(3);
+  return y.view({b, n, h, g, d}).transpose(1, 2).reshape({b, h, n * g, d});
+}
+
+// Causal attention within each group of g tokens. keep: [B, L] or undefined.
+torch::Tensor grouped_attention(const torch::Tensor& q,
+                                const torch::Tensor& k,
+                                const torch::Tensor& v,
+                                double scale,
+                                int64_t g,
+                                const torch::Tensor& keep) {
+  const auto b = q.size(0);
+  if (!keep.defined()) {
+    return from_groups(causal_attention(to_groups(q, g), to_groups(k, g), to_groups(v, g), scale),
+                       b);
+  }
+  // A real query sees no padded key; a padded query (its output unused) sees every earlier
+  // key of its group, so that no row is fully masked.
+  const auto kg = keep.view({-1, g});  // [B*n, G]
+  const auto causal =
+      torch::ones({g, g}, torch::dtype(torch::kBool).device(q.device())).tril();  // [G, G]
+  const auto mask =
+      causal.unsqueeze(0) & (kg.unsqueeze(1) | kg.logical_not().unsqueeze(2));  // [B*n, G, G]
+  const auto heads = q.size(1);
+  return from_groups(masked_attention(to_groups(q, g), repeat_kv(to_groups(k, g), heads),
+                                      repeat_kv(to_groups(v, g), heads), mask.unsqueeze(1), scale),
+                     b);
+}
+
+}  // namespace
+
+torch::Tensor s2_attention(const torch::Tensor& q,
+                           const torch::Tensor& k,
+                           const torch::Tensor& v,
+                           double scale,
+                           int64_t group,
+                           S2Shift shift,
+                           const torch::Tensor& keep) {
+  const auto heads = q.size(1), kv_heads = k.size(1), l = q.size(2);
+  if (group < 1 || l % group != 0 || (shift != S2Shift::None && group % 2 != 0)) {
+    throw ConfigError("S2-Attn: a sequence of " + std::to_string(l) +
+                      " tokens does not split into groups of " + std::to_string(group) +
+                      (shift != S2Shift::None ? " (an even size, for the half-group shift)" : "") +
+                      " (hint: make data.max_seq_len a multiple of 1 / longlora.group_ratio "
+                      "with packing on)");
+  }
+  if (shift == S2Shift::None) return grouped_attention(q, k, v, scale, group, {});
+  if (heads % 2 != 0) {
+    throw ConfigError("S2-Attn shifts half of the heads, but the model has " +
+                      std::to_string(heads) + " (hint: longlora.shift: none)");
+  }
+  // Heads [0, H/2) keep the groups, heads [H/2, H) shift; grouped KV heads split with them
+  // when they split evenly (query head h reads KV head h * KV / H), else they are repeated.
+  const bool split_kv = kv_heads % 2 == 0;
+  const auto kk = split_kv ? k : repeat_kv(k, heads);
+  const auto vv = split_kv ? v : repeat_kv(v, heads);
+  const auto kh = kk.size(1) / 2, h = heads / 2, half = group / 2;
+  const auto qa = q.narrow(1, 0, h), qb = q.narrow(1, h, h);
+  const auto ka = kk.narrow(1, 0, kh), kb = kk.narrow(1, kh, kh);
+  const auto va = vv.narrow(1, 0, kh), vb = vv.narrow(1, kh, kh);
+  // Right padding only ever follows the real tokens, so plain causal groups never see it.
+  const auto unshifted = grouped_attention(qa, ka, va, scale, group, {});
+  torch::Tensor shifted;
+  if (shift == S2Shift::Roll) {
+    auto roll = [&](const torch::Tensor& x) { return x.roll(-half, 2); };
+    shifted = grouped_attention(roll(qb), roll(kb), roll(vb), scale, group,
+                                keep.defined() ? keep.roll(-half, 1) : torch::Tensor())
+                  .roll(half, 2);
+  } else {
+    // Segments [0, G/2), [G/2, 3G/2), ..., [L - G/2, L): the two half-length ends are one
+    // batch of groups of G/2, the middle one of groups of G.
+    const auto b = q.size(0);
+    auto ends = [&](const torch::Tensor& x) {
+      return torch::cat({x.narrow(2, 0, half), x.narrow(2, l - half, half)}, 0);
+    };
+    const auto e = grouped_attention(ends(qb), ends(kb), ends(vb), scale, half, {});
+    std::vector<torch::Tensor> parts{e.narrow(0, 0, b)};
+    if (l > group) {
+      auto mid = [&](const torch::Tensor& x) { return x.narrow(2, half, l - group); };
+      parts.push_back(grouped_attention(mid(qb), mid(kb), mid(vb), scale, group, {}));
+    }
+    parts.push_back(e.narrow(0, b, b));
+    shifted = torch::cat(parts, 2);
+  }
+  return torch::cat({unshifted, shifted}, 1);
+}
+
+}  // namespace lorafit

@@ -1,0 +1,54 @@
+// The attention maths of the model: grouped-KV causal attention (with a KV cache), masked
+// attention, and LongLoRA's shifted sparse attention (S2-Attn), on compat::sdpa.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+
+namespace lorafit {
+
+/// How S2-Attn shifts the second half of the heads (see s2_attention).
+enum class S2Shift { Roll, NoWrap, None };
+
+/// Each KV head serving heads/kv_heads consecutive query heads, as transformers' repeat_kv.
+/// x: [B, KV, T, D] -> [B, H, T, D]
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t heads);
+
+/// Causal self-attention with grouped KV heads, where query i sits at position offset + i and
+/// sees keys 0 .. offset + i (the keys before it are a KV cache).
+/// q: [B, H, Tq, D], k, v: [B, KV, Tk, D] with Tk = offset + Tq; returns [B, H, Tq, D].
+torch::Tensor causal_attention(const torch::Tensor& q,
+                               const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               double scale,
+                               int64_t offset = 0);
+
+/// Attention of every query over the keys `mask` allows ([Tq, Tk] or broadcastable to
+/// [B, H, Tq, Tk], bool, true where allowed; every query must be allowed some key).
+/// q, k, v: [B, H, T, D] with as many heads each.
+torch::Tensor masked_attention(const torch::Tensor& q,
+                               const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               const torch::Tensor& mask,
+                               double scale);
+
+/// LongLoRA's shifted sparse attention (S2-Attn, for training): causal attention within
+/// groups of `group` consecutive tokens, and for the second half of the heads within groups
+/// shifted by group/2, so that information crosses the group borders. Roll (the paper's)
+/// rolls those heads' sequence by -group/2, so their last group wraps around to the first
+/// tokens, and rolls the output back; NoWrap (LongLoRA's later flash path) cuts their sequence
+/// at group/2, 3*group/2, ..., its first and last segments half as long; None shifts nothing.
+/// Where a wrapped group could see padding (keep false), those keys are masked.
+/// A length that does not split into groups is a ConfigError with the numbers.
+/// q: [B, H, L, D], k, v: [B, KV, L, D] after RoPE, keep: [B, L] bool, undefined when no row
+/// is padded (then nothing is masked and flash attention can run) -> [B, H, L, D]
+torch::Tensor s2_attention(const torch::Tensor& q,
+                           const torch::Tensor& k,
+                           const torch::Tensor& v,
+                           double scale,
+                           int64_t group,
+                           S2Shift shift,
+                           const torch::Tensor& keep = {});
+
+}  // namespace lorafit
