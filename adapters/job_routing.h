@@ -8,8 +8,8 @@
 #include <memory>
 #include <vector>
 
-#include "adapters/projection.h"
 #include "adapters/strategy.h"
+#include "core/projection.h"
 
 namespace lorafit {
 

@@ -262,16 +262,7 @@ AdapterSpec lora_strategy() {
   spec.reads = [](const json& config) {
     return config.value("peft_type", "") == "LORA" && config.value("use_dora", json()) != true;
   };
-  spec.attach_saved = [](const json& config, const TensorMap& weights, const AdapterSites& sites,
-                         const std::string& where) {
-    lora_attach_saved(config, weights, sites.projections, where);
-  };
-  spec.attach_new = [](const AdapterSettings& s, const AdapterSites& sites) {
-    lora_attach_new(s, sites.projections);
-  };
-  spec.save = [](const AdapterSettings& s, const AdapterSites& sites, const std::string& base) {
-    return lora_save(s, sites.projections, base);
-  };
+  on_projections<lora_attach_saved, lora_attach_new, lora_save>(spec);
   spec.chains = true;
   return spec;
 }

@@ -5,8 +5,8 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "adapters/projection.h"
 #include "adapters/strategy.h"
+#include "core/projection.h"
 
 namespace lorafit {
 

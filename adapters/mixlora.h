@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "adapters/lora.h"
-#include "adapters/projection.h"
 #include "adapters/strategy.h"
+#include "core/projection.h"
 
 namespace lorafit {
 

@@ -164,16 +164,7 @@ AdapterSpec multilora_strategy() {
   scale.one_of = {"vector", "scalar"};
   spec.keys = {n, scale};
   spec.reads = [](const json& config) { return config.value("peft_type", "") == "MULTILORA"; };
-  spec.attach_saved = [](const json& config, const TensorMap& weights, const AdapterSites& sites,
-                         const std::string& where) {
-    multilora_attach_saved(config, weights, sites.projections, where);
-  };
-  spec.attach_new = [](const AdapterSettings& s, const AdapterSites& sites) {
-    multilora_attach_new(s, sites.projections);
-  };
-  spec.save = [](const AdapterSettings& s, const AdapterSites& sites, const std::string& base) {
-    return multilora_save(s, sites.projections, base);
-  };
+  on_projections<multilora_attach_saved, multilora_attach_new, multilora_save>(spec);
   spec.chains = true;
   return spec;
 }

@@ -14,8 +14,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "adapters/projection.h"
 #include "adapters/strategy.h"
+#include "core/projection.h"
 
 namespace lorafit {
 

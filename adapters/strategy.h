@@ -12,7 +12,8 @@
 #include <string_view>
 #include <vector>
 
-#include "adapters/projection.h"
+#include "core/projection.h"
+#include "core/safetensors.h"
 
 namespace lorafit {
 
@@ -44,24 +45,6 @@ struct AdapterSettings {
 
   /// Every strategy's keys at their defaults (adapters/registry.cpp).
   static nlohmann::json strategy_defaults();
-};
-
-/// A model's MLP block, where a block-level adapter (MixLoRA) goes.
-struct FfnSite {
-  std::string name;  // "model.layers.3.mlp"
-  int64_t hidden = 0;
-  int64_t intermediate = 0;
-  torch::Device device = torch::kCPU;  // the block's weights'
-  std::function<void(std::shared_ptr<FfnAdapterImpl>)> attach;
-  std::function<std::shared_ptr<FfnAdapterImpl>()> adapter;  // the attached one, or nullptr
-  /// The block through its own projections, ignoring any block adapter: x [N, C] -> [N, C].
-  std::function<torch::Tensor(const torch::Tensor&)> plain;
-};
-
-/// Everything of a model that a strategy can put adapters on, in model order.
-struct AdapterSites {
-  Projections projections;
-  std::vector<FfnSite> ffns;
 };
 
 /// An adapter as it goes to disk: adapter_config.json and the tensors of
@@ -120,5 +103,21 @@ struct AdapterSpec {
   /// modules_to_save).
   bool with_trainable_base = true;
 };
+
+/// Fills `spec`'s attach_saved, attach_new and save from functions over the projections alone,
+/// for a strategy that puts nothing on MLP blocks.
+template <auto AttachSaved, auto AttachNew, auto Save>
+void on_projections(AdapterSpec& spec) {
+  spec.attach_saved = [](const nlohmann::json& config, const TensorMap& weights,
+                         const AdapterSites& sites, const std::string& where) {
+    AttachSaved(config, weights, sites.projections, where);
+  };
+  spec.attach_new = [](const AdapterSettings& s, const AdapterSites& sites) {
+    AttachNew(s, sites.projections);
+  };
+  spec.save = [](const AdapterSettings& s, const AdapterSites& sites, const std::string& base) {
+    return Save(s, sites.projections, base);
+  };
+}
 
 }  // namespace lorafit

@@ -9,10 +9,9 @@
 
 #include <string>
 
-#include "adapters/projection.h"
-#include "adapters/strategy.h"
 #include "core/attention.h"
 #include "core/hf_config.h"
+#include "core/projection.h"
 
 namespace lorafit {
 

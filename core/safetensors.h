@@ -9,10 +9,12 @@
 #include <string>
 #include <vector>
 
-#include "adapters/projection.h"
 #include "core/safetensors_format.h"
 
 namespace lorafit {
+
+/// Named tensors, as a safetensors file holds them.
+using TensorMap = std::map<std::string, torch::Tensor>;
 
 /// One safetensors file, mapped read-only (copy-on-write) for as long as any tensor from it
 /// lives.

@@ -1,4 +1,4 @@
-#include "adapters/projection.h"
+#include "core/projection.h"
 
 #include <algorithm>
 

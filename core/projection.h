@@ -1,6 +1,7 @@
-// The one hook every targeted Linear of a model goes through. A model builds its projections
-// as `Projection`s and never looks at the adapter strategy: an adapter attaches itself to a
-// projection and sees its input and its base output.
+// The one hook every targeted Linear of a model goes through, and the sites a model offers
+// adapters (its projections and MLP blocks): the types the model and the strategies share. A
+// model builds its projections as `Projection`s and never looks at the adapter strategy: an
+// adapter attaches itself to a projection and sees its input and its base output.
 #pragma once
 
 #include <torch/torch.h>
@@ -101,9 +102,6 @@ TORCH_MODULE(Projection);
 /// The projections of a model, in model order.
 using Projections = std::vector<Projection>;
 
-/// Named tensors, as a safetensors file holds them.
-using TensorMap = std::map<std::string, torch::Tensor>;
-
 /// The module name's last component ("q_proj"), which PEFT's target_modules lists match.
 std::string projection_kind(const std::string& name);
 
@@ -147,5 +145,23 @@ void attach_to_kinds(
     const Projections& projections,
     const std::vector<std::string>& kinds,
     const std::function<std::shared_ptr<ProjectionAdapterImpl>(const ProjectionImpl&)>& make);
+
+/// A model's MLP block, where a block-level adapter (MixLoRA) goes.
+struct FfnSite {
+  std::string name;  // "model.layers.3.mlp"
+  int64_t hidden = 0;
+  int64_t intermediate = 0;
+  torch::Device device = torch::kCPU;  // the block's weights'
+  std::function<void(std::shared_ptr<FfnAdapterImpl>)> attach;
+  std::function<std::shared_ptr<FfnAdapterImpl>()> adapter;  // the attached one, or nullptr
+  /// The block through its own projections, ignoring any block adapter: x [N, C] -> [N, C].
+  std::function<torch::Tensor(const torch::Tensor&)> plain;
+};
+
+/// Everything of a model that a strategy can put adapters on, in model order.
+struct AdapterSites {
+  Projections projections;
+  std::vector<FfnSite> ffns;
+};
 
 }  // namespace lorafit
