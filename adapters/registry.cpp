@@ -13,11 +13,11 @@ namespace lorafit {
 
 const std::vector<AdapterSpec>& adapter_specs() {
   static const std::vector<AdapterSpec> specs = {
-      lora_strategy(),
-      dora_strategy(),
-      multilora_strategy(),
-      mixlora_strategy(),
-      full_strategy(),
+      lora_strategy(),       // adapters/lora.h
+      dora_strategy(),       // adapters/dora.h
+      multilora_strategy(),  // adapters/multilora.h
+      mixlora_strategy(),    // adapters/mixlora.h
+      full_strategy(),       // adapters/full.h
   };
   return specs;
 }

@@ -12,12 +12,9 @@
 #include <string>
 #include <vector>
 
-namespace lorafit {
+#include "core/errors.h"
 
-/// A rank that died or hung, or a collective that failed: the run ends with exit code 1.
-struct DistributedError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+namespace lorafit {
 
 /// This process's place in a launch; one process when WORLD_SIZE is unset or 1.
 struct Launch {

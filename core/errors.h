@@ -39,6 +39,12 @@ struct Interrupted : std::runtime_error {
   int signal;
 };
 
+/// A rank that died or hung, or a collective that failed: not the user's mistake but the
+/// environment's, so the run ends with exit code 1, with the rank and the step named.
+struct DistributedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 /// The number of single-character edits that turn `a` into `b` (Levenshtein).
 inline size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> row(b.size() + 1);

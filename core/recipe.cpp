@@ -347,7 +347,7 @@ void apply_override(YAML::Node& root,
   node[parts.back()] = value;
 }
 
-// The adapter types whose strategy has `capability`: "lora, dora or multilora".
+// The adapter types whose strategy has `capability`, as a phrase: "a, b or c".
 std::string types_that(bool AdapterSpec::*capability) {
   std::vector<std::string> names;
   for (const auto& spec : adapter_specs())

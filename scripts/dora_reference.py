@@ -19,21 +19,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from make_reference_fixtures import eval_loss  # scored as the committed fixtures are
+
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@torch.no_grad()
-def eval_loss(model, seqs):
-    total, count = 0.0, 0
-    for ids in seqs:
-        if len(ids) < 2:
-            continue
-        x = torch.tensor([ids])
-        logp = torch.log_softmax(model(x).logits.double(), dim=-1)
-        tgt = x[:, 1:]
-        total += -logp[:, :-1].gather(-1, tgt.unsqueeze(-1)).sum().item()
-        count += tgt.numel()
-    return total / count, count
 
 
 def load_base(model_dir):
