@@ -1,12 +1,14 @@
 #include "adapters/registry.h"
 
 #include <algorithm>
+#include <set>
 
 #include "adapters/dora.h"
 #include "adapters/full.h"
 #include "adapters/lora.h"
 #include "adapters/mixlora.h"
 #include "adapters/multilora.h"
+#include "adapters/peft_names.h"
 #include "core/errors.h"
 
 namespace lorafit {
@@ -47,6 +49,26 @@ const AdapterSpec& find_adapter_for_config(const nlohmann::json& config, const s
   }
   throw ConfigError("'" + where + "': peft_type '" + config.value("peft_type", std::string()) +
                     "' is not one lorafit reads (known: " + known + ")");
+}
+
+SavedAdapter low_rank_adapter(const LowRankFactors& factors,
+                              const AdapterSettings& settings,
+                              const std::string& base_model) {
+  SavedAdapter out;
+  std::set<std::string> kinds;
+  int64_t rank = 0;
+  for (const auto& [name, ab] : factors) {
+    rank = ab.first.size(0);
+    kinds.insert(projection_kind(name));
+    out.tensors[kPeftPrefix + name + ".lora_A.weight"] = ab.first;
+    out.tensors[kPeftPrefix + name + ".lora_B.weight"] = ab.second;
+  }
+  AdapterSettings s = settings;
+  s.r = rank;
+  s.alpha = static_cast<double>(rank);  // scaling 1: the factors carry it
+  s.use_rslora = false;
+  out.config = peft_lora_config(s, {kinds.begin(), kinds.end()}, base_model);
+  return out;
 }
 
 const std::vector<StrategyKey>& strategy_keys() {

@@ -2,6 +2,7 @@
 // contract) + one row in registry.cpp.
 #pragma once
 
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -22,6 +23,15 @@ const AdapterSpec* find_adapter_if(const std::string& name);
 /// The strategy that reads a saved adapter with this adapter_config.json; a ConfigError naming
 /// `where` and listing the peft_types lorafit reads otherwise.
 const AdapterSpec& find_adapter_for_config(const nlohmann::json& config, const std::string& where);
+
+/// Per projection name, a whole low-rank update: a [k, in] and b [out, k], scaling folded in.
+using LowRankFactors = std::map<std::string, std::pair<torch::Tensor, torch::Tensor>>;
+
+/// `factors` as one saved adapter in PEFT's LoRA format (rank k, lora_alpha k: scaling 1),
+/// with `settings`' dropout: how COLA exports a whole chain, whatever strategy its links used.
+SavedAdapter low_rank_adapter(const LowRankFactors& factors,
+                              const AdapterSettings& settings,
+                              const std::string& base_model);
 
 /// Every strategy's own recipe keys, each once, in table order.
 const std::vector<StrategyKey>& strategy_keys();

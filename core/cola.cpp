@@ -2,10 +2,8 @@
 
 #include <cmath>
 #include <filesystem>
-#include <set>
 
-#include "adapters/lora.h"
-#include "adapters/peft_names.h"
+#include "adapters/registry.h"
 #include "core/adapter_io.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -103,9 +101,7 @@ SavedAdapter chain_adapter(const ColaChain& chain,
                            LlamaForCausalLM& model,
                            const AdapterSettings& settings,
                            const std::string& base_model) {
-  SavedAdapter out;
-  std::set<std::string> kinds;
-  int64_t rank = 0;
+  LowRankFactors factors;
   for (auto p : model->projections()) {
     if (!p->adapter) continue;
     auto [a, b] = link_factors(*p);
@@ -113,17 +109,9 @@ SavedAdapter chain_adapter(const ColaChain& chain,
       a = torch::cat({it->second, a}, 0);
       b = torch::cat({chain.b.at(p->name), b}, 1);
     }
-    rank = a.size(0);
-    kinds.insert(projection_kind(p->name));
-    out.tensors[kPeftPrefix + p->name + ".lora_A.weight"] = a;
-    out.tensors[kPeftPrefix + p->name + ".lora_B.weight"] = b;
+    factors[p->name] = {a, b};
   }
-  AdapterSettings s = settings;
-  s.r = rank;
-  s.alpha = static_cast<double>(rank);  // scaling 1: each link's scaling is in its B
-  s.use_rslora = false;
-  out.config = peft_lora_config(s, {kinds.begin(), kinds.end()}, base_model);
-  return out;
+  return low_rank_adapter(factors, settings, base_model);
 }
 
 void save_chain(const std::string& dir, const ColaChain& chain) {
