@@ -76,6 +76,7 @@ struct World::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<compat::CollectiveBackend> group;
   int64_t bucket_bytes = 0;
+  bool failed = false;  // a collective failed: a peer may be dead or hung
 
   // Which rank stopped, as far as the store can tell: the ranks behind `step`; the host of the
   // store (rank 0) when it cannot be reached.
@@ -161,7 +162,15 @@ World::World(const Launch& launch,
   }
 }
 
-World::~World() = default;
+World::~World() {
+  // After a failed collective, the store's server thread can sit in a read from a peer that
+  // hangs (stopped mid-request), and destroying the store or the group would join it forever:
+  // they are left to the exit that follows.
+  if (impl_ && impl_->failed) {
+    (void)impl_->group.release();
+    (void)impl_->store.release();
+  }
+}
 
 void World::sum(const std::vector<torch::Tensor>& tensors, int64_t step) {
   if (launch_.world_size <= 1) return;
@@ -204,6 +213,7 @@ void World::sum(const std::vector<torch::Tensor>& tensors, int64_t step) {
   } catch (const std::exception& e) {
     std::string cause = e.what();
     cause = cause.substr(0, cause.find('\n'));
+    im.failed = true;
     throw DistributedError(fmt::format(
         "rank {} of {}: the all-reduce at step {} failed ({}): {} (hint: see that rank's log; "
         "a rank that dies or hangs ends every other one within distributed.timeout_s)",
