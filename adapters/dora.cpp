@@ -11,11 +11,12 @@ DoraImpl::DoraImpl(const ProjectionImpl& p, int64_t r, double scaling_, double d
     : LoraImpl(
           p.in_features, p.out_features, r, scaling_, dropout_, torch::device(p.weight.device())),
       weight(p.weight) {
+  // B starts at zero, so ||W + s B A|| is ||W||: no W A^T product is needed.
   lora_magnitude_vector =
-      register_parameter("lora_magnitude_vector", updated_norms().to(torch::kFloat32));
+      register_parameter("lora_magnitude_vector", weight_norms_sq().sqrt().to(torch::kFloat32));
 }
 
-torch::Tensor DoraImpl::updated_norms() const {
+const torch::Tensor& DoraImpl::weight_norms_sq() const {
   torch::NoGradGuard no_grad;
   const auto acc = torch::promote_types(
       torch::promote_types(weight.scalar_type(), lora_A.scalar_type()), torch::kFloat);
@@ -25,11 +26,17 @@ torch::Tensor DoraImpl::updated_norms() const {
     weight_version = weight._version();
     weight_data = weight.data_ptr();
   }
+  return weight_sq;
+}
+
+torch::Tensor DoraImpl::updated_norms() const {
+  torch::NoGradGuard no_grad;
+  const auto& w_sq = weight_norms_sq();
+  const auto acc = w_sq.scalar_type();
   const auto a = lora_A.to(acc), b = lora_B.to(acc);
   const auto wa = torch::matmul(weight, lora_A.to(weight.scalar_type()).t()).to(acc);  // [out, r]
   const auto baa = torch::matmul(b, torch::matmul(a, a.t()));                          // [out, r]
-  const auto sq =
-      weight_sq + (b * wa).sum(1) * (2 * scaling) + (b * baa).sum(1) * (scaling * scaling);
+  const auto sq = w_sq + (b * wa).sum(1) * (2 * scaling) + (b * baa).sum(1) * (scaling * scaling);
   return sq.clamp_min(0).sqrt();
 }
 
@@ -74,18 +81,17 @@ AdapterSpec dora_strategy() {
         config, weights, sites.projections, where, /*use_dora=*/true, {".lora_magnitude_vector"},
         [](const ProjectionImpl& p, const SavedLoraFactors& f,
            const std::vector<torch::Tensor>& extra,
-           std::vector<std::string>& problems) -> std::shared_ptr<ProjectionAdapterImpl> {
+           TensorBinding& binding) -> std::shared_ptr<ProjectionAdapterImpl> {
           const auto& m = extra[0];
           if (m.dim() != 1 || m.size(0) != p.out_features) {
-            problems.push_back("tensor '" + kPeftPrefix + p.name + ".lora_magnitude_vector' " +
-                               shape_text(m.sizes()) + " does not fit the projection, expected [" +
-                               std::to_string(p.out_features) + "]");
+            binding.problem("tensor '" + kPeftPrefix + p.name + ".lora_magnitude_vector' " +
+                            shape_text(m.sizes()) + " does not fit the projection, expected [" +
+                            std::to_string(p.out_features) + "]");
             return nullptr;
           }
           auto dora = Dora(p, f.a.size(0), f.scaling, f.dropout);
+          load_factors(*dora, f);
           torch::NoGradGuard no_grad;
-          dora->lora_A.copy_(f.a);
-          dora->lora_B.copy_(f.b);
           dora->lora_magnitude_vector.copy_(m);
           return dora.ptr();
         });

@@ -31,6 +31,8 @@ struct DoraImpl : LoraImpl {
   /// is unchanged) + 2s (B . W A^T) + s^2 (B . B A A^T) row by row, so that a step reads W
   /// once, in its own dtype. [out], in fp32 (or wider)
   torch::Tensor updated_norms() const;
+  /// ||W||^2 row by row, computed again only when W changes (a COLA knot, a load). [out]
+  const torch::Tensor& weight_norms_sq() const;
 
   torch::Tensor weight;                 // [out, in] the projection's frozen weight (not ours)
   torch::Tensor lora_magnitude_vector;  // [out] fp32

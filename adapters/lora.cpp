@@ -180,38 +180,35 @@ void attach_lora_format(const json& config,
       alpha_it != config.end() && alpha_it->is_number() ? alpha_it->get<double>() : 0;
   if (!problems.empty()) throw ConfigError("adapter '" + where + "': " + join_problems(problems));
 
-  std::set<std::string> used;
+  TensorBinding binding(weights);
+  bool selected = false;
   for (auto p : projections) {  // holders by value: attach() is not const
     if (!peft_targets(*targets_it, p->name)) continue;
+    selected = true;
     std::vector<std::string> keys = {kPeftPrefix + p->name + ".lora_A.weight",
                                      kPeftPrefix + p->name + ".lora_B.weight"};
     for (const auto& suffix : extra_suffixes) keys.push_back(kPeftPrefix + p->name + suffix);
     std::vector<torch::Tensor> found;
     for (const auto& key : keys) {
-      const auto it = weights.find(key);
-      if (it == weights.end()) {
-        problems.push_back("missing tensor '" + key + "'");
-        break;
-      }
-      found.push_back(it->second);
-      used.insert(key);
+      if (!binding.expect(key)) break;  // the rank is read from lora_A: shapes are checked below
+      found.push_back(weights.at(key));
     }
     if (found.size() != keys.size()) continue;
     const auto &a = found[0], &b = found[1];
     const auto r = a.dim() == 2 ? a.size(0) : -1;
     if (r <= 0 || a.size(1) != p->in_features || b.dim() != 2 || b.size(0) != p->out_features ||
         b.size(1) != r) {
-      problems.push_back("tensors '" + keys[0] + "' " + shape_text(a.sizes()) + " and lora_B " +
-                         shape_text(b.sizes()) + " do not fit the projection [" +
-                         std::to_string(p->out_features) + ", " + std::to_string(p->in_features) +
-                         "], expected [r, " + std::to_string(p->in_features) + "] and [" +
-                         std::to_string(p->out_features) + ", r]");
+      binding.problem("tensors '" + keys[0] + "' " + shape_text(a.sizes()) + " and lora_B " +
+                      shape_text(b.sizes()) + " do not fit the projection [" +
+                      std::to_string(p->out_features) + ", " + std::to_string(p->in_features) +
+                      "], expected [r, " + std::to_string(p->in_features) + "] and [" +
+                      std::to_string(p->out_features) + ", r]");
       continue;
     }
     if (const json* pr = pattern_value(config, "rank_pattern", p->name);
         pr && (!pr->is_number_integer() || pr->get<int64_t>() != r)) {
-      problems.push_back("rank_pattern gives " + pr->dump() + " for '" + p->name +
-                         "' but its tensors have rank " + std::to_string(r));
+      binding.problem("rank_pattern gives " + pr->dump() + " for '" + p->name +
+                      "' but its tensors have rank " + std::to_string(r));
       continue;
     }
     double alpha = default_alpha;
@@ -219,23 +216,21 @@ void attach_lora_format(const json& config,
       alpha = pa->get<double>();
     }
     const SavedLoraFactors factors{a, b, lora_scaling(alpha, r, rslora), dropout};
-    if (auto adapter = make(*p, factors, {found.begin() + 2, found.end()}, problems))
+    if (auto adapter = make(*p, factors, {found.begin() + 2, found.end()}, binding))
       p->attach(std::move(adapter));
   }
-  for (const auto& [name, t] : weights) {
-    if (!used.count(name)) {
-      problems.push_back("tensor '" + name + "' matches no targeted projection of the model");
-    }
+  binding.report_unexpected("matches no targeted projection of the model");
+  if (!selected && binding.ok()) {
+    binding.problem("target_modules " + targets_it->dump() + " select no projection of the model");
   }
-  if (used.empty() && problems.empty()) {
-    problems.push_back("target_modules " + targets_it->dump() +
-                       " select no projection of the model");
-  }
-  if (!problems.empty()) {
-    throw ModelMismatchError("adapter '" + where +
-                             "' does not fit the model: " + join_problems(problems) +
-                             " (hint: was it trained on this base model?)");
-  }
+  binding.check("adapter '" + where + "' does not fit the model",
+                "was it trained on this base model?");
+}
+
+void load_factors(LoraImpl& lora, const SavedLoraFactors& factors) {
+  torch::NoGradGuard no_grad;
+  lora.lora_A.copy_(factors.a);
+  lora.lora_B.copy_(factors.b);
 }
 
 void lora_attach_saved(const json& config,
@@ -244,12 +239,10 @@ void lora_attach_saved(const json& config,
                        const std::string& where) {
   attach_lora_format(config, weights, projections, where, /*use_dora=*/false, {},
                      [](const ProjectionImpl& p, const SavedLoraFactors& f,
-                        const std::vector<torch::Tensor>&, std::vector<std::string>&) {
+                        const std::vector<torch::Tensor>&, TensorBinding&) {
                        auto lora = Lora(p.in_features, p.out_features, f.a.size(0), f.scaling,
                                         f.dropout, torch::device(p.weight.device()));
-                       torch::NoGradGuard no_grad;
-                       lora->lora_A.copy_(f.a);
-                       lora->lora_B.copy_(f.b);
+                       load_factors(*lora, f);
                        return lora.ptr();
                      });
 }

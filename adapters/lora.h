@@ -46,13 +46,16 @@ struct SavedLoraFactors {
   double dropout = 0.0;
 };
 
+/// Copies saved factors (shapes already checked) into a LoRA of the same rank.
+void load_factors(LoraImpl& lora, const SavedLoraFactors& factors);
+
 /// What a LoRA-format strategy builds from one projection's saved factors and its `extra`
-/// tensors (one per suffix asked for, already found); nullptr after adding a problem.
+/// tensors (one per suffix asked for, already found); nullptr after recording a problem.
 using LoraFormatMake =
     std::function<std::shared_ptr<ProjectionAdapterImpl>(const ProjectionImpl& projection,
                                                          const SavedLoraFactors& factors,
                                                          const std::vector<torch::Tensor>& extra,
-                                                         std::vector<std::string>& problems)>;
+                                                         TensorBinding& binding)>;
 
 /// Reads a saved adapter in PEFT's LoRA format, which LoRA and DoRA share: checks
 /// adapter_config.json (its use_dora must be `use_dora`), and attaches make(...) to every

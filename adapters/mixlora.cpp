@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <set>
 
 #include "core/errors.h"
 
@@ -380,27 +379,14 @@ void mixlora_attach_saved(const nlohmann::json& config,
   attach(s, sites);
 
   // Every tensor the attached modules hold must come from the file, with its shape.
-  std::set<std::string> expected;
+  TensorBinding binding(weights);
   torch::NoGradGuard no_grad;
   for_each_tensor(sites, [&](const std::string& name, torch::Tensor& dst) {
-    expected.insert(name);
-    const auto it = weights.find(name);
-    if (it == weights.end()) {
-      problems.push_back("no tensor '" + name + "'");
-    } else if (it->second.sizes() != dst.sizes()) {
-      problems.push_back("tensor '" + name + "' has the wrong shape for this model");
-    } else {
-      dst.copy_(it->second);
-    }
+    if (binding.expect(name, dst.sizes())) dst.copy_(weights.at(name));
   });
-  for (const auto& [name, t] : weights) {
-    if (!expected.count(name)) problems.push_back("tensor '" + name + "' belongs to no module");
-  }
-  if (!problems.empty()) {
-    throw ModelMismatchError("adapter '" + where +
-                             "' does not fit this model: " + join_problems(problems) +
-                             " (hint: it was trained for another model or is damaged)");
-  }
+  binding.report_unexpected("belongs to no module");
+  binding.check("adapter '" + where + "' does not fit this model",
+                "it was trained for another model or is damaged");
 }
 
 torch::Tensor mixlora_aux_loss(const AdapterSettings& settings,

@@ -117,7 +117,7 @@ void multilora_attach_saved(const json& config,
   if (!problems.empty()) throw ConfigError("adapter '" + where + "': " + join_problems(problems));
   const auto r = static_cast<int64_t>(r_cfg), n = static_cast<int64_t>(n_cfg);
 
-  std::set<std::string> used;
+  TensorBinding binding(weights);
   for (auto p : projections) {
     if (!peft_targets(*targets, p->name)) continue;
     auto m = MultiLora(p->in_features, p->out_features, r, n, lora_scaling(alpha, r, rslora),
@@ -129,28 +129,14 @@ void multilora_attach_saved(const json& config,
           {key(p->name, "lora_B", i, true), m->lora_B[i]},
           {key(p->name, "lora_scale", i, false), m->scale[i]}};
       for (const auto& [name, dst] : parts) {
-        auto it = weights.find(name);
-        if (it == weights.end()) {
-          problems.push_back("missing tensor '" + name + "'");
-        } else if (it->second.sizes() != dst.sizes()) {
-          problems.push_back("tensor '" + name + "' has the wrong shape for the projection");
-        } else {
-          dst.copy_(it->second);
-          used.insert(name);
-        }
+        if (binding.expect(name, dst.sizes())) dst.copy_(weights.at(name));
       }
     }
     p->attach(m.ptr());
   }
-  for (const auto& [name, t] : weights) {
-    if (!used.count(name))
-      problems.push_back("tensor '" + name + "' matches no targeted projection of the model");
-  }
-  if (!problems.empty()) {
-    throw ModelMismatchError("adapter '" + where +
-                             "' does not fit the model: " + join_problems(problems) +
-                             " (hint: was it trained on this base model?)");
-  }
+  binding.report_unexpected("matches no targeted projection of the model");
+  binding.check("adapter '" + where + "' does not fit the model",
+                "was it trained on this base model?");
 }
 
 AdapterSpec multilora_strategy() {

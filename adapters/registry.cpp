@@ -39,16 +39,17 @@ const AdapterSpec& find_adapter(const std::string& name) {
 }
 
 const AdapterSpec& find_adapter_for_config(const nlohmann::json& config, const std::string& where) {
-  std::string known;
+  std::vector<std::string> known;
   for (const auto& spec : adapter_specs()) {
     if (!spec.reads) continue;
     if (spec.reads(config)) return spec;
-    const std::string type(spec.peft_type);
-    if ((", " + known + ", ").find(", " + type + ", ") == std::string::npos)
-      known += (known.empty() ? "" : ", ") + type;
+    if (std::find(known.begin(), known.end(), spec.peft_type) == known.end())
+      known.emplace_back(spec.peft_type);
   }
+  std::string list;
+  for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
   throw ConfigError("'" + where + "': peft_type '" + config.value("peft_type", std::string()) +
-                    "' is not one lorafit reads (known: " + known + ")");
+                    "' is not one lorafit reads (known: " + list + ")");
 }
 
 SavedAdapter low_rank_adapter(const LowRankFactors& factors,
@@ -91,10 +92,13 @@ const std::vector<StrategyKey>& strategy_keys() {
   return keys;
 }
 
-nlohmann::json AdapterSettings::strategy_defaults() {
-  nlohmann::json out = nlohmann::json::object();
-  for (const auto& key : strategy_keys()) out[key.name] = key.fallback;
-  return out;
+const nlohmann::json& AdapterSettings::strategy_defaults() {
+  static const nlohmann::json defaults = [] {
+    nlohmann::json out = nlohmann::json::object();
+    for (const auto& key : strategy_keys()) out[key.name] = key.fallback;
+    return out;
+  }();
+  return defaults;
 }
 
 }  // namespace lorafit

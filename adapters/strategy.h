@@ -44,7 +44,7 @@ struct AdapterSettings {
   nlohmann::json options = strategy_defaults();
 
   /// Every strategy's keys at their defaults (adapters/registry.cpp).
-  static nlohmann::json strategy_defaults();
+  static const nlohmann::json& strategy_defaults();
 };
 
 /// An adapter as it goes to disk: adapter_config.json and the tensors of

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const lorafit::Error& e) {
     fmt::print(stderr, "lorafit: error: {}\n", e.what());
-    return 2;
+    return e.exit_code();
   } catch (const lorafit::Interrupted& e) {
     fmt::print(stderr, "lorafit: {}\n", e.what());
     return 128 + e.signal;

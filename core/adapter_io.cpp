@@ -125,18 +125,16 @@ void apply_modules_to_save(SavedAdapter& saved, LlamaForCausalLM& model, const s
   if (saved.tensors.count(kPeftPrefix + "model.embed_tokens.weight")) model->untie_head();
   torch::NoGradGuard no_grad;
   bool any = false;
+  TensorBinding binding(saved.tensors);
   for (auto& [name, t] : model->checkpoint_tensors()) {
     const auto found = saved.tensors.find(kPeftPrefix + name);
     if (found == saved.tensors.end()) continue;
-    if (found->second.sizes() != t.sizes()) {
-      throw ModelMismatchError("adapter '" + where + "': tensor '" + found->first + "' has shape " +
-                               shape_text(found->second.sizes()) + ", the model's is " +
-                               shape_text(t.sizes()) + " (hint: an adapter for another model)");
-    }
-    t.copy_(found->second);
+    if (binding.expect(found->first, t.sizes())) t.copy_(found->second);
     saved.tensors.erase(found);
     any = true;
   }
+  binding.check("adapter '" + where + "' does not fit the model's modules_to_save",
+                "is it an adapter for another model?");
   if (!any) {
     throw ModelMismatchError("adapter '" + where + "' lists modules_to_save " + it->dump() +
                              " but holds none of the model's tensors under base_model.model.");

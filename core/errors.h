@@ -1,6 +1,7 @@
 // Errors that lorafit raises. Every user mistake (a bad file, recipe, flag or tensor) is a
-// lorafit::Error and ends the process with exit code 2; anything else is a bug or an
-// environment failure and ends it with exit code 1. Only cli/main.cpp catches.
+// lorafit::Error and ends the process with exit code 2; a failure of the environment that
+// lorafit can name (DistributedError) is an Error with exit code 1, as is anything else (a
+// bug). Only cli/main.cpp catches.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +15,8 @@ namespace lorafit {
 /// a hint where one helps.
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
+  /// What the process exits with: 2, the user's to fix.
+  virtual int exit_code() const { return 2; }
 };
 
 /// A file that is missing, unreadable or malformed.
@@ -41,8 +44,9 @@ struct Interrupted : std::runtime_error {
 
 /// A rank that died or hung, or a collective that failed: not the user's mistake but the
 /// environment's, so the run ends with exit code 1, with the rank and the step named.
-struct DistributedError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+struct DistributedError : Error {
+  using Error::Error;
+  int exit_code() const override { return 1; }
 };
 
 /// The number of single-character edits that turn `a` into `b` (Levenshtein).

@@ -115,28 +115,28 @@ std::vector<torch::Tensor> gradient_holders(const Job& job) {
 
 void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& dir) {
   torch::NoGradGuard no_grad;
+  const std::string what = "'" + dir + "' does not hold what the recipe trains";
+  const std::string hint = "its type, targets and rank must match the recipe's adapter";
   if (job.spec->trains_base) {
     SafetensorsCheckpoint saved(dir);
-    for (auto& [name, t] : trained_base(job, model)) t.copy_(saved.tensor(name));
+    TensorBinding binding(saved);
+    const auto trained = trained_base(job, model);
+    for (const auto& [name, t] : trained) binding.expect(name, t.sizes());
+    binding.check(what, hint);
+    for (auto& [name, t] : trained) t.copy_(saved.tensor(name));
     if (job.masters) job.masters->publish();
     return;
   }
-  SafetensorsFile saved((fs::path(dir) / "adapter_model.safetensors").string());
+  SafetensorsFile file((fs::path(dir) / "adapter_model.safetensors").string());
+  TensorMap saved;
+  for (const auto& e : file.header().entries) saved[e.name] = file.tensor(e.name);
+  TensorBinding binding(saved);
   auto trained = job.spec->save(job.settings, job.sites, job.recipe.model).tensors;
   for (auto& [name, t] : trained_base(job, model)) trained[kPeftPrefix + name] = t;
-  for (const auto& [name, t] : trained) {
-    if (!saved.find(name)) {
-      throw ModelMismatchError("adapter '" + dir + "' has no tensor '" + name +
-                               "' (hint: its targets and rank must match the recipe's adapter)");
-    }
-    const auto src = saved.tensor(name);
-    if (src.sizes() != t.sizes()) {
-      throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir +
-                               "' does not have the "
-                               "recipe's shape (hint: adapter.r must match)");
-    }
-    t.copy_(src);
-  }
+  for (const auto& [name, t] : trained) binding.expect(name, t.sizes());
+  binding.report_unexpected("is not one that the recipe's adapter trains");
+  binding.check(what, hint);
+  for (auto& [name, t] : trained) t.copy_(saved.at(name));
   if (job.masters) job.masters->publish();
 }
 

@@ -3,7 +3,6 @@
 #include <cmath>
 #include <future>
 #include <numeric>
-#include <set>
 
 #include "core/compat.h"
 #include "core/errors.h"
@@ -428,37 +427,21 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
   LlamaForCausalLM model(config, torch::dtype(dtype).device(device));
 
   const auto entries = checkpoint.entries();
-  std::vector<std::string> problems;
-  std::set<std::string> expected;
+  TensorBinding binding(checkpoint);
   const auto wanted = model->checkpoint_tensors();
   for (const auto& [name, t] : wanted) {
-    expected.insert(name);
-    auto it = entries.find(name);
-    if (it == entries.end()) {
-      problems.push_back("missing tensor '" + name + "' " + shape_text(t.sizes()));
-      continue;
-    }
-    const StEntry& e = *it->second;
-    if (torch::IntArrayRef(e.shape) != t.sizes()) {
-      problems.push_back("tensor '" + name + "' has shape " + shape_text(e.shape) + ", expected " +
-                         shape_text(t.sizes()));
-    } else if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
-      problems.push_back("tensor '" + name + "' has dtype " + st_dtype_name(e.dtype) +
-                         ", expected F32, F16 or BF16");
+    if (binding.expect(name, t.sizes()) &&
+        !torch::isFloatingType(to_torch_dtype(entries.at(name)->dtype))) {
+      binding.problem("tensor '" + name + "' has dtype " + st_dtype_name(entries.at(name)->dtype) +
+                      ", expected F32, F16 or BF16");
     }
   }
-  for (const auto& [name, e] : entries) {
+  binding.report_unexpected("", [&](const std::string& name) {
     const bool derived = name.size() > 13 && name.substr(name.size() - 13) == "rotary_emb.inv_freq";
-    const bool tied_head = config.tie_word_embeddings && name == "lm_head.weight";
-    if (!expected.count(name) && !derived && !tied_head) {
-      problems.push_back("unexpected tensor '" + name + "' " + shape_text(e->shape));
-    }
-  }
-  if (!problems.empty()) {
-    throw ModelMismatchError("checkpoint '" + dir +
-                             "' does not match its config.json: " + join_problems(problems) +
-                             " (hint: is config.json from the same model as the weights?)");
-  }
+    return derived || (config.tie_word_embeddings && name == "lm_head.weight");
+  });
+  binding.check("checkpoint '" + dir + "' does not match its config.json",
+                "is config.json from the same model as the weights?");
 
   // With a cold page cache the disk is the bottleneck: one thread reads the files
   // sequentially at the disk's speed while the others copy tensors in file order behind it.

@@ -176,6 +176,55 @@ void SafetensorsCheckpoint::read_ahead() const {
   }
 }
 
+TensorBinding::TensorBinding(const TensorMap& held) {
+  for (const auto& [name, t] : held) held_[name] = t.sizes().vec();
+}
+
+TensorBinding::TensorBinding(const SafetensorsCheckpoint& held) {
+  for (const auto& [name, e] : held.entries()) held_[name] = e->shape;
+}
+
+bool TensorBinding::expect(const std::string& name, torch::IntArrayRef shape) {
+  expected_.insert(name);
+  const auto it = held_.find(name);
+  if (it == held_.end()) {
+    problems_.push_back("missing tensor '" + name + "' " + shape_text(shape));
+    return false;
+  }
+  if (torch::IntArrayRef(it->second) != shape) {
+    problems_.push_back("tensor '" + name + "' has shape " + shape_text(it->second) +
+                        ", expected " + shape_text(shape));
+    return false;
+  }
+  return true;
+}
+
+bool TensorBinding::expect(const std::string& name) {
+  expected_.insert(name);
+  if (held_.count(name)) return true;
+  problems_.push_back("missing tensor '" + name + "'");
+  return false;
+}
+
+void TensorBinding::problem(std::string text) {
+  problems_.push_back(std::move(text));
+}
+
+void TensorBinding::report_unexpected(const std::string& why,
+                                      const std::function<bool(const std::string&)>& allowed) {
+  for (const auto& [name, shape] : held_) {
+    if (expected_.count(name) || (allowed && allowed(name))) continue;
+    problems_.push_back(why.empty() ? "unexpected tensor '" + name + "' " + shape_text(shape)
+                                    : "tensor '" + name + "' " + why + " (shape " +
+                                          shape_text(shape) + ")");
+  }
+}
+
+void TensorBinding::check(const std::string& what, const std::string& hint) const {
+  if (problems_.empty()) return;
+  throw ModelMismatchError(what + ": " + join_problems(problems_) + " (hint: " + hint + ")");
+}
+
 torch::Dtype to_torch_dtype(StDtype dtype) {
   switch (dtype) {
     case StDtype::F64:

@@ -4,8 +4,10 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -56,6 +58,36 @@ class SafetensorsCheckpoint {
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const SafetensorsFile*> owner_;
+};
+
+/// The one place where a loader checks a file's named tensors against what the model or the
+/// adapter expects. The loader says which names it expects (with their shapes where it knows
+/// them); missing, mis-shaped and, at the end, unexpected tensors are collected, and check()
+/// reports them all in one ModelMismatchError, so the user sees every problem at once.
+class TensorBinding {
+ public:
+  explicit TensorBinding(const TensorMap& held);
+  explicit TensorBinding(const SafetensorsCheckpoint& held);
+
+  /// Whether the file holds `name` with `shape`; records "missing tensor 'X' [shape]" or
+  /// "tensor 'X' has shape [a], expected [b]" otherwise.
+  bool expect(const std::string& name, torch::IntArrayRef shape);
+  /// Whether the file holds `name` at all; its shape is the caller's to judge.
+  bool expect(const std::string& name);
+  /// A problem only the caller can see (a shape that depends on another tensor, a dtype).
+  void problem(std::string text);
+  /// Records "unexpected tensor 'X' [shape]" (or "tensor 'X' <why> (shape [..])") for every
+  /// held tensor not expected and not excused by `allowed`.
+  void report_unexpected(const std::string& why = "",
+                         const std::function<bool(const std::string&)>& allowed = {});
+  bool ok() const { return problems_.empty(); }
+  /// Throws ModelMismatchError("<what>: <problems> (hint: <hint>)") if any were recorded.
+  void check(const std::string& what, const std::string& hint) const;
+
+ private:
+  std::map<std::string, std::vector<int64_t>> held_;  // name -> shape
+  std::set<std::string> expected_;
+  std::vector<std::string> problems_;
 };
 
 torch::Dtype to_torch_dtype(StDtype dtype);

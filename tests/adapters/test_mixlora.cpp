@@ -186,7 +186,7 @@ TEST_CASE("MixLoRA saves in MoE-PEFT's names and loads back bit for bit", "[adap
   partial.erase("mixlora.layers.1.mlp.moe_gate.weight");
   auto d = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat32);
   REQUIRE_THROWS_WITH(spec.attach_saved(saved.config, partial, d->adapter_sites(), "dir"),
-                      Catch::Contains("no tensor 'mixlora.layers.1.mlp.moe_gate.weight'"));
+                      Catch::Contains("missing tensor 'mixlora.layers.1.mlp.moe_gate.weight'"));
 }
 
 TEST_CASE("MixLoRA with checkpointed layers gets the gradients of the plain backward",
