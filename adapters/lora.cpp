@@ -96,8 +96,7 @@ json peft_lora_config(const AdapterSettings& s,
       {"fan_in_fan_out", false},
       {"inference_mode", true},
       {"init_lora_weights", true},
-      {"lora_alpha",
-       s.alpha == std::floor(s.alpha) ? json(static_cast<int64_t>(s.alpha)) : json(s.alpha)},
+      {"lora_alpha", config_number(s.alpha)},
       {"lora_dropout", s.dropout},
       {"modules_to_save", nullptr},
       {"peft_type", "LORA"},
@@ -224,7 +223,10 @@ void attach_lora_format(const json& config,
     binding.problem("target_modules " + targets_it->dump() + " select no projection of the model");
   }
   binding.check("adapter '" + where + "' does not fit the model",
-                "was it trained on this base model?");
+                use_dora ? "was it trained on this base model? DoRA needs every "
+                           "lora_magnitude_vector: m-LoRA writes none, and its DoRA cannot be "
+                           "read faithfully"
+                         : "was it trained on this base model?");
 }
 
 void load_factors(LoraImpl& lora, const SavedLoraFactors& factors) {

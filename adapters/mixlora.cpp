@@ -307,24 +307,33 @@ SavedAdapter mixlora_save(const AdapterSettings& settings,
                           const std::string& base_model) {
   const auto s = shape_of(settings);
   SavedAdapter out;
-  out.config = {{"peft_type", "MIXLORA"},
-                {"routing_strategy", "mixlora"},
-                {"num_experts", s.experts},
-                {"top_k", s.top_k},
-                {"router_aux_loss_coef", settings.options.at("router_aux_loss_coef")},
-                {"router_init_range", 0.02},
-                {"jitter_noise", 0.0},
-                {"r", settings.r},
-                {"lora_alpha", settings.alpha},
-                {"lora_dropout", settings.dropout},
-                {"use_rslora", settings.use_rslora},
-                {"target_modules", settings.targets},
-                {"bias", "none"},
-                {"task_type", "CAUSAL_LM"},
-                {"base_model_name_or_path", base_model}};
+  out.config = {
+      {"peft_type", "MIXLORA"},
+      {"routing_strategy", "mixlora"},
+      {"num_experts", s.experts},
+      {"top_k", s.top_k},
+      {"router_aux_loss_coef", settings.options.at("router_aux_loss_coef").get<double>()},
+      {"router_init_range", 0.02},
+      {"jitter_noise", 0.0},
+      {"r", settings.r},
+      {"lora_alpha", config_number(settings.alpha)},
+      {"lora_dropout", settings.dropout},
+      {"use_rslora", settings.use_rslora},
+      {"target_modules", settings.targets},
+      {"act_fn", "silu"},  // the FFN's (lorafit's models are SwiGLU): the MixLoRA package needs it
+      {"bias", "none"},
+      {"task_type", "CAUSAL_LM"},
+      {"base_model_name_or_path", base_model}};
   if (s.expert_r != s.r || s.expert_alpha != s.alpha || s.expert_dropout != s.dropout) {
-    out.config["expert_lora"] = {
-        {"r", s.expert_r}, {"lora_alpha", s.expert_alpha}, {"lora_dropout", s.expert_dropout}};
+    out.config["expert_lora"] = {{"r", s.expert_r},
+                                 {"lora_alpha", config_number(s.expert_alpha)},
+                                 {"lora_dropout", s.expert_dropout}};
+  }
+  out.torch_bin_too = true;
+  if (settings.dropout == 0 || s.expert_dropout == 0) {
+    out.notes.push_back(
+        "MoE-PEFT and the MixLoRA package will not load this adapter: they assert "
+        "lora_dropout > 0 (hint: train with adapter.dropout above 0 to use it there)");
   }
   for_each_tensor(sites, [&](const std::string& name, torch::Tensor& t) {
     out.tensors[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();

@@ -4,6 +4,7 @@
 // and load it. adapters/registry.cpp lists the strategies; nothing else names one.
 #pragma once
 
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -52,7 +53,19 @@ struct AdapterSettings {
 struct SavedAdapter {
   nlohmann::json config;
   TensorMap tensors;
+  /// Also written as adapter_model.bin (torch.save), for the tools that read only that file
+  /// (MoE-PEFT and the MixLoRA package).
+  bool torch_bin_too = false;
+  /// Told to the user when the run's adapter is written: what another tool will refuse.
+  std::vector<std::string> notes;
 };
+
+/// A number as the PEFT-family tools want it in adapter_config.json: an integer when whole
+/// (MoE-PEFT asserts that lora_alpha is an int; PEFT takes either).
+inline nlohmann::json config_number(double v) {
+  return v == std::floor(v) && std::abs(v) < 9e15 ? nlohmann::json(static_cast<int64_t>(v))
+                                                  : nlohmann::json(v);
+}
 
 struct AdapterSpec {
   std::string_view name;       // recipe's adapter.type

@@ -33,19 +33,40 @@ SavedAdapter read_adapter_files(const std::string& dir) {
   if (!config.is_object() || !config.contains("peft_type") || !config["peft_type"].is_string()) {
     throw ConfigError("'" + config_path.string() + "' has no \"peft_type\" string");
   }
-  if (!fs::exists(weights_path)) {
-    throw IoError("'" + weights_path.string() +
-                  "' is missing (hint: lorafit reads adapters saved "
-                  "as safetensors, PEFT's default)");
+  const fs::path bin_path = fs::path(dir) / "adapter_model.bin";
+  if (fs::exists(weights_path)) {
+    SafetensorsFile file(weights_path.string());
+    for (const auto& e : file.header().entries) saved.tensors[e.name] = file.tensor(e.name);
+  } else if (fs::exists(bin_path)) {
+    saved.tensors = load_torch_bin(bin_path.string());  // m-LoRA, MoE-PEFT, older PEFT
+  } else {
+    throw IoError("'" + dir +
+                  "' holds neither adapter_model.safetensors nor adapter_model.bin (hint: "
+                  "--adapter must be a PEFT adapter folder)");
   }
-  SafetensorsFile file(weights_path.string());
-  for (const auto& e : file.header().entries) {
-    if (!torch::isFloatingType(to_torch_dtype(e.dtype))) {
-      throw ModelMismatchError("adapter tensor '" + e.name + "' in '" + weights_path.string() +
-                               "' has dtype " + st_dtype_name(e.dtype) +
+  // LongLoRA's LoRA+ keeps the embeddings and norms it trained beside the adapter, named as in
+  // the model: they are read as PEFT's modules_to_save.
+  const fs::path trainable_path = fs::path(dir) / "trainable_params.bin";
+  if (fs::exists(trainable_path)) {
+    if (config.contains("modules_to_save") && !config["modules_to_save"].is_null()) {
+      throw ConfigError("'" + dir +
+                        "' has both modules_to_save and trainable_params.bin: which holds the "
+                        "trained base tensors is unclear (hint: remove one)");
+    }
+    std::set<std::string> modules;
+    for (auto& [name, t] : load_torch_bin(trainable_path.string())) {
+      const auto module = name.substr(0, name.rfind('.'));  // model.layers.0.input_layernorm
+      modules.insert(module.substr(module.rfind('.') + 1));
+      saved.tensors[kPeftPrefix + name] = t;
+    }
+    saved.config["modules_to_save"] = std::vector<std::string>(modules.begin(), modules.end());
+  }
+  for (const auto& [name, t] : saved.tensors) {
+    if (!torch::isFloatingType(t.scalar_type())) {
+      throw ModelMismatchError("adapter tensor '" + name + "' in '" + dir + "' has dtype " +
+                               st_dtype_name(to_st_dtype(t.scalar_type())) +
                                ", expected F32, F16 or BF16");
     }
-    saved.tensors[e.name] = file.tensor(e.name);
   }
   return saved;
 }
@@ -74,6 +95,8 @@ const AdapterSpec& load_adapter(const std::string& dir, LlamaForCausalLM& model)
 void write_adapter_files(const std::string& dir, const SavedAdapter& saved) {
   fs::create_directories(dir);
   save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), saved.tensors);
+  if (saved.torch_bin_too)
+    save_torch_bin((fs::path(dir) / "adapter_model.bin").string(), saved.tensors);
   write_file_atomic((fs::path(dir) / "adapter_config.json").string(), saved.config.dump(2) + "\n");
 }
 

@@ -1,4 +1,5 @@
-// Saved adapters on disk: a folder with adapter_config.json and adapter_model.safetensors.
+// Saved adapters on disk: a folder with adapter_config.json and adapter_model.safetensors
+// (or adapter_model.bin, as m-LoRA, MoE-PEFT and PEFT before safetensors write it).
 #pragma once
 
 #include <functional>
@@ -10,11 +11,13 @@
 namespace lorafit {
 
 /// adapter_config.json (with a peft_type) and the floating-point tensors of
-/// adapter_model.safetensors in `dir`; an IoError or ConfigError naming the file otherwise.
+/// adapter_model.safetensors in `dir`, or else of adapter_model.bin; LongLoRA's
+/// trainable_params.bin beside them becomes modules_to_save. An IoError or ConfigError naming
+/// the file otherwise.
 SavedAdapter read_adapter_files(const std::string& dir);
 
-/// Writes adapter_config.json and adapter_model.safetensors into `dir` (created if needed),
-/// each through a temporary name.
+/// Writes adapter_config.json and adapter_model.safetensors (and adapter_model.bin when the
+/// strategy asks for it) into `dir` (created if needed), each through a temporary name.
 void write_adapter_files(const std::string& dir, const SavedAdapter& saved);
 
 /// Reads the adapter in `dir` and attaches it (with its modules_to_save, and its RoPE

@@ -47,12 +47,13 @@ std::vector<std::pair<std::string, torch::Tensor>> trained_base(Job& job, LlamaF
 
 // What a checkpoint or the job's output holds of the model: the adapter (with LongLoRA's
 // trained embeddings and norms), or (full fine-tuning) the whole model as a Hugging Face
-// checkpoint.
-void save_adapter_to(Job& job,
-                     LlamaForCausalLM& model,
-                     double rope_factor,
-                     const std::string& dir,
-                     torch::Dtype full_dtype) {
+// checkpoint. Returns the strategy's notes for the user.
+std::vector<std::string> save_adapter_to(Job& job,
+                                         LlamaForCausalLM& model,
+                                         double rope_factor,
+                                         const std::string& dir,
+                                         torch::Dtype full_dtype) {
+  std::vector<std::string> notes;
   if (job.spec->trains_base) {
     fs::create_directories(dir);
     write_model_files(dir, trained_base(job, model), job.recipe.model, full_dtype);
@@ -61,8 +62,10 @@ void save_adapter_to(Job& job,
     add_modules_to_save(saved, trained_base(job, model));
     if (rope_factor > 1) saved.config["rope_scaling"] = linear_rope_scaling(rope_factor);
     write_adapter_files(dir, saved);
+    notes = saved.notes;
   }
   if (job.cola()) save_chain(dir, job.chain);
+  return notes;
 }
 
 }  // namespace
@@ -127,9 +130,7 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
     if (job.masters) job.masters->publish();
     return;
   }
-  SafetensorsFile file((fs::path(dir) / "adapter_model.safetensors").string());
-  TensorMap saved;
-  for (const auto& e : file.header().entries) saved[e.name] = file.tensor(e.name);
+  const auto saved = read_adapter_files(dir).tensors;
   TensorBinding binding(saved);
   auto trained = job.spec->save(job.settings, job.sites, job.recipe.model).tensors;
   for (auto& [name, t] : trained_base(job, model)) trained[kPeftPrefix + name] = t;
@@ -273,6 +274,7 @@ void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
     return;
   }
   const auto adapter = (out / "adapter").string();
+  std::vector<std::string> notes;
   if (job.cola()) {
     // The chain as one PEFT LoRA, and every link (the last one still attached) on its own.
     write_folder_atomic(adapter, [&](const std::string& tmp) {
@@ -285,11 +287,12 @@ void finish_job(Job& job, LlamaForCausalLM& model, double rope_factor) {
                job.chain.links.size(), adapter, (out / "links").string());
   } else {
     write_folder_atomic(adapter, [&](const std::string& tmp) {
-      save_adapter_to(job, model, rope_factor, tmp, torch::kFloat32);
+      notes = save_adapter_to(job, model, rope_factor, tmp, torch::kFloat32);
     });
     write_state();
   }
   fmt::print(stderr, "{}adapter written to {}\n", job.prefix, adapter);
+  for (const auto& note : notes) fmt::print(stderr, "{}note: {}\n", job.prefix, note);
   fmt::print(stderr, "{}evaluate: lorafit eval --model {} --adapter {} --data FILE\n", job.prefix,
              job.recipe.model, adapter);
   fmt::print(stderr, "{}merge:    lorafit merge --model {} --adapter {} --out DIR\n", job.prefix,

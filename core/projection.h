@@ -18,7 +18,7 @@ namespace lorafit {
 /// One term of a projection's low-rank update: rows [row_begin, row_end) of the batch (every
 /// row when row_end is 0) get scaling * (x a^T) b^T in the output columns [col, col + out_t).
 /// With `out_scale`, that region of the whole output (base and update) is then multiplied by
-/// it column by column, before any bias: DoRA's magnitude over the weight's norm. A region
+/// it column by column, before any bias (a weight-decomposed strategy's magnitudes). A region
 /// with an out_scale has no other term. a, b and out_scale may be in any floating dtype (an
 /// adapter's fp32 parameters): the projection computes in the activations' dtype and returns
 /// their gradients in theirs.

@@ -516,9 +516,10 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
     }
   }
   if (check_files && !r.adapter.init.empty() &&
-      !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors")) {
+      !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.safetensors") &&
+      !fs::is_regular_file(fs::path(r.adapter.init) / "adapter_model.bin")) {
     problems.push_back("'adapter.init': '" + r.adapter.init +
-                       "' holds no adapter_model.safetensors");
+                       "' holds neither adapter_model.safetensors nor adapter_model.bin");
   }
   if ((r.train.steps > 0) == (r.train.epochs > 0)) {
     problems.push_back("set exactly one of 'train.steps' and 'train.epochs'");

@@ -259,6 +259,38 @@ StDtype to_st_dtype(torch::Dtype dtype) {
   throw std::invalid_argument(std::string("safetensors cannot hold dtype ") + c10::toString(dtype));
 }
 
+TensorMap load_torch_bin(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw IoError("cannot open '" + path + "': " + std::strerror(errno));
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  const auto archive = parse_torch_save(data, bytes.size(), path);
+  std::map<std::string, torch::Tensor> storages;  // key -> [numel] in its dtype
+  for (const auto& [key, s] : archive.storages) {
+    // Copied into aligned memory: the file's bytes need not be aligned for the dtype.
+    auto raw = torch::empty({static_cast<int64_t>(s.bytes)}, torch::kUInt8);
+    if (s.bytes) std::memcpy(raw.data_ptr(), data + s.offset, s.bytes);
+    storages[key] = raw.view(to_torch_dtype(s.dtype));
+  }
+  TensorMap out;
+  for (const auto& [name, t] : archive.tensors) {
+    out[name] = storages.at(t.storage).as_strided(t.shape, t.stride, t.offset).clone();
+  }
+  return out;
+}
+
+void save_torch_bin(const std::string& path, const TensorMap& tensors) {
+  std::map<std::string, PtTensorBytes> out;
+  for (const auto& [name, t] : tensors) {
+    const auto c = t.detach().to(torch::kCPU).contiguous();
+    auto& o = out[name];
+    o.dtype = to_st_dtype(c.scalar_type());
+    o.shape = c.sizes().vec();
+    o.bytes.assign(static_cast<const char*>(c.data_ptr()), c.nbytes());
+  }
+  write_file_atomic(path, torch_save_bytes(out));
+}
+
 void write_file_atomic(const std::string& path, const std::string& text) {
   const std::string tmp = temp_path(path).string();
   {

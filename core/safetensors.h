@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/safetensors_format.h"
+#include "core/torch_save_format.h"
 
 namespace lorafit {
 
@@ -104,6 +105,15 @@ void save_safetensors(const std::string& path,
 void save_safetensors_sharded(const std::string& dir,
                               const TensorMap& tensors,
                               uint64_t max_shard_bytes);
+
+/// The tensors of a torch.save file (adapter_model.bin, trainable_params.bin), copied out on
+/// the CPU in their dtypes. Nothing in the file runs: core/torch_save_format.h reads only
+/// dicts of tensors and refuses the rest with an IoError.
+TensorMap load_torch_bin(const std::string& path);
+
+/// Writes tensors (moved to the CPU, kept in their dtype) as torch.save writes a dict of
+/// them, through a temporary name: what torch.load(weights_only=True) reads.
+void save_torch_bin(const std::string& path, const TensorMap& tensors);
 
 /// Writes `text` to `path` through a temporary name in the same folder, then renames it.
 void write_file_atomic(const std::string& path, const std::string& text);

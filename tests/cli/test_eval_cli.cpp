@@ -81,6 +81,108 @@ TEST_CASE("a PEFT DoRA adapter merged by lorafit gives PEFT's merged loss", "[cl
   }
 }
 
+TEST_CASE("adapters that PEFT, MoE-PEFT and LongLoRA wrote with torch.save give their loss",
+          "[cli][eval]") {
+  // Written on the GPU machine by scripts/gpu_seed_formats.sh with the tools' own save code:
+  // PEFT's save_pretrained(safe_serialization=False), that LoRA with a LongLoRA
+  // trainable_params.bin, and MoE-PEFT's save_adapter_weight of a MixLoRA with expert_lora.
+  const std::string dir = fixture("trained_tiny");
+  for (const char* name : {"lora_bin", "lora_bin_longlora", "moe_peft_mixlora"}) {
+    INFO(name);
+    const auto expected = lorafit::test::read_json(dir + "/" + name + "/expected_loss.json");
+    const auto got =
+        eval_json("--max-seq-len 24 --model " + q(dir + "/model") + " --adapter " +
+                  q(dir + "/" + name) + " --data " + q(fixture("mha_linear") + "/eval.jsonl"));
+    REQUIRE(got["tokens"] == expected["tokens"]);
+    REQUIRE(got["loss"].get<double>() == Approx(expected["loss"].get<double>()).epsilon(1e-4));
+  }
+}
+
+TEST_CASE("adapters saved with torch.save and LongLoRA's trainable_params.bin are read",
+          "[cli][eval]") {
+  TempDir tmp;
+  const std::string dir = fixture("gqa_llama3");
+  const auto expected = lorafit::test::read_json(dir + "/expected.json");
+  const auto eval_loss = [&](const std::string& adapter) {
+    return eval_json("--max-seq-len 24 --model " + q(dir + "/model") + " --adapter " + q(adapter) +
+                     " --data " + q(dir + "/eval.jsonl"))["loss"]
+        .get<double>();
+  };
+  const auto read_st = [](const std::string& path) {
+    SafetensorsFile f(path);
+    TensorMap out;
+    for (const auto& e : f.header().entries) out[e.name] = f.tensor(e.name).clone();
+    return out;
+  };
+  // PEFT's LoRA as adapter_model.bin (m-LoRA and PEFT before safetensors save it so).
+  const auto bin = tmp / "bin";
+  fs::create_directories(bin);
+  fs::copy_file(dir + "/lora_all/adapter_config.json", bin + "/adapter_config.json");
+  auto lora = read_st(dir + "/lora_all/adapter_model.safetensors");
+  save_torch_bin(bin + "/adapter_model.bin", lora);
+  REQUIRE(eval_loss(bin) == Approx(expected["lora_all"]["loss"].get<double>()).epsilon(1e-4));
+  // m-LoRA's adapter_config.json holds only what its LoRAConfig.export() writes.
+  const auto mlora = tmp / "mlora";
+  fs::create_directories(mlora);
+  const auto peft_config = lorafit::test::read_json(dir + "/lora_all/adapter_config.json");
+  nlohmann::json mlora_config = {{"base_model_name_or_path", "m"},
+                                 {"peft_type", "LORA"},
+                                 {"task_type", "CAUSAL_LM"},
+                                 {"bias", "none"}};
+  for (const char* key : {"lora_alpha", "lora_dropout", "r", "target_modules"})
+    mlora_config[key] = peft_config[key];
+  lorafit::test::write_text(mlora + "/adapter_config.json", mlora_config.dump());
+  fs::copy_file(bin + "/adapter_model.bin", mlora + "/adapter_model.bin");
+  REQUIRE(eval_loss(mlora) == Approx(expected["lora_all"]["loss"].get<double>()).epsilon(1e-4));
+  // merge takes it as it is.
+  const auto merged = run_lorafit("merge --dtype f32 --model " + q(dir + "/model") + " --adapter " +
+                                  q(mlora) + " --out " + q(tmp / "merged"));
+  INFO(merged.err);
+  REQUIRE(merged.code == 0);
+  REQUIRE(eval_json("--max-seq-len 24 --model " + q(tmp / "merged") + " --data " +
+                    q(dir + "/eval.jsonl"))["loss"]
+              .get<double>() == Approx(expected["lora_all"]["loss"].get<double>()).epsilon(1e-4));
+
+  // LongLoRA: trained norms beside the adapter, named as in the model, in place of PEFT's
+  // modules_to_save; the same adapter both ways gives the same loss, unlike the LoRA alone.
+  torch::manual_seed(11);
+  TensorMap trained = {{"model.norm.weight", 1 + 0.3 * torch::randn({32})},
+                       {"model.layers.1.input_layernorm.weight", 1 + 0.3 * torch::randn({32})}};
+  const auto peft = tmp / "peft";
+  fs::create_directories(peft);
+  auto config = lorafit::test::read_json(dir + "/lora_all/adapter_config.json");
+  config["modules_to_save"] = {"norm", "input_layernorm"};
+  lorafit::test::write_text(peft + "/adapter_config.json", config.dump());
+  auto with_base = lora;
+  for (const auto& [name, t] : trained) with_base["base_model.model." + name] = t;
+  save_safetensors(peft + "/adapter_model.safetensors", with_base);
+  const auto longlora = tmp / "longlora";
+  fs::create_directories(longlora);
+  fs::copy_file(dir + "/lora_all/adapter_config.json", longlora + "/adapter_config.json");
+  save_torch_bin(longlora + "/adapter_model.bin", lora);
+  save_torch_bin(longlora + "/trainable_params.bin", trained);
+  const double both = eval_loss(longlora);
+  REQUIRE(both == Approx(eval_loss(peft)).epsilon(1e-6));
+  REQUIRE(std::abs(both - expected["lora_all"]["loss"].get<double>()) > 1e-3);
+
+  // A pickle that would run a command: refused, and nothing runs.
+  const auto evil = tmp / "evil";
+  fs::create_directories(evil);
+  fs::copy_file(dir + "/lora_all/adapter_config.json", evil + "/adapter_config.json");
+  const auto marker = tmp / "ran";
+  const std::string cmd = "touch " + marker;
+  std::string pickle =
+      "\x80\x02"
+      "cos\nsystem\n(X";
+  for (int i = 0; i < 4; ++i) pickle.push_back(static_cast<char>(cmd.size() >> (8 * i) & 0xFF));
+  pickle += cmd + "tR.";
+  lorafit::test::write_text(evil + "/adapter_model.bin", torch_save_archive(pickle, {}));
+  expect_user_error("eval --device cpu --model " + q(dir + "/model") + " --adapter " + q(evil) +
+                        " --data " + q(dir + "/eval.jsonl"),
+                    "names 'os.system', which is not a tensor");
+  REQUIRE_FALSE(fs::exists(marker));
+}
+
 TEST_CASE("eval reads the dataset from standard input with --data -", "[cli][eval]") {
   const std::string dir = fixture("gqa_llama3");
   const auto from_file =

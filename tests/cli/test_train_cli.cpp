@@ -316,6 +316,17 @@ TEST_CASE("MixLoRA trains beats the base is evaluated from disk and refuses to m
   REQUIRE(config["routing_strategy"] == "mixlora");
   REQUIRE(config["num_experts"] == 4);
   REQUIRE(config["router_aux_loss_coef"] == 0.01);
+  // What MoE-PEFT and the MixLoRA package need: an integral alpha as an int, act_fn, and
+  // adapter_model.bin (the only file they open) with the tensors of the safetensors.
+  REQUIRE(config["lora_alpha"].is_number_integer());
+  REQUIRE(config["act_fn"] == "silu");
+  const auto bin = load_torch_bin(tmp / "mx/adapter/adapter_model.bin");
+  SafetensorsFile st(tmp / "mx/adapter/adapter_model.safetensors");
+  REQUIRE(bin.size() == st.header().entries.size());
+  for (const auto& e : st.header().entries)
+    REQUIRE(torch::equal(bin.at(e.name), st.tensor(e.name)));
+  // The recipe's dropout 0 is what they refuse: said when the adapter is written.
+  REQUIRE_THAT(r.err, Catch::Contains("note: MoE-PEFT and the MixLoRA package will not load"));
   const auto metrics = lorafit::test::read_text(tmp / "mx/metrics.jsonl");
   REQUIRE(metrics.find("\"aux_loss\"") != std::string::npos);
   const auto at = metrics.rfind("{\"aux_loss");
