@@ -14,6 +14,17 @@ namespace lorafit {
 
 namespace fs = std::filesystem;
 
+namespace {
+
+// The module kind that PEFT's modules_to_save lists for a checkpoint tensor:
+// "model.layers.0.input_layernorm.weight" -> "input_layernorm".
+std::string module_kind(const std::string& tensor_name) {
+  const auto module = tensor_name.substr(0, tensor_name.rfind('.'));
+  return module.substr(module.rfind('.') + 1);
+}
+
+}  // namespace
+
 SavedAdapter read_adapter_files(const std::string& dir) {
   const fs::path config_path = fs::path(dir) / "adapter_config.json";
   const fs::path weights_path = fs::path(dir) / "adapter_model.safetensors";
@@ -55,8 +66,7 @@ SavedAdapter read_adapter_files(const std::string& dir) {
     }
     std::set<std::string> modules;
     for (auto& [name, t] : load_torch_bin(trainable_path.string())) {
-      const auto module = name.substr(0, name.rfind('.'));  // model.layers.0.input_layernorm
-      modules.insert(module.substr(module.rfind('.') + 1));
+      modules.insert(module_kind(name));
       saved.tensors[kPeftPrefix + name] = t;
     }
     saved.config["modules_to_save"] = std::vector<std::string>(modules.begin(), modules.end());
@@ -136,8 +146,7 @@ void add_modules_to_save(SavedAdapter& saved,
   std::set<std::string> modules;
   for (const auto& [name, t] : base) {
     saved.tensors[kPeftPrefix + name] = t.detach().to(torch::kFloat32);
-    const auto module = name.substr(0, name.rfind('.'));  // model.layers.0.input_layernorm
-    modules.insert(module.substr(module.rfind('.') + 1));
+    modules.insert(module_kind(name));
   }
   saved.config["modules_to_save"] = std::vector<std::string>(modules.begin(), modules.end());
 }

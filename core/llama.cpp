@@ -430,9 +430,10 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
   TensorBinding binding(checkpoint);
   const auto wanted = model->checkpoint_tensors();
   for (const auto& [name, t] : wanted) {
-    if (binding.expect(name, t.sizes()) &&
-        !torch::isFloatingType(to_torch_dtype(entries.at(name)->dtype))) {
-      binding.problem("tensor '" + name + "' has dtype " + st_dtype_name(entries.at(name)->dtype) +
+    if (!binding.expect(name, t.sizes())) continue;
+    const StDtype dtype = entries.at(name)->dtype;
+    if (!torch::isFloatingType(to_torch_dtype(dtype))) {
+      binding.problem("tensor '" + name + "' has dtype " + st_dtype_name(dtype) +
                       ", expected F32, F16 or BF16");
     }
   }

@@ -260,21 +260,27 @@ StDtype to_st_dtype(torch::Dtype dtype) {
 }
 
 TensorMap load_torch_bin(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw IoError("cannot open '" + path + "': " + std::strerror(errno));
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
-  const auto archive = parse_torch_save(data, bytes.size(), path);
+  const auto size = static_cast<int64_t>(in.tellg());
+  auto file = torch::empty({size}, torch::kUInt8);  // [size] the whole file, aligned
+  in.seekg(0);
+  if (!in.read(static_cast<char*>(file.data_ptr()), size)) {
+    throw IoError("cannot read '" + path + "': " + std::strerror(errno));
+  }
+  const auto archive = parse_torch_save(file.data_ptr<uint8_t>(), static_cast<size_t>(size), path);
   std::map<std::string, torch::Tensor> storages;  // key -> [numel] in its dtype
   for (const auto& [key, s] : archive.storages) {
-    // Copied into aligned memory: the file's bytes need not be aligned for the dtype.
-    auto raw = torch::empty({static_cast<int64_t>(s.bytes)}, torch::kUInt8);
-    if (s.bytes) std::memcpy(raw.data_ptr(), data + s.offset, s.bytes);
+    auto raw = file.narrow(0, static_cast<int64_t>(s.offset), static_cast<int64_t>(s.bytes));
+    // A view needs the dtype's alignment (torch.save aligns to 64); otherwise a copy.
+    if (s.offset % st_dtype_size(s.dtype)) raw = raw.clone();
     storages[key] = raw.view(to_torch_dtype(s.dtype));
   }
   TensorMap out;
   for (const auto& [name, t] : archive.tensors) {
-    out[name] = storages.at(t.storage).as_strided(t.shape, t.stride, t.offset).clone();
+    const auto& storage = storages.at(t.storage);
+    // as_strided's offset counts from the start of the file's buffer, not of the view.
+    out[name] = storage.as_strided(t.shape, t.stride, storage.storage_offset() + t.offset).clone();
   }
   return out;
 }

@@ -225,18 +225,14 @@ class Unpickler {
           push(v);
           break;
         }
-        case 'X':
+        case 'X':  // BINUNICODE
+        case 'T':  // BINSTRING
           push_str(bytes(le(4)));
-          break;  // BINUNICODE
-        case 0x8c:
+          break;
+        case 0x8c:  // SHORT_BINUNICODE
+        case 'U':   // SHORT_BINSTRING
           push_str(bytes(le(1)));
-          break;  // SHORT_BINUNICODE
-        case 'T':
-          push_str(bytes(le(4)));
-          break;  // BINSTRING
-        case 'U':
-          push_str(bytes(le(1)));
-          break;     // SHORT_BINSTRING
+          break;
         case 'c': {  // GLOBAL module\nname\n
           const auto module = line(), name = line();
           push_global(module + "." + name);
@@ -263,21 +259,17 @@ class Unpickler {
           push(v);
           break;
         }
-        case 'q':
-          memo_[le(1)] = top();
-          break;  // BINPUT
-        case 'r':
-          memo_[le(4)] = top();
-          break;  // LONG_BINPUT
-        case 0x94:
+        case 'q':  // BINPUT
+        case 'r':  // LONG_BINPUT
+          memo_[le(op == 'q' ? 1 : 4)] = top();
+          break;
+        case 0x94:  // MEMOIZE
           memo_[memo_.size()] = top();
-          break;  // MEMOIZE
-        case 'h':
-          push(memo(le(1)));
-          break;  // BINGET
-        case 'j':
-          push(memo(le(4)));
-          break;     // LONG_BINGET
+          break;
+        case 'h':  // BINGET
+        case 'j':  // LONG_BINGET
+          push(memo(le(op == 'h' ? 1 : 4)));
+          break;
         case 's': {  // SETITEM
           auto value = pop(), key = pop();
           set_items(top(), {key, value});

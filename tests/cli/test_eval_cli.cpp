@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 #include <functional>
 
+#include "core/adapter_io.h"
 #include "core/safetensors.h"
 #include "test_util.h"
 
@@ -108,17 +109,11 @@ TEST_CASE("adapters saved with torch.save and LongLoRA's trainable_params.bin ar
                      " --data " + q(dir + "/eval.jsonl"))["loss"]
         .get<double>();
   };
-  const auto read_st = [](const std::string& path) {
-    SafetensorsFile f(path);
-    TensorMap out;
-    for (const auto& e : f.header().entries) out[e.name] = f.tensor(e.name).clone();
-    return out;
-  };
   // PEFT's LoRA as adapter_model.bin (m-LoRA and PEFT before safetensors save it so).
   const auto bin = tmp / "bin";
   fs::create_directories(bin);
   fs::copy_file(dir + "/lora_all/adapter_config.json", bin + "/adapter_config.json");
-  auto lora = read_st(dir + "/lora_all/adapter_model.safetensors");
+  const auto lora = read_adapter_files(dir + "/lora_all").tensors;
   save_torch_bin(bin + "/adapter_model.bin", lora);
   REQUIRE(eval_loss(bin) == Approx(expected["lora_all"]["loss"].get<double>()).epsilon(1e-4));
   // m-LoRA's adapter_config.json holds only what its LoRAConfig.export() writes.
