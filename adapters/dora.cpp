@@ -8,23 +8,31 @@ namespace lorafit {
 using nlohmann::json;
 
 DoraImpl::DoraImpl(const ProjectionImpl& p, int64_t r, double scaling_, double dropout_)
-    : LoraImpl(
-          p.in_features, p.out_features, r, scaling_, dropout_, torch::device(p.weight.device())),
-      weight(p.weight) {
+    : LoraImpl(p.in_features, p.out_features, r, scaling_, dropout_, torch::device(p.device())),
+      weight(p.weight),
+      nf4(p.nf4) {
   // B starts at zero, so ||W + s B A|| is ||W||: no W A^T product is needed.
   lora_magnitude_vector =
       register_parameter("lora_magnitude_vector", weight_norms_sq().sqrt().to(torch::kFloat32));
 }
 
+torch::Tensor DoraImpl::frozen(torch::ScalarType dtype) const {
+  return weight.defined() ? weight.to(dtype) : nf4_dequantize(nf4, dtype);
+}
+
 const torch::Tensor& DoraImpl::weight_norms_sq() const {
   torch::NoGradGuard no_grad;
+  // An NF4 weight never changes in place: its storage names it.
+  const auto& w = weight.defined() ? weight : nf4.packed;
   const auto acc = torch::promote_types(
-      torch::promote_types(weight.scalar_type(), lora_A.scalar_type()), torch::kFloat);
-  if (!weight_sq.defined() || weight_sq.scalar_type() != acc ||
-      weight_version != weight._version() || weight_data != weight.data_ptr()) {
-    weight_sq = weight.to(acc).pow(2).sum(1);
-    weight_version = weight._version();
-    weight_data = weight.data_ptr();
+      torch::promote_types(weight.defined() ? weight.scalar_type() : torch::kFloat,
+                           lora_A.scalar_type()),
+      torch::kFloat);
+  if (!weight_sq.defined() || weight_sq.scalar_type() != acc || weight_version != w._version() ||
+      weight_data != w.data_ptr()) {
+    weight_sq = frozen(acc).pow(2).sum(1);
+    weight_version = w._version();
+    weight_data = w.data_ptr();
   }
   return weight_sq;
 }
@@ -34,8 +42,9 @@ torch::Tensor DoraImpl::updated_norms() const {
   const auto& w_sq = weight_norms_sq();
   const auto acc = w_sq.scalar_type();
   const auto a = lora_A.to(acc), b = lora_B.to(acc);
-  const auto wa = torch::matmul(weight, lora_A.to(weight.scalar_type()).t()).to(acc);  // [out, r]
-  const auto baa = torch::matmul(b, torch::matmul(a, a.t()));                          // [out, r]
+  const auto w = weight.defined() ? weight : frozen(lora_A.scalar_type());   // [out, in]
+  const auto wa = torch::matmul(w, lora_A.to(w.scalar_type()).t()).to(acc);  // [out, r]
+  const auto baa = torch::matmul(b, torch::matmul(a, a.t()));                // [out, r]
   const auto sq = w_sq + (b * wa).sum(1) * (2 * scaling) + (b * baa).sum(1) * (scaling * scaling);
   return sq.clamp_min(0).sqrt();
 }
@@ -57,12 +66,12 @@ torch::Tensor DoraImpl::forward(const torch::Tensor& x, const torch::Tensor& bas
   const auto h = drop ? torch::dropout(x, dropout, /*train=*/true) : x;
   const auto update = F::linear(F::linear(h, lora_A.to(dtype)), lora_B.to(dtype)) * scaling;
   if (!drop) return g * (base + update);
-  return base + (g - 1) * F::linear(h, weight.to(dtype)) + g * update;
+  return base + (g - 1) * F::linear(h, frozen(dtype)) + g * update;
 }
 
 torch::Tensor DoraImpl::merged_delta() const {
   torch::NoGradGuard no_grad;
-  const auto w = weight.to(torch::kFloat32);
+  const auto w = frozen(torch::kFloat32);
   const auto updated = w + torch::matmul(lora_B, lora_A).to(torch::kFloat32) * scaling;
   return column_scale().to(torch::kFloat32).unsqueeze(1) * updated - w;
 }

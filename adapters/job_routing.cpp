@@ -136,7 +136,9 @@ JobRouting route_jobs(const AdapterSites& model, size_t n) {
   for (const auto& p : model.projections) {
     std::vector<Projection> views;
     for (size_t j = 0; j < n; ++j) {
-      views.emplace_back(p->name, p->in_features, p->out_features, p->weight.options(), p->weight);
+      views.emplace_back(p->name, p->in_features, p->out_features, p->options, p->weight,
+                         torch::Tensor(), p->quantized());
+      views.back()->nf4 = p->nf4;
       r.sites[j].projections.push_back(views.back());
     }
     r.projection_routers.emplace_back(std::move(views), r.rows);

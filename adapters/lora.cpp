@@ -81,7 +81,7 @@ double lora_scaling(double alpha, int64_t r, bool rslora) {
 void lora_attach_new(const AdapterSettings& s, const Projections& projections) {
   attach_to_kinds(projections, s.targets, [&](const ProjectionImpl& p) {
     return Lora(p.in_features, p.out_features, s.r, lora_scaling(s.alpha, s.r, s.use_rslora),
-                s.dropout, torch::device(p.weight.device()))
+                s.dropout, torch::device(p.device()))
         .ptr();
   });
 }
@@ -243,7 +243,7 @@ void lora_attach_saved(const json& config,
                      [](const ProjectionImpl& p, const SavedLoraFactors& f,
                         const std::vector<torch::Tensor>&, TensorBinding&) {
                        auto lora = Lora(p.in_features, p.out_features, f.a.size(0), f.scaling,
-                                        f.dropout, torch::device(p.weight.device()));
+                                        f.dropout, torch::device(p.device()));
                        load_factors(*lora, f);
                        return lora.ptr();
                      });

@@ -242,8 +242,7 @@ struct Shape {
 void attach(const Shape& s, const AdapterSites& sites) {
   const double scaling = lora_scaling(s.alpha, s.r, s.rslora);
   attach_to_kinds(sites.projections, s.attention, [&](const ProjectionImpl& p) {
-    return Lora(p.in_features, p.out_features, s.r, scaling, s.dropout,
-                torch::device(p.weight.device()))
+    return Lora(p.in_features, p.out_features, s.r, scaling, s.dropout, torch::device(p.device()))
         .ptr();
   });
   const double expert_scaling = lora_scaling(s.expert_alpha, s.expert_r, s.rslora);

@@ -59,7 +59,7 @@ void multilora_attach_new(const AdapterSettings& s, const Projections& projectio
   attach_to_kinds(projections, s.targets, [&](const ProjectionImpl& p) {
     return MultiLora(p.in_features, p.out_features, s.r, n,
                      lora_scaling(s.alpha, s.r, s.use_rslora), s.dropout, vector_scale,
-                     torch::device(p.weight.device()))
+                     torch::device(p.device()))
         .ptr();
   });
 }
@@ -121,7 +121,7 @@ void multilora_attach_saved(const json& config,
   for (auto p : projections) {
     if (!peft_targets(*targets, p->name)) continue;
     auto m = MultiLora(p->in_features, p->out_features, r, n, lora_scaling(alpha, r, rslora),
-                       dropout, scale == "vector", torch::device(p->weight.device()));
+                       dropout, scale == "vector", torch::device(p->device()));
     torch::NoGradGuard no_grad;
     for (int64_t i = 0; i < n; ++i) {
       const std::pair<std::string, torch::Tensor> parts[] = {

@@ -23,13 +23,17 @@ Action add_bench(CLI::App& app) {
                   "recipe keys: --set adapter.r=8 --set train.gradient_checkpointing=true");
   cmd->add_option("--device", o->device, "auto | cpu | cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  auto quantize = std::make_shared<std::string>();
+  cmd->add_option("--quantize", *quantize, "frozen projection weights: none | nf4 (QLoRA)")
+      ->check(CLI::IsMember({"none", "nf4"}));
   cmd->add_option("--steps", o->steps, "timed steps")->check(in_range(1));
   cmd->add_option("--warmup", o->warmup_steps, "untimed steps first")->check(in_range(0));
   cmd->add_option("--profile", o->profile,
                   "write a Chrome trace of the timed steps here (LibTorch 2.x)");
   cmd->add_flag("--json", *json, "print the result as JSON");
-  return [o, json, shape, model] {
+  return [o, json, shape, model, quantize] {
     if (shape->count() == 0 && model->count() == 0) o->shape = "tiny";
+    if (!quantize->empty()) o->overrides.push_back("quantize=" + *quantize);
     const auto r = run_bench(*o);
     if (*json) {
       fmt::print("{}\n", nlohmann::json{{"tokens_per_s", r.tokens_per_s},

@@ -13,9 +13,10 @@ struct ModelOptions {
   std::string adapter;  // optional adapter folder, applied unmerged
   std::string device = "auto";
   std::string dtype = "auto";
+  std::string quantize = "none";
 };
 
-/// Registers --model, --adapter, --device and --dtype on `cmd`.
+/// Registers --model, --adapter, --device, --dtype and --quantize on `cmd`.
 void add_model_options(CLI::App* cmd, ModelOptions& o);
 
 /// The base model on its device, with the adapter attached if one was given.

@@ -49,8 +49,9 @@ BenchResult run_bench(const BenchOptions& o) {
   const auto device = pick_device(o.device);
   const auto dtype = pick_dtype(recipe.dtype, device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
-  auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0)
-                               : load_llama(o.model, device, dtype);
+  const auto quantize = parse_quantize(recipe.quantize, "quantize");
+  auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0, quantize)
+                               : load_llama(o.model, device, dtype, quantize);
   model->checkpoint_layers = recipe.train.gradient_checkpointing;
   use_longlora_attention(model, recipe.longlora);
   const auto& spec = find_adapter(recipe.adapter.type);

@@ -52,13 +52,19 @@ std::pair<torch::Tensor, torch::Tensor> link_factors(const ProjectionImpl& p) {
           (t.b.detach().to(torch::kFloat32) * t.scaling).contiguous()};
 }
 
-// Every adapted projection's weight = original + b a, summed in fp32 and cast once.
+// Every adapted projection's weight = original + b a, summed in fp32 and cast once. A
+// quantized weight stays as it is and carries the chain as its frozen low-rank term: 4 bits
+// cannot take an update of a few thousandths, requantizing would round most of it away.
 void rebuild_base(const ColaChain& chain, LlamaForCausalLM& model) {
   torch::NoGradGuard no_grad;
   for (auto p : model->projections()) {
     const auto it = chain.a.find(p->name);
     if (it == chain.a.end()) continue;
-    const auto device = p->weight.device();
+    const auto device = p->device();
+    if (p->quantized()) {
+      p->merged = LowRankTerm(it->second.to(device), chain.b.at(p->name).to(device), 1.0);
+      continue;
+    }
     auto w = chain.original.at(p->name).to(device, torch::kFloat32, false, /*copy=*/true);
     w.add_(torch::matmul(chain.b.at(p->name).to(device), it->second.to(device)));
     p->weight.copy_(w);
@@ -70,7 +76,10 @@ void rebuild_base(const ColaChain& chain, LlamaForCausalLM& model) {
 ColaChain start_chain(LlamaForCausalLM& model) {
   ColaChain chain;
   for (auto p : model->projections())
-    if (p->adapter) chain.original[p->name] = p->weight.detach().to(torch::kCPU, false, true);
+    if (p->adapter) {
+      chain.original[p->name] =
+          p->quantized() ? torch::Tensor() : p->weight.detach().to(torch::kCPU, false, true);
+    }
   return chain;
 }
 

@@ -27,7 +27,8 @@ AdapterSettings cola_link_settings(const ColaRecipe& cola,
                                    size_t j);
 
 struct ColaChain {
-  // The adapted projections' weights before the first knot, on the CPU: [out, in] each.
+  // The adapted projections' weights before the first knot, on the CPU: [out, in] each;
+  // undefined for a quantized one, which keeps its NF4 weight and carries the chain beside it.
   std::map<std::string, torch::Tensor> original;
   // The tied links' factors, concatenated along the rank, so that the update is b a.
   std::map<std::string, torch::Tensor> a;  // [R, in] fp32

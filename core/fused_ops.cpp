@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/nf4.h"
+
 #ifdef LORAFIT_WITH_KERNELS
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -286,7 +288,21 @@ std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
   return {logp, grad ? l : torch::Tensor()};
 }
 
+bool nf4_dequantize_kernel(const Nf4Weight& q, const torch::Tensor& code2, torch::Tensor& out) {
+  if (!fused_kernels_for(out)) return false;
+  const c10::cuda::CUDAGuard guard(out.device());
+  kernels::nf4_dequantize(kernel_dtype(out), q.packed.data_ptr<uint8_t>(),
+                          q.absmax.data_ptr<uint8_t>(), q.absmax_scale.data_ptr<float>(),
+                          q.offset.data_ptr<float>(), code2.data_ptr<float>(), out.data_ptr(),
+                          q.rows * q.cols, stream_of(out));
+  return true;
+}
+
 #else
+
+bool nf4_dequantize_kernel(const Nf4Weight&, const torch::Tensor&, torch::Tensor&) {
+  return false;
+}
 
 bool fused_kernels_for(const torch::Tensor&) {
   return false;

@@ -35,6 +35,12 @@ std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
                                                            const torch::Tensor& targets,
                                                            bool grad);
 
+struct Nf4Weight;
+/// NF4 dequantization (core/nf4.h) of `q` into out [rows, cols] (contiguous) by the CUDA kernel,
+/// with `code2` [256] the dynamic map on out's device. False, doing nothing, where no kernel
+/// runs (a CPU tensor, LORAFIT_KERNELS=0, a build without kernels): the caller's composite does.
+bool nf4_dequantize_kernel(const Nf4Weight& q, const torch::Tensor& code2, torch::Tensor& out);
+
 /// Whether the ops above run as CUDA kernels for tensors like `x`.
 bool fused_kernels_for(const torch::Tensor& x);
 

@@ -178,6 +178,13 @@ LlamaConfig parse_llama_config(const std::string& json_text, const std::string& 
                            ": lorafit does not support mixture-of-experts checkpoints");
     }
   }
+  if (const json* qc = r.find(j, "quantization_config")) {
+    const auto method = qc->is_object() ? qc->value("quant_method", json("?")).dump() : qc->dump();
+    r.problems.push_back("'quantization_config' is present (quant_method " + method +
+                         "): lorafit reads unquantized checkpoints only (hint: point 'model' at "
+                         "the full-precision checkpoint and set quantize: nf4, which quantizes "
+                         "it at load as bitsandbytes' nf4 with double quantization does)");
+  }
   if (r.boolean("mlp_bias", false)) {
     r.problems.push_back("'mlp_bias' is true; lorafit supports bias-free MLPs only");
   }

@@ -310,6 +310,59 @@ __global__ void rope_kernel(const T* __restrict__ x,
   }
 }
 
+// The table travels by value as a kernel argument.
+struct Nf4Table {
+  float v[16];
+};
+
+// Each thread decodes W consecutive weights (W = 32: half a block of 64, its 16 bytes of codes
+// read as one access, written as four 8-wide stores; or W = 1 where the layout does not allow
+// it), so that the block absmax's chain of three loads serves 32 weights.
+template <typename T, int W>
+__global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed,
+                                      const uint8_t* __restrict__ absmax_codes,
+                                      const float* __restrict__ absmax_scale,
+                                      const float* __restrict__ offset,
+                                      const float* __restrict__ dynamic_map,
+                                      Nf4Table codes,
+                                      T* __restrict__ out,
+                                      int64_t n) {
+  // The table in shared memory: a warp's lanes read different entries, which constant memory
+  // (the arguments') would serialise and shared memory serves in one pass (16 values, 16 banks).
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = codes.v[threadIdx.x];
+  __syncthreads();
+  const float off = __ldg(offset);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * W;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * W; i < n;
+       i += step) {
+    const int64_t b = i / 64;
+    const float absmax = __fadd_rn(
+        __fmul_rn(__ldg(dynamic_map + __ldg(absmax_codes + b)), __ldg(absmax_scale + b / 256)),
+        off);
+    if constexpr (W > 1) {
+      static_assert(W == 32, "a thread decodes 16 bytes of codes");
+      using P = Pack<T, 8>;
+      const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(packed + i / 2));
+      const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        P y;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // little-endian: byte k of the word is element pair k
+          const uint32_t byte = (words[w] >> (8 * k)) & 0xff;
+          y.v[2 * k] = Num<T>::round(__fmul_rn(table[byte >> 4], absmax));
+          y.v[2 * k + 1] = Num<T>::round(__fmul_rn(table[byte & 15], absmax));
+        }
+        *reinterpret_cast<P*>(out + i + 8 * w) = y;
+      }
+    } else {
+      const uint8_t byte = packed[i / 2];
+      out[i] = Num<T>::round(__fmul_rn(table[i % 2 ? byte & 15 : byte >> 4], absmax));
+    }
+  }
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -467,6 +520,32 @@ void rope(Dtype dt,
     wide ? launch(rope_kernel<T, W>, W) : launch(rope_kernel<T, 1>, 1);
   });
   check_launch("rope");
+}
+
+void nf4_dequantize(Dtype dt,
+                    const uint8_t* packed,
+                    const uint8_t* absmax_codes,
+                    const float* absmax_scale,
+                    const float* offset,
+                    const float* dynamic_map,
+                    void* out,
+                    int64_t n,
+                    Stream stream) {
+  if (n == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int W = 32;
+    const bool wide = n % W == 0 && reinterpret_cast<uintptr_t>(out) % alignof(Pack<T, 8>) == 0 &&
+                      reinterpret_cast<uintptr_t>(packed) % 16 == 0;
+    Nf4Table codes;
+    for (int c = 0; c < 16; ++c) codes.v[c] = kNf4Values[c];
+    auto launch = [&](auto kernel, int per) {
+      kernel<<<grid_for((n + per - 1) / per), kBlock, 0, stream>>>(
+          packed, absmax_codes, absmax_scale, offset, dynamic_map, codes, static_cast<T*>(out), n);
+    };
+    wide ? launch(nf4_dequantize_kernel<T, W>, W) : launch(nf4_dequantize_kernel<T, 1>, 1);
+  });
+  check_launch("nf4_dequantize");
 }
 
 }  // namespace lorafit::kernels

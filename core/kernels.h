@@ -73,4 +73,36 @@ void rope(Dtype dt,
           bool inverse,
           Stream stream);
 
+// The 16 NF4 values (bitsandbytes' table), shared by the kernel and core/nf4.cpp.
+constexpr float kNf4Values[16] = {-1.0f,
+                                  -0.6961928009986877f,
+                                  -0.5250730514526367f,
+                                  -0.39491748809814453f,
+                                  -0.28444138169288635f,
+                                  -0.18477343022823334f,
+                                  -0.09105003625154495f,
+                                  0.0f,
+                                  0.07958029955625534f,
+                                  0.16093020141124725f,
+                                  0.24611230194568634f,
+                                  0.33791524171829224f,
+                                  0.44070982933044434f,
+                                  0.5626170039176941f,
+                                  0.7229568362236023f,
+                                  1.0f};
+
+// NF4 dequantization (core/nf4.h) of n weights into out [n] (T = dt): value i is
+// nf4[code i] * absmax of block i / 64, rounded once to T, where the block's absmax is
+// dynamic_map[absmax_codes[b]] * absmax_scale[b / 256] + *offset in fp32 (no fused multiply-add,
+// as LibTorch's ops compute it).
+void nf4_dequantize(Dtype dt,
+                    const uint8_t* packed,
+                    const uint8_t* absmax_codes,
+                    const float* absmax_scale,
+                    const float* offset,
+                    const float* dynamic_map,
+                    void* out,
+                    int64_t n,
+                    Stream stream);
+
 }  // namespace lorafit::kernels

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <future>
+#include <map>
 #include <numeric>
 
 #include "core/compat.h"
@@ -54,25 +55,29 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
 
 AttentionImpl::AttentionImpl(const LlamaConfig& c,
                              const std::string& prefix,
-                             const torch::TensorOptions& o)
+                             const torch::TensorOptions& o,
+                             Quantize quantize)
     : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
   const auto hidden = c.hidden_size, q = heads * head_dim, kv = kv_heads * head_dim;
+  const bool nf4 = quantize == Quantize::Nf4;
   // One allocation for the three, so they can run as one GEMM (project_group).
-  qkv_weight = torch::empty({q + 2 * kv, hidden}, o);
+  if (!nf4) qkv_weight = torch::empty({q + 2 * kv, hidden}, o);
   if (c.qkv_bias) qkv_bias = torch::empty({q + 2 * kv}, o);
   auto bias = [&](int64_t at, int64_t n) {
     return c.qkv_bias ? qkv_bias.narrow(0, at, n) : torch::Tensor();
   };
-  q_proj = register_module("q_proj", Projection(prefix + ".q_proj", hidden, q, o,
-                                                qkv_weight.narrow(0, 0, q), bias(0, q)));
-  k_proj = register_module("k_proj", Projection(prefix + ".k_proj", hidden, kv, o,
-                                                qkv_weight.narrow(0, q, kv), bias(q, kv)));
-  v_proj =
-      register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv, o,
-                                           qkv_weight.narrow(0, q + kv, kv), bias(q + kv, kv)));
-  o_proj =
-      register_module("o_proj", Projection(prefix + ".o_proj", q, hidden, o, torch::Tensor(),
-                                           c.o_bias ? torch::empty({hidden}, o) : torch::Tensor()));
+  auto rows = [&](int64_t at, int64_t n) {
+    return nf4 ? torch::Tensor() : qkv_weight.narrow(0, at, n);
+  };
+  q_proj = register_module(
+      "q_proj", Projection(prefix + ".q_proj", hidden, q, o, rows(0, q), bias(0, q), nf4));
+  k_proj = register_module(
+      "k_proj", Projection(prefix + ".k_proj", hidden, kv, o, rows(q, kv), bias(q, kv), nf4));
+  v_proj = register_module("v_proj", Projection(prefix + ".v_proj", hidden, kv, o, rows(q + kv, kv),
+                                                bias(q + kv, kv), nf4));
+  o_proj = register_module("o_proj",
+                           Projection(prefix + ".o_proj", q, hidden, o, torch::Tensor(),
+                                      c.o_bias ? torch::empty({hidden}, o) : torch::Tensor(), nf4));
   if (c.qk_norm) {
     q_norm = register_module("q_norm", RMSNorm(head_dim, c.rms_norm_eps, o));
     k_norm = register_module("k_norm", RMSNorm(head_dim, c.rms_norm_eps, o));
@@ -125,14 +130,21 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
   return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
 
-MlpImpl::MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o) {
+MlpImpl::MlpImpl(const LlamaConfig& c,
+                 const std::string& prefix,
+                 const torch::TensorOptions& o,
+                 Quantize quantize) {
   const auto h = c.hidden_size, i = c.intermediate_size;
-  gate_up_weight = torch::empty({2 * i, h}, o);  // one allocation: one GEMM (project_group)
+  const bool nf4 = quantize == Quantize::Nf4;
+  // One allocation: one GEMM (project_group).
+  if (!nf4) gate_up_weight = torch::empty({2 * i, h}, o);
+  auto rows = [&](int64_t at) { return nf4 ? torch::Tensor() : gate_up_weight.narrow(0, at, i); };
   gate_proj = register_module(
-      "gate_proj", Projection(prefix + ".gate_proj", h, i, o, gate_up_weight.narrow(0, 0, i)));
+      "gate_proj", Projection(prefix + ".gate_proj", h, i, o, rows(0), torch::Tensor(), nf4));
   up_proj = register_module(
-      "up_proj", Projection(prefix + ".up_proj", h, i, o, gate_up_weight.narrow(0, i, i)));
-  down_proj = register_module("down_proj", Projection(prefix + ".down_proj", i, h, o));
+      "up_proj", Projection(prefix + ".up_proj", h, i, o, rows(i), torch::Tensor(), nf4));
+  down_proj = register_module("down_proj", Projection(prefix + ".down_proj", i, h, o,
+                                                      torch::Tensor(), torch::Tensor(), nf4));
 }
 
 void MlpImpl::attach(std::shared_ptr<FfnAdapterImpl> a) {
@@ -142,8 +154,16 @@ void MlpImpl::attach(std::shared_ptr<FfnAdapterImpl> a) {
 
 torch::Tensor MlpImpl::forward(const torch::Tensor& x, bool value_needed) {
   if (adapter) {
-    return adapter->forward(x.reshape({-1, x.size(-1)}), gate_up_weight, down_proj->weight)
-        .view(x.sizes());
+    // A block adapter reads the frozen weights themselves: a quantized base lends it transient
+    // dequantized copies in the activations' dtype.
+    const auto dtype = x.scalar_type();
+    const auto gate_up =
+        gate_up_weight.defined()
+            ? gate_up_weight
+            : torch::cat({gate_proj->dense_weight(dtype), up_proj->dense_weight(dtype)});
+    const auto down =
+        down_proj->weight.defined() ? down_proj->weight : down_proj->dense_weight(dtype);
+    return adapter->forward(x.reshape({-1, x.size(-1)}), gate_up, down).view(x.sizes());
   }
   return forward_plain(x, value_needed);
 }
@@ -155,13 +175,14 @@ torch::Tensor MlpImpl::forward_plain(const torch::Tensor& x, bool value_needed) 
 
 DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c,
                                    int64_t index,
-                                   const torch::TensorOptions& o) {
+                                   const torch::TensorOptions& o,
+                                   Quantize quantize) {
   const std::string prefix = "model.layers." + std::to_string(index);
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
-  self_attn = register_module("self_attn", Attention(c, prefix + ".self_attn", o));
+  self_attn = register_module("self_attn", Attention(c, prefix + ".self_attn", o, quantize));
   post_attention_layernorm =
       register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
-  mlp = register_module("mlp", Mlp(c, prefix + ".mlp", o));
+  mlp = register_module("mlp", Mlp(c, prefix + ".mlp", o, quantize));
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
@@ -179,16 +200,21 @@ std::vector<torch::Tensor> DecoderLayerImpl::graph_for_backward(const torch::Ten
   return {x, mlp_out, mlp->adapter ? mlp->adapter->take_backward_root() : torch::Tensor()};
 }
 
-LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c, const torch::TensorOptions& o) {
+LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c,
+                             const torch::TensorOptions& o,
+                             Quantize quantize) {
   embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, o));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c, i, o));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    layers->push_back(DecoderLayer(c, i, o, quantize));
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, o));
 }
 
-LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, const torch::TensorOptions& o)
-    : config(c) {
-  model = register_module("model", LlamaBody(c, o));
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c,
+                                           const torch::TensorOptions& o,
+                                           Quantize quantize_)
+    : config(c), quantize(quantize_) {
+  model = register_module("model", LlamaBody(c, o, quantize));
   lm_head = register_module(
       "lm_head", Projection("lm_head", c.hidden_size, c.vocab_size, o,
                             c.tie_word_embeddings ? model->embed_tokens->weight : torch::Tensor()));
@@ -357,7 +383,7 @@ AdapterSites LlamaForCausalLMImpl::adapter_sites() const {
     Mlp mlp = m->as<DecoderLayerImpl>()->mlp;
     sites.ffns.push_back(
         {"model.layers." + std::to_string(index++) + ".mlp", mlp->down_proj->out_features,
-         mlp->down_proj->in_features, mlp->down_proj->weight.device(),
+         mlp->down_proj->in_features, mlp->down_proj->device(),
          [mlp](std::shared_ptr<FfnAdapterImpl> a) mutable { mlp->attach(std::move(a)); },
          [mlp] { return mlp->adapter; },
          [mlp](const torch::Tensor& x) mutable { return mlp->forward_plain(x); }});
@@ -372,6 +398,14 @@ std::vector<std::pair<std::string, torch::Tensor>> LlamaForCausalLMImpl::checkpo
     if (config.tie_word_embeddings && item.key() == "lm_head.weight") continue;
     out.emplace_back(item.key(), item.value());
   }
+  return out;
+}
+
+Projections LlamaForCausalLMImpl::quantized_projections() const {
+  Projections out;
+  if (quantize == Quantize::None) return out;
+  for (const auto& p : projections())
+    if (!p->weight.defined()) out.push_back(p);
   return out;
 }
 
@@ -407,8 +441,9 @@ LlamaConfig builtin_shape(const std::string& name) {
 LlamaForCausalLM random_llama(const LlamaConfig& config,
                               torch::Device device,
                               torch::Dtype dtype,
-                              uint64_t seed) {
-  LlamaForCausalLM model(config, torch::dtype(dtype).device(device));
+                              uint64_t seed,
+                              Quantize quantize) {
+  LlamaForCausalLM model(config, torch::dtype(dtype).device(device), quantize);
   torch::NoGradGuard no_grad;
   torch::manual_seed(seed);
   for (auto& [name, t] : model->checkpoint_tensors()) {
@@ -418,17 +453,29 @@ LlamaForCausalLM random_llama(const LlamaConfig& config,
       t.normal_(0.0, 0.02);  // drawn where the tensor lives: no host copy of a large model
     }
   }
+  for (auto& p : model->quantized_projections())
+    p->quantize(torch::empty({p->out_features, p->in_features}, p->options).normal_(0.0, 0.02));
   return model;
 }
 
-LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch::Dtype dtype) {
+LlamaForCausalLM load_llama(const std::string& dir,
+                            torch::Device device,
+                            torch::Dtype dtype,
+                            Quantize quantize) {
   const LlamaConfig config = load_llama_config(dir);
   SafetensorsCheckpoint checkpoint(dir);
-  LlamaForCausalLM model(config, torch::dtype(dtype).device(device));
+  LlamaForCausalLM model(config, torch::dtype(dtype).device(device), quantize);
 
   const auto entries = checkpoint.entries();
   TensorBinding binding(checkpoint);
-  const auto wanted = model->checkpoint_tensors();
+  // A quantized projection's weight is read into a dense tensor of its own, then quantized.
+  auto wanted = model->checkpoint_tensors();
+  std::map<std::string, Projection> quantized;
+  for (auto& p : model->quantized_projections()) {
+    const auto name = p->name + ".weight";
+    quantized.emplace(name, p);
+    wanted.emplace_back(name, torch::empty({p->out_features, p->in_features}, torch::kMeta));
+  }
   for (const auto& [name, t] : wanted) {
     if (!binding.expect(name, t.sizes())) continue;
     const StDtype dtype = entries.at(name)->dtype;
@@ -459,7 +506,12 @@ LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch:
       torch::NoGradGuard no_grad;
       for (size_t i = w; i < order.size(); i += workers) {
         const auto& [name, t] = wanted[order[i]];
-        t.copy_(checkpoint.tensor(name));
+        const auto q = quantized.find(name);
+        if (q == quantized.end()) {
+          t.copy_(checkpoint.tensor(name));
+        } else {
+          q->second->quantize(checkpoint.tensor(name).to(device, dtype));
+        }
       }
     }));
   }

@@ -54,7 +54,10 @@ struct KVCache {
 };
 
 struct AttentionImpl : torch::nn::Module {
-  AttentionImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
+  AttentionImpl(const LlamaConfig& c,
+                const std::string& prefix,
+                const torch::TensorOptions& o,
+                Quantize quantize = Quantize::None);
   /// x: [B, T, C] -> [B, T, C]. With a cache, x holds the positions after the cached ones,
   /// and this layer's keys and values are appended to it.
   torch::Tensor forward(const torch::Tensor& x,
@@ -63,7 +66,8 @@ struct AttentionImpl : torch::nn::Module {
                         size_t layer = 0);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
-  torch::Tensor qkv_weight;  // [(H + 2 KV) * D, C]: q, k and v's weights view it
+  torch::Tensor qkv_weight;  // [(H + 2 KV) * D, C]: q, k and v's weights view it; or undefined
+                             // (a quantized base)
   torch::Tensor qkv_bias;    // [(H + 2 KV) * D]: their biases view it; undefined without
   RMSNorm q_norm{nullptr}, k_norm{nullptr};  // weight [D] each, Qwen3 only
   int64_t heads, kv_heads, head_dim;
@@ -74,7 +78,10 @@ struct AttentionImpl : torch::nn::Module {
 TORCH_MODULE(Attention);
 
 struct MlpImpl : torch::nn::Module {
-  MlpImpl(const LlamaConfig& c, const std::string& prefix, const torch::TensorOptions& o);
+  MlpImpl(const LlamaConfig& c,
+          const std::string& prefix,
+          const torch::TensorOptions& o,
+          Quantize quantize = Quantize::None);
   /// x: [B, T, C] -> [B, T, C]; `value_needed` as ProjectionImpl::forward's.
   torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
   /// The block through its projections (and their adapters), ignoring a block adapter.
@@ -84,13 +91,16 @@ struct MlpImpl : torch::nn::Module {
   void attach(std::shared_ptr<FfnAdapterImpl> adapter);
 
   Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
-  torch::Tensor gate_up_weight;  // [2 * I, C]: gate's and up's weights view it
+  torch::Tensor gate_up_weight;  // [2 * I, C]: gate's and up's weights view it; or undefined
   std::shared_ptr<FfnAdapterImpl> adapter;
 };
 TORCH_MODULE(Mlp);
 
 struct DecoderLayerImpl : torch::nn::Module {
-  DecoderLayerImpl(const LlamaConfig& c, int64_t index, const torch::TensorOptions& o);
+  DecoderLayerImpl(const LlamaConfig& c,
+                   int64_t index,
+                   const torch::TensorOptions& o,
+                   Quantize quantize = Quantize::None);
   /// h: [B, T, C] -> [B, T, C]
   torch::Tensor forward(const torch::Tensor& h,
                         const Positions& pos,
@@ -111,7 +121,9 @@ TORCH_MODULE(DecoderLayer);
 
 /// `LlamaForCausalLM.model`: embeddings, decoder layers, final norm.
 struct LlamaBodyImpl : torch::nn::Module {
-  LlamaBodyImpl(const LlamaConfig& c, const torch::TensorOptions& o);
+  LlamaBodyImpl(const LlamaConfig& c,
+                const torch::TensorOptions& o,
+                Quantize quantize = Quantize::None);
 
   Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
@@ -120,7 +132,11 @@ struct LlamaBodyImpl : torch::nn::Module {
 TORCH_MODULE(LlamaBody);
 
 struct LlamaForCausalLMImpl : torch::nn::Module {
-  LlamaForCausalLMImpl(const LlamaConfig& c, const torch::TensorOptions& o);
+  /// With Quantize::Nf4 the seven projections of every layer hold their weights in NF4
+  /// (QLoRA); embeddings, norms and the head stay in `o`'s dtype.
+  LlamaForCausalLMImpl(const LlamaConfig& c,
+                       const torch::TensorOptions& o,
+                       Quantize quantize = Quantize::None);
 
   /// ids: [B, T] -> final-normed hidden states [B, T, C]. Causal attention only, so right
   /// padding never changes the states of the real tokens before it. With a cache, ids are
@@ -147,10 +163,14 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   Projections projections() const;
   /// The projections and the MLP blocks, where adapter strategies attach.
   AdapterSites adapter_sites() const;
-  /// The checkpoint keys this model reads, with their tensors (tied head excluded).
+  /// The checkpoint keys this model reads into dense tensors, with their tensors (tied head
+  /// and quantized projections excluded).
   std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors();
+  /// The projections whose weights are stored quantized (none without quantize).
+  Projections quantized_projections() const;
 
   LlamaConfig config;
+  Quantize quantize = Quantize::None;
   /// Recompute each decoder layer in the backward pass instead of keeping its activations
   /// (training only): less memory for one more forward.
   bool checkpoint_layers = false;
@@ -173,15 +193,21 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c);
 LlamaConfig builtin_shape(const std::string& name);
 
 /// A model with random weights (N(0, 0.02), norms 1, biases 0, as transformers initialises), for
-/// benchmarks that need no checkpoint.
+/// benchmarks that need no checkpoint; a quantized projection's are drawn in `dtype` one at a
+/// time and quantized.
 LlamaForCausalLM random_llama(const LlamaConfig& config,
                               torch::Device device,
                               torch::Dtype dtype,
-                              uint64_t seed);
+                              uint64_t seed,
+                              Quantize quantize = Quantize::None);
 
 /// Builds the model from a Hugging Face folder (config.json + safetensors) onto `device` with
 /// frozen base weights in `dtype`. Missing, unexpected and mis-shaped tensors are all reported
-/// at once by name.
-LlamaForCausalLM load_llama(const std::string& dir, torch::Device device, torch::Dtype dtype);
+/// at once by name. With Quantize::Nf4 each projection weight is read in `dtype`, quantized on
+/// `device` and dropped: the dense model never sits there whole.
+LlamaForCausalLM load_llama(const std::string& dir,
+                            torch::Device device,
+                            torch::Dtype dtype,
+                            Quantize quantize = Quantize::None);
 
 }  // namespace lorafit

@@ -1,20 +1,64 @@
 #include "core/projection.h"
 
 #include <algorithm>
+#include <numeric>
 
 namespace lorafit {
+
+int64_t BaseWeight::rows() const {
+  if (dense.defined()) return dense.size(0);
+  int64_t n = 0;
+  for (const auto& b : blocks) n += b.rows;
+  return n;
+}
+
+int64_t BaseWeight::cols() const {
+  return dense.defined() ? dense.size(1) : blocks.at(0).cols;
+}
+
+torch::Tensor BaseWeight::materialize(torch::ScalarType dtype) const {
+  if (dense.defined()) return dense.to(dtype);
+  auto w = torch::empty({rows(), cols()}, blocks.at(0).packed.options().dtype(dtype));
+  int64_t row = 0;
+  for (const auto& b : blocks) {
+    nf4_dequantize_into(b, w.narrow(0, row, b.rows));
+    row += b.rows;
+  }
+  return w;
+}
 
 ProjectionImpl::ProjectionImpl(std::string name_,
                                int64_t in,
                                int64_t out,
-                               const torch::TensorOptions& options,
+                               const torch::TensorOptions& options_,
                                torch::Tensor shared_weight,
-                               torch::Tensor bias_)
-    : name(std::move(name_)), in_features(in), out_features(out) {
-  weight = register_parameter(
-      "weight", shared_weight.defined() ? shared_weight : torch::empty({out, in}, options),
-      /*requires_grad=*/false);
+                               torch::Tensor bias_,
+                               bool quantized)
+    : name(std::move(name_)), in_features(in), out_features(out), options(options_) {
+  if (!quantized) {
+    weight = register_parameter(
+        "weight", shared_weight.defined() ? shared_weight : torch::empty({out, in}, options),
+        /*requires_grad=*/false);
+  }
   if (bias_.defined()) bias = register_parameter("bias", bias_, /*requires_grad=*/false);
+}
+
+void ProjectionImpl::quantize(const torch::Tensor& w) {
+  TORCH_CHECK(!weight.defined(), name, ": a projection built dense cannot be quantized");
+  TORCH_CHECK(w.size(0) == out_features && w.size(1) == in_features, name,
+              ": the weight to quantize has the wrong shape");
+  nf4 = nf4_quantize(w.to(device()));
+}
+
+BaseWeight ProjectionImpl::base() const {
+  return weight.defined() ? BaseWeight(weight) : BaseWeight(std::vector<Nf4Weight>{nf4});
+}
+
+torch::Tensor ProjectionImpl::dense_weight(torch::ScalarType dtype) const {
+  auto w = base().materialize(dtype);
+  if (!merged.a.defined()) return w;
+  return (w.to(torch::kFloat32) + torch::matmul(merged.b.to(w.device()), merged.a.to(w.device())))
+      .to(dtype);
 }
 
 torch::Tensor ProjectionAdapterImpl::forward(const torch::Tensor&, const torch::Tensor&) {
@@ -75,27 +119,51 @@ torch::Tensor region(const torch::Tensor& y,
   return y.narrow(0, code[kCode * t], code[kCode * t + 1]).narrow(1, code[kCode * t + 2], w);
 }
 
+// Per NF4 block of a base weight, the tensors that travel through the autograd function.
+constexpr size_t kNf4Parts = 4;
+
+// W [out, in] in `dtype`: `weight` itself, or (weight [0]) the NF4 row blocks dequantized.
+torch::Tensor weight_of(const torch::Tensor& weight,
+                        at::TensorList nf4,
+                        const std::vector<int64_t>& rows,
+                        int64_t cols,
+                        torch::ScalarType dtype) {
+  if (rows.empty()) return weight;
+  std::vector<Nf4Weight> blocks;
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const auto* p = &nf4[kNf4Parts * b];
+    blocks.push_back({p[0], p[1], p[2], p[3], rows[b], cols});
+  }
+  return BaseWeight(std::move(blocks)).materialize(dtype);
+}
+
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
   // factors: a_0, b_0, a_1, b_1, ... (a_t [k_t, in], b_t [out_t, k_t]), then the output scales
   // ([out_t]) of the terms that have one; any floating dtype.
+  // weight: W [out, in], or [0] when W is the NF4 row blocks in `nf4` (packed, absmax,
+  // absmax_scale, offset per block, the blocks' row counts in nf4_rows).
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
-                               torch::Tensor x,       // [..., in]
-                               torch::Tensor weight,  // [out, in]
+                               torch::Tensor x,  // [..., in]
+                               torch::Tensor weight,
                                at::TensorList factors,
+                               at::TensorList nf4,
+                               std::vector<int64_t> nf4_rows,
                                bool value_needed,
                                std::vector<int64_t> code,
                                std::vector<double> scales) {
-    auto shape = x.sizes().vec();
-    shape.back() = weight.size(0);
-    const auto x2 = x.reshape({-1, x.size(-1)});  // [N, in]
     const auto dtype = x.scalar_type();
+    auto shape = x.sizes().vec();
+    shape.back() = nf4_rows.empty() ? weight.size(0)
+                                    : std::accumulate(nf4_rows.begin(), nf4_rows.end(), int64_t{0});
+    const auto x2 = x.reshape({-1, x.size(-1)});  // [N, in]
     const size_t terms = code.size() / kCode;
     const bool scaled = factors.size() > 2 * terms;
     value_needed = value_needed || scaled;  // a scale's gradient reads the output
-    torch::Tensor y = value_needed ? torch::mm(x2, weight.t())
-                                   : torch::empty({x2.size(0), weight.size(0)}, x.options());
+    torch::Tensor y = value_needed
+                          ? torch::mm(x2, weight_of(weight, nf4, nf4_rows, x2.size(1), dtype).t())
+                          : torch::empty({x2.size(0), shape.back()}, x.options());
     // Saved: x, weight, the factors, then per group its stacked a and xa and its terms' b,
-    // all in x's dtype.
+    // all in x's dtype, then (for a scale's gradient) y, then the NF4 parts.
     std::vector<torch::Tensor> saved{x2, weight};
     saved.insert(saved.end(), factors.begin(), factors.end());
     for (const auto& g : groups_of(code)) {
@@ -123,7 +191,9 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       region(y, code, t, g.size(0)).mul_(g.to(dtype));
     }
     if (scaled) saved.push_back(y);
+    saved.insert(saved.end(), nf4.begin(), nf4.end());
     ctx->save_for_backward(saved);
+    ctx->saved_data["nf4_rows"] = nf4_rows;
     ctx->saved_data["code"] = code;
     ctx->saved_data["scales"] = scales;
     return y.view(shape);
@@ -131,14 +201,18 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto &x2 = saved[0], &weight = saved[1];
+    auto saved = ctx->get_saved_variables();
+    const auto nf4_rows = ctx->saved_data["nf4_rows"].toIntVector();
+    const std::vector<torch::Tensor> nf4(saved.end() - kNf4Parts * nf4_rows.size(), saved.end());
+    saved.resize(saved.size() - nf4.size());
+    const auto& x2 = saved[0];
     const auto code = ctx->saved_data["code"].toIntVector();
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
     const size_t terms = code.size() / kCode;
     size_t n_scales = 0;
     for (size_t t = 0; t < terms; ++t) n_scales += code[kCode * t + 3] >= 0;
-    auto dy = grads[0].reshape({-1, weight.size(0)});  // [N, out]
+    const int64_t out_features = grads[0].size(-1);
+    auto dy = grads[0].reshape({-1, out_features});  // [N, out]
     std::vector<torch::Tensor> dfactors(2 * terms + n_scales);
     if (n_scales > 0) {
       // d/d scale = sum over the region's rows of dy * y0, y0 = y / scale the unscaled
@@ -177,7 +251,8 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       }
     }
     torch::Tensor dx, dw;
-    if (ctx->needs_input_grad(0)) dx = torch::mm(dy, weight);  // [N, in]
+    if (ctx->needs_input_grad(0))
+      dx = torch::mm(dy, weight_of(saved[1], nf4, nf4_rows, x2.size(1), dy.scalar_type()));
     if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
     size_t at = 2 + 2 * terms + n_scales;  // each group's stacked a, xa and its terms' b
     for (const auto& g : groups_of(code)) {
@@ -223,12 +298,12 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     }
     if (dx.defined()) {
       auto shape = grads[0].sizes().vec();
-      shape.back() = weight.size(1);
+      shape.back() = x2.size(1);
       dx = dx.view(shape);
     }
     torch::autograd::tensor_list out{dx, dw};
     out.insert(out.end(), dfactors.begin(), dfactors.end());
-    out.resize(out.size() + 3);  // value_needed, code, scales
+    out.resize(out.size() + nf4.size() + 4);  // the NF4 parts, nf4_rows, value_needed, code, scales
     return out;
   }
 };
@@ -258,7 +333,7 @@ torch::Tensor with_terms(const torch::Tensor& x,
 }  // namespace
 
 torch::Tensor low_rank_linear(const torch::Tensor& x,
-                              const torch::Tensor& weight,
+                              const BaseWeight& weight,
                               const LowRank& update,
                               bool value_needed) {
   auto [code, scales] = layout_of(update, x.numel() / x.size(-1));
@@ -269,8 +344,16 @@ torch::Tensor low_rank_linear(const torch::Tensor& x,
   }
   for (const auto& t : update.terms)
     if (t.out_scale.defined()) factors.push_back(t.out_scale);
-  return LowRankLinear::apply(x, weight, at::TensorList(factors), value_needed, std::move(code),
-                              std::move(scales));
+  std::vector<torch::Tensor> nf4;
+  std::vector<int64_t> rows;
+  for (const auto& b : weight.blocks) {
+    nf4.insert(nf4.end(), {b.packed, b.absmax, b.absmax_scale, b.offset});
+    rows.push_back(b.rows);
+  }
+  // LibTorch 1.13's Function::apply takes no undefined tensor.
+  const auto dense = weight.dense.defined() ? weight.dense : torch::empty({0}, x.options());
+  return LowRankLinear::apply(x, dense, at::TensorList(factors), at::TensorList(nf4),
+                              std::move(rows), value_needed, std::move(code), std::move(scales));
 }
 
 torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
@@ -282,22 +365,33 @@ torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
 
 namespace {
 
+// The merged links of a quantized base, as frozen terms of its update.
+LowRank with_merged(const ProjectionImpl& p, LowRank u) {
+  if (p.merged.a.defined()) u.terms.push_back(p.merged);
+  return u;
+}
+
 // x W^T through the projection's adapter. x: [..., in] -> [..., out]
 torch::Tensor unbiased_output(ProjectionImpl& p, const torch::Tensor& x, bool value_needed) {
-  if (!p.adapter) return low_rank_linear(x, p.weight, LowRank{}, false);
+  if (!p.adapter) return low_rank_linear(x, p.base(), with_merged(p, {}), value_needed);
   const auto f = p.adapter->low_rank();
   // Dropout reaches only the adapter's input: the fused path would need the mask in its
   // backward, so that one runs as plain autograd.
-  if (!f) return p.adapter->forward(x, torch::nn::functional::linear(x, p.weight));
-  if (f->dropout > 0 && p.adapter->is_training())
-    return with_terms(x, torch::nn::functional::linear(x, p.weight), *f, true);
-  return low_rank_linear(x, p.weight, *f, value_needed || p.weight.requires_grad());
+  if (!f) return p.adapter->forward(x, p.base_output(x));
+  if (f->dropout > 0 && p.adapter->is_training()) return with_terms(x, p.base_output(x), *f, true);
+  const bool trained = p.weight.defined() && p.weight.requires_grad();
+  return low_rank_linear(x, p.base(), with_merged(p, *f), value_needed || trained);
 }
 
 }  // namespace
 
+torch::Tensor ProjectionImpl::base_output(const torch::Tensor& x) const {
+  if (weight.defined()) return torch::nn::functional::linear(x, weight);
+  return low_rank_linear(x, base(), with_merged(*this, {}));
+}
+
 torch::Tensor ProjectionImpl::forward(const torch::Tensor& x, bool value_needed) {
-  if (!adapter && (value_needed || weight.requires_grad()))
+  if (!adapter && weight.defined() && (value_needed || weight.requires_grad()))
     return torch::nn::functional::linear(x, weight, bias);
   const auto y = unbiased_output(*this, x, value_needed);
   return bias.defined() ? y + bias : y;
@@ -318,14 +412,25 @@ torch::Tensor project_group(const torch::Tensor& x,
                             const std::vector<ProjectionImpl*>& group,
                             const torch::Tensor& bias) {
   LowRank update;
-  bool grouped = !weight.requires_grad();
+  BaseWeight base(weight);
+  bool grouped = !weight.defined() || !weight.requires_grad();
   int64_t row = 0;
   for (auto* p : group) {
-    const auto at = static_cast<const char*>(weight.data_ptr()) +
-                    row * weight.stride(0) * weight.element_size();
-    grouped = grouped && !p->weight.requires_grad() && p->weight.data_ptr() == at &&
-              p->weight.strides() == weight.strides();
+    if (weight.defined()) {
+      const auto at = static_cast<const char*>(weight.data_ptr()) +
+                      row * weight.stride(0) * weight.element_size();
+      grouped = grouped && !p->weight.requires_grad() && p->weight.data_ptr() == at &&
+                p->weight.strides() == weight.strides();
+    } else {
+      grouped = grouped && p->quantized();
+      if (grouped) base.blocks.push_back(p->nf4);
+    }
     if (!grouped) break;
+    if (p->merged.a.defined()) {
+      auto t = p->merged;
+      t.col = row;
+      update.terms.push_back(std::move(t));
+    }
     if (p->adapter) {
       auto f = p->adapter->low_rank();
       grouped = f && !(f->dropout > 0 && p->adapter->is_training());
@@ -338,18 +443,19 @@ torch::Tensor project_group(const torch::Tensor& x,
     }
     row += p->out_features;
   }
-  if (!grouped || row != weight.size(0)) {
+  if (!grouped || row != base.rows()) {
     std::vector<torch::Tensor> outs;
     for (auto* p : group) outs.push_back(p->forward(x));
     return torch::cat(outs, -1);
   }
-  if (update.terms.empty()) return torch::nn::functional::linear(x, weight, bias);
+  if (update.terms.empty() && weight.defined())
+    return torch::nn::functional::linear(x, weight, bias);
   // Terms on the same rows side by side (a job's, when jobs share the batch), so they share
   // one down-projection.
   std::stable_sort(update.terms.begin(), update.terms.end(), [](const auto& a, const auto& b) {
     return std::make_pair(a.row_begin, a.row_end) < std::make_pair(b.row_begin, b.row_end);
   });
-  const auto y = low_rank_linear(x, weight, update);
+  const auto y = low_rank_linear(x, base, update);
   return bias.defined() ? y + bias : y;
 }
 

@@ -13,7 +13,25 @@
 #include <string>
 #include <vector>
 
+#include "core/nf4.h"
+
 namespace lorafit {
+
+/// A frozen base weight W [out, in] as the base GEMM reads it: dense, or row blocks in NF4 (a
+/// group's members in order, each quantized on its own as bitsandbytes quantizes each Linear).
+/// NF4 blocks are dequantized into a transient buffer by each GEMM that reads them (forward and
+/// backward), so no full-precision copy of a quantized base stays resident.
+struct BaseWeight {
+  BaseWeight(torch::Tensor w = {}) : dense(std::move(w)) {}  // NOLINT: a dense W reads as one
+  explicit BaseWeight(std::vector<Nf4Weight> b) : blocks(std::move(b)) {}
+
+  torch::Tensor dense;            // [out, in], or undefined
+  std::vector<Nf4Weight> blocks;  // W's rows in NF4, when dense is undefined
+  int64_t rows() const;
+  int64_t cols() const;
+  /// W [out, in] in `dtype`: the dense tensor (cast if it must be), or the blocks dequantized.
+  torch::Tensor materialize(torch::ScalarType dtype) const;
+};
 
 /// One term of a projection's low-rank update: rows [row_begin, row_end) of the batch (every
 /// row when row_end is 0) get scaling * (x a^T) b^T in the output columns [col, col + out_t).
@@ -76,12 +94,14 @@ struct FfnAdapterImpl : torch::nn::Module {
 struct ProjectionImpl : torch::nn::Module {
   /// `shared_weight`, when given, is used as the weight (tied embeddings, a view of a group's
   /// stacked weights); `bias`, when given, becomes the "bias" parameter (Qwen2's q, k, v).
+  /// A `quantized` projection has no dense weight: quantize() gives it its NF4 one.
   ProjectionImpl(std::string name,
                  int64_t in_features,
                  int64_t out_features,
                  const torch::TensorOptions& options,
                  torch::Tensor shared_weight = {},
-                 torch::Tensor bias = {});
+                 torch::Tensor bias = {},
+                 bool quantized = false);
 
   /// x: [..., in] -> [..., out]. With `value_needed` false (recomputation for a backward
   /// pass that only needs the graph) a frozen plain or low-rank projection skips its output
@@ -89,12 +109,31 @@ struct ProjectionImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
   /// Puts `adapter` on this projection (replacing any other), registered as "adapter".
   void attach(std::shared_ptr<ProjectionAdapterImpl> adapter);
+  /// Stores w [out, in] (any floating dtype, on the projection's device) as its NF4 weight.
+  void quantize(const torch::Tensor& w);
+  bool quantized() const { return nf4.defined(); }
+  /// The frozen weight as the base GEMM reads it.
+  BaseWeight base() const;
+  /// x W^T (+ the merged links of a quantized base), differentiable in x: what a non-low-rank
+  /// adapter gets as its base output. x: [..., in] -> [..., out]
+  torch::Tensor base_output(const torch::Tensor& x) const;
+  /// W [out, in] in `dtype` with the merged links added: for adapters whose maths reads the
+  /// weight itself (DoRA's norms), a transient copy for a quantized base.
+  torch::Tensor dense_weight(torch::ScalarType dtype) const;
+  /// Where the weight lives, and the activations' dtype.
+  torch::Device device() const { return options.device(); }
 
   std::string name;  // the weight's key without ".weight": "model.layers.0.self_attn.q_proj"
   int64_t in_features;
   int64_t out_features;
-  torch::Tensor weight;  // [out, in], a parameter created frozen
-  torch::Tensor bias;    // [out], frozen; undefined for a bias-free projection
+  torch::TensorOptions options;  // the dense weight's (or, quantized, the compute) dtype, device
+  torch::Tensor weight;          // [out, in], a parameter created frozen; undefined if quantized
+  Nf4Weight nf4;                 // the weight in NF4 (quantize: nf4), else undefined
+  /// COLA's links merged into a quantized base, which 4 bits cannot hold exactly: kept as one
+  /// frozen low-rank term (a [K, in], b [out, K] with the scalings in b, fp32) beside the NF4
+  /// weight; undefined a before the first knot.
+  LowRankTerm merged;
+  torch::Tensor bias;  // [out], frozen; undefined for a bias-free projection
   std::shared_ptr<ProjectionAdapterImpl> adapter;
 };
 TORCH_MODULE(Projection);
@@ -112,9 +151,10 @@ std::string projection_kind(const std::string& name);
 /// gradient is one GEMM accumulating into another (dy W + (dy b) a, no separate add), the
 /// up-projections add into the base output in place, and the frozen weight gets no gradient.
 /// No autograd node is made per term. With `value_needed` false only what the backward needs
-/// is computed. x: [..., in], weight: [out, in] -> [..., out]
+/// is computed. A quantized weight is dequantized in the forward and again in the backward.
+/// x: [..., in], weight: W [out, in] -> [..., out]
 torch::Tensor low_rank_linear(const torch::Tensor& x,
-                              const torch::Tensor& weight,
+                              const BaseWeight& weight,
                               const LowRank& update,
                               bool value_needed = true);
 
@@ -132,7 +172,8 @@ torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
 /// not low-rank, an active dropout, a trained base weight, or weights that no longer view
 /// `weight` (a model moved after it was built) send every projection through its own forward
 /// instead. `bias` [sum of outs], when the projections have biases, is theirs stacked the same
-/// way (undefined when they have none).
+/// way (undefined when they have none). Quantized projections have no stacked dense weight:
+/// `weight` is then undefined and their NF4 weights make the group's, block by block.
 /// x: [..., in] -> [..., sum of outs], each projection's output in its columns.
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,

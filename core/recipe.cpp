@@ -94,6 +94,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("seed", r.seed, at_least(0));
   f("device", r.device, one_of({"auto", "cpu", "cuda"}));
   f("dtype", r.dtype, one_of({"auto", "bf16", "f16", "f32"}));
+  f("quantize", r.quantize, one_of({"none", "nf4"}));
   f("data.train", r.data.train, required());
   f("data.valid", r.data.valid, Rule{});
   f("data.format", r.data.format, one_of({"text", "alpaca", "chat", "tokens"}));
@@ -544,6 +545,12 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                        " trains the model itself (hint: point 'model' at the weights to start "
                        "from)");
   }
+  if (spec && spec->trains_base && r.quantize == "nf4") {
+    problems.push_back("'quantize': nf4 freezes the base in 4 bits, but adapter.type " +
+                       r.adapter.type +
+                       " trains the model itself (hint: quantize: none, or an adapter such as "
+                       "lora for QLoRA)");
+  }
   if (spec && spec->check) spec->check(adapter_settings(r.adapter), problems);
   if (r.cola.enabled()) check_cola(r, problems);
   if (r.longlora.enabled) check_longlora(r, problems);
@@ -604,8 +611,9 @@ YAML::Node parse_yaml(const std::string& path) {
 }
 
 const std::vector<std::string> kJobKeys = {"name", "output", "seed", "data", "adapter", "train"};
-const std::vector<std::string> kSharedKeys = {
-    "model", "device", "dtype", "cola", "longlora", "jobs", "max_concurrent", "distributed"};
+const std::vector<std::string> kSharedKeys = {"model",    "device",         "dtype",
+                                              "quantize", "cola",           "longlora",
+                                              "jobs",     "max_concurrent", "distributed"};
 
 bool valid_job_name(const std::string& name) {
   return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {

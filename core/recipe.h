@@ -96,6 +96,7 @@ struct Recipe {
   int64_t seed = 0;
   std::string device = "auto";
   std::string dtype = "auto";
+  std::string quantize = "none";  // none | nf4: the frozen projection weights in 4 bits (QLoRA)
   DataRecipe data;
   AdapterRecipe adapter;
   TrainRecipe train;

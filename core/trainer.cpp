@@ -357,7 +357,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
     job.micro_batches = tr.batch_size / world.size() / tr.micro_batch_size;  // this rank's
   }
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
-  auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device));
+  auto model = load_llama(recipe.model, device, pick_dtype(recipe.dtype, device),
+                          parse_quantize(recipe.quantize, "quantize"));
   model->interpolate_rope(rope_factor);
   auto routing = route_jobs(model->adapter_sites(), jobs.size());
   for (auto& job : jobs) {
