@@ -9,23 +9,19 @@ using nlohmann::json;
 
 DoraImpl::DoraImpl(const ProjectionImpl& p, int64_t r, double scaling_, double dropout_)
     : LoraImpl(p.in_features, p.out_features, r, scaling_, dropout_, torch::device(p.device())),
-      weight(p.weight),
-      nf4(p.nf4) {
+      base(p.base()) {
   // B starts at zero, so ||W + s B A|| is ||W||: no W A^T product is needed.
   lora_magnitude_vector =
       register_parameter("lora_magnitude_vector", weight_norms_sq().sqrt().to(torch::kFloat32));
 }
 
-torch::Tensor DoraImpl::frozen(torch::ScalarType dtype) const {
-  return weight.defined() ? weight.to(dtype) : nf4_dequantize(nf4, dtype);
-}
-
 const torch::Tensor& DoraImpl::weight_norms_sq() const {
   torch::NoGradGuard no_grad;
   // An NF4 weight never changes in place: its storage names it.
-  const auto& w = weight.defined() ? weight : nf4.packed;
+  const auto& dense = base.dense;
+  const auto& w = dense.defined() ? dense : base.blocks.at(0).packed;
   const auto acc = torch::promote_types(
-      torch::promote_types(weight.defined() ? weight.scalar_type() : torch::kFloat,
+      torch::promote_types(dense.defined() ? dense.scalar_type() : torch::kFloat,
                            lora_A.scalar_type()),
       torch::kFloat);
   if (!weight_sq.defined() || weight_sq.scalar_type() != acc || weight_version != w._version() ||
@@ -42,9 +38,9 @@ torch::Tensor DoraImpl::updated_norms() const {
   const auto& w_sq = weight_norms_sq();
   const auto acc = w_sq.scalar_type();
   const auto a = lora_A.to(acc), b = lora_B.to(acc);
-  const auto w = weight.defined() ? weight : frozen(lora_A.scalar_type());   // [out, in]
-  const auto wa = torch::matmul(w, lora_A.to(w.scalar_type()).t()).to(acc);  // [out, r]
-  const auto baa = torch::matmul(b, torch::matmul(a, a.t()));                // [out, r]
+  const auto w = base.dense.defined() ? base.dense : frozen(lora_A.scalar_type());  // [out, in]
+  const auto wa = torch::matmul(w, lora_A.to(w.scalar_type()).t()).to(acc);         // [out, r]
+  const auto baa = torch::matmul(b, torch::matmul(a, a.t()));                       // [out, r]
   const auto sq = w_sq + (b * wa).sum(1) * (2 * scaling) + (b * baa).sum(1) * (scaling * scaling);
   return sq.clamp_min(0).sqrt();
 }

@@ -35,11 +35,9 @@ struct DoraImpl : LoraImpl {
   const torch::Tensor& weight_norms_sq() const;
 
   /// W [out, in] in `dtype`: the dense weight, or the quantized one dequantized for this use.
-  torch::Tensor frozen(torch::ScalarType dtype) const;
+  torch::Tensor frozen(torch::ScalarType dtype) const { return base.materialize(dtype); }
 
-  torch::Tensor weight;                 // [out, in] the projection's frozen weight (not ours),
-                                        // undefined on a quantized base
-  Nf4Weight nf4;                        // the projection's NF4 weight on a quantized base
+  BaseWeight base;                      // [out, in] the projection's frozen weight (not ours)
   torch::Tensor lora_magnitude_vector;  // [out] fp32
   mutable torch::Tensor weight_sq;      // [out] ||W||^2 row by row, for weight_version
   mutable int64_t weight_version = -1;

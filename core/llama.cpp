@@ -155,15 +155,15 @@ void MlpImpl::attach(std::shared_ptr<FfnAdapterImpl> a) {
 torch::Tensor MlpImpl::forward(const torch::Tensor& x, bool value_needed) {
   if (adapter) {
     // A block adapter reads the frozen weights themselves: a quantized base lends it transient
-    // dequantized copies in the activations' dtype.
+    // dequantized copies in the activations' dtype (gate's and up's into one buffer).
     const auto dtype = x.scalar_type();
-    const auto gate_up =
-        gate_up_weight.defined()
-            ? gate_up_weight
-            : torch::cat({gate_proj->dense_weight(dtype), up_proj->dense_weight(dtype)});
-    const auto down =
-        down_proj->weight.defined() ? down_proj->weight : down_proj->dense_weight(dtype);
-    return adapter->forward(x.reshape({-1, x.size(-1)}), gate_up, down).view(x.sizes());
+    const auto gate_up = gate_up_weight.defined()
+                             ? BaseWeight(gate_up_weight)
+                             : BaseWeight(std::vector<Nf4Weight>{gate_proj->nf4, up_proj->nf4});
+    return adapter
+        ->forward(x.reshape({-1, x.size(-1)}), gate_up.materialize(dtype),
+                  down_proj->base().materialize(dtype))
+        .view(x.sizes());
   }
   return forward_plain(x, value_needed);
 }
@@ -212,8 +212,8 @@ LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c,
 
 LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c,
                                            const torch::TensorOptions& o,
-                                           Quantize quantize_)
-    : config(c), quantize(quantize_) {
+                                           Quantize quantize)
+    : config(c) {
   model = register_module("model", LlamaBody(c, o, quantize));
   lm_head = register_module(
       "lm_head", Projection("lm_head", c.hidden_size, c.vocab_size, o,
@@ -403,7 +403,6 @@ std::vector<std::pair<std::string, torch::Tensor>> LlamaForCausalLMImpl::checkpo
 
 Projections LlamaForCausalLMImpl::quantized_projections() const {
   Projections out;
-  if (quantize == Quantize::None) return out;
   for (const auto& p : projections())
     if (!p->weight.defined()) out.push_back(p);
   return out;

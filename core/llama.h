@@ -166,11 +166,10 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   /// The checkpoint keys this model reads into dense tensors, with their tensors (tied head
   /// and quantized projections excluded).
   std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors();
-  /// The projections whose weights are stored quantized (none without quantize).
+  /// The projections built quantized (no dense weight; none without quantize).
   Projections quantized_projections() const;
 
   LlamaConfig config;
-  Quantize quantize = Quantize::None;
   /// Recompute each decoder layer in the backward pass instead of keeping its activations
   /// (training only): less memory for one more forward.
   bool checkpoint_layers = false;

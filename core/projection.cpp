@@ -54,13 +54,6 @@ BaseWeight ProjectionImpl::base() const {
   return weight.defined() ? BaseWeight(weight) : BaseWeight(std::vector<Nf4Weight>{nf4});
 }
 
-torch::Tensor ProjectionImpl::dense_weight(torch::ScalarType dtype) const {
-  auto w = base().materialize(dtype);
-  if (!merged.a.defined()) return w;
-  return (w.to(torch::kFloat32) + torch::matmul(merged.b.to(w.device()), merged.a.to(w.device())))
-      .to(dtype);
-}
-
 torch::Tensor ProjectionAdapterImpl::forward(const torch::Tensor&, const torch::Tensor&) {
   throw std::logic_error(
       "an adapter strategy must describe low-rank factors or compute its own forward");

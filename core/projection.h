@@ -117,9 +117,6 @@ struct ProjectionImpl : torch::nn::Module {
   /// x W^T (+ the merged links of a quantized base), differentiable in x: what a non-low-rank
   /// adapter gets as its base output. x: [..., in] -> [..., out]
   torch::Tensor base_output(const torch::Tensor& x) const;
-  /// W [out, in] in `dtype` with the merged links added: for adapters whose maths reads the
-  /// weight itself (DoRA's norms), a transient copy for a quantized base.
-  torch::Tensor dense_weight(torch::ScalarType dtype) const;
   /// Where the weight lives, and the activations' dtype.
   torch::Device device() const { return options.device(); }
 
