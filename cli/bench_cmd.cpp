@@ -18,7 +18,9 @@ Action add_bench(CLI::App& app) {
   auto* model = cmd->add_option("--model", o->model, "a Hugging Face model folder instead");
   shape->excludes(model);
   cmd->add_option("--seq", o->seq, "tokens per sequence")->check(in_range(2, 1 << 20));
-  cmd->add_option("--batch", o->batch, "sequences per step")->check(in_range(1));
+  cmd->add_option("--batch", o->batch, "sequences per step, of each job")->check(in_range(1));
+  cmd->add_option("--jobs", o->jobs, "fused jobs on the one base, each its own adapter and rows")
+      ->check(in_range(1, 64));
   cmd->add_option("--set", o->overrides,
                   "recipe keys: --set adapter.r=8 --set train.gradient_checkpointing=true");
   cmd->add_option("--device", o->device, "auto | cpu | cuda")
@@ -44,7 +46,8 @@ Action add_bench(CLI::App& app) {
                                         {"trainable_params", r.trainable_params},
                                         {"device", r.device},
                                         {"seq", o->seq},
-                                        {"batch", o->batch}}
+                                        {"batch", o->batch},
+                                        {"jobs", o->jobs}}
                              .dump());
     } else {
       fmt::print(

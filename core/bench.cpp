@@ -1,12 +1,16 @@
 #include "core/bench.h"
 
+#include <fmt/core.h>
+
 #include <chrono>
 #include <optional>
 
+#include "adapters/job_routing.h"
 #include "adapters/registry.h"
 #include "core/adapter_io.h"
 #include "core/compat.h"
 #include "core/device.h"
+#include "core/errors.h"
 #include "core/optimizer.h"
 #include "core/trainer.h"
 
@@ -46,6 +50,11 @@ BenchResult run_bench(const BenchOptions& o) {
   base.adapter.dropout = 0.0;
   const Recipe recipe = override_recipe(base, o.overrides);
 
+  if (o.jobs > 1 && find_adapter(recipe.adapter.type).trains_base)
+    throw ConfigError(
+        fmt::format("bench --jobs {}: adapter.type '{}' trains the base, which "
+                    "fused jobs share; hint: bench one job, or jobs of an adapter",
+                    o.jobs, recipe.adapter.type));
   const auto device = pick_device(o.device);
   const auto dtype = pick_dtype(recipe.dtype, device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
@@ -56,32 +65,57 @@ BenchResult run_bench(const BenchOptions& o) {
   use_longlora_attention(model, recipe.longlora);
   const auto& spec = find_adapter(recipe.adapter.type);
   const auto settings = adapter_settings(recipe.adapter);
-  const auto sites = model->adapter_sites();
-  spec.attach_new(settings, sites);
-  AuxLoss aux;
-  if (spec.aux_loss)
-    aux = [&](const torch::Tensor& keep, double scale) {
-      return spec.aux_loss(settings, sites, keep, scale);
-    };
-  auto params = trainable_parameters(model, spec.trains_base ? every_base_tensor : BaseFilter());
-  auto masters = masters_for(params);  // as the trainer: fp32 masters of a bf16 full model
-  AdamW optimizer(params, AdamWSettings{});
+  // As the trainer fuses jobs: each attaches its own adapter to its own view of the sites and
+  // steps its own optimizer; every micro-batch holds each job's rows, one base GEMM for all.
+  const auto jobs = static_cast<size_t>(o.jobs);
+  auto routing = route_jobs(model->adapter_sites(), jobs);
+  std::vector<AuxLoss> aux(jobs);
+  std::vector<AdamW> optimizers;
+  optimizers.reserve(jobs);
+  std::vector<std::optional<MasterWeights>> masters;
+  for (size_t j = 0; j < jobs; ++j) {
+    const auto& sites = routing.sites[j];
+    spec.attach_new(settings, sites);
+    if (spec.aux_loss)
+      aux[j] = [&spec, &settings, &sites](const torch::Tensor& keep, double scale) {
+        return spec.aux_loss(settings, sites, keep, scale);
+      };
+    auto params =
+        trainable_parameters(model, sites, spec.trains_base ? every_base_tensor : BaseFilter());
+    masters.push_back(masters_for(params));  // as the trainer: fp32 masters of a bf16 full model
+    optimizers.emplace_back(params, AdamWSettings{});
+  }
+  routing.place_routers();
   model->train();
 
   const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
   std::vector<Batch> batches;
   for (int64_t done = 0; done < o.batch; done += micro) {
     const auto n = std::min(micro, o.batch - done);
-    auto ids = torch::randint(0, model->config.vocab_size, {n, o.seq},
+    auto ids = torch::randint(0, model->config.vocab_size, {o.jobs * n, o.seq},
                               torch::dtype(torch::kInt64).device(device));
-    batches.push_back({ids, ids, n * o.seq, {}});  // no padding
+    batches.push_back({ids, ids, o.jobs * n * o.seq, {}});  // no padding
   }
-  const int64_t targets = o.batch * (o.seq - 1);
+  const int64_t targets = o.batch * (o.seq - 1);  // per job and step
   BenchResult r;
   auto step = [&] {
-    // As the trainer: the loss is read (waiting for the backward pass) before the update.
-    r.loss = accumulate_gradients(model, batches, targets, aux).nll.item<double>();
-    apply_update(optimizer, masters, recipe.train.lr, recipe.train.max_grad_norm);
+    std::vector<StepLoss> losses(jobs);
+    for (const auto& batch : batches) {
+      const int64_t n = batch.ids.size(0) / o.jobs;
+      std::vector<JobRows::Span> spans;
+      std::vector<StepPart> parts;
+      for (size_t j = 0; j < jobs; ++j) {
+        spans.push_back({j, n});
+        parts.push_back(
+            {n, targets, &aux[j], 1.0 / static_cast<double>(batches.size()), &losses[j]});
+      }
+      routing.set_rows(spans);
+      forward_backward(model, batch, parts);
+    }
+    // As the trainer: the loss is read (waiting for the backward pass) before the updates.
+    r.loss = losses.front().nll.item<double>();
+    for (size_t j = 0; j < jobs; ++j)
+      apply_update(optimizers[j], masters[j], recipe.train.lr, recipe.train.max_grad_norm);
   };
   for (int64_t i = 0; i < o.warmup_steps; ++i) step();
   compat::synchronize(device);
@@ -95,7 +129,7 @@ BenchResult run_bench(const BenchOptions& o) {
 
   if (!o.profile.empty()) compat::profile_stop(o.profile);
   r.step_ms = secs / o.steps * 1e3;
-  r.tokens_per_s = static_cast<double>(o.batch * o.seq * o.steps) / secs;
+  r.tokens_per_s = static_cast<double>(o.jobs * o.batch * o.seq * o.steps) / secs;
   r.peak_mem_gib = compat::peak_memory_gib(device);
   r.mfu =
       device.is_cuda()
@@ -104,7 +138,8 @@ BenchResult run_bench(const BenchOptions& o) {
                                 recipe.longlora.enabled ? recipe.longlora.group_ratio : 1.0) /
                 kPeakFlops
           : 0.0;
-  for (const auto& p : params) r.trainable_params += p.numel();
+  for (const auto& opt : optimizers)
+    for (const auto& p : opt.params) r.trainable_params += p.numel();
   r.device = device.str();
   return r;
 }

@@ -11,7 +11,8 @@ struct BenchOptions {
   std::string shape;  // a built-in shape, or empty with `model`
   std::string model;  // a Hugging Face folder
   int64_t seq = 2048;
-  int64_t batch = 1;
+  int64_t batch = 1;  // sequences per step, of each job
+  int64_t jobs = 1;   // fused jobs (ASPEN), each with its own adapter, rows and optimizer
   std::vector<std::string> overrides;  // recipe keys: adapter.*, train.gradient_checkpointing, ...
   std::string device = "auto";
   int64_t warmup_steps = 3;

@@ -245,6 +245,19 @@ TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]
   const auto bad = run_lorafit("bench --shape tiny --set adapter.rank=3");
   REQUIRE(bad.code == 2);
   REQUIRE_THAT(bad.err, Catch::Contains("adapter.rank"));
+
+  // Fused jobs: each its own adapter (and optimizer) on the one base, each its own rows.
+  const auto fused = run_lorafit(
+      "bench --shape tiny --seq 64 --batch 2 --jobs 3 --steps 2 --warmup 1 --device cpu --json");
+  INFO(fused.err);
+  REQUIRE(fused.code == 0);
+  const auto f = nlohmann::json::parse(fused.out);
+  REQUIRE(f["trainable_params"] == 3 * j["trainable_params"].get<int64_t>());
+  REQUIRE(f["jobs"] == 3);
+  REQUIRE(std::isfinite(f["loss"].get<double>()));
+  const auto shared_base = run_lorafit("bench --shape tiny --jobs 2 --set adapter.type=full");
+  REQUIRE(shared_base.code == 2);
+  REQUIRE_THAT(shared_base.err, Catch::Contains("adapter.type 'full'"));
 }
 
 TEST_CASE("gradient checkpointing trains to the same adapter", "[cli][train]") {
