@@ -19,6 +19,7 @@ struct EvalOptions {
   std::string chat_template = "model";
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings (or its window)
   int64_t batch_size = 8;
+  bool packing = false;
   bool json = false;
 };
 
@@ -32,7 +33,7 @@ void run_eval(const EvalOptions& o) {
                            : c.max_position_embeddings;
   const auto examples =
       eval_examples(o.data, tokenizer, o.format, model->config, max_len, o.chat_template);
-  const auto result = evaluate(model, examples, o.batch_size);
+  const auto result = evaluate(model, examples, o.batch_size, o.packing);
   if (result.tokens == 0) {
     throw Error("dataset '" + o.data +
                 "' has no token to score (every record is empty, its responses were cut "
@@ -68,7 +69,10 @@ Action add_eval(CLI::App& app) {
                   "chat: model (its tokenizer_config.json's), llama2, or a Jinja template file");
   cmd->add_option("--max-seq-len", o->max_seq_len, "cut each record to N tokens (with BOS)")
       ->check(in_range(1));
-  cmd->add_option("--batch-size", o->batch_size, "records per forward pass")->check(in_range(1));
+  cmd->add_option("--batch-size", o->batch_size, "rows per forward pass")->check(in_range(1));
+  cmd->add_flag("--packing", o->packing,
+                "pack records into rows as long as the longest, each seeing itself only: "
+                "the same loss in fewer forward passes");
   cmd->add_flag("--json", o->json,
                 "print {\"loss\", \"perplexity\", \"tokens\", \"accuracy\", \"records\"} as JSON");
   return [o] { run_eval(*o); };

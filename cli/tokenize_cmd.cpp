@@ -42,7 +42,7 @@ void run_tokenize(const TokenizeOptions& o) {
     LlamaConfig config;
     if (std::filesystem::exists(std::filesystem::path(o.model) / "config.json"))
       config = load_llama_config(o.model);
-    chat = dataset_options(tokenizer, config, "chat", 0, false, o.chat_template);
+    chat = dataset_options(tokenizer, config, "chat", 0, Packing::Pad, o.chat_template);
     chat.add_generation_prompt = o.add_generation_prompt;
     if (!o.template_kwargs.empty()) {
       try {

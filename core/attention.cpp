@@ -34,6 +34,30 @@ torch::Tensor causal_attention(const torch::Tensor& q,
   return compat::sdpa(q, kk, vv, mask, offset == 0 && tq > 1, scale, flash_gqa);
 }
 
+torch::Tensor record_attention(const torch::Tensor& q,
+                               const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               double scale,
+                               const torch::Tensor& segment_ids,
+                               const torch::Tensor& cu_seqlens,
+                               int64_t max_len) {
+  const auto b = q.size(0), heads = q.size(1), t = q.size(2), d = q.size(3);
+  if (compat::has_varlen_flash(q)) {
+    // [B, H, T, D] -> [B*T, H, D] (the projections' layout, so usually a view) and back.
+    auto tokens = [&](const torch::Tensor& x) {
+      return x.transpose(1, 2).reshape({b * t, x.size(1), d});
+    };
+    return compat::varlen_flash(tokens(q), tokens(k), tokens(v), cu_seqlens, max_len, scale)
+        .view({b, t, heads, d})
+        .transpose(1, 2);
+  }
+  const auto causal =
+      torch::ones({t, t}, torch::dtype(torch::kBool).device(q.device())).tril();  // [T, T]
+  const auto same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1);         // [B, T, T]
+  return compat::sdpa(q, repeat_kv(k, heads), repeat_kv(v, heads),
+                      (causal.unsqueeze(0) & same).unsqueeze(1), /*causal=*/false, scale);
+}
+
 torch::Tensor masked_attention(const torch::Tensor& q,
                                const torch::Tensor& k,
                                const torch::Tensor& v,
@@ -54,25 +78,33 @@ torch::Tensor from_groups(const torch::Tensor& y, int64_t b) {
   return y.view({b, n, h, g, d}).transpose(1, 2).reshape({b, h, n * g, d});
 }
 
-// Causal attention within each group of g tokens. keep: [B, L] or undefined.
+// Causal attention within each group of g tokens. keep: [B, L] or undefined; segment_ids:
+// [B, L] or undefined (then every token of a row is one record's).
 torch::Tensor grouped_attention(const torch::Tensor& q,
                                 const torch::Tensor& k,
                                 const torch::Tensor& v,
                                 double scale,
                                 int64_t g,
-                                const torch::Tensor& keep) {
+                                const torch::Tensor& keep,
+                                const torch::Tensor& segment_ids) {
   const auto b = q.size(0);
-  if (!keep.defined()) {
+  if (!keep.defined() && !segment_ids.defined()) {
     return from_groups(causal_attention(to_groups(q, g), to_groups(k, g), to_groups(v, g), scale),
                        b);
   }
-  // A real query sees no padded key; a padded query (its output unused) sees every earlier
-  // key of its group, so that no row is fully masked.
-  const auto kg = keep.view({-1, g});  // [B*n, G]
   const auto causal =
       torch::ones({g, g}, torch::dtype(torch::kBool).device(q.device())).tril();  // [G, G]
-  const auto mask =
-      causal.unsqueeze(0) & (kg.unsqueeze(1) | kg.logical_not().unsqueeze(2));  // [B*n, G, G]
+  torch::Tensor mask;                                                             // [B*n, G, G]
+  if (segment_ids.defined()) {
+    // A row's padding is a record of its own: no real query sees it, and none is left blind.
+    const auto sg = segment_ids.reshape({-1, g});  // [B*n, G]
+    mask = causal.unsqueeze(0) & (sg.unsqueeze(2) == sg.unsqueeze(1));
+  } else {
+    // A real query sees no padded key; a padded query (its output unused) sees every earlier
+    // key of its group, so that no row is fully masked.
+    const auto kg = keep.reshape({-1, g});  // [B*n, G]
+    mask = causal.unsqueeze(0) & (kg.unsqueeze(1) | kg.logical_not().unsqueeze(2));
+  }
   const auto heads = q.size(1);
   return from_groups(masked_attention(to_groups(q, g), repeat_kv(to_groups(k, g), heads),
                                       repeat_kv(to_groups(v, g), heads), mask.unsqueeze(1), scale),
@@ -87,7 +119,9 @@ torch::Tensor s2_attention(const torch::Tensor& q,
                            double scale,
                            int64_t group,
                            S2Shift shift,
-                           const torch::Tensor& keep) {
+                           const torch::Tensor& keep,
+                           const torch::Tensor& segment_ids) {
+  const auto& seg = segment_ids;
   const auto heads = q.size(1), kv_heads = k.size(1), l = q.size(2);
   if (group < 1 || l % group != 0 || (shift != S2Shift::None && group % 2 != 0)) {
     throw ConfigError("S2-Attn: a sequence of " + std::to_string(l) +
@@ -96,7 +130,7 @@ torch::Tensor s2_attention(const torch::Tensor& q,
                       " (hint: make data.max_seq_len a multiple of 1 / longlora.group_ratio "
                       "with packing on)");
   }
-  if (shift == S2Shift::None) return grouped_attention(q, k, v, scale, group, {});
+  if (shift == S2Shift::None) return grouped_attention(q, k, v, scale, group, {}, seg);
   if (heads % 2 != 0) {
     throw ConfigError("S2-Attn shifts half of the heads, but the model has " +
                       std::to_string(heads) + " (hint: longlora.shift: none)");
@@ -111,25 +145,31 @@ torch::Tensor s2_attention(const torch::Tensor& q,
   const auto ka = kk.narrow(1, 0, kh), kb = kk.narrow(1, kh, kh);
   const auto va = vv.narrow(1, 0, kh), vb = vv.narrow(1, kh, kh);
   // Right padding only ever follows the real tokens, so plain causal groups never see it.
-  const auto unshifted = grouped_attention(qa, ka, va, scale, group, {});
+  const auto unshifted = grouped_attention(qa, ka, va, scale, group, {}, seg);
+  // The records of tokens along dimension `dim` of x, cut or rolled as x is.
+  auto segs = [&](auto&& cut) { return seg.defined() ? cut(seg, 1) : torch::Tensor(); };
   torch::Tensor shifted;
   if (shift == S2Shift::Roll) {
-    auto roll = [&](const torch::Tensor& x) { return x.roll(-half, 2); };
-    shifted = grouped_attention(roll(qb), roll(kb), roll(vb), scale, group,
-                                keep.defined() ? keep.roll(-half, 1) : torch::Tensor())
+    auto roll = [&](const torch::Tensor& x, int64_t dim) { return x.roll(-half, dim); };
+    shifted = grouped_attention(roll(qb, 2), roll(kb, 2), roll(vb, 2), scale, group,
+                                keep.defined() ? roll(keep, 1) : torch::Tensor(), segs(roll))
                   .roll(half, 2);
   } else {
-    // Segments [0, G/2), [G/2, 3G/2), ..., [L - G/2, L): the two half-length ends are one
-    // batch of groups of G/2, the middle one of groups of G.
+    // Spans [0, G/2), [G/2, 3G/2), ..., [L - G/2, L): the two half-length ends are one batch
+    // of groups of G/2, the middle one of groups of G.
     const auto b = q.size(0);
-    auto ends = [&](const torch::Tensor& x) {
-      return torch::cat({x.narrow(2, 0, half), x.narrow(2, l - half, half)}, 0);
+    auto ends = [&](const torch::Tensor& x, int64_t dim) {
+      return torch::cat({x.narrow(dim, 0, half), x.narrow(dim, l - half, half)}, 0);
     };
-    const auto e = grouped_attention(ends(qb), ends(kb), ends(vb), scale, half, {});
+    const auto e =
+        grouped_attention(ends(qb, 2), ends(kb, 2), ends(vb, 2), scale, half, {}, segs(ends));
     std::vector<torch::Tensor> parts{e.narrow(0, 0, b)};
     if (l > group) {
-      auto mid = [&](const torch::Tensor& x) { return x.narrow(2, half, l - group); };
-      parts.push_back(grouped_attention(mid(qb), mid(kb), mid(vb), scale, group, {}));
+      auto mid = [&](const torch::Tensor& x, int64_t dim) {
+        return x.narrow(dim, half, l - group);
+      };
+      parts.push_back(
+          grouped_attention(mid(qb, 2), mid(kb, 2), mid(vb, 2), scale, group, {}, segs(mid)));
     }
     parts.push_back(e.narrow(0, b, b));
     shifted = torch::cat(parts, 2);

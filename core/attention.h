@@ -24,6 +24,19 @@ torch::Tensor causal_attention(const torch::Tensor& q,
                                double scale,
                                int64_t offset = 0);
 
+/// Causal attention within each record of packed rows: query i sees the keys of its own
+/// record up to i. On CUDA with flash attention (LibTorch 2.x, bf16/f16) the records run as
+/// variable-length sequences, without a mask; elsewhere a block-diagonal causal mask.
+/// q: [B, H, T, D], k, v: [B, KV, T, D] after RoPE; segment_ids: [B, T] int64 (Segments::ids),
+/// cu_seqlens: [S + 1] int32, max_len: the longest record -> [B, H, T, D]
+torch::Tensor record_attention(const torch::Tensor& q,
+                               const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               double scale,
+                               const torch::Tensor& segment_ids,
+                               const torch::Tensor& cu_seqlens,
+                               int64_t max_len);
+
 /// Attention of every query over the keys `mask` allows ([Tq, Tk] or broadcastable to
 /// [B, H, Tq, Tk], bool, true where allowed; every query must be allowed some key).
 /// q, k, v: [B, H, T, D] with as many heads each.
@@ -39,16 +52,19 @@ torch::Tensor masked_attention(const torch::Tensor& q,
 /// rolls those heads' sequence by -group/2, so their last group wraps around to the first
 /// tokens, and rolls the output back; NoWrap (LongLoRA's later flash path) cuts their sequence
 /// at group/2, 3*group/2, ..., its first and last segments half as long; None shifts nothing.
-/// Where a wrapped group could see padding (keep false), those keys are masked.
+/// Where a wrapped group could see padding (keep false), those keys are masked. In packed
+/// rows (segment_ids defined) a group's tokens see the earlier ones of their own record only.
 /// A length that does not split into groups is a ConfigError with the numbers.
 /// q: [B, H, L, D], k, v: [B, KV, L, D] after RoPE, keep: [B, L] bool, undefined when no row
-/// is padded (then nothing is masked and flash attention can run) -> [B, H, L, D]
+/// is padded (then nothing is masked and flash attention can run); segment_ids: [B, L] int64
+/// (Segments::ids) or undefined -> [B, H, L, D]
 torch::Tensor s2_attention(const torch::Tensor& q,
                            const torch::Tensor& k,
                            const torch::Tensor& v,
                            double scale,
                            int64_t group,
                            S2Shift shift,
-                           const torch::Tensor& keep = {});
+                           const torch::Tensor& keep = {},
+                           const torch::Tensor& segment_ids = {});
 
 }  // namespace lorafit

@@ -37,6 +37,39 @@ Batch collate(const std::vector<BatchPart>& parts, torch::Device device, size_t 
   out.ids = to_device(ids.data(), torch::kInt64, torch::kInt64);
   out.labels = to_device(labels.data(), torch::kInt64, torch::kInt64);
   out.keep = to_device(keep.data(), torch::kUInt8, torch::kBool);
+  bool packed = false;
+  for (const auto& part : parts)
+    for (auto r : part.rows) packed = packed || (*part.examples)[r].segments.size() > 1;
+  if (!packed) return out;
+  // Each row's records in order, then its padding as one record more.
+  std::vector<int64_t> positions(b * t, 0), segment(b * t, 0);
+  std::vector<int32_t> cu{0};
+  int64_t record = -1;
+  auto add = [&](int64_t at, int64_t n) {
+    ++record;
+    for (int64_t j = 0; j < n; ++j) positions[at + j] = j, segment[at + j] = record;
+    cu.push_back(cu.back() + static_cast<int32_t>(n));
+    out.segments.max_len = std::max(out.segments.max_len, n);
+  };
+  i = 0;
+  for (const auto& part : parts) {
+    for (auto r : part.rows) {
+      const auto& ex = (*part.examples)[r];
+      int64_t at = i * ti;
+      if (ex.segments.empty()) {
+        add(at, static_cast<int64_t>(ex.input_ids.size()));
+        at += static_cast<int64_t>(ex.input_ids.size());
+      }
+      for (const auto n : ex.segments) add(at, n), at += n;
+      if (at < (i + 1) * ti) add(at, (i + 1) * ti - at);
+      ++i;
+    }
+  }
+  out.segments.positions = to_device(positions.data(), torch::kInt64, torch::kInt64);
+  out.segments.ids = to_device(segment.data(), torch::kInt64, torch::kInt64);
+  const auto host = torch::from_blob(cu.data(), {static_cast<int64_t>(cu.size())}, torch::kInt32);
+  out.segments.cu_seqlens = device.is_cuda() ? host.pin_memory().to(device, torch::kInt32, true)
+                                             : host.to(device, torch::kInt32, false, true);
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/datasets.h"
+#include "core/llama.h"
 
 namespace lorafit {
 
@@ -17,6 +18,7 @@ struct Batch {
   torch::Tensor labels;  // [B, T] int64, -100 where nothing is learned
   int64_t tokens = 0;    // real (unpadded) tokens
   torch::Tensor keep;    // [B, T] bool, the real tokens; undefined: no padding
+  Segments segments;     // the records of packed rows; undefined: a record per row
 };
 
 /// Rows of one job's examples in a batch.
@@ -27,7 +29,8 @@ struct BatchPart {
 };
 
 /// Right-pads the parts' rows, in order, to the longest, rounded up to a multiple of
-/// `pad_multiple` (S2-Attn's groups must split every batch's length).
+/// `pad_multiple` (S2-Attn's groups must split every batch's length). Where a row holds
+/// several records (Example::segments), the batch gets their Segments.
 Batch collate(const std::vector<BatchPart>& parts, torch::Device device, size_t pad_multiple = 1);
 
 /// Targets that count in the loss: labels after the first position that are not ignored.

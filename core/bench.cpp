@@ -94,7 +94,7 @@ BenchResult run_bench(const BenchOptions& o) {
     const auto n = std::min(micro, o.batch - done);
     auto ids = torch::randint(0, model->config.vocab_size, {o.jobs * n, o.seq},
                               torch::dtype(torch::kInt64).device(device));
-    batches.push_back({ids, ids, o.jobs * n * o.seq, {}});  // no padding
+    batches.push_back({ids, ids, o.jobs * n * o.seq, {}, {}});  // no padding, a record a row
   }
   const int64_t targets = o.batch * (o.seq - 1);  // per job and step
   BenchResult r;

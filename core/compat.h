@@ -61,6 +61,72 @@ inline torch::Tensor sdpa(const torch::Tensor& q,
 #endif
 }
 
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+namespace detail {
+// Flash attention over variable-length sequences, forward and backward (no dropout).
+struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
+                               torch::Tensor q /*[N, H, D]*/,
+                               torch::Tensor k /*[N, KV, D]*/,
+                               torch::Tensor v /*[N, KV, D]*/,
+                               torch::Tensor cu_seqlens /*[S + 1] int32*/,
+                               int64_t max_len,
+                               double scale) {
+    const auto r = at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+                                                /*dropout_p=*/0.0, /*is_causal=*/true,
+                                                /*return_debug_mask=*/false, scale);
+    const auto& out = std::get<0>(r);  // [N, H, D]
+    // The log-sum-exp per head and token, and the (unused) dropout seed, for the backward.
+    ctx->save_for_backward(
+        {q, k, v, out, std::get<1>(r), cu_seqlens, std::get<2>(r), std::get<3>(r)});
+    ctx->saved_data["max_len"] = max_len;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto max_len = ctx->saved_data["max_len"].toInt();
+    const auto d = at::_flash_attention_backward(
+        grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[5], max_len, max_len,
+        /*dropout_p=*/0.0, /*is_causal=*/true, s[6], s[7], ctx->saved_data["scale"].toDouble());
+    return {std::get<0>(d),  std::get<1>(d),  std::get<2>(d),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+}  // namespace detail
+#endif
+
+/// Whether varlen_flash runs for q: flash attention's variable-length kernels are LibTorch
+/// 2.x's, on CUDA, for bf16/f16 and head sizes up to 256.
+inline bool has_varlen_flash(const torch::Tensor& q) {
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+  const auto t = q.scalar_type();
+  return q.is_cuda() && (t == torch::kBFloat16 || t == torch::kFloat16) && q.size(-1) <= 256 &&
+         q.size(-1) % 8 == 0;
+#else
+  (void)q;
+  return false;
+#endif
+}
+
+/// Causal attention within each of the sequences that cu_seqlens ([S + 1] int32, starting at
+/// 0) cuts the N tokens into, differentiable; k and v may have fewer heads (grouped KV).
+/// Only where has_varlen_flash(q). q: [N, H, D], k, v: [N, KV, D] -> [N, H, D]
+inline torch::Tensor varlen_flash(const torch::Tensor& q,
+                                  const torch::Tensor& k,
+                                  const torch::Tensor& v,
+                                  const torch::Tensor& cu_seqlens,
+                                  int64_t max_len,
+                                  double scale) {
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+  return detail::VarlenFlash::apply(q, k, v, cu_seqlens, max_len, scale);
+#else
+  (void)k, (void)v, (void)cu_seqlens, (void)max_len, (void)scale;
+  TORCH_CHECK(false, "varlen_flash: no flash attention in this build, for ", q.device());
+#endif
+}
+
 /// The CPU generator's state (dropout's randomness), for checkpoints.
 inline torch::Tensor cpu_rng_state() {
   auto gen = at::detail::getDefaultCPUGenerator();

@@ -4,6 +4,9 @@
 #include <filesystem>
 #include <numeric>
 #include <random>
+#include <set>
+#include <stdexcept>
+#include <tuple>
 
 #include "core/errors.h"
 #include "core/text_data.h"
@@ -33,6 +36,7 @@ const std::string& string_field(const JsonRecord& r, const char* key, bool optio
   return it->get_ref<const std::string&>();
 }
 
+// One example per document: BOS + tokens + EOS, all trained.
 std::vector<Example> text_examples(const std::vector<JsonRecord>& records,
                                    const Tokenizer& tok,
                                    const DatasetOptions& o) {
@@ -44,26 +48,23 @@ std::vector<Example> text_examples(const std::vector<JsonRecord>& records,
     append(ex, {o.eos}, true);
     docs.push_back(std::move(ex));
   }
-  if (!o.packing) {
-    for (auto& d : docs) {
-      if (static_cast<int64_t>(d.input_ids.size()) > o.max_seq_len) {
-        d.input_ids.resize(o.max_seq_len);
-        d.labels.resize(o.max_seq_len);
-      }
+  return docs;
+}
+
+// Consecutive pieces of at most max_len tokens of each example (the last one shorter).
+std::vector<Example> chunks(const std::vector<Example>& examples, int64_t max_len) {
+  std::vector<Example> out;
+  const auto len = static_cast<size_t>(max_len);
+  for (const auto& ex : examples) {
+    for (size_t start = 0; start < ex.input_ids.size(); start += len) {
+      const size_t end = std::min(ex.input_ids.size(), start + len);
+      Example c;
+      c.input_ids.assign(ex.input_ids.begin() + start, ex.input_ids.begin() + end);
+      c.labels.assign(ex.labels.begin() + start, ex.labels.begin() + end);
+      out.push_back(std::move(c));
     }
-    return docs;
   }
-  Example all;
-  for (const auto& d : docs) append(all, d.input_ids, true);
-  std::vector<Example> blocks;
-  for (size_t start = 0; start + 1 < all.input_ids.size(); start += o.max_seq_len) {
-    const size_t end = std::min(all.input_ids.size(), start + static_cast<size_t>(o.max_seq_len));
-    Example b;
-    b.input_ids.assign(all.input_ids.begin() + start, all.input_ids.begin() + end);
-    b.labels = b.input_ids;
-    blocks.push_back(std::move(b));
-  }
-  return blocks;
+  return out;
 }
 
 Example alpaca_example(const JsonRecord& r, const Tokenizer& tok, const DatasetOptions& o) {
@@ -177,7 +178,7 @@ DatasetOptions dataset_options(const Tokenizer& tokenizer,
                                const LlamaConfig& config,
                                const std::string& format,
                                int64_t max_seq_len,
-                               bool packing,
+                               Packing packing,
                                const std::string& chat_template) {
   DatasetOptions o;
   o.format = format;
@@ -191,6 +192,54 @@ DatasetOptions dataset_options(const Tokenizer& tokenizer,
         std::filesystem::path(tokenizer.path()).parent_path().string(), chat_template));
   }
   return o;
+}
+
+Packing parse_packing(const std::string& value) {
+  return value == "false" ? Packing::Pad : value == "concat" ? Packing::Concat : Packing::Records;
+}
+
+std::vector<Example> pack_records(std::vector<Example> records, int64_t max_len) {
+  std::vector<size_t> order(records.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return records[a].input_ids.size() > records[b].input_ids.size();
+  });
+  // (room left, row): the first entry with room >= n is the fullest row the record fits.
+  std::set<std::pair<int64_t, size_t>> room;
+  std::vector<std::vector<size_t>> rows;
+  for (const auto r : order) {
+    const auto n = static_cast<int64_t>(records[r].input_ids.size());
+    if (n > max_len) {
+      throw std::invalid_argument("pack_records: a record of " + std::to_string(n) +
+                                  " tokens is longer than the rows' " + std::to_string(max_len));
+    }
+    const auto fit = room.lower_bound({n, 0});
+    int64_t left = max_len;
+    size_t row = rows.size();
+    if (fit == room.end()) {
+      rows.emplace_back();
+    } else {
+      std::tie(left, row) = *fit;
+      room.erase(fit);
+    }
+    rows[row].push_back(r);
+    if (left > n) room.insert({left - n, row});
+  }
+  std::vector<Example> out;
+  out.reserve(rows.size());
+  for (const auto& members : rows) {
+    Example row;
+    for (const auto i : members) {
+      auto& rec = records[i];
+      rec.labels.front() = kIgnoreLabel;
+      row.input_ids.insert(row.input_ids.end(), rec.input_ids.begin(), rec.input_ids.end());
+      row.labels.insert(row.labels.end(), rec.labels.begin(), rec.labels.end());
+      row.segments.push_back(static_cast<int64_t>(rec.input_ids.size()));
+    }
+    if (row.segments.size() == 1) row.segments.clear();
+    out.push_back(std::move(row));
+  }
+  return out;
 }
 
 std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
@@ -226,20 +275,31 @@ std::vector<Example> load_examples(const std::string& path,
                         " is outside the vocabulary of " + std::to_string(o.vocab_size));
         }
       }
+      out.push_back(std::move(ex));
+    }
+  }
+  if (o.format == "text" && o.packing == Packing::Concat) {
+    Example all;
+    for (const auto& d : out) append(all, d.input_ids, true);
+    out = chunks({all}, o.max_seq_len);
+  } else if (o.format == "text" && o.packing == Packing::Records) {
+    out = chunks(out, o.max_seq_len);  // a long document trains whole, a chunk a record
+  } else {
+    for (auto& ex : out) {
       if (static_cast<int64_t>(ex.input_ids.size()) > o.max_seq_len) {
         ex.input_ids.resize(o.max_seq_len);
         ex.labels.resize(o.max_seq_len);
       }
-      out.push_back(std::move(ex));
     }
   }
-  // A sequence trains only if some position has a target after it.
+  // A record trains only if some position has a target after it.
   std::vector<Example> usable;
   for (auto& ex : out) {
     const bool trains = std::any_of(ex.labels.begin() + 1, ex.labels.end(),
                                     [](int64_t l) { return l != kIgnoreLabel; });
     if (ex.input_ids.size() >= 2 && trains) usable.push_back(std::move(ex));
   }
+  if (o.packing == Packing::Records) usable = pack_records(std::move(usable), o.max_seq_len);
   if (usable.empty()) {
     throw IoError("dataset '" + path + "' has no example with a token to train on" +
                   (records.empty() ? " (it holds no record)" : "") + " (hint: data.format is '" +

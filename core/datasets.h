@@ -1,5 +1,7 @@
-// Training examples from the four dataset formats, and their seeded order across epochs.
-//   text    {"text"} (or .txt lines): BOS + tokens + EOS per document; with packing, the
+// Training examples from the four dataset formats, packed into rows, and their seeded order
+// across epochs.
+//   text    {"text"} (or .txt lines): BOS + tokens + EOS per document, a document longer than
+//           max_seq_len in chunks of it (each its own record); with packing: concat, the
 //           documents are concatenated and cut into max_seq_len blocks. Every token trains.
 //   alpaca  {"instruction", "input"?, "output"}: Stanford Alpaca's prompt, then the response;
 //           only the response and its EOS train.
@@ -27,12 +29,31 @@ constexpr int64_t kIgnoreLabel = -100;
 struct Example {
   std::vector<int64_t> input_ids;
   std::vector<int64_t> labels;  // aligned with input_ids; the loss shifts them by one
+  // The lengths of the records packed into this row, in order (summing to its length); empty
+  // when the row is one record. Each record attends to itself only, with positions from 0.
+  std::vector<int64_t> segments;
 };
+
+/// How records fill rows (data.packing). Records ("true", the default): whole records share
+/// rows of max_seq_len and never see each other; Concat ("concat", text only): documents run
+/// into each other, cut into blocks of max_seq_len, as transformers' group_texts; Pad
+/// ("false"): a record per row.
+enum class Packing { Pad, Records, Concat };
+
+/// "true" | "false" | "concat" (the recipe's values, already validated) -> Packing
+Packing parse_packing(const std::string& value);
+
+/// Whole records into rows of at most `max_len` tokens, best fit decreasing (each record,
+/// longest first, into the fullest row it fits, ties to the earliest): a pure function of the
+/// records, so a run resumes on the same rows. A record's first label is ignored (its first
+/// token has nothing before it in the record to be predicted from), so no record learns
+/// from the one before it in the row. Records must be at most max_len long.
+std::vector<Example> pack_records(std::vector<Example> records, int64_t max_len);
 
 struct DatasetOptions {
   std::string format = "text";
   int64_t max_seq_len = 512;
-  bool packing = true;  // text only
+  Packing packing = Packing::Records;
   // What transformers' tokenizer(text) puts before a text: BOS (LLaMA 1/2, Llama 3.1), or
   // nothing (Qwen).
   std::vector<int64_t> prefix{1};
@@ -52,7 +73,7 @@ DatasetOptions dataset_options(const Tokenizer& tokenizer,
                                const LlamaConfig& config,
                                const std::string& format,
                                int64_t max_seq_len,
-                               bool packing,
+                               Packing packing,
                                const std::string& chat_template = "model");
 
 /// One chat record as it trains; `text`, if given, gets its rendering.
@@ -61,8 +82,9 @@ Example chat_example(const JsonRecord& record,
                      const DatasetOptions& options,
                      std::string* text = nullptr);
 
-/// Reads and tokenizes a dataset file. A bad record is an IoError naming file and line; so
-/// is a file with no example to train on. `records`, if given, gets the file's record count.
+/// Reads and tokenizes a dataset file into rows as options.packing says. A bad record is an
+/// IoError naming file and line; so is a file with no example to train on. `records`, if
+/// given, gets the file's record count.
 std::vector<Example> load_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
                                    const DatasetOptions& options,

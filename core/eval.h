@@ -34,10 +34,13 @@ std::vector<Example> eval_examples(const std::string& path,
                                    int64_t max_seq_len,
                                    const std::string& chat_template = "model");
 
-/// Scores the examples in batches of `batch_size` (right-padded; causal attention keeps the
-/// padding from reaching real tokens): position t predicts labels[t + 1].
+/// Scores the examples in batches of `batch_size` rows (right-padded; causal attention keeps
+/// the padding from reaching real tokens): position t predicts labels[t + 1]. With `packing`
+/// the records share rows as long as the longest record, each attending to itself only: the
+/// same figures from fewer, fuller rows.
 EvalResult evaluate(LlamaForCausalLM& model,
                     const std::vector<Example>& examples,
-                    int64_t batch_size);
+                    int64_t batch_size,
+                    bool packing = false);
 
 }  // namespace lorafit

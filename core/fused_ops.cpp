@@ -30,10 +30,9 @@ torch::Tensor swiglu(const torch::Tensor& gate_up) {
 
 namespace {
 
-// x: [B, H, T, D], cos, sin: [T, D]
-torch::Tensor apply_rope(const torch::Tensor& x,
-                         const torch::Tensor& cos,
-                         const torch::Tensor& sin) {
+// x: [B, H, T, D], cos, sin: [T, D] or, per row, [B, T, D]
+torch::Tensor apply_rope(const torch::Tensor& x, torch::Tensor cos, torch::Tensor sin) {
+  if (cos.dim() == 3) cos = cos.unsqueeze(1), sin = sin.unsqueeze(1);
   const auto half = x.size(-1) / 2;
   auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
@@ -170,8 +169,11 @@ void rope_into(const torch::Tensor& x,
                const torch::Tensor& cos,
                const torch::Tensor& sin,
                bool inverse) {
-  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),   x.size(3),   x.stride(0),
-                                 x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2)};
+  // A table per row ([B, T, D]) or one for all rows ([T, D]).
+  const int64_t table_stride_b = cos.dim() == 3 ? x.size(2) * x.size(3) : 0;
+  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),     x.size(3),
+                                 x.stride(0), x.stride(1), x.stride(2),   y.stride(0),
+                                 y.stride(1), y.stride(2), table_stride_b};
   kernels::rope(kernel_dtype(x), x.data_ptr(), shape, cos.data_ptr(), sin.data_ptr(), y.data_ptr(),
                 inverse, stream_of(x));
 }

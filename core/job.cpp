@@ -144,8 +144,8 @@ void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& 
 void load_job_data(Job& job, const Tokenizer& tokenizer, const LlamaConfig& config) {
   const auto& d = job.recipe.data;
   const auto& tr = job.recipe.train;
-  const auto opts =
-      dataset_options(tokenizer, config, d.format, d.max_seq_len, d.packing, d.chat_template);
+  const auto opts = dataset_options(tokenizer, config, d.format, d.max_seq_len,
+                                    parse_packing(d.packing), d.chat_template);
   job.train_examples = load_examples(d.train, tokenizer, opts, &job.train_records);
   if (!d.valid.empty())
     job.valid_examples =

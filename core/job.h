@@ -65,8 +65,9 @@ struct Job {
   int64_t targets = 0;
   int64_t next_micro = 0;
   StepLoss step_loss;
-  int64_t step_tokens = 0;  // this rank's, in the step in progress
-  int64_t tokens_since_log = 0;
+  int64_t step_tokens = 0;  // this rank's real tokens, in the step in progress
+  int64_t step_slots = 0;   // and its rows' tokens with their padding
+  int64_t tokens_since_log = 0, slots_since_log = 0;
   Clock::time_point started, log_started;
   int64_t first_step = 0;
   Status status = Status::Waiting;

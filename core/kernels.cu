@@ -285,10 +285,11 @@ __global__ void rope_kernel(const T* __restrict__ x,
     T* yr = y + b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t;
     const P x1 = *reinterpret_cast<const P*>(xr + j),
             x2 = *reinterpret_cast<const P*>(xr + j + half);
-    const P c1 = *reinterpret_cast<const P*>(cos + t * s.d + j),
-            c2 = *reinterpret_cast<const P*>(cos + t * s.d + j + half);
-    const P s1 = *reinterpret_cast<const P*>(sin + t * s.d + j),
-            s2 = *reinterpret_cast<const P*>(sin + t * s.d + j + half);
+    const int64_t at = b * s.table_stride_b + t * s.d + j;
+    const P c1 = *reinterpret_cast<const P*>(cos + at),
+            c2 = *reinterpret_cast<const P*>(cos + at + half);
+    const P s1 = *reinterpret_cast<const P*>(sin + at),
+            s2 = *reinterpret_cast<const P*>(sin + at + half);
     P y1, y2;
 #pragma unroll
     for (int k = 0; k < N; ++k) {

@@ -57,12 +57,14 @@ void target_log_softmax(Dtype dt,
                         Stream stream);
 
 // Rotary embedding with rotate_half on x [B, H, T, D] into y [B, H, T, D], both given by
-// their strides in elements (D contiguous), cos and sin [T, D] contiguous. With `inverse` set
-// it computes the gradient: dx = dy * cos + rotate_half^T(dy * sin).
+// their strides in elements (D contiguous), cos and sin [T, D] contiguous, or [B, T, D]
+// (packed rows, each token its record's position) with table_stride_b = T * D. With `inverse`
+// set it computes the gradient: dx = dy * cos + rotate_half^T(dy * sin).
 struct RopeShape {
   int64_t b, h, t, d;
   int64_t stride_b, stride_h, stride_t;              // x
   int64_t out_stride_b, out_stride_h, out_stride_t;  // y
+  int64_t table_stride_b;                            // cos, sin: 0 for one table for all rows
 };
 void rope(Dtype dt,
           const void* x,

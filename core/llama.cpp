@@ -123,7 +123,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
                         std::to_string(t) + " tokens is no whole group (hint: make " +
                         "data.max_seq_len a multiple of 1 / group_ratio, with packing on)");
     }
-    y = s2_attention(q, k, v, scale, static_cast<int64_t>(group), s2_shift, pos.keep);
+    y = s2_attention(q, k, v, scale, static_cast<int64_t>(group), s2_shift, pos.keep,
+                     pos.segments.ids);
+  } else if (pos.segments.defined()) {
+    y = record_attention(q, k, v, scale, pos.segments.ids, pos.segments.cu_seqlens,
+                         pos.segments.max_len);
   } else {
     y = causal_attention(q, k, v, scale, offset);
   }
@@ -242,12 +246,25 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c) {
   return torch::where(medium, smoothed, scaled);
 }
 
+namespace {
+
+// at: [...] fp32 positions -> cos, sin [..., D] in `dtype`
+Positions rope_tables(const torch::Tensor& at, const torch::Tensor& inv_freq, torch::Dtype dtype) {
+  auto freqs = at.unsqueeze(-1) * inv_freq;   // [..., D/2]
+  auto emb = torch::cat({freqs, freqs}, -1);  // [..., D]
+  return {emb.cos().to(dtype), emb.sin().to(dtype), {}, {}};
+}
+
+}  // namespace
+
 Positions LlamaForCausalLMImpl::positions(int64_t start, int64_t t, torch::Dtype dtype) const {
-  auto positions =
-      torch::arange(start, start + t, torch::dtype(torch::kFloat32).device(inv_freq.device()));
-  auto freqs = torch::outer(positions, inv_freq);  // [T, D/2]
-  auto emb = torch::cat({freqs, freqs}, -1);       // [T, D]
-  return {emb.cos().to(dtype), emb.sin().to(dtype), {}};
+  return rope_tables(
+      torch::arange(start, start + t, torch::dtype(torch::kFloat32).device(inv_freq.device())),
+      inv_freq, dtype);
+}
+
+Positions LlamaForCausalLMImpl::positions(const torch::Tensor& at, torch::Dtype dtype) const {
+  return rope_tables(at.to(torch::kFloat32), inv_freq, dtype);
 }
 
 namespace {
@@ -256,13 +273,17 @@ namespace {
 // the backward runs the layer again with gradients on and back-propagates through it, skipping
 // the MLP's down projection GEMM, whose value the backward never reads (a fifth of a layer's
 // FLOPs). The RNG state is replayed so the recomputation draws the same dropout masks.
-// LibTorch 1.13's Function::apply takes no undefined tensor: "no padding" travels as an empty
-// keep mask.
-torch::Tensor keep_arg(const torch::Tensor& keep) {
-  return keep.defined() ? keep : torch::empty({0}, torch::kBool);
+// LibTorch 1.13's Function::apply takes no undefined tensor: "no padding" and "no packed
+// records" travel as empty tensors.
+torch::Tensor arg(const torch::Tensor& t) {
+  return t.defined() ? t : torch::empty({0});
 }
-torch::Tensor keep_of(const torch::Tensor& arg) {
-  return arg.numel() ? arg : torch::Tensor();
+torch::Tensor of_arg(const torch::Tensor& a) {
+  return a.numel() ? a : torch::Tensor();
+}
+Positions positions_of(const torch::autograd::variable_list& saved, int64_t max_len) {
+  return {saved[1], saved[2], of_arg(saved[3]),
+          Segments{torch::Tensor(), of_arg(saved[4]), of_arg(saved[5]), max_len}};
 }
 
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
@@ -271,13 +292,17 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
                                torch::Tensor cos,
                                torch::Tensor sin,
                                torch::Tensor keep,
+                               torch::Tensor segment_ids,
+                               torch::Tensor cu_seqlens,
+                               int64_t max_len,
                                int64_t layer_address) {
-    ctx->save_for_backward({h, cos, sin, keep});
+    ctx->save_for_backward({h, cos, sin, keep, segment_ids, cu_seqlens});
     ctx->saved_data["layer"] = layer_address;
+    ctx->saved_data["max_len"] = max_len;
     ctx->saved_data["rng"] = compat::rng_state(h.device());
     torch::NoGradGuard no_grad;
     return reinterpret_cast<DecoderLayerImpl*>(layer_address)
-        ->forward(h, {cos, sin, keep_of(keep)});
+        ->forward(h, positions_of({h, cos, sin, keep, segment_ids, cu_seqlens}, max_len));
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -290,7 +315,7 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     std::vector<torch::Tensor> parts;  // h + attn, mlp: [B, T, C] each; an adapter's []
     {
       torch::AutoGradMode grad_on(true);
-      parts = layer->graph_for_backward(h, {saved[1], saved[2], keep_of(saved[3])});
+      parts = layer->graph_for_backward(h, positions_of(saved, ctx->saved_data["max_len"].toInt()));
     }
     compat::set_rng_state(h.device(), now);
     std::vector<torch::Tensor> roots{parts[0], parts[1]}, root_grads{grads[0], grads[0]};
@@ -299,7 +324,8 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
       root_grads.push_back(torch::ones_like(parts[2]));
     }
     torch::autograd::backward(roots, root_grads);
-    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {h.grad(),        torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -307,12 +333,16 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
 
 torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
                                             KVCache* cache,
-                                            const torch::Tensor& keep) {
+                                            const torch::Tensor& keep,
+                                            const Segments& segments) {
+  TORCH_CHECK(!(cache && segments.defined()), "forward: packed records with a KV cache");
   const int64_t start = cache ? cache->length : 0;
   check_sliding_window(config, start + ids.size(1), "the model's forward");
   auto h = model->embed_tokens(ids);  // [B, T, C]
-  auto pos = positions(start, ids.size(1), h.scalar_type());
+  auto pos = segments.defined() ? positions(segments.positions, h.scalar_type())
+                                : positions(start, ids.size(1), h.scalar_type());
   pos.keep = keep;
+  pos.segments = segments;
   const bool checkpoint =
       checkpoint_layers && is_training() && torch::GradMode::is_enabled() && !cache;
   // A checkpointed layer's output needs grad only if an input does (its adapter's weights are
@@ -320,7 +350,8 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto* layer = model->layers[i]->as<DecoderLayerImpl>();
-    h = checkpoint ? CheckpointedLayer::apply(h, pos.cos, pos.sin, keep_arg(pos.keep),
+    h = checkpoint ? CheckpointedLayer::apply(h, pos.cos, pos.sin, arg(pos.keep), arg(segments.ids),
+                                              arg(segments.cu_seqlens), segments.max_len,
                                               reinterpret_cast<int64_t>(layer))
                    : layer->forward(h, pos, cache, i);
   }

@@ -37,13 +37,30 @@ struct EmbeddingImpl : torch::nn::Module {
 };
 TORCH_MODULE(Embedding);
 
-/// What every layer's attention knows of the positions: the rotary angles' cos and sin, each
-/// [T, head_dim] in the activations' dtype, and which positions are real tokens (keep:
-/// [B, T] bool, undefined when no row is padded; S2-Attn masks padded keys with it).
+/// Records packed into the rows of a batch (data.packing: true): each token attends to the
+/// earlier tokens of its own record only, and its RoPE position counts from the record's
+/// start, so a packed row computes what its records compute alone. Undefined tensors: each
+/// row is one record.
+struct Segments {
+  torch::Tensor positions;   // [B, T] int64: each token's position in its record
+  torch::Tensor ids;         // [B, T] int64: its record's number in the batch, ascending in row
+                             // order (a row's padding is one record more)
+  torch::Tensor cu_seqlens;  // [S + 1] int32: where each record starts among the B*T tokens
+                             // (flash attention's variable-length form)
+  int64_t max_len = 0;       // of the longest record
+
+  bool defined() const { return ids.defined(); }
+};
+
+/// What every layer's attention knows of the positions: the rotary angles' cos and sin in the
+/// activations' dtype ([T, head_dim], or [B, T, head_dim] for packed rows), which positions
+/// are real tokens (keep: [B, T] bool, undefined when no row is padded; S2-Attn masks padded
+/// keys with it), and the records of packed rows.
 struct Positions {
   torch::Tensor cos;
   torch::Tensor sin;
   torch::Tensor keep;
+  Segments segments;
 };
 
 /// Keys and values of the positions already processed, for incremental decoding.
@@ -142,10 +159,11 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   /// padding never changes the states of the real tokens before it. With a cache, ids are
   /// the positions after the cached ones, and the cache grows by T.
   /// keep: [B, T] bool, the real tokens, undefined when no row is padded (S2-Attn masks
-  /// padded keys with it).
+  /// padded keys with it); segments: the records of packed rows (no cache then).
   torch::Tensor forward(const torch::Tensor& ids,
                         KVCache* cache = nullptr,
-                        const torch::Tensor& keep = {});
+                        const torch::Tensor& keep = {},
+                        const Segments& segments = {});
   /// A tied head keeps the weight and the embedding gets a copy (tie_word_embeddings turns
   /// false), so that the embedding can train while the head stays frozen (LongLoRA).
   void untie_head();
@@ -159,6 +177,8 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   torch::Tensor logits(const torch::Tensor& hidden);
   /// cos/sin for positions start..start+T-1, in `dtype`, on the model's device.
   Positions positions(int64_t start, int64_t t, torch::Dtype dtype) const;
+  /// cos/sin [B, T, D] for each token's position (at: [B, T] int64).
+  Positions positions(const torch::Tensor& at, torch::Dtype dtype) const;
   /// Every projection that an adapter may target (the seven per layer, in layer order).
   Projections projections() const;
   /// The projections and the MLP blocks, where adapter strategies attach.

@@ -75,8 +75,8 @@ std::vector<torch::Tensor> nll_sums(LlamaForCausalLM& model,
                                     const Batch& batch,
                                     const std::vector<int64_t>& rows) {
   const bool padded = batch.tokens < batch.ids.numel();
-  auto hidden =
-      model->forward(batch.ids, nullptr, padded ? batch.keep : torch::Tensor());  // [B, T, C]
+  auto hidden = model->forward(batch.ids, nullptr, padded ? batch.keep : torch::Tensor(),
+                               batch.segments);  // [B, T, C]
   const auto t = hidden.size(1);
   std::vector<torch::Tensor> out;
   int64_t row = 0;

@@ -101,7 +101,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("data.chat_template", r.data.chat_template, Rule{});
   f("data.max_seq_len", r.data.max_seq_len,
     between(2, kMaxSeqLen, "tokens per sequence, e.g. 2048"));
-  f("data.packing", r.data.packing, Rule{});
+  f("data.packing", r.data.packing, one_of({"true", "false", "concat"}));
   f("data.shuffle", r.data.shuffle, Rule{});
   f("data.allow_longer_context", r.data.allow_longer_context, Rule{});
   f("adapter.type", r.adapter.type, Rule{});
@@ -421,16 +421,17 @@ void check_longlora(const Recipe& r, std::vector<std::string>& problems) {
                        std::to_string(l.group_ratio));
     return;
   }
-  // Packed text is cut into blocks of max_seq_len: each must split into (even) groups.
+  // Concatenated text is cut into blocks of max_seq_len: each must split into (even) groups.
+  const bool blocks = r.data.format == "text" && r.data.packing == "concat";
   const double group = l.group_ratio * static_cast<double>(r.data.max_seq_len);
   const bool even = l.shift == "none" || std::fmod(group, 2.0) == 0.0;
   const double multiple = 2.0 / l.group_ratio;  // batches are padded to a multiple of it
-  if ((r.data.format != "text" || !r.data.packing) && multiple != std::floor(multiple)) {
+  if (!blocks && multiple != std::floor(multiple)) {
     problems.push_back("'longlora.group_ratio' " + std::to_string(l.group_ratio) +
-                       ": unpacked batches are padded to a length that splits into even groups, "
-                       "which needs 2 / group_ratio to be whole (hint: 0.25, 0.5, 1)");
+                       ": batches of records are padded to a length that splits into even "
+                       "groups, which needs 2 / group_ratio to be whole (hint: 0.25, 0.5, 1)");
   }
-  if (r.data.format == "text" && r.data.packing && (group != std::floor(group) || !even)) {
+  if (blocks && (group != std::floor(group) || !even)) {
     problems.push_back("'longlora.group_ratio' " + std::to_string(l.group_ratio) +
                        " of data.max_seq_len " + std::to_string(r.data.max_seq_len) +
                        " tokens is not a whole" + (even ? "" : ", even") +
@@ -500,6 +501,12 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                            "tokenizer files beside its config.json)");
       }
     }
+  }
+  if (r.data.packing == "concat" && r.data.format != "text") {
+    problems.push_back(
+        "'data.packing' concat runs text documents into each other, but "
+        "data.format is '" +
+        r.data.format + "' (hint: packing: true packs whole records apart)");
   }
   if (r.data.chat_template != "model" && r.data.format != "chat") {
     problems.push_back("'data.chat_template' is set but data.format is '" + r.data.format +

@@ -19,7 +19,9 @@ struct DataRecipe {
   // Jinja file
   std::string chat_template = "model";
   int64_t max_seq_len = 512;
-  bool packing = true;
+  // true: whole records share rows, each seeing itself only; concat (text): documents run
+  // into each other in max_seq_len blocks; false: a record per row (datasets.h's Packing)
+  std::string packing = "true";
   bool shuffle = true;  // false: file order, every epoch
   // Train past the model's max_position_embeddings without RoPE interpolation (a longlora
   // block interpolates): false refuses such a max_seq_len.

@@ -135,6 +135,7 @@ std::vector<StepPart> loss_parts(std::vector<Job>& jobs, const std::vector<Batch
 struct StepStats {
   double loss = 0, aux = 0;
   int64_t tokens = 0;  // of the step, all ranks
+  int64_t slots = 0;   // the rows' tokens with their padding, all ranks
   bool stop = false;   // some rank was asked to stop
 };
 
@@ -144,10 +145,11 @@ struct StepStats {
 // backward pass, once per step: a non-finite loss must stop the job before the update.
 StepStats all_reduce_step(Job& job, World& world) {
   const auto f64 = job.step_loss.nll.options().dtype(torch::kFloat64);
-  auto stats = torch::stack(  // [4]: nll, aux, tokens of the step, stop requests
+  auto stats = torch::stack(  // [5]: nll, aux, tokens and slots of the step, stop requests
       {job.step_loss.nll.to(torch::kFloat64),
        job.step_loss.aux.defined() ? job.step_loss.aux.to(torch::kFloat64) : torch::zeros({}, f64),
        torch::full({}, static_cast<double>(job.step_tokens), f64),
+       torch::full({}, static_cast<double>(job.step_slots), f64),
        torch::full({}, StopSignals::received() != 0 ? 1.0 : 0.0, f64)});
   if (world.size() > 1) {
     std::vector<torch::Tensor> reduced{stats};
@@ -158,9 +160,10 @@ StepStats all_reduce_step(Job& job, World& world) {
     world.sum(reduced, job.state.step + 1);
   }
   const auto host = stats.cpu();
-  job.step_tokens = 0;
+  job.step_tokens = job.step_slots = 0;
   return {host[0].item<double>(), host[1].item<double>(),
-          static_cast<int64_t>(host[2].item<double>()), host[3].item<double>() > 0};
+          static_cast<int64_t>(host[2].item<double>()),
+          static_cast<int64_t>(host[3].item<double>()), host[4].item<double>() > 0};
 }
 
 // Marks the job failed after a non-finite loss; the message, naming its last good checkpoint.
@@ -183,6 +186,7 @@ void log_step(
     Job& job, const StepStats& stats, double lr, const torch::Tensor& grad_norm, bool tty) {
   const auto& tr = job.recipe.train;
   job.tokens_since_log += stats.tokens;
+  job.slots_since_log += stats.slots;
   const bool log = job.state.step % tr.log_every == 0 || job.state.step == job.total_steps;
   if (!job.writes || !(log || tty)) return;
   const double secs = std::chrono::duration<double>(Clock::now() - job.log_started).count();
@@ -193,16 +197,19 @@ void log_step(
              tty ? "\r\033[K" : "", job.prefix, job.state.step, job.total_steps, stats.loss, lr,
              tok_s, format_duration(eta), tty ? "" : "\n");
   if (!log) return;
-  nlohmann::json line{{"step", job.state.step},
-                      {"loss", stats.loss},
-                      {"lr", lr},
-                      {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
-                      {"tokens_per_s", tok_s}};
+  nlohmann::json line{
+      {"step", job.state.step},
+      {"loss", stats.loss},
+      {"lr", lr},
+      {"grad_norm", grad_norm.defined() ? grad_norm.item<double>() : 0.0},
+      {"tokens_per_s", tok_s},
+      {"padding", 1.0 - static_cast<double>(job.tokens_since_log) /
+                            static_cast<double>(std::max<int64_t>(1, job.slots_since_log))}};
   if (job.step_loss.aux.defined()) line["aux_loss"] = stats.aux;
   if (job.spec->step_metrics) line.update(job.spec->step_metrics(job.settings, job.sites));
   job.metrics << line.dump() << "\n" << std::flush;
   job.history.train.emplace_back(job.state.step, stats.loss);
-  job.tokens_since_log = 0;
+  job.tokens_since_log = job.slots_since_log = 0;
   job.log_started = Clock::now();
 }
 
@@ -270,7 +277,10 @@ std::vector<std::string> describe_data(const Recipe& recipe, std::vector<std::st
     lines.push_back(fmt::format(
         "{}data.train '{}': {} records ({}), {} tokens in {} sequences of at most {} tokens{}",
         job.prefix, d.train, job.train_records, d.format, tokens, job.train_examples.size(),
-        d.max_seq_len, d.format == "text" && d.packing ? " (packed)" : ""));
+        d.max_seq_len,
+        d.packing == "concat" ? " (concatenated)"
+        : d.packing == "true" ? " (records packed)"
+                              : ""));
     if (!d.valid.empty()) {
       int64_t scored = 0;
       for (const auto& ex : job.valid_examples)
@@ -452,6 +462,8 @@ void train(const Recipe& recipe, const TrainRun& run) {
     for (const auto& group : group_by_length(parts)) {
       const auto batch = collate(group, device, pad_multiple);
       routing.set_rows(spans_of(group));
+      for (const auto& part : group)
+        jobs[part.job].step_slots += static_cast<int64_t>(part.rows.size()) * batch.ids.size(1);
       forward_backward(model, batch, loss_parts(jobs, group));  // forward, loss, backward
     }
     for (const auto& part : parts) {

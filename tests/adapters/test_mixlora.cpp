@@ -219,7 +219,7 @@ TEST_CASE("MixLoRA with checkpointed layers gets the gradients of the plain back
       auto keep = torch::ones({2, 7}, torch::kBool);
       keep[1].narrow(0, 5, 2).fill_(false);
       auto labels = ids.masked_fill(keep.logical_not(), -100);
-      batches.push_back({ids, labels, 12, keep});
+      batches.push_back({ids, labels, 12, keep, {}});
     }
     AuxLoss aux = [&](const torch::Tensor& keep, double scale) {
       return spec.aux_loss(s, sites, keep, scale);

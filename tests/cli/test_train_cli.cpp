@@ -124,6 +124,35 @@ TEST_CASE("gradient accumulation gives the gradient of the whole batch", "[cli][
   require_adapters_close(tmp / "one/adapter", tmp / "four/adapter");
 }
 
+TEST_CASE("metrics.jsonl gives the padding of packed and of padded rows", "[cli][train]") {
+  TempDir tmp;
+  auto padding = [&](const std::string& packing) {
+    const auto out = tmp / packing;
+    const auto r =
+        train(out, "--set train.steps=4 --set train.log_every=1 --set data.packing=" + packing);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    std::ifstream in(out + "/metrics.jsonl");
+    double sum = 0;
+    int n = 0;
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (!j.contains("padding")) continue;
+      REQUIRE(j["padding"].get<double>() >= 0);
+      REQUIRE(j["padding"].get<double>() < 1);
+      sum += j["padding"].get<double>(), ++n;
+    }
+    REQUIRE(n == 4);
+    return sum / n;
+  };
+  // tiny.yaml's stories differ in length: one a row, a batch pads to its longest; packed, its
+  // rows fill up.
+  const double padded = padding("false"), packed = padding("true");
+  INFO("padding: padded " << padded << ", packed " << packed);
+  REQUIRE(padded > 0.1);
+  REQUIRE(packed < padded / 2);
+}
+
 TEST_CASE("a run killed with SIGKILL and resumed ends with the same adapter", "[cli][train]") {
   TempDir tmp;
   const std::string sets =

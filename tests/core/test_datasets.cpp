@@ -19,7 +19,7 @@ const Tokenizer& tokenizer() {
 std::vector<Example> examples_of(const std::string& jsonl,
                                  const std::string& format,
                                  int64_t max_len = 512,
-                                 bool packing = false) {
+                                 Packing packing = Packing::Pad) {
   TempDir tmp;
   lorafit::test::write_text(tmp / "d.jsonl", jsonl);
   return load_examples(tmp / "d.jsonl", tokenizer(), {format, max_len, packing, {1}, 2, 320});
@@ -82,11 +82,12 @@ TEST_CASE("chat trains on assistant turns only in LLaMA-2's template", "[core][d
                           {{2}, true}}));
 }
 
-TEST_CASE("text documents are packed into blocks with EOS between them", "[core][datasets]") {
+TEST_CASE("concatenated text runs documents into blocks with EOS between them",
+          "[core][datasets]") {
   const auto& tok = tokenizer();
   const auto packed =
       examples_of("{\"text\": \"The cat sat.\"}\n{\"text\": \"A dog ran far away.\"}\n", "text",
-                  /*max_len=*/8, /*packing=*/true);
+                  /*max_len=*/8, Packing::Concat);
   std::vector<int64_t> stream{1};
   for (auto id : tok.encode("The cat sat.")) stream.push_back(id);
   stream.push_back(2);
@@ -100,10 +101,68 @@ TEST_CASE("text documents are packed into blocks with EOS between them", "[core]
     joined.insert(joined.end(), b.input_ids.begin(), b.input_ids.end());
   }
   REQUIRE(joined == stream);
-  const auto unpacked = examples_of("{\"text\": \"The cat sat.\"}\n", "text", 512, false);
+  const auto unpacked = examples_of("{\"text\": \"The cat sat.\"}\n", "text", 512);
   REQUIRE(unpacked.size() == 1);
   REQUIRE(unpacked[0].input_ids.front() == 1);
   REQUIRE(unpacked[0].input_ids.back() == 2);
+}
+
+TEST_CASE("records pack whole into the fullest row they fit, apart from each other",
+          "[core][datasets]") {
+  auto record = [](int64_t n, int64_t first_id) {
+    Example ex;
+    for (int64_t i = 0; i < n; ++i) ex.input_ids.push_back(first_id + i);
+    ex.labels = ex.input_ids;
+    return ex;
+  };
+  // Best fit decreasing into rows of 10: 7 -> A, 6 -> B, 4 -> B (A has 3 left), 3 -> A,
+  // 2 -> C (A and B are full).
+  const auto rows = pack_records(
+      {record(3, 100), record(7, 200), record(2, 300), record(6, 400), record(4, 500)}, 10);
+  REQUIRE(rows.size() == 3);
+  REQUIRE(rows[0].segments == std::vector<int64_t>{7, 3});
+  REQUIRE(rows[1].segments == std::vector<int64_t>{6, 4});
+  REQUIRE(rows[2].segments.empty());  // one record: an ordinary row
+  REQUIRE(rows[0].input_ids ==
+          std::vector<int64_t>{200, 201, 202, 203, 204, 205, 206, 100, 101, 102});
+  // A record's first token is never a target: the record before it must not predict it.
+  REQUIRE(rows[0].labels ==
+          std::vector<int64_t>{-100, 201, 202, 203, 204, 205, 206, -100, 101, 102});
+  REQUIRE(rows[2].input_ids == std::vector<int64_t>{300, 301});
+  REQUIRE_THROWS_WITH(pack_records({record(11, 0)}, 10), Catch::Contains("longer than"));
+
+  // The formats: alpaca records pack whole (cut to max_seq_len first, as unpacked); text
+  // documents longer than a row train whole, in chunks of it, each its own record.
+  const std::string alpaca =
+      R"({"instruction": "Name a bird.", "input": "", "output": "A sparrow."})"
+      "\n"
+      R"({"instruction": "Add.", "input": "2 and 3", "output": "5"})";
+  const auto one_each = examples_of(alpaca, "alpaca", 512);
+  const auto packed = examples_of(alpaca, "alpaca", 512, Packing::Records);
+  REQUIRE(packed.size() == 1);
+  REQUIRE(packed[0].segments.size() == 2);
+  int64_t targets = 0, unpacked_targets = 0;
+  for (const auto& ex : packed)
+    targets += std::count_if(ex.labels.begin(), ex.labels.end(), [](int64_t l) { return l >= 0; });
+  for (const auto& ex : one_each)
+    unpacked_targets +=
+        std::count_if(ex.labels.begin() + 1, ex.labels.end(), [](int64_t l) { return l >= 0; });
+  REQUIRE(targets == unpacked_targets);
+  const auto& tok = tokenizer();
+  const std::string long_text = "A dog ran far away, and then it ran all the way back home.";
+  const auto doc = 2 + static_cast<int64_t>(tok.encode(long_text).size()),
+             short_doc = 2 + static_cast<int64_t>(tok.encode("Hi.").size());
+  const auto chunked = examples_of("{\"text\": \"" + long_text + "\"}\n{\"text\": \"Hi.\"}\n",
+                                   "text", 8, Packing::Records);
+  int64_t tokens = 0;
+  for (const auto& ex : chunked) {
+    REQUIRE(ex.input_ids.size() <= 8);
+    tokens += static_cast<int64_t>(ex.input_ids.size());
+  }
+  // Every token of both documents, but a last chunk of one token (nothing to predict in it).
+  REQUIRE(tokens >= doc + short_doc - 1);
+  REQUIRE(tokens <= doc + short_doc);
+  REQUIRE(doc > 8);
 }
 
 TEST_CASE("tokens records keep their ids and labels", "[core][datasets]") {

@@ -102,7 +102,7 @@ TEST_CASE("stories260K: lorafit's loss and greedy text are llama2.c's run.c's",
   const auto tokenizer = load_tokenizer(lorafit::test::stories260k());
   REQUIRE(nlohmann::json(tokenizer.encode(expected["story"], true)) == expected["story_ids"]);
   const auto ids = expected["story_ids"].get<std::vector<int64_t>>();
-  const auto result = evaluate(model, {Example{ids, ids}}, 1);
+  const auto result = evaluate(model, {Example{ids, ids, {}}}, 1);
   REQUIRE(result.tokens == expected["tokens"].get<int64_t>());
   REQUIRE(std::abs(result.loss - expected["loss"].get<double>()) < 1e-5 * result.loss);
   GenerateOptions o;

@@ -27,7 +27,8 @@ torch::Tensor brute_force(const torch::Tensor& q,
                           const torch::Tensor& v,
                           int64_t g,
                           S2Shift shift,
-                          const torch::Tensor& keep) {
+                          const torch::Tensor& keep,
+                          const torch::Tensor& segments = {}) {
   const auto b = q.size(0), heads = q.size(1), l = q.size(2);
   const auto kk = repeat_kv(k, heads), vv = repeat_kv(v, heads);
   auto out = torch::zeros_like(q);
@@ -39,6 +40,10 @@ torch::Tensor brute_force(const torch::Tensor& q,
           bool ok = allowed(i, j, h, heads, l, g, shift);
           // Padded keys stay hidden from real queries wherever a group wraps around.
           if (keep.defined() && keep[r][i].item<bool>() && !keep[r][j].item<bool>()) ok = false;
+          // Packed records never see each other.
+          if (segments.defined() &&
+              segments[r][i].item<int64_t>() != segments[r][j].item<int64_t>())
+            ok = false;
           mask[i][j] = ok;
         }
       }
@@ -88,6 +93,33 @@ TEST_CASE("S2-Attn equals a brute-force per-head masked attention", "[core][s2]"
         for (size_t i = 0; i < 3; ++i) REQUIRE(torch::allclose(g1[i], g2[i], 1e-10, 1e-12));
       }
     }
+  }
+}
+
+TEST_CASE("S2-Attn over packed records keeps each group's records apart", "[core][s2]") {
+  const int64_t b = 2, l = 16, d = 4, g = 4;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  // Row 0: records of 5, 7 and 4 tokens; row 1: 9 and 4 tokens, then 3 of padding (a record).
+  auto segments = torch::empty({b, l}, torch::kInt64);
+  int64_t at = 0, id = 0;
+  for (auto [row, n] :
+       std::vector<std::pair<int64_t, int64_t>>{{0, 5}, {0, 7}, {0, 4}, {1, 9}, {1, 4}, {1, 3}}) {
+    if (row == 1 && at >= l) at = 0;
+    segments[row].narrow(0, at, n).fill_(id++);
+    at += n;
+  }
+  for (auto shift : {S2Shift::Roll, S2Shift::NoWrap, S2Shift::None}) {
+    INFO("shift " << static_cast<int>(shift));
+    auto q = torch::randn({b, 8, l, d}, torch::kFloat64).requires_grad_(true);
+    auto k = torch::randn({b, 4, l, d}, torch::kFloat64).requires_grad_(true);
+    auto v = torch::randn({b, 4, l, d}, torch::kFloat64).requires_grad_(true);
+    const auto ours = s2_attention(q, k, v, scale, g, shift, {}, segments);
+    const auto ref = brute_force(q, k, v, g, shift, {}, segments);
+    REQUIRE(torch::allclose(ours, ref, 1e-10, 1e-12));
+    const auto upstream = torch::randn_like(ours);
+    const auto g1 = torch::autograd::grad({ours}, {q, k, v}, {upstream});
+    const auto g2 = torch::autograd::grad({ref}, {q, k, v}, {upstream});
+    for (size_t i = 0; i < 3; ++i) REQUIRE(torch::allclose(g1[i], g2[i], 1e-10, 1e-12));
   }
 }
 

@@ -96,9 +96,15 @@ TEST_CASE("fused q/k/v split with RoPE equals the composite with GQA on CUDA", "
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(2);
   const int64_t b = 2, t = 19, h = 4, kv = 2, d = 16;
-  for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
+  // One table for all rows ([T, D]), and one per row ([B, T, D]: packed records' positions).
+  for (auto [dtype, per_row] : {std::pair{torch::kFloat64, false},
+                                {torch::kBFloat16, false},
+                                {torch::kFloat64, true},
+                                {torch::kBFloat16, true}}) {
+    INFO("per-row tables: " << per_row);
     auto qkv = cuda_randn({b, t, (h + 2 * kv) * d}, dtype);
-    auto angles = torch::rand({t, d / 2}, torch::dtype(torch::kFloat64)) * 6;
+    auto angles = per_row ? torch::rand({b, t, d / 2}, torch::dtype(torch::kFloat64)) * 6
+                          : torch::rand({t, d / 2}, torch::dtype(torch::kFloat64)) * 6;
     auto emb = torch::cat({angles, angles}, -1);
     auto cos = emb.cos().to(torch::kCUDA, dtype), sin = emb.sin().to(torch::kCUDA, dtype);
     auto dy = cuda_randn({b * t * (h + 2 * kv) * d}, dtype);
