@@ -18,6 +18,10 @@ Action add_bench(CLI::App& app) {
   auto* model = cmd->add_option("--model", o->model, "a Hugging Face model folder instead");
   shape->excludes(model);
   cmd->add_option("--seq", o->seq, "tokens per sequence")->check(in_range(2, 1 << 20));
+  cmd->add_option("--data", o->data,
+                  "train the rows of this dataset, read as data.format, data.max_seq_len and "
+                  "data.packing say (--set); with --shape, format tokens")
+      ->check(CLI::ExistingFile);
   cmd->add_option("--batch", o->batch, "sequences per step, of each job")->check(in_range(1));
   cmd->add_option("--jobs", o->jobs, "fused jobs on the one base, each its own adapter and rows")
       ->check(in_range(1, 64));
@@ -39,6 +43,7 @@ Action add_bench(CLI::App& app) {
     const auto r = run_bench(*o);
     if (*json) {
       fmt::print("{}\n", nlohmann::json{{"tokens_per_s", r.tokens_per_s},
+                                        {"padding", r.padding},
                                         {"step_ms", r.step_ms},
                                         {"peak_mem_gib", r.peak_mem_gib},
                                         {"mfu", r.mfu},
@@ -51,9 +56,10 @@ Action add_bench(CLI::App& app) {
                              .dump());
     } else {
       fmt::print(
-          "{:.0f} tokens/s  {:.1f} ms/step  peak {:.2f} GiB  MFU {:.3f}  loss {:.4f}  ({} "
-          "trainable, {})\n",
-          r.tokens_per_s, r.step_ms, r.peak_mem_gib, r.mfu, r.loss, r.trainable_params, r.device);
+          "{:.0f} tokens/s  {:.1f} ms/step  peak {:.2f} GiB  MFU {:.3f}  loss {:.4f}  padding "
+          "{:.1f}%  ({} trainable, {})\n",
+          r.tokens_per_s, r.step_ms, r.peak_mem_gib, r.mfu, r.loss, 100 * r.padding,
+          r.trainable_params, r.device);
     }
   };
 }

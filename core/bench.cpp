@@ -8,11 +8,13 @@
 #include "adapters/job_routing.h"
 #include "adapters/registry.h"
 #include "core/adapter_io.h"
+#include "core/batching.h"
 #include "core/compat.h"
 #include "core/device.h"
 #include "core/errors.h"
 #include "core/optimizer.h"
 #include "core/trainer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace lorafit {
 
@@ -89,28 +91,60 @@ BenchResult run_bench(const BenchOptions& o) {
   model->train();
 
   const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
-  std::vector<Batch> batches;
-  for (int64_t done = 0; done < o.batch; done += micro) {
-    const auto n = std::min(micro, o.batch - done);
-    auto ids = torch::randint(0, model->config.vocab_size, {o.jobs * n, o.seq},
-                              torch::dtype(torch::kInt64).device(device));
-    batches.push_back({ids, ids, o.jobs * n * o.seq, {}, {}});  // no padding, a record a row
+  // Each step's micro-batches: the same random rows every step, or each job's next rows of
+  // --data, collated in the step as the trainer does.
+  std::vector<Example> random_rows, examples;
+  if (o.data.empty()) {
+    const auto ids = torch::randint(0, model->config.vocab_size, {o.seq}, torch::kInt64);
+    random_rows.push_back({{ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + o.seq}, {}, {}});
+    random_rows[0].labels = random_rows[0].input_ids;
+  } else {
+    const auto& d = recipe.data;
+    const auto tokenizer = o.model.empty() ? std::optional<Tokenizer>() : load_tokenizer(o.model);
+    DatasetOptions options;
+    if (tokenizer) {
+      options = dataset_options(*tokenizer, model->config, d.format, d.max_seq_len,
+                                parse_packing(d.packing), d.chat_template);
+    } else {
+      options.format = d.format, options.max_seq_len = d.max_seq_len;
+      options.packing = parse_packing(d.packing), options.vocab_size = model->config.vocab_size;
+    }
+    examples = load_examples(o.data, tokenizer ? &*tokenizer : nullptr, options);
   }
-  const int64_t targets = o.batch * (o.seq - 1);  // per job and step
+  std::vector<ExampleStream> streams;
+  for (size_t j = 0; j < jobs; ++j)
+    streams.emplace_back(std::max<size_t>(1, examples.size()), recipe.seed + j);
+  // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
+  const size_t pad_multiple =
+      recipe.longlora.enabled ? static_cast<size_t>(std::llround(2.0 / recipe.longlora.group_ratio))
+                              : 1;
+  int64_t real = 0, slots = 0;  // the timed steps' tokens, without and with padding
   BenchResult r;
   auto step = [&] {
+    std::vector<std::vector<size_t>> rows(jobs);
+    std::vector<int64_t> targets(jobs);
+    const auto& source = o.data.empty() ? random_rows : examples;
+    for (size_t j = 0; j < jobs; ++j) {
+      rows[j] = o.data.empty() ? std::vector<size_t>(o.batch, 0) : streams[j].next(o.batch);
+      targets[j] = target_count(source, rows[j]);
+    }
     std::vector<StepLoss> losses(jobs);
-    for (const auto& batch : batches) {
-      const int64_t n = batch.ids.size(0) / o.jobs;
+    const double share = static_cast<double>(micro) / static_cast<double>(o.batch);
+    for (int64_t done = 0; done < o.batch; done += micro) {
+      const auto n = std::min(micro, o.batch - done);
+      std::vector<BatchPart> group;
       std::vector<JobRows::Span> spans;
       std::vector<StepPart> parts;
       for (size_t j = 0; j < jobs; ++j) {
+        group.push_back({&source, {rows[j].begin() + done, rows[j].begin() + done + n}, j});
         spans.push_back({j, n});
-        parts.push_back(
-            {n, targets, &aux[j], 1.0 / static_cast<double>(batches.size()), &losses[j]});
+        parts.push_back({n, targets[j], &aux[j], share, &losses[j]});
       }
+      const auto batch = collate(group, device, pad_multiple);
       routing.set_rows(spans);
       forward_backward(model, batch, parts);
+      real += batch.tokens;
+      slots += batch.ids.numel();
     }
     // As the trainer: the loss is read (waiting for the backward pass) before the updates.
     r.loss = losses.front().nll.item<double>();
@@ -121,6 +155,7 @@ BenchResult run_bench(const BenchOptions& o) {
   compat::synchronize(device);
   compat::reset_peak_memory(device);
   if (!o.profile.empty()) compat::profile_start();
+  real = slots = 0;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) step();
   compat::synchronize(device);
@@ -129,12 +164,15 @@ BenchResult run_bench(const BenchOptions& o) {
 
   if (!o.profile.empty()) compat::profile_stop(o.profile);
   r.step_ms = secs / o.steps * 1e3;
-  r.tokens_per_s = static_cast<double>(o.jobs * o.batch * o.seq * o.steps) / secs;
+  r.tokens_per_s = static_cast<double>(real) / secs;
+  r.padding = 1.0 - static_cast<double>(real) / static_cast<double>(slots);
+  // Attention's FLOPs at the rows' mean length (packed records see less of it).
+  const int64_t seq = o.data.empty() ? o.seq : slots / (o.steps * o.batch * o.jobs);
   r.peak_mem_gib = compat::peak_memory_gib(device);
   r.mfu =
       device.is_cuda()
           ? r.tokens_per_s *
-                flops_per_token(model, o.seq, recipe.train.gradient_checkpointing, spec.trains_base,
+                flops_per_token(model, seq, recipe.train.gradient_checkpointing, spec.trains_base,
                                 recipe.longlora.enabled ? recipe.longlora.group_ratio : 1.0) /
                 kPeakFlops
           : 0.0;

@@ -10,6 +10,10 @@ namespace lorafit {
 struct BenchOptions {
   std::string shape;  // a built-in shape, or empty with `model`
   std::string model;  // a Hugging Face folder
+  // A dataset whose rows the steps train, read as the recipe's data.* keys say (format,
+  // max_seq_len, packing); without `model`, pre-tokenized (format tokens). Empty: random ids,
+  // `seq` tokens a row.
+  std::string data;
   int64_t seq = 2048;
   int64_t batch = 1;  // sequences per step, of each job
   int64_t jobs = 1;   // fused jobs (ASPEN), each with its own adapter, rows and optimizer
@@ -21,7 +25,8 @@ struct BenchOptions {
 };
 
 struct BenchResult {
-  double tokens_per_s = 0;
+  double tokens_per_s = 0;  // real (not padding) tokens
+  double padding = 0;       // the share of the rows' tokens that were padding
   double step_ms = 0;
   double peak_mem_gib = 0;
   double mfu = 0;   // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU

@@ -259,15 +259,27 @@ std::vector<Example> load_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
                                    const DatasetOptions& o,
                                    size_t* record_count) {
+  return load_examples(path, &tokenizer, o, record_count);
+}
+
+std::vector<Example> load_examples(const std::string& path,
+                                   const Tokenizer* tokenizer,
+                                   const DatasetOptions& o,
+                                   size_t* record_count) {
+  if (!tokenizer && o.format != "tokens") {
+    throw ConfigError("dataset '" + path + "': format " + o.format +
+                      " needs the model's tokenizer (hint: pre-tokenized records, format tokens, "
+                      "need none)");
+  }
   const auto records = read_json_records(path);
   if (record_count) *record_count = records.size();
   std::vector<Example> out;
   if (o.format == "text") {
-    out = text_examples(records, tokenizer, o);
+    out = text_examples(records, *tokenizer, o);
   } else {
     for (const auto& r : records) {
-      Example ex = o.format == "alpaca" ? alpaca_example(r, tokenizer, o)
-                   : o.format == "chat" ? chat_example(r, tokenizer, o)
+      Example ex = o.format == "alpaca" ? alpaca_example(r, *tokenizer, o)
+                   : o.format == "chat" ? chat_example(r, *tokenizer, o)
                                         : tokens_example(r, o);
       for (int64_t id : ex.input_ids) {
         if (id < 0 || (o.vocab_size > 0 && id >= o.vocab_size)) {

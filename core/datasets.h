@@ -89,6 +89,11 @@ std::vector<Example> load_examples(const std::string& path,
                                    const Tokenizer& tokenizer,
                                    const DatasetOptions& options,
                                    size_t* records = nullptr);
+/// load_examples with or without a tokenizer (nullptr: format tokens only, else ConfigError).
+std::vector<Example> load_examples(const std::string& path,
+                                   const Tokenizer* tokenizer,
+                                   const DatasetOptions& options,
+                                   size_t* records = nullptr);
 
 /// The prompt Stanford Alpaca trains with (its "input" variant when input is non-empty).
 std::string alpaca_prompt(const std::string& instruction, const std::string& input);

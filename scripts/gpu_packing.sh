@@ -5,7 +5,8 @@
 # (random bf16 weights, r=16 on all seven projections), packed (data.packing: true: 8 rows of
 # 2048 tokens a step) against padded (packing: false: 8 records a step, each batch padded to
 # its longest). Prints real (non-padding) tokens/s, the padding fraction and peak memory, and
-# the [packing] GPU tests (varlen flash attention against each record alone).
+# the [packing] GPU tests (varlen flash attention against each record alone). Then the same
+# records through `lorafit bench --data` and PEFT + transformers padded (eager, compiled).
 #   bash scripts/gpu_packing.sh
 set -uo pipefail
 source scripts/gpu_common.sh
@@ -56,6 +57,37 @@ print(f"{sys.argv[3]:8s} {tok:10.0f} real tok/s  padding {pad:5.1%}  GPU memory 
       f"last loss {rows[-1]['loss']:.3f}")
 PY
 }
-echo "== Llama-3.2-1B shape, LoRA r=16, $steps steps of 8 rows, mixed-length SFT records"
+echo "== lorafit train, Llama-3.2-1B shape, LoRA r=16, $steps steps of 8 rows, mixed-length SFT records"
 run packed true 4
 run padded false 4
+
+# The same records through `lorafit bench --data` (no weights written: any shape) and through
+# PEFT + transformers padded per batch, eager and compiled, in this call. SHAPES="shape:batch"
+# (batch: rows of 2048 packed, records padded).
+results="$out/packing.jsonl"
+: > "$results"
+for row in ${SHAPES:-llama-1b:8}; do
+  IFS=: read -r shape batch <<< "$row"
+  for packing in true false; do
+    r=$(./build-gpu/lorafit bench --shape "$shape" --data "$work/sft.jsonl" --set data.format=tokens \
+        --set data.max_seq_len=2048 --set data.packing=$packing --set train.micro_batch_size=$batch \
+        --batch "$batch" --steps 15 --warmup 3 --device cuda --json 2>> "$out/packing-bench.log" || echo '{}')
+    echo "{\"shape\": \"$shape\", \"run\": \"lorafit packing: $packing\", \"r\": $r}" >> "$results"
+  done
+  for compile in 0 1; do
+    name="PEFT padded$( ((compile)) && echo ', compiled')"
+    r=$(python3 scripts/peft_sft.py "$shape" "$work/sft.jsonl" "$batch" $compile 2>> "$out/packing-peft.log" || echo '{}')
+    echo "{\"shape\": \"$shape\", \"run\": \"$name\", \"r\": $r}" >> "$results"
+  done
+done
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'shape':10s} {'run':26s} {'real tok/s':>11s} {'padding':>8s} {'GiB':>7s} {'x PEFT':>7s}")
+peft = {r["shape"]: r["r"].get("tokens_per_s", 0) for r in rows if r["run"] == "PEFT padded"}
+for r in rows:
+    t = r["r"].get("tokens_per_s", 0)
+    ratio = t / peft[r["shape"]] if peft.get(r["shape"]) else 0
+    print(f"{r['shape']:10s} {r['run']:26s} {t:11.0f} {r['r'].get('padding', 0):8.1%} "
+          f"{r['r'].get('peak_mem_gib', 0):7.2f} {ratio:7.2f}")
+PY

@@ -31,7 +31,9 @@ SHAPES = {
 }
 
 
-def main(shape, seq, batch, ckpt, compile_, adapter="lora"):
+def lora_model(shape, ckpt=False, adapter="lora"):
+    """A shape's random bf16 model on CUDA with PEFT's LoRA (or DoRA) on the seven projections,
+    in training mode, and its fused AdamW: (model, config, optimizer)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, **SHAPES[shape])
     cfg._attn_implementation = "sdpa"
@@ -47,7 +49,11 @@ def main(shape, seq, batch, ckpt, compile_, adapter="lora"):
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    return model, cfg, torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
+def main(shape, seq, batch, ckpt, compile_, adapter="lora"):
+    model, cfg, opt = lora_model(shape, ckpt, adapter)
     run = torch.compile(model) if compile_ else model
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
 

@@ -518,3 +518,34 @@ TEST_CASE("broken tokenizer and chat inputs exit 2 naming the file and the probl
            R"({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]})",
            as_chat, "the llama2 chat format");
 }
+
+TEST_CASE("eval --packing gives eval's loss, tokens and exact matches", "[cli][eval][packing]") {
+  TempDir tmp;
+  // Mixed-length alpaca records, and stories cut to 64 tokens (they are longer).
+  std::string alpaca;
+  for (int i = 0; i < 7; ++i) {
+    alpaca += nlohmann::json{{"instruction", "Repeat " + std::string(3 * i + 1, 'a') + "."},
+                             {"input", i % 2 ? "twice" : ""},
+                             {"output", std::string(5 * i + 2, 'b')}}
+                  .dump() +
+              "\n";
+  }
+  lorafit::test::write_text(tmp / "alpaca.jsonl", alpaca);
+  // Stories longer than the 64 tokens they are cut to, and short lines that share rows.
+  std::string text = lorafit::test::read_text("recipes/data/stories_valid.jsonl");
+  for (const char* line : {"Zib ran.", "Ben had a ball.", "The sun was hot.", "Beep beep!"})
+    text += nlohmann::json{{"text", line}}.dump() + "\n";
+  lorafit::test::write_text(tmp / "text.jsonl", text);
+  for (const auto& [model, args] :
+       {std::pair{fixture("gqa_llama3/model"), "--format alpaca --data " + q(tmp / "alpaca.jsonl")},
+        {lorafit::test::stories260k(), "--max-seq-len 64 --data " + q(tmp / "text.jsonl")}}) {
+    INFO(args);
+    const auto plain = eval_json("--batch-size 3 --model " + q(model) + " " + args);
+    const auto packed = eval_json("--batch-size 3 --packing --model " + q(model) + " " + args);
+    REQUIRE(plain["tokens"].get<int64_t>() > 100);
+    REQUIRE(packed["loss"].get<double>() == Approx(plain["loss"].get<double>()).epsilon(1e-5));
+    REQUIRE(packed["tokens"] == plain["tokens"]);
+    REQUIRE(packed["records"] == plain["records"]);
+    REQUIRE(packed["accuracy"] == plain["accuracy"]);
+  }
+}

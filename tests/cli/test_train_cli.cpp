@@ -287,6 +287,24 @@ TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]
   const auto shared_base = run_lorafit("bench --shape tiny --jobs 2 --set adapter.type=full");
   REQUIRE(shared_base.code == 2);
   REQUIRE_THAT(shared_base.err, Catch::Contains("adapter.type 'full'"));
+
+  // The rows of a dataset: the stories of recipes/tiny.yaml through the model's tokenizer,
+  // packed and padded, and the tokens counted are the real ones.
+  auto on_data = [](const std::string& packing) {
+    const auto b = run_lorafit(
+        "bench --model tests/fixtures/gqa_llama3/model --data recipes/data/tiny_train.jsonl "
+        "--set data.max_seq_len=64 --set data.packing=" +
+        packing + " --batch 4 --steps 3 --warmup 1 --device cpu --json");
+    INFO(b.err);
+    REQUIRE(b.code == 0);
+    return nlohmann::json::parse(b.out);
+  };
+  const auto packed = on_data("true"), padded = on_data("false");
+  REQUIRE(padded["padding"].get<double>() > 0.1);
+  REQUIRE(packed["padding"].get<double>() < padded["padding"].get<double>() / 2);
+  const auto untokenized = run_lorafit("bench --shape tiny --data recipes/data/tiny_train.jsonl");
+  REQUIRE(untokenized.code == 2);
+  REQUIRE_THAT(untokenized.err, Catch::Contains("needs the model's tokenizer"));
 }
 
 TEST_CASE("gradient checkpointing trains to the same adapter", "[cli][train]") {
