@@ -128,7 +128,7 @@ torch::Tensor s2_attention(const torch::Tensor& q,
                       " tokens does not split into groups of " + std::to_string(group) +
                       (shift != S2Shift::None ? " (an even size, for the half-group shift)" : "") +
                       " (hint: make data.max_seq_len a multiple of 1 / longlora.group_ratio "
-                      "with packing on)");
+                      "with packing: concat)");
   }
   if (shift == S2Shift::None) return grouped_attention(q, k, v, scale, group, {}, seg);
   if (heads % 2 != 0) {
@@ -146,7 +146,7 @@ torch::Tensor s2_attention(const torch::Tensor& q,
   const auto va = vv.narrow(1, 0, kh), vb = vv.narrow(1, kh, kh);
   // Right padding only ever follows the real tokens, so plain causal groups never see it.
   const auto unshifted = grouped_attention(qa, ka, va, scale, group, {}, seg);
-  // The records of tokens along dimension `dim` of x, cut or rolled as x is.
+  // The tokens' record ids, rolled or cut as the shifted heads' tokens are (along dim 1).
   auto segs = [&](auto&& cut) { return seg.defined() ? cut(seg, 1) : torch::Tensor(); };
   torch::Tensor shifted;
   if (shift == S2Shift::Roll) {

@@ -121,7 +121,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
     if (group != std::floor(group)) {
       throw ConfigError("S2-Attn: longlora.group_ratio " + std::to_string(s2_ratio) + " of " +
                         std::to_string(t) + " tokens is no whole group (hint: make " +
-                        "data.max_seq_len a multiple of 1 / group_ratio, with packing on)");
+                        "data.max_seq_len a multiple of 1 / group_ratio, with packing: concat)");
     }
     y = s2_attention(q, k, v, scale, static_cast<int64_t>(group), s2_shift, pos.keep,
                      pos.segments.ids);
