@@ -5,6 +5,9 @@
     peft_reference.py make-1b OUT                         Llama-3.2-1B shape (bf16, random),
                                                           a token dataset, PEFT's initial LoRA
     peft_reference.py train-1b OUT STEPS                  PEFT's losses from that adapter
+    peft_reference.py train-packed OUT STEPS ROW BATCH    the same, on OUT/records.jsonl packed
+                                                          as lorafit packs them, one record
+                                                          at a time
 
 Each prints one JSON line.
 """
@@ -92,12 +95,64 @@ def train_1b(out, steps):
     return {"losses": losses}
 
 
+def pack_rows(records, row_len):
+    """lorafit's data.packing: true (pack_records in core/datasets.cpp): records longest first
+    (ties in file order), each into the fullest row it fits, ties to the earliest row."""
+    order = sorted(range(len(records)), key=lambda i: -len(records[i]["input_ids"]))
+    rows, room = [], []
+    for i in order:
+        n = len(records[i]["input_ids"])
+        fits = [r for r, left in enumerate(room) if left >= n]
+        if not fits:
+            rows.append([])
+            room.append(row_len)
+            fits = [len(rows) - 1]
+        best = min(fits, key=lambda r: (room[r], r))
+        rows[best].append(i)
+        room[best] -= n
+    return rows
+
+
+def train_packed(out, steps, row_len, batch):
+    """PEFT on the rows lorafit trains with packing: true and shuffle: false (BATCH rows a
+    step, in order), each record of a row run alone: the step's loss is the mean NLL over all
+    its records' targets, as lorafit's."""
+    base = LlamaForCausalLM.from_pretrained(os.path.join(out, "model"), dtype=torch.bfloat16,
+                                            attn_implementation="sdpa").cuda()
+    model = PeftModel.from_pretrained(base, os.path.join(out, "peft_init"), is_trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    records = [json.loads(l) for l in open(os.path.join(out, "records.jsonl"))]
+    rows = pack_rows(records, row_len)
+    losses = []
+    model.train()
+    for step in range(steps):
+        members = [i for row in rows[step * batch:(step + 1) * batch] for i in row]
+        targets = sum(sum(l != -100 for l in records[i]["labels"][1:]) for i in members)
+        total = 0.0
+        for i in members:
+            ids = torch.tensor([records[i]["input_ids"]]).cuda()
+            labels = torch.tensor([records[i]["labels"]]).cuda()
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:],
+                                                    ignore_index=-100, reduction="sum")
+            (nll / targets).backward()
+            total += nll.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / targets)
+    return {"losses": losses, "rows": len(rows)}
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "eval":
         result = eval_loss(args[0], args[1], int(args[2]), args[3] if len(args) > 3 else None)
     elif cmd == "make-1b":
         result = make_1b(args[0])
+    elif cmd == "train-packed":
+        result = train_packed(args[0], int(args[1]), int(args[2]), int(args[3]))
     else:
         result = train_1b(args[0], int(args[1]))
     print(json.dumps(result))
