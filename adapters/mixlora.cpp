@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "core/errors.h"
+#include "core/fused_ops.h"
 
 namespace lorafit {
 
@@ -104,12 +105,11 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
                                  : expert_deltas(it->second, x.unsqueeze(1), pick);
     };
     gu = gu + torch::cat({delta(gate), delta(up)}, -1);  // [N, k, 2I]
-  } else {
-    gu = gu.expand({n, top_k, 2 * intermediate});
   }
-  const auto a = torch::silu(gu.narrow(-1, 0, intermediate)) *
-                 gu.narrow(-1, intermediate, intermediate);  // [N, k, I]
-  auto y = torch::nn::functional::linear(a, down);           // [N, k, C]
+  // SwiGLU as the dense MLP runs it (one kernel on CUDA, keeping only its input); without
+  // expert LoRAs on gate and up, once per token for its k slots.
+  const auto a = swiglu(gu).expand({n, top_k, intermediate});  // [N, k, I]
+  auto y = torch::nn::functional::linear(a, down);             // [N, k, C]
   if (const auto it = experts.find("down_proj"); it != experts.end())
     y = y + expert_deltas(it->second, a, pick);
   // The experts' weighted sum in (at least) fp32, as MoE-PEFT.
