@@ -78,15 +78,21 @@ struct World::Impl {
   int64_t bucket_bytes = 0;
   bool failed = false;  // a collective failed: a peer may be dead or hung
 
-  // Which rank stopped, as far as the store can tell: the ranks behind `step`; the host of the
-  // store (rank 0) when it cannot be reached.
+  // Which rank stopped, as far as the store can tell: the ranks behind `step`. When the store
+  // does not answer, its host (rank 0) stopped, or, seen from rank 0 itself, a peer that
+  // stopped in the middle of a request holds the store's server up.
   std::string stopped(const Launch& l, int64_t step) const {
     std::vector<std::string> behind, others;
+    for (int64_t r = 0; r < l.world_size; ++r)
+      if (r != l.rank) others.push_back(std::to_string(r));
+    auto some_peer = [&] {
+      return others.size() == 1 ? "rank " + others[0] + " stopped"
+                                : "one of ranks " + join_problems(others) + " stopped";
+    };
     try {
       store->setTimeout(std::chrono::seconds(2));
       for (int64_t r = 0; r < l.world_size; ++r) {
         if (r == l.rank) continue;
-        others.push_back(std::to_string(r));
         if (!store->check({step_key(r)})) {
           behind.push_back("rank " + std::to_string(r) + " (never reached a step)");
           continue;
@@ -98,11 +104,9 @@ struct World::Impl {
                            ")");
       }
     } catch (const std::exception&) {
-      return "rank 0 (the host of the rendezvous store) stopped";
+      return l.rank == 0 ? some_peer() : "rank 0 (the host of the rendezvous store) stopped";
     }
-    if (!behind.empty()) return join_problems(behind) + " stopped";
-    if (others.size() == 1) return "rank " + others[0] + " stopped";
-    return "one of ranks " + join_problems(others) + " stopped";
+    return behind.empty() ? some_peer() : join_problems(behind) + " stopped";
   }
 };
 

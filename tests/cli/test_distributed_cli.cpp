@@ -152,8 +152,10 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
 }
 
 TEST_CASE("a rank that dies or hangs ends the others with an error naming it", "[cli][dist]") {
-  for (const int sig : {SIGKILL, SIGSTOP}) {
-    INFO((sig == SIGKILL ? "killed" : "stopped"));
+  // Rank 1 killed or stopped (perhaps in the middle of a request to rank 0's store), then
+  // rank 0, the store's host, killed.
+  for (const auto& [victim, sig] : {std::pair{1, SIGKILL}, {1, SIGSTOP}, {0, SIGKILL}}) {
+    INFO("rank " << victim << (sig == SIGKILL ? " killed" : " stopped"));
     TempDir tmp;
     const int port = free_port();
     const std::string args = "train recipes/tiny.yaml --device cpu --set output=" + q(tmp / "run") +
@@ -165,18 +167,25 @@ TEST_CASE("a rank that dies or hangs ends the others with an error naming it", "
     const auto deadline = Clock::now() + std::chrono::seconds(60);
     while (read_text(tmp / "err0").find("step 3/") == std::string::npos && Clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    kill(r1, sig);
+    const pid_t dead = victim == 1 ? r1 : r0, survivor = victim == 1 ? r0 : r1;
+    kill(dead, sig);
     const auto stopped = Clock::now();
-    const int code = lorafit::test::exit_code_within(r0, 60);
+    const int code = lorafit::test::exit_code_within(survivor, 60);
     const double secs = std::chrono::duration<double>(Clock::now() - stopped).count();
-    kill(r1, SIGKILL);
-    exit_code(r1);
-    const auto err = read_text(tmp / "err0");
+    kill(dead, SIGKILL);
+    exit_code(dead);
+    const auto err = read_text(tmp / (victim == 1 ? "err0" : "err1"));
     INFO(err);
     REQUIRE(code == 1);
-    REQUIRE_THAT(err, Catch::Contains("rank 0 of 2: the all-reduce at step"));
-    // Named by its last step when it stopped before reaching this one.
-    REQUIRE_THAT(err, Catch::Contains("rank 1 (last at step") || Catch::Contains("rank 1 stopped"));
+    if (victim == 1) {
+      REQUIRE_THAT(err, Catch::Contains("rank 0 of 2: the all-reduce at step"));
+      // Named by its last step when it stopped before reaching this one.
+      REQUIRE_THAT(err,
+                   Catch::Contains("rank 1 (last at step") || Catch::Contains("rank 1 stopped"));
+    } else {
+      REQUIRE_THAT(err, Catch::Contains("rank 1 of 2:"));
+      REQUIRE_THAT(err, Catch::Contains("rank 0 (the host of the rendezvous store) stopped"));
+    }
     REQUIRE(secs < 5 + 10);  // the timeout, and the start of the error's report
   }
 }
