@@ -29,8 +29,10 @@ Batch collate(const std::vector<BatchPart>& parts, torch::Device device, size_t 
   const auto ti = static_cast<int64_t>(t);
   // copy=true: on the CPU a plain .to() would keep viewing the local vectors. To a GPU through
   // pinned memory, without waiting: a pageable copy would wait for all the queued work.
-  auto to_device = [&](void* data, torch::Dtype from, torch::Dtype to) {
-    const auto host = torch::from_blob(data, {b, ti}, from);
+  auto to_device = [&](void* data, torch::Dtype from, torch::Dtype to,
+                       std::vector<int64_t> shape = {}) {
+    if (shape.empty()) shape = {b, ti};
+    const auto host = torch::from_blob(data, shape, from);
     return device.is_cuda() ? host.pin_memory().to(device, to, /*non_blocking=*/true)
                             : host.to(device, to, false, true);
   };
@@ -67,9 +69,8 @@ Batch collate(const std::vector<BatchPart>& parts, torch::Device device, size_t 
   }
   out.segments.positions = to_device(positions.data(), torch::kInt64, torch::kInt64);
   out.segments.ids = to_device(segment.data(), torch::kInt64, torch::kInt64);
-  const auto host = torch::from_blob(cu.data(), {static_cast<int64_t>(cu.size())}, torch::kInt32);
-  out.segments.cu_seqlens = device.is_cuda() ? host.pin_memory().to(device, torch::kInt32, true)
-                                             : host.to(device, torch::kInt32, false, true);
+  out.segments.cu_seqlens =
+      to_device(cu.data(), torch::kInt32, torch::kInt32, {static_cast<int64_t>(cu.size())});
   return out;
 }
 

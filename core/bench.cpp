@@ -111,13 +111,10 @@ BenchResult run_bench(const BenchOptions& o) {
     }
     examples = load_examples(o.data, tokenizer ? &*tokenizer : nullptr, options);
   }
-  std::vector<ExampleStream> streams;
-  for (size_t j = 0; j < jobs; ++j)
-    streams.emplace_back(std::max<size_t>(1, examples.size()), recipe.seed + j);
-  // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
-  const size_t pad_multiple =
-      recipe.longlora.enabled ? static_cast<size_t>(std::llround(2.0 / recipe.longlora.group_ratio))
-                              : 1;
+  std::vector<ExampleStream> streams;  // each job's order of --data's rows
+  for (size_t j = 0; !examples.empty() && j < jobs; ++j)
+    streams.emplace_back(examples.size(), recipe.seed + j);
+  const size_t pad_multiple = batch_length_multiple(recipe.longlora);
   int64_t real = 0, slots = 0;  // the timed steps' tokens, without and with padding
   BenchResult r;
   auto step = [&] {

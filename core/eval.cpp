@@ -68,10 +68,7 @@ EvalResult evaluate(LlamaForCausalLM& model,
     if (t < 2) continue;
     // The token each position predicts: the next label, never across records (their first
     // labels are ignored) [B*T]
-    const auto next = torch::cat({batch.labels.narrow(1, 1, t - 1),
-                                  torch::full({b, 1}, kIgnoreLabel, batch.labels.options())},
-                                 1)
-                          .reshape({-1});
+    const auto next = next_targets(batch.labels).reshape({-1});
     auto hidden = model->forward(batch.ids, nullptr, {}, batch.segments).reshape({b * t, -1});
     nll -= target_log_prob_sum(model, hidden, next).item<double>();
     // Exact match: no scored position of a record whose most likely token is another.

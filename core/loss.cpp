@@ -71,6 +71,12 @@ torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
   return ChunkedTargetLogProb::apply(hidden, model->lm_head->weight, targets);
 }
 
+torch::Tensor next_targets(const torch::Tensor& labels) {
+  return torch::cat({labels.narrow(1, 1, labels.size(1) - 1),
+                     torch::full({labels.size(0), 1}, kIgnoreLabel, labels.options())},
+                    1);
+}
+
 std::vector<torch::Tensor> nll_sums(LlamaForCausalLM& model,
                                     const Batch& batch,
                                     const std::vector<int64_t>& rows) {
@@ -81,10 +87,8 @@ std::vector<torch::Tensor> nll_sums(LlamaForCausalLM& model,
   std::vector<torch::Tensor> out;
   int64_t row = 0;
   for (const auto n : rows) {
-    // The last position predicts nothing; ignored targets are skipped inside the loss.
-    const auto labels = batch.labels.narrow(0, row, n);  // [n, T]
-    const auto targets = torch::cat(
-        {labels.narrow(1, 1, t - 1), torch::full({n, 1}, kIgnoreLabel, labels.options())}, 1);
+    // Ignored targets are skipped inside the loss.
+    const auto targets = next_targets(batch.labels.narrow(0, row, n));  // [n, T]
     out.push_back(-target_log_prob_sum(model, hidden.narrow(0, row, n).reshape({n * t, -1}),
                                        targets.reshape({-1})));
     row += n;

@@ -26,6 +26,10 @@ torch::Tensor target_log_prob_sum(LlamaForCausalLM& model,
                                   const torch::Tensor& hidden,
                                   const torch::Tensor& targets);
 
+/// What each position is scored on: the next position's label, and nothing (kIgnoreLabel) at
+/// the last. labels: [B, T] -> [B, T]
+torch::Tensor next_targets(const torch::Tensor& labels);
+
 /// One forward pass over the batch; the summed negative log-likelihood of the targets of each
 /// run of `rows` consecutive rows (position t predicts label t+1). -> one f64 scalar per run
 std::vector<torch::Tensor> nll_sums(LlamaForCausalLM& model,

@@ -256,6 +256,11 @@ StepLoss accumulate_gradients(LlamaForCausalLM& model,
   return step;
 }
 
+size_t batch_length_multiple(const LongLoraRecipe& l) {
+  // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
+  return l.enabled ? static_cast<size_t>(std::llround(2.0 / l.group_ratio)) : 1;
+}
+
 void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& l) {
   if (!l.enabled) return;
   model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll
@@ -378,10 +383,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   routing.place_routers();
   model->checkpoint_layers = jobs.front().recipe.train.gradient_checkpointing;
   use_longlora_attention(model, recipe.longlora);
-  // S2-Attn splits each batch into groups of group_ratio of its length, in halves.
-  const size_t pad_multiple =
-      recipe.longlora.enabled ? static_cast<size_t>(std::llround(2.0 / recipe.longlora.group_ratio))
-                              : 1;
+  const size_t pad_multiple = batch_length_multiple(recipe.longlora);
   for (auto& job : jobs) {
     new_optimizer(job, model);
     if (!job.recipe.adapter.init.empty()) copy_adapter_weights(job, model, job.recipe.adapter.init);

@@ -40,6 +40,10 @@ void train(const Recipe& recipe, const TrainRun& run);
 /// warmup as long as the run) go to `warnings`. A bad or empty dataset throws IoError.
 std::vector<std::string> describe_data(const Recipe& recipe, std::vector<std::string>& warnings);
 
+/// What every batch's length must be a multiple of: with S2-Attn, 2 / group_ratio (its groups
+/// and half-groups must split it); else 1.
+size_t batch_length_multiple(const LongLoraRecipe& longlora);
+
 /// Turns on a recipe's S2-Attn (longlora block) in the model's layers; nothing without one.
 void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& longlora);
 

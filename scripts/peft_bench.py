@@ -52,6 +52,21 @@ def lora_model(shape, ckpt=False, adapter="lora"):
     return model, cfg, torch.optim.AdamW(params, lr=1e-4, fused=True)
 
 
+def timed_steps(step, steps, warmup=3):
+    """Runs `warmup` steps, resets the peak memory, then times `steps` more:
+    (their results, seconds, warm-up seconds)."""
+    start = time.time()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.time() - start
+    torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    results = [step() for _ in range(steps)]
+    torch.cuda.synchronize()
+    return results, time.time() - start, warmup_s
+
+
 def main(shape, seq, batch, ckpt, compile_, adapter="lora"):
     model, cfg, opt = lora_model(shape, ckpt, adapter)
     run = torch.compile(model) if compile_ else model
@@ -64,17 +79,8 @@ def main(shape, seq, batch, ckpt, compile_, adapter="lora"):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    start = time.time()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    warmup_s = time.time() - start
-    torch.cuda.reset_peak_memory_stats()
-    start = time.time()
-    for _ in range(10):
-        loss = step()
-    torch.cuda.synchronize()
-    secs = time.time() - start
+    results, secs, warmup_s = timed_steps(step, 10)
+    loss = results[-1]
     if os.environ.get("PEFT_PROFILE"):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:

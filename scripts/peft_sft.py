@@ -16,12 +16,11 @@ import json
 import os
 import random
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peft_bench import lora_model  # noqa: E402
+from peft_bench import lora_model, timed_steps  # noqa: E402
 
 
 def batches(records, batch, seed=0):
@@ -55,22 +54,11 @@ def main(shape, data, batch, compile_, steps=15):
         opt.zero_grad(set_to_none=True)
         return loss, int(mask.sum()), mask.numel()
 
-    start = time.time()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    warmup_s = time.time() - start
-    torch.cuda.reset_peak_memory_stats()
-    real = slots = 0
-    start = time.time()
-    for _ in range(steps):
-        loss, n, s = step()
-        real, slots = real + n, slots + s
-    torch.cuda.synchronize()
-    secs = time.time() - start
+    results, secs, warmup_s = timed_steps(step, steps)
+    real, slots = sum(r[1] for r in results), sum(r[2] for r in results)
     print(json.dumps({"tokens_per_s": real / secs, "padding": 1 - real / slots,
                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                      "loss": loss.item(), "warmup_s": warmup_s}))
+                      "loss": results[-1][0].item(), "warmup_s": warmup_s}))
 
 
 if __name__ == "__main__":

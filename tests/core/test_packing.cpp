@@ -98,14 +98,10 @@ Setup setup(const std::string& what) {
 
 // log p(label t+1 | tokens ..t) at each position whose next label counts, else 0. [B, T]
 torch::Tensor token_log_probs(LlamaForCausalLM& model, const Batch& batch) {
-  const auto t = batch.ids.size(1);
   const auto logp = torch::log_softmax(
       model->logits(model->forward(batch.ids, nullptr, batch.keep, batch.segments)),
-      -1);  // [B, T, V]
-  const auto next =
-      torch::cat({batch.labels.narrow(1, 1, t - 1),
-                  torch::full({batch.ids.size(0), 1}, kIgnoreLabel, batch.labels.options())},
-                 1);  // [B, T]
+      -1);                                       // [B, T, V]
+  const auto next = next_targets(batch.labels);  // [B, T]
   return logp.gather(2, next.clamp_min(0).unsqueeze(2)).squeeze(2) * next.ge(0);
 }
 
