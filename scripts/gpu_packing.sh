@@ -7,14 +7,21 @@
 # its longest). Prints real (non-padding) tokens/s, the padding fraction and peak memory, and
 # the [packing] GPU tests (varlen flash attention against each record alone). Then the same
 # records through `lorafit bench --data` and PEFT + transformers padded (eager, compiled).
-# Also the 20-step loss check against PEFT on packed rows.
-#   bash scripts/gpu_packing.sh
+# Also the 20-step loss check against PEFT on packed rows. One call of the device tool holds
+# 10 minutes, the whole script about 20: PARTS picks what runs (default all of "tests train
+# check bench"), SHAPES the bench rows ("shape:batch", default llama-1b:8), e.g.
+#   PARTS="tests train check" bash scripts/gpu_packing.sh
+#   PARTS=bench SHAPES="llama2-7b:4" PEFT_COMPILE=0 bash scripts/gpu_packing.sh  (eager PEFT only)
 set -uo pipefail
 source scripts/gpu_common.sh
 steps="${STEPS:-30}"
+parts=" ${PARTS:-tests train check bench} "
+part() { [[ $parts == *" $1 "* ]] && echo "== $(date +%T) $1"; }
 gpu_build packing lorafit lorafit_gpu_tests
-./build-gpu/lorafit_gpu_tests "[packing]" > "$out/packing-gpu-tests.log" 2>&1
-echo "gpu tests [packing]: exit $? $(tail -2 "$out/packing-gpu-tests.log" | tr -s '\n' ' ')"
+if part tests; then
+  ./build-gpu/lorafit_gpu_tests "[packing]" > "$out/packing-gpu-tests.log" 2>&1
+  echo "gpu tests [packing]: exit $? $(tail -2 "$out/packing-gpu-tests.log" | tr -s '\n' ' ')"
+fi
 work=/tmp/lorafit-packing
 rm -rf "$work" && mkdir -p "$work"
 python3 scripts/peft_reference.py make-1b "$work/1b" > /dev/null 2>&1
@@ -58,14 +65,17 @@ print(f"{sys.argv[3]:8s} {tok:10.0f} real tok/s  padding {pad:5.1%}  GPU memory 
       f"last loss {rows[-1]['loss']:.3f}")
 PY
 }
-echo "== lorafit train, Llama-3.2-1B shape, LoRA r=16, $steps steps of 8 rows, mixed-length SFT records"
-run packed true 4
-run padded false 4
+if part train; then
+  echo "lorafit train, Llama-3.2-1B shape, LoRA r=16, $steps steps of 8 rows, mixed-length SFT records"
+  run packed true 4
+  run padded false 4
+fi
 
-# 20 bf16 steps from PEFT's initial adapter: lorafit on packed rows of 512 tokens against PEFT
-# running each record of the same rows alone (scripts/peft_reference.py packs them as lorafit
-# does); the losses agree within bf16 noise when records never see each other.
-python3 - "$work/1b/records.jsonl" <<'PY'
+if part check; then
+  # 20 bf16 steps from PEFT's initial adapter: lorafit on packed rows of 512 tokens against PEFT
+  # running each record of the same rows alone (scripts/peft_reference.py packs them as lorafit
+  # does); the losses agree within bf16 noise when records never see each other.
+  python3 - "$work/1b/records.jsonl" <<'PY'
 import json, math, random, sys
 rng = random.Random(3)
 with open(sys.argv[1], "w") as f:
@@ -76,7 +86,7 @@ with open(sys.argv[1], "w") as f:
         prompt = max(2, n // 4)
         f.write(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}) + "\n")
 PY
-./build-gpu/lorafit train - > "$out/packing-check.log" 2>&1 <<YAML
+  ./build-gpu/lorafit train - > "$out/packing-check.log" 2>&1 <<YAML
 model: $work/1b/model
 output: $work/check
 device: cuda
@@ -86,8 +96,8 @@ adapter: {type: lora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear, init:
 train: {steps: 20, batch_size: 4, micro_batch_size: 4, lr: 1.0e-4, schedule: constant,
         warmup_steps: 0, weight_decay: 0.0, max_grad_norm: 1.0, log_every: 1, eval_every: 0, save_every: 0}
 YAML
-peft_losses=$(python3 scripts/peft_reference.py train-packed "$work/1b" 20 512 4 2>> "$out/packing-peft.log")
-python3 - "$work/check/metrics.jsonl" "$peft_losses" <<'PY'
+  peft_losses=$(python3 scripts/peft_reference.py train-packed "$work/1b" 20 512 4 2>> "$out/packing-peft.log")
+  python3 - "$work/check/metrics.jsonl" "$peft_losses" <<'PY'
 import json, sys
 ours = [json.loads(l)["loss"] for l in open(sys.argv[1]) if '"loss"' in l]
 peft = json.loads(sys.argv[2])["losses"]
@@ -98,26 +108,28 @@ for i, (a, b) in enumerate(zip(ours, peft)):
 print(f"largest relative difference over {len(peft)} steps: {worst:.2e} "
       f"({'within' if len(ours) == len(peft) == 20 and worst < 2e-2 else 'NOT within'} bf16 noise, 2e-2)")
 PY
+fi
 
 # The same records through `lorafit bench --data` (no weights written: any shape) and through
 # PEFT + transformers padded per batch, eager and compiled, in this call. SHAPES="shape:batch"
 # (batch: rows of 2048 packed, records padded).
-results="$out/packing.jsonl"
-: > "$results"
-for row in ${SHAPES:-llama-1b:8}; do
-  IFS=: read -r shape batch <<< "$row"
-  for packing in true false; do
-    r=$(./build-gpu/lorafit bench --shape "$shape" --data "$work/sft.jsonl" --set data.format=tokens \
-        --set data.max_seq_len=2048 --set data.packing=$packing --set train.micro_batch_size=$batch \
-        --batch "$batch" --steps 15 --warmup 3 --device cuda --json 2>> "$out/packing-bench.log" || echo '{}')
-    echo "{\"shape\": \"$shape\", \"run\": \"lorafit packing: $packing\", \"r\": $r}" >> "$results"
+if part bench; then
+  results="$out/packing.jsonl"
+  : > "$results"
+  for row in ${SHAPES:-llama-1b:8}; do
+    IFS=: read -r shape batch <<< "$row"
+    for packing in true false; do
+      r=$(./build-gpu/lorafit bench --shape "$shape" --data "$work/sft.jsonl" --set data.format=tokens \
+          --set data.max_seq_len=2048 --set data.packing=$packing --set train.micro_batch_size=$batch \
+          --batch "$batch" --steps 15 --warmup 3 --device cuda --json 2>> "$out/packing-bench.log" || echo '{}')
+      echo "{\"shape\": \"$shape\", \"run\": \"lorafit packing: $packing\", \"r\": $r}" >> "$results"
+    done
+    for compile in ${PEFT_COMPILE:-0 1}; do
+      name="PEFT padded$( ((compile)) && echo ', compiled')"
+      r=$(timeout 300 python3 scripts/peft_sft.py "$shape" "$work/sft.jsonl" "$batch" $compile 2>> "$out/packing-peft.log" || echo '{}')
+      echo "{\"shape\": \"$shape\", \"run\": \"$name\", \"r\": $r}" >> "$results"
+    done
   done
-  for compile in 0 1; do
-    name="PEFT padded$( ((compile)) && echo ', compiled')"
-    r=$(python3 scripts/peft_sft.py "$shape" "$work/sft.jsonl" "$batch" $compile 2>> "$out/packing-peft.log" || echo '{}')
-    echo "{\"shape\": \"$shape\", \"run\": \"$name\", \"r\": $r}" >> "$results"
-  done
-done
 python3 - "$results" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -129,3 +141,4 @@ for r in rows:
     print(f"{r['shape']:10s} {r['run']:26s} {t:11.0f} {r['r'].get('padding', 0):8.1%} "
           f"{r['r'].get('peak_mem_gib', 0):7.2f} {ratio:7.2f}")
 PY
+fi

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import sys
+import time
 
 import torch
 
@@ -46,12 +47,16 @@ def main(shape, data, batch, compile_, steps=15):
     records = [json.loads(line) for line in open(data) if line.strip()]
     stream = batches(records, batch)
 
+    started = time.time()
+
     def step():
         ids, labels, mask = next(stream)
         loss = run(input_ids=ids, labels=labels, attention_mask=mask).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        # Where a compiled run's time goes (its warm-up recompiles for new lengths).
+        print(f"step of {ids.shape[1]} tokens done at {time.time() - started:.1f} s", file=sys.stderr)
         return loss, int(mask.sum()), mask.numel()
 
     results, secs, warmup_s = timed_steps(step, steps)
