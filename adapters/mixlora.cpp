@@ -47,31 +47,57 @@ torch::Tensor with_lora(const torch::Tensor& x, const torch::Tensor& base, const
   return lora ? adapted_output(*Lora(*lora), x, base) : base;
 }
 
-// Every slot's s_e * (dropout(in) A_e^T) B_e^T for its own expert e, all slots at once: the
-// input goes through every expert's A stacked (E*r columns, a sliver of the base GEMM's C),
-// the other experts' columns are zeroed, and the experts' s*B stacked map back. No slot is
-// gathered by expert, so nothing waits for the GPU to say how many tokens each expert got.
-// in: [N, k or 1, D] (1: the k slots of a token share their input), pick: [N, k, E] one-hot
-// -> [N, k, out]
-torch::Tensor expert_deltas(const std::vector<Lora>& loras,
+// The experts' LoRAs of one kind side by side, cast once to the compute dtype (they share r,
+// scaling and dropout): every slot's input goes through all E experts' A (E*r columns, a
+// sliver of the base GEMM's), the columns of experts other than the slot's are zeroed, and
+// the stacked s*B map back. No slot is gathered by expert, so nothing waits for the GPU to
+// say how many tokens each expert got.
+struct StackedExperts {
+  torch::Tensor a;  // [E*r, in]
+  torch::Tensor b;  // [out, E*r], scaling folded in
+  double dropout;
+  int64_t experts;
+
+  StackedExperts(const std::vector<Lora>& loras, torch::ScalarType dtype) {
+    std::vector<torch::Tensor> as, bs;
+    for (const auto& lora : loras) {
+      as.push_back(lora->lora_A);
+      bs.push_back(lora->lora_B);
+    }
+    const auto& first = *loras.front();
+    a = torch::cat(as, 0).to(dtype);
+    b = (torch::cat(bs, 1) * first.scaling).to(dtype);
+    dropout = first.is_training() ? first.dropout : 0.0;
+    experts = static_cast<int64_t>(loras.size());
+  }
+
+  // Each (token, expert) pair draws its own dropout mask, as separate experts would.
+  // in: [N, k or 1, D] (1: the k slots of a token share their input) -> [N, k, E, r]
+  torch::Tensor down(const torch::Tensor& in, int64_t k) const {
+    const auto n = in.size(0);
+    const auto x = dropout > 0 ? torch::dropout(in.expand({n, k, in.size(2)}), dropout, true) : in;
+    return torch::nn::functional::linear(x, a).view({n, -1, experts, a.size(0) / experts});
+  }
+};
+
+// Every slot's s_e * (dropout(in) A_e^T) B_e^T for its own expert e.
+// in: [N, k or 1, D], pick: [N, k, E] one-hot -> [N, k, out]
+torch::Tensor expert_deltas(const StackedExperts& stack,
                             const torch::Tensor& in,
                             const torch::Tensor& pick) {
-  // Stacked in fp32 and cast once (the experts of one kind share r, scaling and dropout).
-  std::vector<torch::Tensor> as, bs;
-  for (const auto& lora : loras) {
-    as.push_back(lora->lora_A);
-    bs.push_back(lora->lora_B);
-  }
-  const auto& first = *loras.front();
-  const auto a = torch::cat(as, 0).to(in.scalar_type());                    // [E*r, D]
-  const auto b = (torch::cat(bs, 1) * first.scaling).to(in.scalar_type());  // [out, E*r]
-  const double dropout = first.is_training() ? first.dropout : 0.0;
-  const auto n = in.size(0), k = pick.size(1), e = pick.size(2);
-  // Each (token, expert) pair draws its own dropout mask, as separate experts would.
-  const auto x = dropout > 0 ? torch::dropout(in.expand({n, k, in.size(2)}), dropout, true) : in;
-  auto h = torch::nn::functional::linear(x, a);                               // [N, k|1, E*r]
-  h = (h.view({n, h.size(1), e, -1}) * pick.unsqueeze(-1)).view({n, k, -1});  // [N, k, E*r]
-  return torch::nn::functional::linear(h, b);                                 // [N, k, out]
+  const auto n = in.size(0), k = pick.size(1);
+  const auto h = stack.down(in, k) * pick.unsqueeze(-1);                 // [N, k, E, r]
+  return torch::nn::functional::linear(h.reshape({n, k, -1}), stack.b);  // [N, k, out]
+}
+
+// sum_j w_j * (slot j's expert delta), the slots' mix taken at the r-wide middle, before B.
+// in: [N, k, D], coef: [N, k, E], w_j on the slot's expert, in the weights' dtype -> [N, out]
+torch::Tensor mixed_expert_delta(const StackedExperts& stack,
+                                 const torch::Tensor& in,
+                                 const torch::Tensor& coef) {
+  const auto n = in.size(0), k = coef.size(1);
+  const auto h = (stack.down(in, k).to(coef.scalar_type()) * coef.unsqueeze(-1)).sum(1);
+  return torch::nn::functional::linear(h.view({n, -1}).to(in.scalar_type()), stack.b);
 }
 
 }  // namespace
@@ -94,27 +120,28 @@ torch::Tensor MixLoraImpl::forward(const torch::Tensor& x,
   weights = weights / weights.sum(-1, /*keepdim=*/true);
   if (per_expert_base) return forward_per_expert(x, gate_up, down, weights, chosen);
 
-  const auto n = x.size(0);
-  const auto pick = torch::one_hot(chosen, n_experts).to(x.scalar_type());  // [N, k, E]
-  // Gate and up once for every token; each of its k slots adds its expert's LoRA.
-  auto gu = torch::nn::functional::linear(x, gate_up).unsqueeze(1);  // [N, 1, 2I]
-  const auto gate = experts.find("gate_proj"), up = experts.find("up_proj");
-  if (gate != experts.end() || up != experts.end()) {
-    auto delta = [&](auto it) {
-      return it == experts.end() ? torch::zeros({n, top_k, intermediate}, x.options())
-                                 : expert_deltas(it->second, x.unsqueeze(1), pick);
-    };
-    gu = gu + torch::cat({delta(gate), delta(up)}, -1);  // [N, k, 2I]
-  }
-  // SwiGLU as the dense MLP runs it (one kernel on CUDA, keeping only its input); without
-  // expert LoRAs on gate and up, once per token for its k slots.
-  const auto a = swiglu(gu).expand({n, top_k, intermediate});  // [N, k, I]
-  auto y = torch::nn::functional::linear(a, down);             // [N, k, C]
-  if (const auto it = experts.find("down_proj"); it != experts.end())
-    y = y + expert_deltas(it->second, a, pick);
-  // The experts' weighted sum in (at least) fp32, as MoE-PEFT.
+  // The experts' weighted sum in (at least) fp32, as MoE-PEFT's.
   const auto acc = c10::promoteTypes(x.scalar_type(), torch::kFloat32);
-  return (y.to(acc) * weights.to(acc).unsqueeze(-1)).sum(1).to(x.scalar_type());
+  const auto w = weights.to(acc);                               // [N, k]
+  const auto pick = torch::one_hot(chosen, n_experts).to(acc);  // [N, k, E]
+  const auto gu = torch::nn::functional::linear(x, gate_up);    // [N, 2I]: once for all slots
+  auto delta = [&](const char* kind) {
+    const auto it = experts.find(kind);
+    if (it == experts.end()) return torch::Tensor();
+    return expert_deltas(StackedExperts(it->second, x.scalar_type()), x.unsqueeze(1),
+                         pick.to(x.scalar_type()));
+  };
+  const auto down_experts = experts.find("down_proj");
+  const bool expert_down = down_experts != experts.end();
+  // The slots' SwiGLU and their mix in one kernel on CUDA; the base down projection then runs
+  // once on the mix, as it is linear.
+  const auto mix = moe_swiglu(gu, delta("gate_proj"), delta("up_proj"), w, expert_down);
+  auto y = torch::nn::functional::linear(mix.mixed, down);  // [N, C]
+  if (expert_down) {
+    const StackedExperts stack(down_experts->second, x.scalar_type());
+    y = y + mixed_expert_delta(stack, mix.slots, pick * w.unsqueeze(-1));
+  }
+  return y;
 }
 
 torch::Tensor MixLoraImpl::forward_per_expert(const torch::Tensor& x,

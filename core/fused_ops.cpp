@@ -28,6 +28,26 @@ torch::Tensor swiglu(const torch::Tensor& gate_up) {
   return torch::silu(gate_up.narrow(-1, 0, i)) * gate_up.narrow(-1, i, i);
 }
 
+MoeSwiglu moe_swiglu(const torch::Tensor& gate_up,
+                     const torch::Tensor& gate_delta,
+                     const torch::Tensor& up_delta,
+                     const torch::Tensor& weights,
+                     bool keep_slots) {
+  const auto n = gate_up.size(0), i = gate_up.size(1) / 2, k = weights.size(1);
+  torch::Tensor a;  // [N, k, I]
+  if (gate_delta.defined() || up_delta.defined()) {
+    auto part = [&](int64_t first, const torch::Tensor& delta) {
+      const auto base = gate_up.narrow(-1, first, i).unsqueeze(1);  // [N, 1, I]
+      return delta.defined() ? base + delta : base.expand({n, k, i});
+    };
+    a = torch::silu(part(0, gate_delta)) * part(i, up_delta);
+  } else {
+    a = swiglu(gate_up).unsqueeze(1).expand({n, k, i});
+  }
+  const auto mixed = (a.to(weights.scalar_type()) * weights.unsqueeze(-1)).sum(1);
+  return {mixed.to(gate_up.scalar_type()), keep_slots ? a : torch::Tensor()};
+}
+
 namespace {
 
 // x: [B, H, T, D], cos, sin: [T, D] or, per row, [B, T, D]
@@ -92,6 +112,10 @@ kernels::Dtype kernel_dtype(const torch::Tensor& t) {
 
 kernels::Stream stream_of(const torch::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void* data_or_null(const torch::Tensor& t) {
+  return t.defined() ? t.data_ptr() : nullptr;
 }
 
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
@@ -160,6 +184,53 @@ struct SwigluFn : torch::autograd::Function<SwigluFn> {
     kernels::swiglu_backward(kernel_dtype(gu), dy.data_ptr(), gu.data_ptr(), dgu.data_ptr(),
                              dy.numel() / cols, cols, stream_of(gu));
     return {dgu};
+  }
+};
+
+struct MoeSwigluFn : torch::autograd::Function<MoeSwigluFn> {
+  // Returns {mixed} or, with keep_slots, {mixed, slots}.
+  // The deltas are optional: a custom function takes no undefined tensor.
+  static tensor_list forward(AutogradContext* ctx,
+                             torch::Tensor gate_up,
+                             c10::optional<torch::Tensor> gate_delta,
+                             c10::optional<torch::Tensor> up_delta,
+                             torch::Tensor weights,
+                             bool keep_slots) {
+    const c10::cuda::CUDAGuard guard(gate_up.device());
+    auto contiguous = [](const c10::optional<torch::Tensor>& t) {
+      return t ? t->contiguous() : torch::Tensor();
+    };
+    auto gu = gate_up.contiguous(), dg = contiguous(gate_delta), du = contiguous(up_delta);
+    auto w = weights.contiguous();
+    const kernels::SlotsShape shape{gu.size(0), gu.size(1) / 2, w.size(1)};
+    auto mixed = torch::empty({shape.rows, shape.cols}, gu.options());
+    torch::Tensor slots;
+    if (keep_slots) slots = torch::empty({shape.rows, shape.k, shape.cols}, gu.options());
+    kernels::moe_swiglu_forward(kernel_dtype(gu), gu.data_ptr(), data_or_null(dg), data_or_null(du),
+                                w.data_ptr(), mixed.data_ptr(), data_or_null(slots), shape,
+                                stream_of(gu));
+    ctx->save_for_backward({gu, dg, du, w});
+    if (!keep_slots) return {mixed};
+    return {mixed, slots};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &gu = saved[0], &dg = saved[1], &du = saved[2], &w = saved[3];
+    const c10::cuda::CUDAGuard guard(gu.device());
+    const kernels::SlotsShape shape{gu.size(0), gu.size(1) / 2, w.size(1)};
+    const auto dmixed = grads[0].defined() ? grads[0].contiguous()
+                                           : torch::zeros({shape.rows, shape.cols}, gu.options());
+    torch::Tensor dslots;
+    if (grads.size() > 1 && grads[1].defined()) dslots = grads[1].contiguous();
+    auto dgu = torch::empty_like(gu), dw = torch::empty_like(w);
+    auto like = [](const torch::Tensor& t) { return t.defined() ? torch::empty_like(t) : t; };
+    auto ddg = like(dg), ddu = like(du);
+    kernels::moe_swiglu_backward(kernel_dtype(gu), dmixed.data_ptr(), data_or_null(dslots),
+                                 gu.data_ptr(), data_or_null(dg), data_or_null(du), w.data_ptr(),
+                                 dgu.data_ptr(), data_or_null(ddg), data_or_null(ddu),
+                                 dw.data_ptr(), shape, stream_of(gu));
+    return {dgu, ddg, ddu, dw, torch::Tensor()};
   }
 };
 
@@ -262,6 +333,26 @@ torch::Tensor swiglu(const torch::Tensor& gate_up) {
   return SwigluFn::apply(gate_up);
 }
 
+MoeSwiglu moe_swiglu(const torch::Tensor& gate_up,
+                     const torch::Tensor& gate_delta,
+                     const torch::Tensor& up_delta,
+                     const torch::Tensor& weights,
+                     bool keep_slots) {
+  const auto acc = c10::promoteTypes(gate_up.scalar_type(), torch::kFloat32);
+  auto same = [&](const torch::Tensor& d) {
+    return !d.defined() || d.scalar_type() == gate_up.scalar_type();
+  };
+  if (!fused_kernels_for(gate_up) || gate_up.dim() != 2 || weights.size(1) > kernels::kMaxSlots ||
+      weights.scalar_type() != acc || !same(gate_delta) || !same(up_delta))
+    return composite::moe_swiglu(gate_up, gate_delta, up_delta, weights, keep_slots);
+  auto optional = [](const torch::Tensor& t) {
+    return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  const auto out =
+      MoeSwigluFn::apply(gate_up, optional(gate_delta), optional(up_delta), weights, keep_slots);
+  return {out[0], keep_slots ? out[1] : torch::Tensor()};
+}
+
 QKV split_rope(const torch::Tensor& qkv,
                int64_t heads,
                int64_t kv_heads,
@@ -316,6 +407,14 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 
 torch::Tensor swiglu(const torch::Tensor& gate_up) {
   return composite::swiglu(gate_up);
+}
+
+MoeSwiglu moe_swiglu(const torch::Tensor& gate_up,
+                     const torch::Tensor& gate_delta,
+                     const torch::Tensor& up_delta,
+                     const torch::Tensor& weights,
+                     bool keep_slots) {
+  return composite::moe_swiglu(gate_up, gate_delta, up_delta, weights, keep_slots);
 }
 
 QKV split_rope(const torch::Tensor& qkv,

@@ -15,6 +15,23 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 /// silu(gate) * up for the fused gate and up projections.  gate_up: [..., 2I] -> [..., I]
 torch::Tensor swiglu(const torch::Tensor& gate_up);
 
+/// MixLoRA's k expert slots of each token after the gate and up projections: slot j runs
+/// a_j = silu(g + dg_j) * (u + du_j) on the shared base [g | u] and its expert's LoRA deltas
+/// (undefined: none there), and `mixed` is their weighted sum, summed in the weights' dtype
+/// (fp32, f64 for f64) and rounded once: the down projection is linear, so the base runs it
+/// once on `mixed` rather than once a slot. `slots` holds the a_j when asked for (the
+/// experts' LoRA on down_proj reads them).
+/// gate_up: [N, 2I], gate_delta, up_delta: [N, k, I], weights: [N, k] (fp32, or f64 for f64)
+struct MoeSwiglu {
+  torch::Tensor mixed;  // [N, I]
+  torch::Tensor slots;  // [N, k, I], or undefined
+};
+MoeSwiglu moe_swiglu(const torch::Tensor& gate_up,
+                     const torch::Tensor& gate_delta,
+                     const torch::Tensor& up_delta,
+                     const torch::Tensor& weights,
+                     bool keep_slots);
+
 /// The fused q, k, v projections split into heads, with rotary embeddings on q and k:
 /// x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) on the halves of D.
 /// qkv: [B, T, (H + 2 KV) * D], cos, sin: [T, D] -> q [B, H, T, D], k, v [B, KV, T, D]
@@ -48,6 +65,11 @@ bool fused_kernels_for(const torch::Tensor& x);
 namespace composite {
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor swiglu(const torch::Tensor& gate_up);
+MoeSwiglu moe_swiglu(const torch::Tensor& gate_up,
+                     const torch::Tensor& gate_delta,
+                     const torch::Tensor& up_delta,
+                     const torch::Tensor& weights,
+                     bool keep_slots);
 QKV split_rope(const torch::Tensor& qkv,
                int64_t heads,
                int64_t kv_heads,

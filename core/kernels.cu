@@ -184,6 +184,148 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ dy,
   }
 }
 
+// One row of MixLoRA's slots: the shared base g and u and each slot's deltas, as the
+// composite rounds them (its adds, silu and product in T).
+template <typename T, int N>
+struct SlotRow {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  const T *gu, *dg, *du;  // gu: [2 * cols] of this row; dg, du: [k, cols] of this row or null
+  int64_t cols;
+  P g, u;  // the base at column `col`
+
+  __device__ void load_base(int64_t col) {
+    g = *reinterpret_cast<const P*>(gu + col);
+    u = *reinterpret_cast<const P*>(gu + cols + col);
+  }
+  // Slot j's gate and up inputs at column `col`, element `e` of the pack.
+  __device__ Acc gate(const P& d, int e) const {
+    return dg ? r<T>(Num<T>::load(g.v[e]) + Num<T>::load(d.v[e])) : Num<T>::load(g.v[e]);
+  }
+  __device__ Acc up(const P& d, int e) const {
+    return du ? r<T>(Num<T>::load(u.v[e]) + Num<T>::load(d.v[e])) : Num<T>::load(u.v[e]);
+  }
+  __device__ P delta(const T* d, int j, int64_t col) const {
+    return d ? *reinterpret_cast<const P*>(d + j * cols + col) : P{};
+  }
+};
+
+template <typename T, int N>
+__global__ void moe_swiglu_forward_kernel(const T* __restrict__ gu,
+                                          const T* __restrict__ dg,
+                                          const T* __restrict__ du,
+                                          const typename Num<T>::Acc* __restrict__ w,
+                                          T* __restrict__ mixed,
+                                          T* __restrict__ slots,
+                                          int64_t cols,
+                                          int k) {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  const int64_t row = blockIdx.x;
+  const int64_t at = row * k * cols;
+  SlotRow<T, N> s{gu + row * 2 * cols, dg ? dg + at : nullptr, du ? du + at : nullptr, cols};
+  for (int64_t col = threadIdx.x * int64_t(N); col < cols; col += int64_t(kBlock) * N) {
+    s.load_base(col);
+    Acc sum[N] = {};
+#pragma unroll
+    for (int j = 0; j < kMaxSlots; ++j) {
+      if (j >= k) break;
+      const P gd = s.delta(s.dg, j, col), ud = s.delta(s.du, j, col);
+      const Acc wj = w[row * k + j];
+      P a;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        a.v[e] = Num<T>::round(r<T>(silu(s.gate(gd, e))) * s.up(ud, e));
+        sum[e] += wj * Num<T>::load(a.v[e]);
+      }
+      if (slots) *reinterpret_cast<P*>(slots + at + j * cols + col) = a;
+    }
+    P m;
+#pragma unroll
+    for (int e = 0; e < N; ++e) m.v[e] = Num<T>::round(sum[e]);
+    *reinterpret_cast<P*>(mixed + row * cols + col) = m;
+  }
+}
+
+// One block a row: dw needs the row's sum over its columns.
+template <typename T, int N>
+__global__ void moe_swiglu_backward_kernel(const T* __restrict__ dmixed,
+                                           const T* __restrict__ dslots,
+                                           const T* __restrict__ gu,
+                                           const T* __restrict__ dg,
+                                           const T* __restrict__ du,
+                                           const typename Num<T>::Acc* __restrict__ w,
+                                           T* __restrict__ dgu,
+                                           T* __restrict__ ddg,
+                                           T* __restrict__ ddu,
+                                           typename Num<T>::Acc* __restrict__ dw,
+                                           int64_t cols,
+                                           int k) {
+  using Acc = typename Num<T>::Acc;
+  using P = Pack<T, N>;
+  const int64_t row = blockIdx.x;
+  const int64_t at = row * k * cols;
+  SlotRow<T, N> s{gu + row * 2 * cols, dg ? dg + at : nullptr, du ? du + at : nullptr, cols};
+  // Without deltas every slot shares one input, whose gradient is the slots' summed.
+  const bool per_slot = dg || du;
+  Acc dw_part[kMaxSlots] = {};
+  for (int64_t col = threadIdx.x * int64_t(N); col < cols; col += int64_t(kBlock) * N) {
+    s.load_base(col);
+    const P dm = *reinterpret_cast<const P*>(dmixed + row * cols + col);
+    Acc g_sum[N] = {}, u_sum[N] = {}, a_sum[N] = {};
+#pragma unroll
+    for (int j = 0; j < kMaxSlots; ++j) {
+      if (j >= k) break;
+      const P gd = s.delta(s.dg, j, col), ud = s.delta(s.du, j, col);
+      const P ds = s.delta(dslots ? dslots + at : nullptr, j, col);
+      const Acc wj = w[row * k + j];
+      P dgp, dup;
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        const Acc gv = s.gate(gd, e), uv = s.up(ud, e);
+        const Acc silu_g = r<T>(silu(gv));
+        const Acc dmv = Num<T>::load(dm.v[e]);
+        dw_part[j] += dmv * r<T>(silu_g * uv);
+        Acc da = r<T>(wj * dmv);
+        if (dslots) da = r<T>(da + Num<T>::load(ds.v[e]));
+        if (!per_slot) {
+          a_sum[e] += da;
+          continue;
+        }
+        const Acc sig = Acc(1) / (Acc(1) + exp(-gv));
+        dup.v[e] = Num<T>::round(da * silu_g);
+        dgp.v[e] = Num<T>::round(r<T>(da * uv) * sig * (Acc(1) + gv * (Acc(1) - sig)));
+        g_sum[e] += Num<T>::load(dgp.v[e]);
+        u_sum[e] += Num<T>::load(dup.v[e]);
+      }
+      if (ddg) *reinterpret_cast<P*>(ddg + at + j * cols + col) = dgp;
+      if (ddu) *reinterpret_cast<P*>(ddu + at + j * cols + col) = dup;
+    }
+    P gp, up;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      if (per_slot) {
+        gp.v[e] = Num<T>::round(g_sum[e]);
+        up.v[e] = Num<T>::round(u_sum[e]);
+        continue;
+      }
+      const Acc gv = Num<T>::load(s.g.v[e]), da = r<T>(a_sum[e]);
+      const Acc sig = Acc(1) / (Acc(1) + exp(-gv));
+      up.v[e] = Num<T>::round(da * r<T>(silu(gv)));
+      gp.v[e] =
+          Num<T>::round(r<T>(da * Num<T>::load(s.u.v[e])) * sig * (Acc(1) + gv * (Acc(1) - sig)));
+    }
+    *reinterpret_cast<P*>(dgu + row * 2 * cols + col) = gp;
+    *reinterpret_cast<P*>(dgu + row * 2 * cols + cols + col) = up;
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxSlots; ++j) {
+    if (j >= k) break;
+    const Acc total = block_sum(dw_part[j]);
+    if (threadIdx.x == 0) dw[row * k + j] = total;
+  }
+}
+
 // Per row of logits [n, V]: log softmax at the target, in one pass (online max and sum), and
 // with `grad` the row overwritten by onehot(target) - softmax. Negative targets: 0 and a zero
 // row.
@@ -469,6 +611,69 @@ void swiglu_backward(Dtype dt,
     wide ? launch(swiglu_backward_kernel<T, W>, W) : launch(swiglu_backward_kernel<T, 1>, 1);
   });
   check_launch("swiglu_backward");
+}
+
+void moe_swiglu_forward(Dtype dt,
+                        const void* gu,
+                        const void* dg,
+                        const void* du,
+                        const void* w,
+                        void* mixed,
+                        void* slots,
+                        const SlotsShape& shape,
+                        Stream stream) {
+  if (shape.rows * shape.cols == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using Acc = typename Num<T>::Acc;
+    constexpr int W = kWide<T>;
+    bool wide = true;
+    for (const void* p :
+         {gu, dg, du, static_cast<const void*>(mixed), static_cast<const void*>(slots)})
+      wide = wide && (!p || aligned(p, shape.cols, shape.cols, sizeof(T)));
+    auto launch = [&](auto kernel) {
+      kernel<<<shape.rows, kBlock, 0, stream>>>(
+          static_cast<const T*>(gu), static_cast<const T*>(dg), static_cast<const T*>(du),
+          static_cast<const Acc*>(w), static_cast<T*>(mixed), static_cast<T*>(slots), shape.cols,
+          static_cast<int>(shape.k));
+    };
+    wide ? launch(moe_swiglu_forward_kernel<T, W>) : launch(moe_swiglu_forward_kernel<T, 1>);
+  });
+  check_launch("moe_swiglu_forward");
+}
+
+void moe_swiglu_backward(Dtype dt,
+                         const void* dmixed,
+                         const void* dslots,
+                         const void* gu,
+                         const void* dg,
+                         const void* du,
+                         const void* w,
+                         void* dgu,
+                         void* ddg,
+                         void* ddu,
+                         void* dw,
+                         const SlotsShape& shape,
+                         Stream stream) {
+  if (shape.rows * shape.cols == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using Acc = typename Num<T>::Acc;
+    constexpr int W = kWide<T>;
+    bool wide = true;
+    for (const void* p : {dmixed, dslots, gu, dg, du, static_cast<const void*>(dgu),
+                          static_cast<const void*>(ddg), static_cast<const void*>(ddu)})
+      wide = wide && (!p || aligned(p, shape.cols, shape.cols, sizeof(T)));
+    auto launch = [&](auto kernel) {
+      kernel<<<shape.rows, kBlock, 0, stream>>>(
+          static_cast<const T*>(dmixed), static_cast<const T*>(dslots), static_cast<const T*>(gu),
+          static_cast<const T*>(dg), static_cast<const T*>(du), static_cast<const Acc*>(w),
+          static_cast<T*>(dgu), static_cast<T*>(ddg), static_cast<T*>(ddu), static_cast<Acc*>(dw),
+          shape.cols, static_cast<int>(shape.k));
+    };
+    wide ? launch(moe_swiglu_backward_kernel<T, W>) : launch(moe_swiglu_backward_kernel<T, 1>);
+  });
+  check_launch("moe_swiglu_backward");
 }
 
 void target_log_softmax(Dtype dt,

@@ -43,6 +43,41 @@ void swiglu_forward(Dtype dt, const void* gu, void* y, int64_t rows, int64_t col
 void swiglu_backward(
     Dtype dt, const void* dy, const void* gu, void* dgu, int64_t rows, int64_t cols, Stream stream);
 
+// MixLoRA's k expert slots after their gate and up projections, each row of the shared base
+// gu [rows, 2 * cols] with slot j's deltas dg, du [rows, k, cols] (either may be null: no
+// expert LoRA there): a_j = T(T(silu(T(g + dg_j))) * T(u + du_j)), and their mix
+// mixed = T(sum_j w_j a_j) [rows, cols] with w [rows, k] in the accumulation type, summed
+// there. `slots` [rows, k, cols] receives every a_j where it is not null. k <= kMaxSlots.
+constexpr int kMaxSlots = 8;
+struct SlotsShape {
+  int64_t rows, cols, k;
+};
+void moe_swiglu_forward(Dtype dt,
+                        const void* gu,
+                        const void* dg,
+                        const void* du,
+                        const void* w,
+                        void* mixed,
+                        void* slots,
+                        const SlotsShape& shape,
+                        Stream stream);
+// The gradients for dmixed [rows, cols] and dslots [rows, k, cols] (null: none): dgu [rows, 2 *
+// cols], ddg and ddu [rows, k, cols] where dg and du are given, dw [rows, k] (accumulation
+// type).
+void moe_swiglu_backward(Dtype dt,
+                         const void* dmixed,
+                         const void* dslots,
+                         const void* gu,
+                         const void* dg,
+                         const void* du,
+                         const void* w,
+                         void* dgu,
+                         void* ddg,
+                         void* ddu,
+                         void* dw,
+                         const SlotsShape& shape,
+                         Stream stream);
+
 // For logits [n, vocab] contiguous and targets [n]: logp[i] = log softmax(logits[i])[target]
 // in the accumulation type, 0 where the target is negative (ignored). With `grad` the logits
 // are overwritten by onehot(target) - softmax(logits) (the gradient of logp), zero rows where

@@ -55,7 +55,7 @@ TEST_CASE("a fresh MixLoRA MLP equals the base MLP", "[adapters][mixlora]") {
 
 TEST_CASE("MixLoRA's efficient and per-expert paths agree", "[adapters][mixlora]") {
   const std::vector<std::vector<std::string>> kind_sets = {
-      kAllKinds, {"up_proj", "down_proj"}, {"gate_proj"}, {}};
+      kAllKinds, {"up_proj", "down_proj"}, {"gate_proj"}, {"down_proj"}, {}};
   for (const auto& kinds : kind_sets) {
     INFO(kinds.size() << " kinds with expert LoRAs");
     // float64: the two paths sum in different orders.

@@ -92,6 +92,46 @@ TEST_CASE("fused SwiGLU equals the composite with its gradients on CUDA", "[gpu]
   }
 }
 
+TEST_CASE("fused MixLoRA slots' SwiGLU and mix equal the composite with gradients on CUDA",
+          "[gpu][kernels]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(4);
+  const int64_t n = 37;
+  for (auto dtype : {torch::kFloat64, torch::kBFloat16}) {
+    const auto acc = dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    for (int64_t i : {128, 131}) {
+      for (int64_t k : {2, 3}) {
+        for (int deltas : {0, 1, 2, 3}) {  // bit 0: gate deltas, bit 1: up deltas
+          for (bool keep_slots : {false, true}) {
+            INFO("intermediate " << i << ", k " << k << ", deltas " << deltas << ", slots "
+                                 << keep_slots);
+            std::vector<torch::Tensor> in{
+                cuda_randn({n, 2 * i}, dtype) * 3,
+                torch::softmax(torch::randn({n, k}, torch::kFloat64), -1).to(torch::kCUDA, acc)};
+            if (deltas & 1) in.push_back(cuda_randn({n, k, i}, dtype));
+            if (deltas & 2) in.push_back(cuda_randn({n, k, i}, dtype));
+            auto dy = cuda_randn({n * i * (keep_slots ? k + 1 : 1)}, dtype);
+            auto run = [&](auto op) {
+              return [op, deltas, keep_slots](const std::vector<torch::Tensor>& v) {
+                const auto gate = deltas & 1 ? v[2] : torch::Tensor();
+                const auto up = deltas & 2 ? v[deltas & 1 ? 3 : 2] : torch::Tensor();
+                const MoeSwiglu out = op(v[0], gate, up, v[1], keep_slots);
+                return keep_slots ? torch::cat({out.mixed.flatten(), out.slots.flatten()})
+                                  : out.mixed.flatten();
+              };
+            };
+            std::vector<torch::Tensor> in64;
+            for (const auto& t : in) in64.push_back(f64(t));
+            check(value_and_grads(run(moe_swiglu), in, dy),
+                  value_and_grads(run(composite::moe_swiglu), in, dy),
+                  value_and_grads(run(composite::moe_swiglu), in64, f64(dy)), dtype);
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("fused q/k/v split with RoPE equals the composite with GQA on CUDA", "[gpu][kernels]") {
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(2);
