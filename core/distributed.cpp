@@ -19,7 +19,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <torch/csrc/autograd/function.h>
+
 #include <cstdlib>
+#include <mutex>
 
 #include "core/compat.h"
 #include "core/errors.h"
@@ -77,6 +80,13 @@ struct World::Impl {
   c10::intrusive_ptr<compat::CollectiveBackend> group;
   int64_t bucket_bytes = 0;
   bool failed = false;  // a collective failed: a peer may be dead or hung
+  // Buckets started and not yet waited for, in the order they started.
+  struct Pending {
+    std::vector<torch::Tensor> tensors;  // where the sums go
+    std::vector<torch::Tensor> flat;     // {[n] fp32}, the bucket
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+  std::vector<Pending> pending;
 
   // Which rank stopped, as far as the store can tell: the ranks behind `step`. When the store
   // does not answer, its host (rank 0) stopped, or, seen from rank 0 itself, a peer that
@@ -176,53 +186,282 @@ World::~World() {
   }
 }
 
+int64_t World::bucket_bytes() const {
+  return impl_->bucket_bytes;
+}
+
 void World::sum(const std::vector<torch::Tensor>& tensors, int64_t step) {
   if (launch_.world_size <= 1) return;
+  // Buckets of consecutive tensors.
+  std::vector<torch::Tensor> bucket;
+  int64_t bytes = 0;
+  for (const auto& t : tensors) {
+    const int64_t b = t.numel() * 4;
+    if (bytes > 0 && bytes + b > impl_->bucket_bytes) {
+      start(bucket, step);
+      bucket.clear();
+      bytes = 0;
+    }
+    bucket.push_back(t);
+    bytes += b;
+  }
+  if (!bucket.empty()) start(bucket, step);
+  wait_all(step);
+}
+
+void World::start(const std::vector<torch::Tensor>& tensors, int64_t step) {
+  if (launch_.world_size <= 1) return;
+  auto& im = *impl_;
+  try {
+    if (im.pending.empty()) {
+      const auto mark = std::to_string(step);
+      im.store->set(step_key(launch_.rank), std::vector<uint8_t>(mark.begin(), mark.end()));
+    }
+    std::vector<torch::Tensor> parts;
+    for (const auto& t : tensors) parts.push_back(t.reshape({-1}).to(torch::kFloat32));
+    Impl::Pending p{tensors, {torch::cat(parts)}, {}};
+    p.work = im.group->allreduce(p.flat);
+    im.pending.push_back(std::move(p));
+  } catch (const std::exception& e) {
+    fail(e, step);
+  }
+}
+
+void World::wait_all(int64_t step) {
+  if (launch_.world_size <= 1) return;
+  auto& im = *impl_;
+  try {
+    for (auto& p : im.pending) {
+      p.work->wait();
+      int64_t offset = 0;
+      for (const auto& t : p.tensors) {
+        const auto n = t.numel();
+        t.copy_(p.flat[0].narrow(0, offset, n).view(t.sizes()));
+        offset += n;
+      }
+    }
+    im.pending.clear();
+  } catch (const std::exception& e) {
+    fail(e, step);
+  }
+}
+
+torch::Tensor World::all_gather(const torch::Tensor& shard, int64_t step) {
+  const auto flat = shard.detach().reshape({-1}).to(torch::kFloat32).contiguous();
+  if (launch_.world_size <= 1) return flat.clone();
   auto& im = *impl_;
   try {
     const auto mark = std::to_string(step);
     im.store->set(step_key(launch_.rank), std::vector<uint8_t>(mark.begin(), mark.end()));
-    // Buckets of consecutive tensors, flattened into fp32.
-    std::vector<std::vector<torch::Tensor>> flat;    // per bucket: {the bucket [n] fp32}
-    std::vector<std::pair<size_t, size_t>> members;  // per bucket: [first, last) tensor
-    std::vector<torch::Tensor> parts;
-    size_t first = 0;
-    int64_t bytes = 0;
-    auto close = [&](size_t last) {
-      if (parts.empty()) return;
-      flat.push_back({torch::cat(parts)});
-      members.emplace_back(first, last);
-      parts.clear();
-      first = last;
-      bytes = 0;
-    };
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      const int64_t b = tensors[i].numel() * 4;
-      if (bytes > 0 && bytes + b > im.bucket_bytes) close(i);
-      parts.push_back(tensors[i].reshape({-1}).to(torch::kFloat32));
-      bytes += b;
-    }
-    close(tensors.size());
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (auto& bucket : flat) works.push_back(im.group->allreduce(bucket));
-    for (size_t k = 0; k < works.size(); ++k) {
-      works[k]->wait();
-      int64_t offset = 0;
-      for (size_t i = members[k].first; i < members[k].second; ++i) {
-        const auto n = tensors[i].numel();
-        tensors[i].copy_(flat[k][0].narrow(0, offset, n).view(tensors[i].sizes()));
-        offset += n;
-      }
-    }
+    std::vector<std::vector<torch::Tensor>> outputs(1);
+    for (int64_t r = 0; r < launch_.world_size; ++r) outputs[0].push_back(torch::empty_like(flat));
+    std::vector<torch::Tensor> inputs{flat};
+    im.group->allgather(outputs, inputs)->wait();
+    return torch::cat(outputs[0]);
   } catch (const std::exception& e) {
-    std::string cause = e.what();
-    cause = cause.substr(0, cause.find('\n'));
-    im.failed = true;
-    throw DistributedError(fmt::format(
-        "rank {} of {}: the all-reduce at step {} failed ({}): {} (hint: see that rank's log; "
-        "a rank that dies or hangs ends every other one within distributed.timeout_s)",
-        launch_.rank, launch_.world_size, step, cause, im.stopped(launch_, step)));
+    fail(e, step);
   }
+}
+
+void World::fail(const std::exception& e, int64_t step) {
+  auto& im = *impl_;
+  std::string cause = e.what();
+  cause = cause.substr(0, cause.find('\n'));
+  im.failed = true;
+  im.pending.clear();
+  throw DistributedError(fmt::format(
+      "rank {} of {}: the all-reduce at step {} failed ({}): {} (hint: see that rank's log; "
+      "a rank that dies or hangs ends every other one within distributed.timeout_s)",
+      launch_.rank, launch_.world_size, step, cause, im.stopped(launch_, step)));
+}
+
+struct OverlappedGradients::State {
+  struct Bucket {
+    std::vector<torch::Tensor> tensors;  // gradient holders
+    size_t waiting = 0;                  // of them, not final yet
+  };
+  State(World& world, int64_t step) : world(world), step(step) {}
+
+  World& world;
+  int64_t step;
+  std::vector<Bucket> buckets;    // in the order every rank starts them
+  std::vector<size_t> bucket_of;  // per hooked tensor
+  struct Hook {
+    std::shared_ptr<torch::autograd::Node> accumulator;
+    uintptr_t key;
+  };
+  std::vector<Hook> hooks;
+  size_t next = 0;  // the first bucket not started
+  Overlap overlap;
+  std::mutex mutex;  // the backward may run hooks on a device thread of its own
+
+  // Starts every bucket from `next` on whose gradients are all final.
+  void start_ready(bool in_backward) {
+    for (; next < buckets.size() && buckets[next].waiting == 0; ++next) {
+      std::vector<torch::Tensor> grads;
+      for (auto& t : buckets[next].tensors) {
+        if (!t.grad().defined()) t.mutable_grad() = torch::zeros_like(t);
+        grads.push_back(t.grad());
+      }
+      world.start(grads, step);
+      overlap.started_in_backward += in_backward;
+    }
+  }
+
+  void final_gradient(size_t tensor) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (next > 0) ++overlap.grads_after_first_start;
+    auto& b = buckets[bucket_of[tensor]];
+    if (b.waiting > 0 && --b.waiting == 0) start_ready(/*in_backward=*/true);
+  }
+
+  void remove_hooks() {
+    for (auto& h : hooks) h.accumulator->del_post_hook(h.key);
+    hooks.clear();
+  }
+
+  // Runs after a tensor's gradient accumulation: its gradient is final for this backward.
+  struct FinalGradientHook : torch::autograd::FunctionPostHook {
+    FinalGradientHook(State* state, size_t tensor) : state(state), tensor(tensor) {}
+    torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                              const torch::autograd::variable_list&) override {
+      state->final_gradient(tensor);
+      return outputs;
+    }
+    State* state;
+    size_t tensor;
+  };
+};
+
+OverlappedGradients::OverlappedGradients(World& world) : world_(world) {}
+
+OverlappedGradients::~OverlappedGradients() {
+  if (state_) state_->remove_hooks();
+}
+
+void OverlappedGradients::arm(const std::vector<std::vector<torch::Tensor>>& jobs, int64_t step) {
+  if (state_) state_->remove_hooks();
+  state_.reset();
+  if (world_.size() <= 1 || jobs.empty()) return;
+  state_.reset(new State(world_, step));
+  auto& st = *state_;
+  for (const auto& tensors : jobs) {
+    int64_t bytes = 0;
+    bool open = false;  // a bucket of this job takes more tensors
+    for (auto it = tensors.rbegin(); it != tensors.rend(); ++it) {
+      const int64_t b = it->numel() * 4;
+      if (!open || (bytes > 0 && bytes + b > world_.bucket_bytes())) {
+        st.buckets.emplace_back();
+        bytes = 0;
+        open = true;
+      }
+      bytes += b;
+      st.buckets.back().tensors.push_back(*it);
+      const size_t index = st.bucket_of.size();
+      st.bucket_of.push_back(st.buckets.size() - 1);
+      // A tensor without an accumulator never becomes final here: finish() starts its bucket.
+      auto accumulator = torch::autograd::impl::grad_accumulator(*it);
+      if (!accumulator) continue;
+      ++st.buckets.back().waiting;
+      const auto key =
+          accumulator->add_post_hook(std::make_unique<State::FinalGradientHook>(&st, index));
+      st.hooks.push_back({std::move(accumulator), key});
+    }
+  }
+}
+
+void OverlappedGradients::finish() {
+  if (!state_) return;
+  auto& st = *state_;
+  st.remove_hooks();
+  for (auto& b : st.buckets) b.waiting = 0;  // tensors no row reached: zero gradients
+  st.start_ready(/*in_backward=*/false);
+  world_.wait_all(st.step);
+  last_ = st.overlap;
+  last_.buckets = static_cast<int64_t>(st.buckets.size());
+  state_.reset();
+}
+
+namespace {
+
+// The tensors laid end to end in fp32, zero-padded to `length`. -> [length]
+torch::Tensor end_to_end(const std::vector<torch::Tensor>& tensors, int64_t length) {
+  std::vector<torch::Tensor> parts;
+  int64_t n = 0;
+  for (const auto& t : tensors) {
+    parts.push_back(t.detach().reshape({-1}).to(torch::kFloat32));
+    n += t.numel();
+  }
+  if (length > n) parts.push_back(torch::zeros({length - n}, parts.front().options()));
+  return torch::cat(parts);
+}
+
+// Writes flat [>= their elements] back into the tensors, each in its own dtype.
+void write_back(const torch::Tensor& flat, std::vector<torch::Tensor>& tensors) {
+  int64_t offset = 0;
+  for (auto& t : tensors) {
+    t.copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
+}
+
+}  // namespace
+
+ShardedAdamW::ShardedAdamW(World& world_, std::vector<torch::Tensor> model_, const AdamW& full)
+    : world(world_), model(std::move(model_)) {
+  torch::NoGradGuard no_grad;
+  int64_t total = 0;
+  for (const auto& t : model) total += t.numel();
+  shard = (total + world.size() - 1) / world.size();
+  auto mine = [&](const std::vector<torch::Tensor>& tensors) {
+    return end_to_end(tensors, shard * world.size()).narrow(0, world.rank() * shard, shard).clone();
+  };
+  local.emplace(std::vector<torch::Tensor>{mine(full.params).requires_grad_(true)}, full.settings);
+  local->exp_avg[0].copy_(mine(full.exp_avg));
+  local->exp_avg_sq[0].copy_(mine(full.exp_avg_sq));
+  local->steps = full.steps;
+}
+
+torch::Tensor ShardedAdamW::step(double lr, double max_grad_norm, int64_t step_number) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> grads;
+  for (auto& t : model) {
+    grads.push_back(t.grad().defined() ? t.grad() : torch::zeros_like(t));
+    t.mutable_grad().reset();
+  }
+  auto& master = local->params[0];
+  master.mutable_grad() =
+      end_to_end(grads, shard * world.size()).narrow(0, world.rank() * shard, shard).clone();
+  grads.clear();
+  const auto norm = local->step(lr, max_grad_norm, [&](torch::Tensor squared) {
+    world.sum({squared}, step_number);
+    return squared;
+  });
+  write_back(world.all_gather(master, step_number), model);
+  return norm;
+}
+
+void ShardedAdamW::gather(std::optional<AdamW>& optimizer,
+                          std::optional<MasterWeights>& masters) const {
+  torch::NoGradGuard no_grad;
+  const auto at = local->steps;
+  const auto weights = world.all_gather(local->params[0], at);
+  const auto m = world.all_gather(local->exp_avg[0], at),
+             v = world.all_gather(local->exp_avg_sq[0], at);
+  // What new_optimizer holds: masters for the tensors not in fp32, in the model's order.
+  std::vector<torch::Tensor> low, params;
+  for (const auto& t : model)
+    if (t.scalar_type() != torch::kFloat32) low.push_back(t);
+  masters.reset();
+  if (!low.empty()) masters.emplace(low);
+  size_t next = 0;
+  for (const auto& t : model)
+    params.push_back(t.scalar_type() != torch::kFloat32 ? masters->masters[next++] : t);
+  write_back(weights, params);
+  optimizer.emplace(params, local->settings);
+  write_back(m, optimizer->exp_avg);
+  write_back(v, optimizer->exp_avg_sq);
+  optimizer->steps = local->steps;
 }
 
 }  // namespace lorafit

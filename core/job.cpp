@@ -108,6 +108,7 @@ void new_optimizer(Job& job, LlamaForCausalLM& model) {
 }
 
 std::vector<torch::Tensor> gradient_holders(const Job& job) {
+  if (job.shards) return job.shards->model;
   auto out = job.optimizer->params;
   if (job.masters)
     for (auto& t : out)

@@ -16,6 +16,7 @@
 #include "core/checkpoint.h"
 #include "core/cola.h"
 #include "core/datasets.h"
+#include "core/distributed.h"
 #include "core/llama.h"
 #include "core/loss.h"
 #include "core/loss_plot.h"
@@ -56,6 +57,9 @@ struct Job {
   BaseFilter base_trains;
   std::optional<AdamW> optimizer;        // rebuilt, with fresh state, at every knot
   std::optional<MasterWeights> masters;  // of the trained base tensors not in fp32
+  // Full fine-tuning on several ranks: optimizer and masters split over them (ZeRO-1); then
+  // `optimizer` and `masters` exist only while a checkpoint or the final model is written.
+  std::optional<ShardedAdamW> shards;
   std::optional<ExampleStream> stream;
   TrainerState state;
   std::ofstream metrics;

@@ -16,7 +16,9 @@ AdamW::AdamW(std::vector<torch::Tensor> p, AdamWSettings s) : params(std::move(p
   }
 }
 
-torch::Tensor AdamW::step(double lr, double max_grad_norm) {
+torch::Tensor AdamW::step(double lr,
+                          double max_grad_norm,
+                          const std::function<torch::Tensor(torch::Tensor)>& sum_over_ranks) {
   torch::NoGradGuard no_grad;
   // A tensor that took no part in the step (no gradient) keeps its weights and moments.
   std::vector<torch::Tensor> p, g, m, v;
@@ -30,6 +32,7 @@ torch::Tensor AdamW::step(double lr, double max_grad_norm) {
   torch::Tensor norm;
   if (max_grad_norm > 0 && !g.empty()) {
     norm = torch::stack(at::_foreach_norm(g, 2)).norm();
+    if (sum_over_ranks) norm = sum_over_ranks(norm.square()).sqrt();
     // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when that is below 1.
     compat::foreach_scale_(g, (max_grad_norm / (norm + 1e-6)).clamp_max(1.0));
   }

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,7 +29,11 @@ struct AdamW {
   /// step at `lr` (PyTorch's update, bias-corrected) and clears the gradients. Returns the
   /// norm before clipping as a 0-dim tensor on the parameters' device (undefined without
   /// clipping): reading it waits for the GPU, so callers read it only when they log it.
-  torch::Tensor step(double lr, double max_grad_norm);
+  /// `sum_over_ranks` (sharded state): sums the squared norm of these gradients with the other
+  /// ranks' shards', for the norm of all of them.
+  torch::Tensor step(double lr,
+                     double max_grad_norm,
+                     const std::function<torch::Tensor(torch::Tensor)>& sum_over_ranks = nullptr);
 
   /// The state as tensors (exp_avg.i, exp_avg_sq.i in parameter order) plus the step count;
   /// `load` checks that count and the shapes against this optimizer's parameters.

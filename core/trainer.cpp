@@ -137,11 +137,13 @@ struct StepStats {
   int64_t tokens = 0;  // of the step, all ranks
   int64_t slots = 0;   // the rows' tokens with their padding, all ranks
   bool stop = false;   // some rank was asked to stop
+  // Data parallelism: how the gradients' all-reduce overlapped the backward.
+  std::optional<OverlappedGradients::Overlap> overlap;
 };
 
-// Data parallelism: the ranks' gradients (each already a share of the global token mean) and
-// losses are summed, so every rank takes the same step; so is the count of ranks that were
-// asked to stop, so that all stop after the same step. Reading the result waits for the
+// Data parallelism: the ranks' losses are summed (their gradients, each already a share of
+// the global token mean, were summed during the backward), and so is the count of ranks that
+// were asked to stop, so that all stop after the same step. Reading the result waits for the
 // backward pass, once per step: a non-finite loss must stop the job before the update.
 StepStats all_reduce_step(Job& job, World& world) {
   const auto f64 = job.step_loss.nll.options().dtype(torch::kFloat64);
@@ -151,19 +153,45 @@ StepStats all_reduce_step(Job& job, World& world) {
        torch::full({}, static_cast<double>(job.step_tokens), f64),
        torch::full({}, static_cast<double>(job.step_slots), f64),
        torch::full({}, StopSignals::received() != 0 ? 1.0 : 0.0, f64)});
-  if (world.size() > 1) {
-    std::vector<torch::Tensor> reduced{stats};
-    for (auto& t : gradient_holders(job)) {
-      if (!t.grad().defined()) t.mutable_grad() = torch::zeros_like(t);
-      reduced.push_back(t.grad());
-    }
-    world.sum(reduced, job.state.step + 1);
-  }
+  world.sum({stats}, job.state.step + 1);
   const auto host = stats.cpu();
   job.step_tokens = job.step_slots = 0;
-  return {host[0].item<double>(), host[1].item<double>(),
+  return {host[0].item<double>(),
+          host[1].item<double>(),
           static_cast<int64_t>(host[2].item<double>()),
-          static_cast<int64_t>(host[3].item<double>()), host[4].item<double>() > 0};
+          static_cast<int64_t>(host[3].item<double>()),
+          host[4].item<double>() > 0,
+          std::nullopt};
+}
+
+// Full fine-tuning on several ranks: each keeps a 1/N share of the fp32 masters and moments.
+void shard_state(Job& job, World& world) {
+  int64_t whole = 0;  // bytes one process holds: both moments, and masters where not fp32
+  for (const auto& t : job.optimizer->params) whole += 8 * t.numel();
+  if (job.masters)
+    for (const auto& t : job.masters->masters) whole += 4 * t.numel();
+  job.shards.emplace(world, gradient_holders(job), *job.optimizer);
+  job.optimizer.reset();
+  job.masters.reset();
+  if (job.writes) {
+    fmt::print(stderr,
+               "{}optimizer state split over {} ranks: {:.4g} MiB a rank (one process: {:.4g} "
+               "MiB)\n",
+               job.prefix, world.size(), 12.0 * static_cast<double>(job.shards->shard) / (1 << 20),
+               static_cast<double>(whole) / (1 << 20));
+  }
+}
+
+// Runs `write` with the job's whole optimizer state and masters in place: gathered from the
+// ranks (every rank calls this) when they are sharded, and dropped again after.
+template <typename F>
+void with_full_state(Job& job, F&& write) {
+  if (job.shards) job.shards->gather(job.optimizer, job.masters);
+  write();
+  if (job.shards) {
+    job.optimizer.reset();
+    job.masters.reset();
+  }
 }
 
 // Marks the job failed after a non-finite loss; the message, naming its last good checkpoint.
@@ -207,6 +235,11 @@ void log_step(
                             static_cast<double>(std::max<int64_t>(1, job.slots_since_log))}};
   if (job.step_loss.aux.defined()) line["aux_loss"] = stats.aux;
   if (job.spec->step_metrics) line.update(job.spec->step_metrics(job.settings, job.sites));
+  if (stats.overlap) {
+    line["allreduce"] = {{"buckets", stats.overlap->buckets},
+                         {"started_in_backward", stats.overlap->started_in_backward},
+                         {"grads_after_first_start", stats.overlap->grads_after_first_start}};
+  }
   job.metrics << line.dump() << "\n" << std::flush;
   job.history.train.emplace_back(job.state.step, stats.loss);
   job.tokens_since_log = job.slots_since_log = 0;
@@ -366,6 +399,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   }
   World world(launch, device, std::chrono::seconds(recipe.distributed.timeout_s),
               static_cast<int64_t>(recipe.distributed.bucket_mb * (1 << 20)));
+  OverlappedGradients overlap(world);
   for (auto& job : jobs) {
     const auto& tr = job.recipe.train;
     job.writes = world.main();
@@ -444,6 +478,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
       finish_job(job, model, rope_factor);
       continue;
     }
+    if (world.size() > 1 && job.spec->trains_base) shard_state(job, world);
     // The held-out loss before any step, the first point of the loss curve.
     if (job.state.step == 0 && !job.valid_examples.empty() && job.recipe.train.eval_every > 0)
       evaluate_job(job);
@@ -461,6 +496,17 @@ void train(const Recipe& recipe, const TrainRun& run) {
     // ---------------------------------------------------------------------------------------
     // One training step (of each job whose accumulation completes in this pass).
     const auto parts = next_micro_batches(jobs, model, world, tty);
+    // The jobs whose step ends in this pass sum their gradients over the ranks as the
+    // backward finishes them.
+    std::vector<std::vector<torch::Tensor>> finishing;
+    int64_t finishing_step = 0;
+    for (const auto& part : parts) {
+      const auto& job = jobs[part.job];
+      if (job.next_micro + 1 < job.micro_batches) continue;
+      finishing.push_back(gradient_holders(job));
+      finishing_step = std::max(finishing_step, job.state.step + 1);
+    }
+    overlap.arm(finishing, finishing_step);
     for (const auto& group : group_by_length(parts)) {
       const auto batch = collate(group, device, pad_multiple);
       routing.set_rows(spans_of(group));
@@ -468,19 +514,23 @@ void train(const Recipe& recipe, const TrainRun& run) {
         jobs[part.job].step_slots += static_cast<int64_t>(part.rows.size()) * batch.ids.size(1);
       forward_backward(model, batch, loss_parts(jobs, group));  // forward, loss, backward
     }
+    overlap.finish();
     for (const auto& part : parts) {
       auto& job = jobs[part.job];
       const auto& tr = job.recipe.train;
       if (++job.next_micro < job.micro_batches) continue;
       job.next_micro = 0;
-      const auto stats = all_reduce_step(job, world);  // gradients, losses, stop requests
+      auto stats = all_reduce_step(job, world);  // losses, stop requests
+      if (world.size() > 1) stats.overlap = overlap.last();
       stopping = stopping || stats.stop;
       if (!std::isfinite(stats.loss + stats.aux)) {
         failures.push_back(fail_job(job, stats.loss, shared));
         continue;
       }
       const double lr = job_lr(job);
-      const auto grad_norm = apply_update(*job.optimizer, job.masters, lr, tr.max_grad_norm);
+      const auto grad_norm = job.shards
+                                 ? job.shards->step(lr, tr.max_grad_norm, job.state.step + 1)
+                                 : apply_update(*job.optimizer, job.masters, lr, tr.max_grad_norm);
       ++job.state.step;
       job.state.data = job.stream->position();
       // -------------------------------------------------------------------------------------
@@ -489,14 +539,19 @@ void train(const Recipe& recipe, const TrainRun& run) {
       if (!job.valid_examples.empty() && tr.eval_every > 0 &&
           (job.state.step % tr.eval_every == 0 || last_step))
         evaluate_job(job);
-      if (job.writes && tr.save_every > 0 && (job.state.step % tr.save_every == 0 || last_step))
-        save_checkpoint(job, model, rope_factor);
+      // Every rank decides alike: sharded state is gathered by all of them.
+      auto checkpoint = [&] {
+        with_full_state(job, [&] {
+          if (job.writes) save_checkpoint(job, model, rope_factor);
+        });
+        job.saved_step = job.state.step;
+      };
+      if (tr.save_every > 0 && (job.state.step % tr.save_every == 0 || last_step)) checkpoint();
       if (last_step) {
         if (tty) fmt::print(stderr, "\n");
-        finish_job(job, model, rope_factor);
+        with_full_state(job, [&] { finish_job(job, model, rope_factor); });
       } else if (stopping) {
-        if (job.writes && job.saved_step != job.state.step)
-          save_checkpoint(job, model, rope_factor);
+        if (job.saved_step != job.state.step) checkpoint();
         job.status = Job::Status::Stopped;
       }
     }

@@ -8,6 +8,9 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "core/safetensors.h"
@@ -81,57 +84,73 @@ const std::string kTrain =
 
 }  // namespace
 
-TEST_CASE("two ranks train what one process trains on the same global batch", "[cli][dist]") {
-  // Every strategy that trains; the files that hold what it trained.
+TEST_CASE("two and three ranks train what one process trains on the same global batch",
+          "[cli][dist]") {
+  // Every strategy that trains; the files that hold what it trained; whether three ranks run
+  // it too (on a global batch of 12).
   struct Case {
     std::string name, sets;
     std::vector<std::string> files;
+    bool three = false;
   };
   const std::vector<Case> cases = {
       {"lora, 2 micro-batches per rank",
        "--set train.micro_batch_size=2",
-       {"adapter/adapter_model.safetensors"}},
+       {"adapter/adapter_model.safetensors"},
+       true},
       {"multilora", "--set adapter.type=multilora", {"adapter/adapter_model.safetensors"}},
       {"dora", "--set adapter.type=dora", {"adapter/adapter_model.safetensors"}},
       {"mixlora",
        "--set adapter.type=mixlora --set adapter.num_experts=4 "
        "--set adapter.router_aux_loss_coef=0.01",
-       {"adapter/adapter_model.safetensors"}},
-      {"cola", "--set cola.links=2", {"adapter/adapter_model.safetensors"}},
+       {"adapter/adapter_model.safetensors"},
+       true},
+      {"cola", "--set cola.links=2", {"adapter/adapter_model.safetensors"}, true},
       {"longlora",
        "--set longlora.group_ratio=0.25 --set 'longlora.trainable=[embed, norm]'",
        {"adapter/adapter_model.safetensors"}},
-      {"full", "--set adapter.type=full --set train.lr=1e-3", {"model/model.safetensors"}},
+      {"full", "--set adapter.type=full --set train.lr=1e-3", {"model/model.safetensors"}, true},
   };
+  const std::string three = "--set train.batch_size=12 --set train.micro_batch_size=2 ";
   TempDir tmp;
   for (const auto& c : cases) {
     INFO(c.name);
-    const auto one = run_lorafit(kTrain + c.sets + " --set output=" + q(tmp / (c.name + "-1")));
-    INFO(one.err);
-    REQUIRE(one.code == 0);
-    const auto two = run_ranks(2, kTrain + c.sets + " --set output=" + q(tmp / (c.name + "-2")));
-    INFO(two[0].err);
-    INFO(two[1].err);
-    REQUIRE(two[0].code == 0);
-    REQUIRE(two[1].code == 0);
-    for (const auto& f : c.files)
-      REQUIRE(max_diff(tmp / (c.name + "-1/") + f, tmp / (c.name + "-2/") + f) < 1e-5);
-    // Rank 0 alone logs and writes.
-    REQUIRE_THAT(two[0].err, Catch::Contains("step 8/8"));
-    REQUIRE(two[1].err.empty());
+    for (int world : {2, 3}) {
+      if (world == 3 && !c.three) continue;
+      INFO(world << " ranks");
+      const auto sets = kTrain + c.sets + " " + (world == 3 ? three : "");
+      const auto name = c.name + "-" + std::to_string(world);
+      const auto one = run_lorafit(sets + " --set output=" + q(tmp / (name + "-1")));
+      INFO(one.err);
+      REQUIRE(one.code == 0);
+      const auto ranks = run_ranks(world, sets + " --set output=" + q(tmp / name));
+      for (const auto& r : ranks) {
+        INFO(r.err);
+        REQUIRE(r.code == 0);
+      }
+      for (const auto& f : c.files)
+        REQUIRE(max_diff(tmp / (name + "-1/") + f, tmp / (name + "/") + f) < 1e-6);
+      // Rank 0 alone logs and writes.
+      REQUIRE_THAT(ranks[0].err, Catch::Contains("step 8/8"));
+      for (int r = 1; r < world; ++r) REQUIRE(ranks[r].err.empty());
+    }
   }
 
-  {  // jobs
-    const std::string args = "train recipes/jobs.yaml --device cpu --set train.steps=6 ";
-    REQUIRE(run_lorafit(args + "--set output=" + q(tmp / "jobs-1")).code == 0);
-    const auto two = run_ranks(2, args + "--set output=" + q(tmp / "jobs-2"));
-    INFO(two[0].err);
-    REQUIRE(two[0].code == 0);
-    REQUIRE(two[1].code == 0);
+  for (int world : {2, 3}) {  // jobs
+    INFO(world << " ranks, jobs");
+    const std::string args = "train recipes/jobs.yaml --device cpu --set train.steps=6 " +
+                             (world == 3 ? three : std::string());
+    const auto name = "jobs-" + std::to_string(world);
+    REQUIRE(run_lorafit(args + "--set output=" + q(tmp / (name + "-1"))).code == 0);
+    const auto ranks = run_ranks(world, args + "--set output=" + q(tmp / name));
+    for (const auto& r : ranks) {
+      INFO(r.err);
+      REQUIRE(r.code == 0);
+    }
     for (const char* job : {"qv", "wide", "mix"}) {
       INFO(job);
       const std::string f = std::string("/") + job + "/adapter/adapter_model.safetensors";
-      REQUIRE(max_diff(tmp / "jobs-1" + f, tmp / "jobs-2" + f) < 1e-5);
+      REQUIRE(max_diff(tmp / (name + "-1") + f, tmp / name + f) < 1e-6);
     }
   }
 
@@ -149,6 +168,75 @@ TEST_CASE("two ranks train what one process trains on the same global batch", "[
     REQUIRE(max_diff(out + "/adapter/adapter_model.safetensors",
                      whole + "/adapter/adapter_model.safetensors") < 1e-6);
   }
+}
+
+TEST_CASE("full fine-tuning splits its optimizer state over the ranks and resumes from it",
+          "[cli][dist]") {
+  TempDir tmp;
+  const std::string full = kTrain + "--set adapter.type=full --set train.lr=1e-3 ";
+  // The state a rank holds falls as 1/N (12 bytes an element: master, two moments).
+  double one_process = 0;
+  std::vector<double> per_rank;
+  for (int world : {2, 3}) {
+    const auto ranks =
+        run_ranks(world, full + (world == 3 ? "--set train.batch_size=12 " : "") +
+                             "--set output=" + q(tmp / ("w" + std::to_string(world))));
+    INFO(ranks[0].err);
+    REQUIRE(ranks[0].code == 0);
+    const auto at = ranks[0].err.find("optimizer state split over " + std::to_string(world));
+    REQUIRE(at != std::string::npos);
+    double mine = 0, whole = 0;
+    REQUIRE(std::sscanf(ranks[0].err.c_str() + at,
+                        "optimizer state split over %*d ranks: %lf MiB a rank (one process: %lf",
+                        &mine, &whole) == 2);
+    per_rank.push_back(mine);
+    one_process = whole;
+  }
+  // fp32 weights: one process holds the two moments (8 bytes an element), a rank 12 / N.
+  REQUIRE(per_rank[0] == Approx(one_process * 12 / 8 / 2).epsilon(0.01));
+  REQUIRE(per_rank[1] == Approx(one_process * 12 / 8 / 3).epsilon(0.01));
+
+  // A checkpoint holds the whole state, gathered: resuming from it ends where the run did.
+  const auto whole = tmp / "w2";
+  const auto out = tmp / "resumed";
+  lorafit::test::copy_folder(whole, out);
+  remove_tree(out + "/model");
+  const auto two =
+      run_ranks(2, full + "--set output=" + q(out) + " --resume " + q(out + "/checkpoints/step-4"));
+  INFO(two[0].err);
+  REQUIRE(two[0].code == 0);
+  REQUIRE(two[1].code == 0);
+  REQUIRE_THAT(two[0].err, Catch::Contains("resuming from"));
+  REQUIRE(max_diff(out + "/model/model.safetensors", whole + "/model/model.safetensors") < 1e-6);
+}
+
+TEST_CASE("the gradients' all-reduce starts while the backward still runs", "[cli][dist]") {
+  // Buckets of 10 kB: a few tensors each. metrics.jsonl says, per step, how many buckets
+  // started from the hook that marks a gradient final, and how many gradients the backward
+  // finished after the first bucket had started: more than none means the first all-reduce
+  // started before the backward ended.
+  TempDir tmp;
+  const auto ranks = run_ranks(2, kTrain +
+                                      "--set train.micro_batch_size=2 --set train.log_every=1 "
+                                      "--set distributed.bucket_mb=0.01 --set output=" +
+                                      q(tmp / "out"));
+  for (const auto& r : ranks) {
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+  }
+  int steps = 0;
+  std::istringstream lines(read_text(tmp / "out/metrics.jsonl"));
+  for (std::string line; std::getline(lines, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (!j.contains("allreduce")) continue;
+    INFO(line);
+    const auto& a = j["allreduce"];
+    REQUIRE(a["buckets"].get<int>() > 2);
+    REQUIRE(a["started_in_backward"].get<int>() >= 1);
+    REQUIRE(a["grads_after_first_start"].get<int>() > 0);
+    ++steps;
+  }
+  REQUIRE(steps == 8);
 }
 
 TEST_CASE("a rank that dies or hangs ends the others with an error naming it", "[cli][dist]") {
