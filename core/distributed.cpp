@@ -21,6 +21,7 @@
 
 #include <torch/csrc/autograd/function.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 
@@ -46,6 +47,23 @@ int64_t env_int(const char* name, int64_t fallback, std::vector<std::string>& pr
 
 std::string step_key(int64_t rank) {
   return "lorafit/step/" + std::to_string(rank);
+}
+
+// Splits consecutive tensors into fp32 buckets of at most `bucket_bytes` (a larger tensor
+// alone): every rank that sees the same tensors gets the same buckets. -> each bucket's first
+// index, in order.
+std::vector<size_t> bucket_starts(const std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) {
+  std::vector<size_t> starts;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t b = tensors[i].numel() * 4;
+    if (starts.empty() || (bytes > 0 && bytes + b > bucket_bytes)) {
+      starts.push_back(i);
+      bytes = 0;
+    }
+    bytes += b;
+  }
+  return starts;
 }
 
 }  // namespace
@@ -87,6 +105,12 @@ struct World::Impl {
     c10::intrusive_ptr<c10d::Work> work;
   };
   std::vector<Pending> pending;
+
+  // Tells the store this rank reached `step`, for stopped() on the other ranks.
+  void mark(int64_t rank, int64_t step) {
+    const auto v = std::to_string(step);
+    store->set(step_key(rank), std::vector<uint8_t>(v.begin(), v.end()));
+  }
 
   // Which rank stopped, as far as the store can tell: the ranks behind `step`. When the store
   // does not answer, its host (rank 0) stopped, or, seen from rank 0 itself, a peer that
@@ -192,20 +216,10 @@ int64_t World::bucket_bytes() const {
 
 void World::sum(const std::vector<torch::Tensor>& tensors, int64_t step) {
   if (launch_.world_size <= 1) return;
-  // Buckets of consecutive tensors.
-  std::vector<torch::Tensor> bucket;
-  int64_t bytes = 0;
-  for (const auto& t : tensors) {
-    const int64_t b = t.numel() * 4;
-    if (bytes > 0 && bytes + b > impl_->bucket_bytes) {
-      start(bucket, step);
-      bucket.clear();
-      bytes = 0;
-    }
-    bucket.push_back(t);
-    bytes += b;
-  }
-  if (!bucket.empty()) start(bucket, step);
+  auto starts = bucket_starts(tensors, impl_->bucket_bytes);
+  starts.push_back(tensors.size());
+  for (size_t b = 0; b + 1 < starts.size(); ++b)
+    start({tensors.begin() + starts[b], tensors.begin() + starts[b + 1]}, step);
   wait_all(step);
 }
 
@@ -213,10 +227,7 @@ void World::start(const std::vector<torch::Tensor>& tensors, int64_t step) {
   if (launch_.world_size <= 1) return;
   auto& im = *impl_;
   try {
-    if (im.pending.empty()) {
-      const auto mark = std::to_string(step);
-      im.store->set(step_key(launch_.rank), std::vector<uint8_t>(mark.begin(), mark.end()));
-    }
+    if (im.pending.empty()) im.mark(launch_.rank, step);
     std::vector<torch::Tensor> parts;
     for (const auto& t : tensors) parts.push_back(t.reshape({-1}).to(torch::kFloat32));
     Impl::Pending p{tensors, {torch::cat(parts)}, {}};
@@ -251,8 +262,7 @@ torch::Tensor World::all_gather(const torch::Tensor& shard, int64_t step) {
   if (launch_.world_size <= 1) return flat.clone();
   auto& im = *impl_;
   try {
-    const auto mark = std::to_string(step);
-    im.store->set(step_key(launch_.rank), std::vector<uint8_t>(mark.begin(), mark.end()));
+    im.mark(launch_.rank, step);
     std::vector<std::vector<torch::Tensor>> outputs(1);
     for (int64_t r = 0; r < launch_.world_size; ++r) outputs[0].push_back(torch::empty_like(flat));
     std::vector<torch::Tensor> inputs{flat};
@@ -345,22 +355,19 @@ void OverlappedGradients::arm(const std::vector<std::vector<torch::Tensor>>& job
   if (world_.size() <= 1 || jobs.empty()) return;
   state_.reset(new State(world_, step));
   auto& st = *state_;
-  for (const auto& tensors : jobs) {
-    int64_t bytes = 0;
-    bool open = false;  // a bucket of this job takes more tensors
-    for (auto it = tensors.rbegin(); it != tensors.rend(); ++it) {
-      const int64_t b = it->numel() * 4;
-      if (!open || (bytes > 0 && bytes + b > world_.bucket_bytes())) {
+  for (const auto& forward : jobs) {
+    const std::vector<torch::Tensor> tensors(forward.rbegin(), forward.rend());
+    const auto starts = bucket_starts(tensors, world_.bucket_bytes());
+    for (size_t i = 0, next_start = 0; i < tensors.size(); ++i) {
+      if (next_start < starts.size() && starts[next_start] == i) {
         st.buckets.emplace_back();
-        bytes = 0;
-        open = true;
+        ++next_start;
       }
-      bytes += b;
-      st.buckets.back().tensors.push_back(*it);
+      st.buckets.back().tensors.push_back(tensors[i]);
       const size_t index = st.bucket_of.size();
       st.bucket_of.push_back(st.buckets.size() - 1);
       // A tensor without an accumulator never becomes final here: finish() starts its bucket.
-      auto accumulator = torch::autograd::impl::grad_accumulator(*it);
+      auto accumulator = torch::autograd::impl::grad_accumulator(tensors[i]);
       if (!accumulator) continue;
       ++st.buckets.back().waiting;
       const auto key =
@@ -384,15 +391,22 @@ void OverlappedGradients::finish() {
 
 namespace {
 
-// The tensors laid end to end in fp32, zero-padded to `length`. -> [length]
-torch::Tensor end_to_end(const std::vector<torch::Tensor>& tensors, int64_t length) {
+// Elements [begin, begin + length) of the tensors laid end to end, in fp32, zeros past their
+// end; only the overlapping pieces are copied, never the whole. -> [length]
+torch::Tensor slice_of(const std::vector<torch::Tensor>& tensors, int64_t begin, int64_t length) {
   std::vector<torch::Tensor> parts;
-  int64_t n = 0;
+  int64_t offset = 0, taken = 0;
   for (const auto& t : tensors) {
-    parts.push_back(t.detach().reshape({-1}).to(torch::kFloat32));
-    n += t.numel();
+    const int64_t from = std::max(begin, offset), to = std::min(begin + length, offset + t.numel());
+    if (from < to) {
+      parts.push_back(
+          t.detach().reshape({-1}).narrow(0, from - offset, to - from).to(torch::kFloat32));
+      taken += to - from;
+    }
+    offset += t.numel();
   }
-  if (length > n) parts.push_back(torch::zeros({length - n}, parts.front().options()));
+  const auto options = tensors.front().options().dtype(torch::kFloat32);
+  if (taken < length) parts.push_back(torch::zeros({length - taken}, options));
   return torch::cat(parts);
 }
 
@@ -414,7 +428,7 @@ ShardedAdamW::ShardedAdamW(World& world_, std::vector<torch::Tensor> model_, con
   for (const auto& t : model) total += t.numel();
   shard = (total + world.size() - 1) / world.size();
   auto mine = [&](const std::vector<torch::Tensor>& tensors) {
-    return end_to_end(tensors, shard * world.size()).narrow(0, world.rank() * shard, shard).clone();
+    return slice_of(tensors, world.rank() * shard, shard);
   };
   local.emplace(std::vector<torch::Tensor>{mine(full.params).requires_grad_(true)}, full.settings);
   local->exp_avg[0].copy_(mine(full.exp_avg));
@@ -430,8 +444,7 @@ torch::Tensor ShardedAdamW::step(double lr, double max_grad_norm, int64_t step_n
     t.mutable_grad().reset();
   }
   auto& master = local->params[0];
-  master.mutable_grad() =
-      end_to_end(grads, shard * world.size()).narrow(0, world.rank() * shard, shard).clone();
+  master.mutable_grad() = slice_of(grads, world.rank() * shard, shard);
   grads.clear();
   const auto norm = local->step(lr, max_grad_norm, [&](torch::Tensor squared) {
     world.sum({squared}, step_number);

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -62,6 +63,13 @@ constexpr int kWide = 16 / sizeof(T);
 bool aligned(const void* p, int64_t elements_multiple, int64_t n, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (elements_multiple * bytes) % 16 == 0 &&
          n % (16 / bytes) == 0;
+}
+
+// Whether 16-byte loads fit every given [rows, cols] buffer (a null one is absent).
+bool rows_aligned(std::initializer_list<const void*> buffers, int64_t cols, int bytes) {
+  for (const void* p : buffers)
+    if (p && !aligned(p, cols, cols, bytes)) return false;
+  return true;
 }
 
 // Sum over the block; every thread gets the result.
@@ -580,7 +588,7 @@ void swiglu_forward(Dtype dt, const void* gu, void* y, int64_t rows, int64_t col
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
-    const bool wide = aligned(gu, cols, cols, sizeof(T)) && aligned(y, cols, cols, sizeof(T));
+    const bool wide = rows_aligned({gu, y}, cols, sizeof(T));
     auto launch = [&](auto kernel, int per) {
       kernel<<<grid_for(rows * cols / per), kBlock, 0, stream>>>(static_cast<const T*>(gu),
                                                                  static_cast<T*>(y), rows, cols);
@@ -601,9 +609,7 @@ void swiglu_backward(Dtype dt,
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
-    bool wide = true;
-    for (const void* p : {dy, gu, static_cast<const void*>(dgu)})
-      wide = wide && aligned(p, cols, cols, sizeof(T));
+    const bool wide = rows_aligned({dy, gu, dgu}, cols, sizeof(T));
     auto launch = [&](auto kernel, int per) {
       kernel<<<grid_for(rows * cols / per), kBlock, 0, stream>>>(
           static_cast<const T*>(dy), static_cast<const T*>(gu), static_cast<T*>(dgu), rows, cols);
@@ -627,10 +633,7 @@ void moe_swiglu_forward(Dtype dt,
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename Num<T>::Acc;
     constexpr int W = kWide<T>;
-    bool wide = true;
-    for (const void* p :
-         {gu, dg, du, static_cast<const void*>(mixed), static_cast<const void*>(slots)})
-      wide = wide && (!p || aligned(p, shape.cols, shape.cols, sizeof(T)));
+    const bool wide = rows_aligned({gu, dg, du, mixed, slots}, shape.cols, sizeof(T));
     auto launch = [&](auto kernel) {
       kernel<<<shape.rows, kBlock, 0, stream>>>(
           static_cast<const T*>(gu), static_cast<const T*>(dg), static_cast<const T*>(du),
@@ -660,10 +663,8 @@ void moe_swiglu_backward(Dtype dt,
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename Num<T>::Acc;
     constexpr int W = kWide<T>;
-    bool wide = true;
-    for (const void* p : {dmixed, dslots, gu, dg, du, static_cast<const void*>(dgu),
-                          static_cast<const void*>(ddg), static_cast<const void*>(ddu)})
-      wide = wide && (!p || aligned(p, shape.cols, shape.cols, sizeof(T)));
+    const bool wide =
+        rows_aligned({dmixed, dslots, gu, dg, du, dgu, ddg, ddu}, shape.cols, sizeof(T));
     auto launch = [&](auto kernel) {
       kernel<<<shape.rows, kBlock, 0, stream>>>(
           static_cast<const T*>(dmixed), static_cast<const T*>(dslots), static_cast<const T*>(gu),
