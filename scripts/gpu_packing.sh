@@ -12,6 +12,11 @@
 # check bench"), SHAPES the bench rows ("shape:batch", default llama-1b:8), e.g.
 #   PARTS="tests train check" bash scripts/gpu_packing.sh
 #   PARTS=bench SHAPES="llama2-7b:4" PEFT_COMPILE=0 bash scripts/gpu_packing.sh  (eager PEFT only)
+# TRAIN_SHAPE names the shape `lorafit train` runs on (default llama-1b; llama2-7b writes a
+# random 13 GB checkpoint first). In the bench, PACKINGS picks lorafit's rows (default "true
+# false", empty for PEFT alone), PEFT_TIMEOUT bounds each PEFT run (default 300 s) and
+# PEFT_PAD_MULTIPLE pads PEFT's batches up to a multiple (default 1), e.g.
+#   PARTS=bench PACKINGS= PEFT_COMPILE=1 PEFT_PAD_MULTIPLE=128 PEFT_TIMEOUT=420 bash scripts/gpu_packing.sh
 set -uo pipefail
 source scripts/gpu_common.sh
 steps="${STEPS:-30}"
@@ -26,6 +31,24 @@ work=/tmp/lorafit-packing
 rm -rf "$work" && mkdir -p "$work"
 python3 scripts/peft_reference.py make-1b "$work/1b" > /dev/null 2>&1
 cp tests/fixtures/gqa_llama3/model/tokenizer.model "$work/1b/model/"
+train_shape=${TRAIN_SHAPE:-llama-1b}
+train_model=$work/1b/model
+if [ "$train_shape" != llama-1b ]; then
+  train_model=$work/$train_shape
+  python3 - "$train_shape" "$train_model" <<'PY'
+import sys
+sys.path.insert(0, "scripts")
+import torch
+from peft_bench import SHAPES
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, **SHAPES[sys.argv[1]])
+with torch.device("cuda"):
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(sys.argv[2])
+PY
+  cp tests/fixtures/gqa_llama3/model/tokenizer.model "$train_model/"
+fi
 python3 - "$work/sft.jsonl" <<'PY'
 import json, math, random, sys
 rng = random.Random(0)
@@ -41,7 +64,7 @@ run() {  # name packing micro_batch
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$peak" &
   local poll=$!
   ./build-gpu/lorafit train - > "$out/packing-$1.log" 2>&1 <<YAML
-model: $work/1b/model
+model: $train_model
 output: $work/$1
 device: cuda
 dtype: bf16
@@ -66,7 +89,7 @@ print(f"{sys.argv[3]:8s} {tok:10.0f} real tok/s  padding {pad:5.1%}  GPU memory 
 PY
 }
 if part train; then
-  echo "lorafit train, Llama-3.2-1B shape, LoRA r=16, $steps steps of 8 rows, mixed-length SFT records"
+  echo "lorafit train, $train_shape shape, LoRA r=16, $steps steps of 8 rows, mixed-length SFT records"
   run packed true 4
   run padded false 4
 fi
@@ -118,15 +141,17 @@ if part bench; then
   : > "$results"
   for row in ${SHAPES:-llama-1b:8}; do
     IFS=: read -r shape batch <<< "$row"
-    for packing in true false; do
+    for packing in ${PACKINGS-true false}; do
       r=$(./build-gpu/lorafit bench --shape "$shape" --data "$work/sft.jsonl" --set data.format=tokens \
           --set data.max_seq_len=2048 --set data.packing=$packing --set train.micro_batch_size=$batch \
           --batch "$batch" --steps 15 --warmup 3 --device cuda --json 2>> "$out/packing-bench.log" || echo '{}')
       echo "{\"shape\": \"$shape\", \"run\": \"lorafit packing: $packing\", \"r\": $r}" >> "$results"
     done
     for compile in ${PEFT_COMPILE:-0 1}; do
-      name="PEFT padded$( ((compile)) && echo ', compiled')"
-      r=$(timeout 300 python3 scripts/peft_sft.py "$shape" "$work/sft.jsonl" "$batch" $compile 2>> "$out/packing-peft.log" || echo '{}')
+      multiple=${PEFT_PAD_MULTIPLE:-1}
+      name="PEFT padded$( ((compile)) && echo ', compiled')$( ((multiple > 1)) && echo " x$multiple")"
+      r=$(timeout "${PEFT_TIMEOUT:-300}" python3 scripts/peft_sft.py "$shape" "$work/sft.jsonl" "$batch" \
+          $compile 15 "$multiple" 2>> "$out/packing-peft.log" || echo '{}')
       echo "{\"shape\": \"$shape\", \"run\": \"$name\", \"r\": $r}" >> "$results"
     done
   done

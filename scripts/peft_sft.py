@@ -6,11 +6,13 @@ bf16 weights of a shape, LoRA r=16, alpha 32, dropout 0 on the seven projections
 attention, torch.optim.AdamW(fused=True)); real (unpadded) tokens/s over the timed steps, the padding
 fraction and peak torch.cuda.max_memory_allocated.
 
-    peft_sft.py SHAPE DATA.jsonl BATCH COMPILE(0|1) [STEPS]   -> one JSON line
+    peft_sft.py SHAPE DATA.jsonl BATCH COMPILE(0|1) [STEPS] [PAD_MULTIPLE]   -> one JSON line
 
 DATA holds {"input_ids", "labels"} records (scripts/gpu_packing.sh writes them); batches of
 BATCH records in a seeded shuffled order. COMPILE=1 wraps the model in torch.compile
-(dynamic shapes, as every batch has its own length).
+(dynamic shapes, as every batch has its own length). PAD_MULTIPLE pads each batch up to a
+multiple of it, as the collators' pad_to_multiple_of does, so that a compiled model meets
+fewer lengths.
 """
 import json
 import os
@@ -24,12 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peft_bench import lora_model, timed_steps  # noqa: E402
 
 
-def batches(records, batch, seed=0):
+def batches(records, batch, multiple, seed=0):
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     for start in range(0, len(order) - batch + 1, batch):
         rows = [records[i] for i in order[start:start + batch]]
         longest = max(len(r["input_ids"]) for r in rows)
+        longest = -(-longest // multiple) * multiple
         ids = torch.zeros(batch, longest, dtype=torch.long)
         labels = torch.full((batch, longest), -100, dtype=torch.long)
         mask = torch.zeros(batch, longest, dtype=torch.long)
@@ -41,11 +44,11 @@ def batches(records, batch, seed=0):
         yield ids.cuda(), labels.cuda(), mask.cuda()
 
 
-def main(shape, data, batch, compile_, steps=15):
+def main(shape, data, batch, compile_, steps=15, multiple=1):
     model, _, opt = lora_model(shape)
     run = torch.compile(model, dynamic=True) if compile_ else model
     records = [json.loads(line) for line in open(data) if line.strip()]
-    stream = batches(records, batch)
+    stream = batches(records, batch, multiple)
 
     started = time.time()
 
@@ -68,4 +71,4 @@ def main(shape, data, batch, compile_, steps=15):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), a[3] == "1", *(int(x) for x in a[4:5]))
+    main(a[0], a[1], int(a[2]), a[3] == "1", *(int(x) for x in a[4:6]))
