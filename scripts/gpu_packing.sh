@@ -22,7 +22,10 @@ source scripts/gpu_common.sh
 steps="${STEPS:-30}"
 parts=" ${PARTS:-tests train check bench} "
 part() { [[ $parts == *" $1 "* ]] && echo "== $(date +%T) $1"; }
-gpu_build packing lorafit lorafit_gpu_tests
+# PEFT's rows alone (PARTS=bench PACKINGS=) need no lorafit build.
+if [[ $parts == *" tests "* || $parts == *" train "* || $parts == *" check "* || -n ${PACKINGS-x} ]]; then
+  gpu_build packing lorafit lorafit_gpu_tests
+fi
 if part tests; then
   ./build-gpu/lorafit_gpu_tests "[packing]" > "$out/packing-gpu-tests.log" 2>&1
   echo "gpu tests [packing]: exit $? $(tail -2 "$out/packing-gpu-tests.log" | tr -s '\n' ' ')"
