@@ -1,7 +1,10 @@
 #include "core/projection.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <numeric>
+#include <tuple>
 
 namespace lorafit {
 
@@ -130,6 +133,71 @@ torch::Tensor weight_of(const torch::Tensor& weight,
   return BaseWeight(std::move(blocks)).materialize(dtype);
 }
 
+// The factors as the GEMMs read them (fp32 adapter parameters in bf16, a group's a's
+// stacked), made once per change of the parameters instead of in every forward: a step's
+// micro-batches, a checkpointed layer's recomputation and evaluation all read one copy, which
+// saves a launch or two per term and forward (the fused jobs' step is launch-bound). An entry
+// holds while its sources are the same tensors at the same version: every in-place update
+// bumps it (the optimizer's foreach steps, copies into a parameter), as autograd's own checks
+// of saved tensors rely on. Entries whose sources nothing else holds any more are dropped.
+class FactorCopies {
+ public:
+  // parts: [k_t, ...] each -> [sum of k_t, ...] in `dtype`
+  torch::Tensor get(const std::vector<torch::Tensor>& parts, torch::ScalarType dtype) {
+    if (parts.size() == 1 && parts[0].scalar_type() == dtype) return parts[0];
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const Key key{parts[0].unsafeGetTensorImpl(), parts.size(), dtype};
+    auto it = entries_.find(key);
+    if (it != entries_.end() && holds(it->second, parts)) return it->second.value;
+    Entry e;
+    for (const auto& p : parts) {
+      e.sources.push_back(p);
+      e.versions.push_back(p._version());
+    }
+    {
+      const torch::NoGradGuard no_grad;
+      e.value = parts.size() == 1 ? parts[0].to(dtype) : torch::cat(parts, 0).to(dtype);
+    }
+    auto value = e.value;
+    entries_[key] = std::move(e);
+    if (entries_.size() > 2 * live_) sweep();
+    return value;
+  }
+
+ private:
+  using Key = std::tuple<const void*, size_t, torch::ScalarType>;
+  struct Entry {
+    std::vector<torch::Tensor> sources;
+    std::vector<int64_t> versions;
+    torch::Tensor value;
+  };
+
+  static bool holds(const Entry& e, const std::vector<torch::Tensor>& parts) {
+    if (e.sources.size() != parts.size()) return false;
+    for (size_t i = 0; i < parts.size(); ++i)
+      if (!e.sources[i].is_same(parts[i]) || e.versions[i] != parts[i]._version()) return false;
+    return true;
+  }
+
+  void sweep() {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      bool orphan = false;
+      for (const auto& s : it->second.sources) orphan = orphan || s.use_count() == 1;
+      it = orphan ? entries_.erase(it) : std::next(it);
+    }
+    live_ = std::max<size_t>(entries_.size(), 64);
+  }
+
+  std::mutex mutex_;  // a checkpointed layer recomputes on autograd's device thread
+  std::map<Key, Entry> entries_;
+  size_t live_ = 64;
+};
+
+torch::Tensor factor_copy(const std::vector<torch::Tensor>& parts, torch::ScalarType dtype) {
+  static FactorCopies copies;
+  return copies.get(parts, dtype);
+}
+
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
   // factors: a_0, b_0, a_1, b_1, ... (a_t [k_t, in], b_t [out_t, k_t]), then the output scales
   // ([out_t]) of the terms that have one; any floating dtype.
@@ -160,15 +228,15 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     std::vector<torch::Tensor> saved{x2, weight};
     saved.insert(saved.end(), factors.begin(), factors.end());
     for (const auto& g : groups_of(code)) {
-      std::vector<torch::Tensor> as;  // [k_t, in] in x's dtype
-      for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t].to(dtype));
-      const auto a = as.size() == 1 ? as[0] : torch::cat(as, 0);      // [K, in]
+      std::vector<torch::Tensor> as;  // [k_t, in]
+      for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t]);
+      const auto a = factor_copy(as, dtype);                          // [K, in]
       const auto xa = torch::mm(x2.narrow(0, g.row, g.rows), a.t());  // [n, K]
       saved.push_back(a);
       saved.push_back(xa);
       int64_t k = 0;
       for (size_t t = g.first; t < g.first + g.count; ++t) {
-        const auto b = factors[2 * t + 1].to(dtype);  // [out_t, k_t]
+        const auto b = factor_copy({factors[2 * t + 1]}, dtype);  // [out_t, k_t]
         if (value_needed) {
           y.narrow(0, g.row, g.rows)
               .narrow(1, code[kCode * t + 2], b.size(0))
@@ -260,12 +328,15 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       for (size_t t = g.first; t < g.first + g.count; ++t)
         shared = shared && scales[t] == scales[g.first];
       const double s = shared ? scales[g.first] : 1.0;
-      std::vector<torch::Tensor> dxas;  // [n, k_t]
+      // dxa^T, each term's rows written in place by its GEMM (contiguous, no concatenation).
+      auto dxa_t = torch::empty({a.size(0), g.rows}, dy.options());  // [K, n]
       int64_t k = 0;
       for (size_t t = g.first; t < g.first + g.count; ++t) {
         const auto& b = saved[b_at + (t - g.first)];  // [out_t, k_t]
         const auto dyt = dys.narrow(1, code[kCode * t + 2], b.size(0));
-        dxas.push_back(shared ? torch::mm(dyt, b) : torch::mm(dyt, b).mul_(scales[t]));
+        auto rows = dxa_t.narrow(0, k, b.size(1));  // [k_t, n]
+        at::mm_out(rows, b.t(), dyt.t());
+        if (!shared) rows.mul_(scales[t]);
         const auto& b_in = saved[2 + 2 * t + 1];
         if (ctx->needs_input_grad(2 + 2 * t + 1)) {
           dfactors[2 * t + 1] = torch::empty_like(b)
@@ -274,13 +345,15 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
         }
         k += b.size(1);
       }
-      const auto dxa = dxas.size() == 1 ? dxas[0] : torch::cat(dxas, 1);  // [n, K]
-      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa, a, 1, s);
+      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa_t.t(), a, 1, s);
       bool any_a = false;
       for (size_t t = g.first; t < g.first + g.count; ++t)
         any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
       if (!any_a) continue;
-      const auto da = torch::empty_like(a).addmm_(dxa.t(), xs, 0, s);  // [K, in]
+      // One cast for the group; each term's gradient is its rows of it (contiguous views,
+      // which gradient accumulation takes as they are).
+      const auto& a0 = saved[2 + 2 * g.first];
+      const auto da = torch::empty_like(a).addmm_(dxa_t, xs, 0, s).to(a0.scalar_type());  // [K, in]
       k = 0;
       for (size_t t = g.first; t < g.first + g.count; ++t) {
         const auto& a_t = saved[2 + 2 * t];

@@ -215,3 +215,48 @@ TEST_CASE("unsupported adapter options and unknown types are refused", "[adapter
   REQUIRE_THROWS_WITH(find_adapter_for_config({{"peft_type", "IA3"}}, "cfg"),
                       Catch::Contains("known: LORA"));
 }
+
+TEST_CASE("the factors' bf16 copies follow every update of the fp32 parameters",
+          "[adapters][lora]") {
+  // A bf16 group (q, k with LoRA on one stacked weight) reads its fp32 factors through copies
+  // made once per change: every in-place update (the optimizer's foreach step, a copy) must
+  // reach the next forward, stacked a's included.
+  auto stacked = torch::randn({5 + 3, 6}).to(torch::kBFloat16);
+  auto q = Projection("q_proj", 6, 5, torch::kBFloat16, stacked.narrow(0, 0, 5));
+  auto k = Projection("k_proj", 6, 3, torch::kBFloat16, stacked.narrow(0, 5, 3));
+  auto lq = Lora(6, 5, 2, 0.75, 0.0, torch::kFloat32),
+       lk = Lora(6, 3, 2, 0.5, 0.0, torch::kFloat32);
+  q->attach(lq.ptr());
+  k->attach(lk.ptr());
+  const auto x = torch::randn({4, 6}).to(torch::kBFloat16);
+  auto composite = [&] {
+    const auto f = [&](const torch::Tensor& w, Lora& l, double s) {
+      const auto a = l->lora_A.to(torch::kBFloat16), b = l->lora_B.to(torch::kBFloat16);
+      return x.matmul(w.t()) + x.matmul(a.t()).matmul(b.t()) * s;
+    };
+    return torch::cat({f(stacked.narrow(0, 0, 5), lq, 0.75), f(stacked.narrow(0, 5, 3), lk, 0.5)},
+                      -1);
+  };
+  auto grouped = [&] { return project_group(x, stacked, {q.get(), k.get()}).detach(); };
+  const auto first = grouped();
+  REQUIRE(torch::allclose(first.to(torch::kFloat32), composite().to(torch::kFloat32), 5e-2, 1e-1));
+  {
+    torch::NoGradGuard g;
+    std::vector<torch::Tensor> ps{lq->lora_A, lq->lora_B, lk->lora_A, lk->lora_B};
+    at::_foreach_add_(ps, 1.0);
+  }
+  const auto second = grouped();
+  REQUIRE(!torch::allclose(second, first));
+  REQUIRE(torch::allclose(second.to(torch::kFloat32), composite().to(torch::kFloat32), 5e-2, 1e-1));
+  {
+    torch::NoGradGuard g;
+    lk->lora_A.copy_(torch::randn({2, 6}));
+  }
+  const auto third = grouped();
+  REQUIRE(!torch::allclose(third, second));
+  REQUIRE(torch::allclose(third.to(torch::kFloat32), composite().to(torch::kFloat32), 5e-2, 1e-1));
+  // The gradients still reach the fp32 parameters in fp32.
+  project_group(x, stacked, {q.get(), k.get()}).sum().backward();
+  REQUIRE(lk->lora_A.grad().scalar_type() == torch::kFloat32);
+  REQUIRE(lq->lora_B.grad().defined());
+}
