@@ -1,6 +1,7 @@
 #include "core/projection.h"
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -134,29 +135,40 @@ torch::Tensor weight_of(const torch::Tensor& weight,
 }
 
 // The factors as the GEMMs read them (fp32 adapter parameters in bf16, a group's a's
-// stacked), made once per change of the parameters instead of in every forward: a step's
-// micro-batches, a checkpointed layer's recomputation and evaluation all read one copy, which
-// saves a launch or two per term and forward (the fused jobs' step is launch-bound). An entry
-// holds while its sources are the same tensors at the same version: every in-place update
-// bumps it (the optimizer's foreach steps, copies into a parameter), as autograd's own checks
-// of saved tensors rely on. Entries whose sources nothing else holds any more are dropped.
+// stacked, fused jobs' factors batched), made once per change of the parameters instead of in
+// every forward: a step's micro-batches, a checkpointed layer's recomputation and evaluation
+// all read one copy, which saves a launch or two per term and forward (the fused jobs' step is
+// launch-bound). An entry holds while its sources are the same tensors at the same version:
+// every in-place update bumps it (the optimizer's foreach steps, copies into a parameter), as
+// autograd's own checks of saved tensors rely on. Entries whose sources nothing else holds
+// any more are dropped.
 class FactorCopies {
  public:
-  // parts: [k_t, ...] each -> [sum of k_t, ...] in `dtype`
-  torch::Tensor get(const std::vector<torch::Tensor>& parts, torch::ScalarType dtype) {
-    if (parts.size() == 1 && parts[0].scalar_type() == dtype) return parts[0];
+  using Build = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+
+  // `layout` names what `build` makes of the parts, with the numbers it depends on in `extra`.
+  torch::Tensor get(const std::vector<torch::Tensor>& parts,
+                    torch::ScalarType dtype,
+                    int layout,
+                    const std::vector<double>& extra,
+                    const Build& build) {
+    // A part computed in this forward (MultiLoRA's scaled b) is new every time: not kept.
+    for (const auto& p : parts)
+      if (!p.is_leaf()) return build(parts);
     const std::lock_guard<std::mutex> lock(mutex_);
-    const Key key{parts[0].unsafeGetTensorImpl(), parts.size(), dtype};
+    const Key key{parts[0].unsafeGetTensorImpl(), parts.size(), dtype, layout};
     auto it = entries_.find(key);
-    if (it != entries_.end() && holds(it->second, parts)) return it->second.value;
+    if (it != entries_.end() && holds(it->second, parts, extra)) return it->second.value;
     Entry e;
     for (const auto& p : parts) {
       e.sources.push_back(p);
       e.versions.push_back(p._version());
+      e.data.push_back(p.data_ptr());
     }
+    e.extra = extra;
     {
       const torch::NoGradGuard no_grad;
-      e.value = parts.size() == 1 ? parts[0].to(dtype) : torch::cat(parts, 0).to(dtype);
+      e.value = build(parts);
     }
     auto value = e.value;
     entries_[key] = std::move(e);
@@ -165,17 +177,23 @@ class FactorCopies {
   }
 
  private:
-  using Key = std::tuple<const void*, size_t, torch::ScalarType>;
+  using Key = std::tuple<const void*, size_t, torch::ScalarType, int>;
   struct Entry {
     std::vector<torch::Tensor> sources;
     std::vector<int64_t> versions;
+    std::vector<const void*> data;  // set_data() swaps the memory and keeps the version
+    std::vector<double> extra;
     torch::Tensor value;
   };
 
-  static bool holds(const Entry& e, const std::vector<torch::Tensor>& parts) {
-    if (e.sources.size() != parts.size()) return false;
+  static bool holds(const Entry& e,
+                    const std::vector<torch::Tensor>& parts,
+                    const std::vector<double>& extra) {
+    if (e.sources.size() != parts.size() || e.extra != extra) return false;
     for (size_t i = 0; i < parts.size(); ++i)
-      if (!e.sources[i].is_same(parts[i]) || e.versions[i] != parts[i]._version()) return false;
+      if (!e.sources[i].is_same(parts[i]) || e.versions[i] != parts[i]._version() ||
+          e.data[i] != parts[i].data_ptr())
+        return false;
     return true;
   }
 
@@ -193,9 +211,121 @@ class FactorCopies {
   size_t live_ = 64;
 };
 
-torch::Tensor factor_copy(const std::vector<torch::Tensor>& parts, torch::ScalarType dtype) {
+FactorCopies& factor_copies() {
   static FactorCopies copies;
-  return copies.get(parts, dtype);
+  return copies;
+}
+
+enum Layout { kStacked, kBatchedA, kBatchedB };
+
+// parts: [k_t, ...] each -> [sum of k_t, ...] in `dtype`
+torch::Tensor factor_copy(const std::vector<torch::Tensor>& parts, torch::ScalarType dtype) {
+  if (parts.size() == 1 && parts[0].scalar_type() == dtype) return parts[0];
+  return factor_copies().get(parts, dtype, kStacked, {}, [dtype](const auto& ps) {
+    return (ps.size() == 1 ? ps[0] : torch::cat(ps, 0)).to(dtype);
+  });
+}
+
+// Fused jobs whose groups are alike (each job's adapters on as many rows, the same terms on the
+// same columns, any ranks): J groups of T terms that run as one batch of GEMMs, each rank
+// padded with zeros to the largest of its term across the jobs, so that the launches per
+// projection do not grow with the number of jobs.
+struct GroupBatch {
+  int64_t jobs = 0, rows = 0, row = 0;  // J groups of `rows` rows each from flattened row `row`
+  std::vector<int64_t> cols, outs;      // per term index: first output column, width
+  std::vector<int64_t> padded, offset;  // per term index: padded rank, first column in [Kp]
+  std::vector<size_t> term;             // [J * T]: the term of job j's term index i
+  int64_t ranks() const { return offset.back() + padded.back(); }  // Kp
+  size_t per_job() const { return cols.size(); }                   // T
+};
+
+std::optional<GroupBatch> batch_of(const std::vector<TermGroup>& groups,
+                                   const std::vector<int64_t>& code,
+                                   at::TensorList factors) {
+  const size_t terms = code.size() / kCode;
+  if (groups.size() < 2 || factors.size() != 2 * terms) return std::nullopt;
+  GroupBatch b;
+  b.jobs = static_cast<int64_t>(groups.size()), b.rows = groups[0].rows, b.row = groups[0].row;
+  const size_t per = groups[0].count;
+  for (size_t j = 0; j < groups.size(); ++j) {
+    const auto& g = groups[j];
+    if (g.count != per || g.rows != b.rows || g.row != b.row + static_cast<int64_t>(j) * b.rows)
+      return std::nullopt;
+    for (size_t i = 0; i < per; ++i) {
+      const size_t t = g.first + i;
+      const auto& a = factors[2 * t];
+      if (a.scalar_type() != factors[0].scalar_type() ||
+          factors[2 * t + 1].scalar_type() != factors[1].scalar_type())
+        return std::nullopt;
+      const auto col = code[kCode * t + 2], out = factors[2 * t + 1].size(0);
+      if (j == 0) {
+        b.cols.push_back(col), b.outs.push_back(out), b.padded.push_back(a.size(0));
+      } else if (b.cols[i] != col || b.outs[i] != out) {
+        return std::nullopt;
+      }
+      b.padded[i] = std::max(b.padded[i], a.size(0));
+      b.term.push_back(t);
+    }
+  }
+  int64_t k = 0;
+  for (const auto p : b.padded) b.offset.push_back(k), k += p;
+  return b;
+}
+
+// The batch's a's as [J, Kp, in] in `dtype`, each job's term i at rows offset[i].., zero beyond
+// its rank.
+torch::Tensor batched_a(const GroupBatch& b, at::TensorList factors, torch::ScalarType dtype) {
+  std::vector<torch::Tensor> parts;
+  for (const auto t : b.term) parts.push_back(factors[2 * t]);
+  const std::vector<double> extra(b.padded.begin(), b.padded.end());
+  return factor_copies().get(parts, dtype, kBatchedA, extra, [&b, dtype](const auto& ps) {
+    auto out = torch::zeros({b.jobs, b.ranks(), ps[0].size(1)}, ps[0].options().dtype(dtype));
+    for (size_t n = 0; n < ps.size(); ++n) {
+      const auto j = static_cast<int64_t>(n / b.per_job());
+      const auto i = n % b.per_job();
+      out[j].narrow(0, b.offset[i], ps[n].size(0)).copy_(ps[n]);
+    }
+    return out;
+  });
+}
+
+// Term index i's b's, each scaled by its term's scaling, as [J, out_i, padded_i] in `dtype`.
+torch::Tensor batched_b(const GroupBatch& b,
+                        size_t i,
+                        at::TensorList factors,
+                        const std::vector<double>& scales,
+                        torch::ScalarType dtype) {
+  std::vector<torch::Tensor> parts;
+  std::vector<double> extra{static_cast<double>(b.padded[i])};
+  for (int64_t j = 0; j < b.jobs; ++j) {
+    const auto t = b.term[j * b.per_job() + i];
+    parts.push_back(factors[2 * t + 1]);
+    extra.push_back(scales[t]);
+  }
+  return factor_copies().get(
+      parts, dtype, kBatchedB, extra, [&b, i, &extra, dtype](const auto& ps) {
+        auto out = torch::zeros({b.jobs, b.outs[i], b.padded[i]}, ps[0].options().dtype(dtype));
+        for (int64_t j = 0; j < b.jobs; ++j)
+          out[j].narrow(1, 0, ps[j].size(1)).copy_(ps[j] * extra[j + 1]);
+        return out;
+      });
+}
+
+// Term index i's scalings per job, [J, 1, 1] in `dtype` on `device`, made once: a copy from
+// the host in every step would wait for the stream.
+torch::Tensor batch_scales(const GroupBatch& b,
+                           size_t i,
+                           const std::vector<double>& scales,
+                           const torch::TensorOptions& options) {
+  std::vector<double> s;
+  for (int64_t j = 0; j < b.jobs; ++j) s.push_back(scales[b.term[j * b.per_job() + i]]);
+  static std::mutex mutex;
+  static std::map<std::tuple<std::string, torch::ScalarType, std::vector<double>>, torch::Tensor>
+      made;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto& t = made[{options.device().str(), options.dtype().toScalarType(), s}];
+  if (!t.defined()) t = torch::tensor(s, torch::kFloat64).to(options).view({-1, 1, 1});
+  return t;
 }
 
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
@@ -227,7 +357,28 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     // all in x's dtype, then (for a scale's gradient) y, then the NF4 parts.
     std::vector<torch::Tensor> saved{x2, weight};
     saved.insert(saved.end(), factors.begin(), factors.end());
-    for (const auto& g : groups_of(code)) {
+    const auto groups = groups_of(code);
+    const auto jb = batch_of(groups, code, factors);
+    if (jb) {
+      // Saved instead: the batched a [J, Kp, in], xa [J, n, Kp] and per term index b [J, out_i,
+      // p_i].
+      const auto a = batched_a(*jb, factors, dtype);
+      const auto xa =
+          torch::bmm(x2.narrow(0, jb->row, jb->jobs * jb->rows).reshape({jb->jobs, jb->rows, -1}),
+                     a.transpose(1, 2));
+      saved.push_back(a);
+      saved.push_back(xa);
+      auto yb = y.narrow(0, jb->row, jb->jobs * jb->rows).view({jb->jobs, jb->rows, -1});
+      for (size_t i = 0; i < jb->per_job(); ++i) {
+        const auto b = batched_b(*jb, i, factors, scales, dtype);
+        if (value_needed) {
+          yb.narrow(2, jb->cols[i], jb->outs[i])
+              .baddbmm_(xa.narrow(2, jb->offset[i], jb->padded[i]), b.transpose(1, 2));
+        }
+        saved.push_back(b);
+      }
+    }
+    for (const auto& g : jb ? std::vector<TermGroup>() : groups) {
       std::vector<torch::Tensor> as;  // [k_t, in]
       for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t]);
       const auto a = factor_copy(as, dtype);                          // [K, in]
@@ -316,7 +467,49 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       dx = torch::mm(dy, weight_of(saved[1], nf4, nf4_rows, x2.size(1), dy.scalar_type()));
     if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
     size_t at = 2 + 2 * terms + n_scales;  // each group's stacked a, xa and its terms' b
-    for (const auto& g : groups_of(code)) {
+    const auto groups = groups_of(code);
+    const std::vector<torch::Tensor> factors(saved.begin() + 2, saved.begin() + at);
+    const auto jb = batch_of(groups, code, factors);
+    if (jb) {
+      const auto &a = saved[at], &xa = saved[at + 1];  // [J, Kp, in], [J, n, Kp]
+      const int64_t jobs = jb->jobs, n = jb->rows;
+      const size_t per = jb->per_job();
+      const auto dyb = dy.narrow(0, jb->row, jobs * n).reshape({jobs, n, -1});  // [J, n, out]
+      const auto rank = [&](int64_t j, size_t i) {
+        return factors[2 * jb->term[j * per + i]].size(0);
+      };
+      std::vector<torch::Tensor> dxas;  // [J, n, padded_i]
+      for (size_t i = 0; i < per; ++i) {
+        const auto& b = saved[at + 2 + i];                         // [J, out_i, padded_i]
+        const auto dyi = dyb.narrow(2, jb->cols[i], jb->outs[i]);  // [J, n, out_i]
+        dxas.push_back(torch::bmm(dyi, b));
+        bool any_b = false;
+        for (int64_t j = 0; j < jobs; ++j)
+          any_b = any_b || ctx->needs_input_grad(2 + 2 * jb->term[j * per + i] + 1);
+        if (!any_b) continue;
+        // d b = s dy^T xa for every job in one GEMM, the scalings applied in the cast.
+        const auto& b0 = factors[2 * jb->term[i] + 1];
+        const auto db =
+            (torch::bmm(dyi.transpose(1, 2), xa.narrow(2, jb->offset[i], jb->padded[i])) *
+             batch_scales(*jb, i, scales, b0.options()))
+                .to(b0.scalar_type());  // [J, out_i, padded_i]
+        for (int64_t j = 0; j < jobs; ++j)
+          dfactors[2 * jb->term[j * per + i] + 1] = db[j].narrow(1, 0, rank(j, i));
+      }
+      const auto dxa = dxas.size() == 1 ? dxas[0] : torch::cat(dxas, 2);  // [J, n, Kp], scaled
+      if (dx.defined()) dx.narrow(0, jb->row, jobs * n).view({jobs, n, -1}).baddbmm_(dxa, a);
+      bool any_a = false;
+      for (const auto t : jb->term) any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
+      if (any_a) {
+        const auto xb = x2.narrow(0, jb->row, jobs * n).reshape({jobs, n, -1});  // [J, n, in]
+        const auto da =
+            torch::bmm(dxa.transpose(1, 2), xb).to(factors[2 * jb->term[0]].scalar_type());
+        for (int64_t j = 0; j < jobs; ++j)
+          for (size_t i = 0; i < per; ++i)
+            dfactors[2 * jb->term[j * per + i]] = da[j].narrow(0, jb->offset[i], rank(j, i));
+      }
+    }
+    for (const auto& g : jb ? std::vector<TermGroup>() : groups) {
       const auto &a = saved[at], &xa = saved[at + 1];
       const size_t b_at = at + 2;
       at += 2 + g.count;

@@ -129,3 +129,63 @@ TEST_CASE("each job trains only its own adapters", "[adapters][jobs]") {
   REQUIRE(t.params[3].empty());
   for (const auto& p : t.model->parameters()) REQUIRE_FALSE(p.requires_grad());
 }
+
+TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give alone",
+          "[adapters][jobs]") {
+  // Three jobs on every projection with other ranks and scalings (LoRA r=2 and r=4, MultiLoRA
+  // 2 x r=2) and as many rows each: the projections batch them, each rank padded to the
+  // largest; values and gradients are those of each job's rows alone.
+  for (const bool checkpoint : {false, true}) {
+    INFO("checkpointed layers: " << checkpoint);
+    torch::manual_seed(5);
+    auto model =
+        load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+    model->checkpoint_layers = checkpoint;
+    auto routing = route_jobs(model->adapter_sites(), 3);
+    AdapterSettings s;
+    s.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    s.r = 2, s.alpha = 4;
+    find_adapter("lora").attach_new(s, routing.sites[0]);
+    s.r = 4, s.alpha = 2;
+    find_adapter("lora").attach_new(s, routing.sites[1]);
+    s.r = 2, s.alpha = 3, s.options["n"] = 2, s.options["scale"] = "vector";
+    find_adapter("multilora").attach_new(s, routing.sites[2]);
+    routing.place_routers();
+    std::vector<torch::Tensor> params;
+    for (size_t j = 0; j < 3; ++j)
+      for (auto& p : trainable_parameters(model, routing.sites[j])) {
+        torch::NoGradGuard no_grad;
+        p.set_data(torch::randn_like(p, torch::kFloat64) * 0.2);
+        params.push_back(p);
+      }
+    model->train();
+    auto grads = [&] {
+      std::vector<torch::Tensor> out;
+      for (auto& p : params) {
+        out.push_back(p.grad().clone());
+        p.mutable_grad() = torch::Tensor();
+      }
+      return out;
+    };
+    const std::vector<JobRows::Span> spans = {{2, 2}, {0, 2}, {1, 2}};
+    const auto ids = torch::randint(3, 320, {6, 7}, torch::kInt64);
+    const auto weight = torch::randn({6, 7, model->config.hidden_size}, torch::kFloat64);
+    routing.set_rows(spans);
+    const auto fused = model->forward(ids);
+    (fused * weight).sum().backward();
+    const auto fused_grads = grads();
+    std::vector<torch::Tensor> alone;
+    for (size_t i = 0; i < spans.size(); ++i) {
+      routing.set_rows({{spans[i].job, 0}});
+      alone.push_back(model->forward(ids.narrow(0, 2 * i, 2)));
+      (alone.back() * weight.narrow(0, 2 * i, 2)).sum().backward();
+    }
+    REQUIRE(torch::allclose(fused, torch::cat(alone, 0), 1e-10, 1e-12));
+    const auto alone_grads = grads();
+    for (size_t i = 0; i < params.size(); ++i) {
+      INFO("gradient " << i);
+      REQUIRE(alone_grads[i].abs().sum().item<double>() > 0);
+      REQUIRE(torch::allclose(fused_grads[i], alone_grads[i], 1e-10, 1e-12));
+    }
+  }
+}
