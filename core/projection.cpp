@@ -242,8 +242,7 @@ struct GroupBatch {
 std::optional<GroupBatch> batch_of(const std::vector<TermGroup>& groups,
                                    const std::vector<int64_t>& code,
                                    at::TensorList factors) {
-  const size_t terms = code.size() / kCode;
-  if (groups.size() < 2 || factors.size() != 2 * terms) return std::nullopt;
+  if (groups.size() < 2) return std::nullopt;
   GroupBatch b;
   b.jobs = static_cast<int64_t>(groups.size()), b.rows = groups[0].rows, b.row = groups[0].row;
   const size_t per = groups[0].count;
@@ -254,7 +253,7 @@ std::optional<GroupBatch> batch_of(const std::vector<TermGroup>& groups,
     for (size_t i = 0; i < per; ++i) {
       const size_t t = g.first + i;
       const auto& a = factors[2 * t];
-      if (a.scalar_type() != factors[0].scalar_type() ||
+      if (code[kCode * t + 3] >= 0 || a.scalar_type() != factors[0].scalar_type() ||
           factors[2 * t + 1].scalar_type() != factors[1].scalar_type())
         return std::nullopt;
       const auto col = code[kCode * t + 2], out = factors[2 * t + 1].size(0);
@@ -270,6 +269,34 @@ std::optional<GroupBatch> batch_of(const std::vector<TermGroup>& groups,
   int64_t k = 0;
   for (const auto p : b.padded) b.offset.push_back(k), k += p;
   return b;
+}
+
+// What the GEMMs run as one: a batch of alike jobs' groups, or one group.
+struct Unit {
+  TermGroup group;  // the first group of a batch
+  std::optional<GroupBatch> batch;
+};
+
+// The groups in order, each run of consecutive alike ones as one batch (the longest from
+// where it starts), so that a job of another kind among them breaks only its own place.
+std::vector<Unit> units_of(const std::vector<TermGroup>& groups,
+                           const std::vector<int64_t>& code,
+                           at::TensorList factors) {
+  std::vector<Unit> out;
+  for (size_t i = 0; i < groups.size();) {
+    Unit u{groups[i], std::nullopt};
+    size_t end = i + 1;
+    for (size_t e = i + 2; e <= groups.size(); ++e) {
+      auto b = batch_of({groups.begin() + static_cast<std::ptrdiff_t>(i),
+                         groups.begin() + static_cast<std::ptrdiff_t>(e)},
+                        code, factors);
+      if (!b) break;
+      u.batch = std::move(b), end = e;
+    }
+    out.push_back(std::move(u));
+    i = end;
+  }
+  return out;
 }
 
 // The batch's a's as [J, Kp, in] in `dtype`, each job's term i at rows offset[i].., zero beyond
@@ -353,32 +380,33 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     torch::Tensor y = value_needed
                           ? torch::mm(x2, weight_of(weight, nf4, nf4_rows, x2.size(1), dtype).t())
                           : torch::empty({x2.size(0), shape.back()}, x.options());
-    // Saved: x, weight, the factors, then per group its stacked a and xa and its terms' b,
-    // all in x's dtype, then (for a scale's gradient) y, then the NF4 parts.
+    // Saved: x, weight, the factors, then per unit (a group, or a batch of them) its stacked a
+    // and xa and its terms' b, all in x's dtype, then (for a scale's gradient) y, then the NF4
+    // parts.
     std::vector<torch::Tensor> saved{x2, weight};
     saved.insert(saved.end(), factors.begin(), factors.end());
-    const auto groups = groups_of(code);
-    const auto jb = batch_of(groups, code, factors);
-    if (jb) {
-      // Saved instead: the batched a [J, Kp, in], xa [J, n, Kp] and per term index b [J, out_i,
-      // p_i].
-      const auto a = batched_a(*jb, factors, dtype);
-      const auto xa =
-          torch::bmm(x2.narrow(0, jb->row, jb->jobs * jb->rows).reshape({jb->jobs, jb->rows, -1}),
-                     a.transpose(1, 2));
-      saved.push_back(a);
-      saved.push_back(xa);
-      auto yb = y.narrow(0, jb->row, jb->jobs * jb->rows).view({jb->jobs, jb->rows, -1});
-      for (size_t i = 0; i < jb->per_job(); ++i) {
-        const auto b = batched_b(*jb, i, factors, scales, dtype);
-        if (value_needed) {
-          yb.narrow(2, jb->cols[i], jb->outs[i])
-              .baddbmm_(xa.narrow(2, jb->offset[i], jb->padded[i]), b.transpose(1, 2));
+    for (const auto& u : units_of(groups_of(code), code, factors)) {
+      if (u.batch) {
+        // A batch saves its a [J, Kp, in], xa [J, n, Kp] and per term index s b [J, out_i, p_i].
+        const auto& jb = *u.batch;
+        const auto a = batched_a(jb, factors, dtype);
+        const auto xa =
+            torch::bmm(x2.narrow(0, jb.row, jb.jobs * jb.rows).reshape({jb.jobs, jb.rows, -1}),
+                       a.transpose(1, 2));
+        saved.push_back(a);
+        saved.push_back(xa);
+        auto yb = y.narrow(0, jb.row, jb.jobs * jb.rows).view({jb.jobs, jb.rows, -1});
+        for (size_t i = 0; i < jb.per_job(); ++i) {
+          const auto b = batched_b(jb, i, factors, scales, dtype);
+          if (value_needed) {
+            yb.narrow(2, jb.cols[i], jb.outs[i])
+                .baddbmm_(xa.narrow(2, jb.offset[i], jb.padded[i]), b.transpose(1, 2));
+          }
+          saved.push_back(b);
         }
-        saved.push_back(b);
+        continue;
       }
-    }
-    for (const auto& g : jb ? std::vector<TermGroup>() : groups) {
+      const auto& g = u.group;
       std::vector<torch::Tensor> as;  // [k_t, in]
       for (size_t t = g.first; t < g.first + g.count; ++t) as.push_back(factors[2 * t]);
       const auto a = factor_copy(as, dtype);                          // [K, in]
@@ -467,49 +495,51 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       dx = torch::mm(dy, weight_of(saved[1], nf4, nf4_rows, x2.size(1), dy.scalar_type()));
     if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
     size_t at = 2 + 2 * terms + n_scales;  // each group's stacked a, xa and its terms' b
-    const auto groups = groups_of(code);
     const std::vector<torch::Tensor> factors(saved.begin() + 2, saved.begin() + at);
-    const auto jb = batch_of(groups, code, factors);
-    if (jb) {
-      const auto &a = saved[at], &xa = saved[at + 1];  // [J, Kp, in], [J, n, Kp]
-      const int64_t jobs = jb->jobs, n = jb->rows;
-      const size_t per = jb->per_job();
-      const auto dyb = dy.narrow(0, jb->row, jobs * n).reshape({jobs, n, -1});  // [J, n, out]
-      const auto rank = [&](int64_t j, size_t i) {
-        return factors[2 * jb->term[j * per + i]].size(0);
-      };
-      std::vector<torch::Tensor> dxas;  // [J, n, padded_i]
-      for (size_t i = 0; i < per; ++i) {
-        const auto& b = saved[at + 2 + i];                         // [J, out_i, padded_i]
-        const auto dyi = dyb.narrow(2, jb->cols[i], jb->outs[i]);  // [J, n, out_i]
-        dxas.push_back(torch::bmm(dyi, b));
-        bool any_b = false;
-        for (int64_t j = 0; j < jobs; ++j)
-          any_b = any_b || ctx->needs_input_grad(2 + 2 * jb->term[j * per + i] + 1);
-        if (!any_b) continue;
-        // d b = s dy^T xa for every job in one GEMM, the scalings applied in the cast.
-        const auto& b0 = factors[2 * jb->term[i] + 1];
-        const auto db =
-            (torch::bmm(dyi.transpose(1, 2), xa.narrow(2, jb->offset[i], jb->padded[i])) *
-             batch_scales(*jb, i, scales, b0.options()))
-                .to(b0.scalar_type());  // [J, out_i, padded_i]
-        for (int64_t j = 0; j < jobs; ++j)
-          dfactors[2 * jb->term[j * per + i] + 1] = db[j].narrow(1, 0, rank(j, i));
+    for (const auto& u : units_of(groups_of(code), code, factors)) {
+      if (u.batch) {
+        const auto& jb = *u.batch;
+        const auto &a = saved[at], &xa = saved[at + 1];  // [J, Kp, in], [J, n, Kp]
+        const int64_t jobs = jb.jobs, n = jb.rows;
+        const size_t per = jb.per_job();
+        const auto dyb = dy.narrow(0, jb.row, jobs * n).reshape({jobs, n, -1});  // [J, n, out]
+        const auto rank = [&](int64_t j, size_t i) {
+          return factors[2 * jb.term[j * per + i]].size(0);
+        };
+        std::vector<torch::Tensor> dxas;  // [J, n, padded_i]
+        for (size_t i = 0; i < per; ++i) {
+          const auto& b = saved[at + 2 + i];                       // [J, out_i, padded_i]
+          const auto dyi = dyb.narrow(2, jb.cols[i], jb.outs[i]);  // [J, n, out_i]
+          dxas.push_back(torch::bmm(dyi, b));
+          bool any_b = false;
+          for (int64_t j = 0; j < jobs; ++j)
+            any_b = any_b || ctx->needs_input_grad(2 + 2 * jb.term[j * per + i] + 1);
+          if (!any_b) continue;
+          // d b = s dy^T xa for every job in one GEMM, the scalings applied in the cast.
+          const auto& b0 = factors[2 * jb.term[i] + 1];
+          const auto db =
+              (torch::bmm(dyi.transpose(1, 2), xa.narrow(2, jb.offset[i], jb.padded[i])) *
+               batch_scales(jb, i, scales, b0.options()))
+                  .to(b0.scalar_type());  // [J, out_i, padded_i]
+          for (int64_t j = 0; j < jobs; ++j)
+            dfactors[2 * jb.term[j * per + i] + 1] = db[j].narrow(1, 0, rank(j, i));
+        }
+        const auto dxa = dxas.size() == 1 ? dxas[0] : torch::cat(dxas, 2);  // [J, n, Kp], scaled
+        if (dx.defined()) dx.narrow(0, jb.row, jobs * n).view({jobs, n, -1}).baddbmm_(dxa, a);
+        bool any_a = false;
+        for (const auto t : jb.term) any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
+        if (any_a) {
+          const auto xb = x2.narrow(0, jb.row, jobs * n).reshape({jobs, n, -1});  // [J, n, in]
+          const auto da =
+              torch::bmm(dxa.transpose(1, 2), xb).to(factors[2 * jb.term[0]].scalar_type());
+          for (int64_t j = 0; j < jobs; ++j)
+            for (size_t i = 0; i < per; ++i)
+              dfactors[2 * jb.term[j * per + i]] = da[j].narrow(0, jb.offset[i], rank(j, i));
+        }
+        at += 2 + per;
+        continue;
       }
-      const auto dxa = dxas.size() == 1 ? dxas[0] : torch::cat(dxas, 2);  // [J, n, Kp], scaled
-      if (dx.defined()) dx.narrow(0, jb->row, jobs * n).view({jobs, n, -1}).baddbmm_(dxa, a);
-      bool any_a = false;
-      for (const auto t : jb->term) any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
-      if (any_a) {
-        const auto xb = x2.narrow(0, jb->row, jobs * n).reshape({jobs, n, -1});  // [J, n, in]
-        const auto da =
-            torch::bmm(dxa.transpose(1, 2), xb).to(factors[2 * jb->term[0]].scalar_type());
-        for (int64_t j = 0; j < jobs; ++j)
-          for (size_t i = 0; i < per; ++i)
-            dfactors[2 * jb->term[j * per + i]] = da[j].narrow(0, jb->offset[i], rank(j, i));
-      }
-    }
-    for (const auto& g : jb ? std::vector<TermGroup>() : groups) {
+      const auto& g = u.group;
       const auto &a = saved[at], &xa = saved[at + 1];
       const size_t b_at = at + 2;
       at += 2 + g.count;

@@ -147,9 +147,9 @@ std::string projection_kind(const std::string& name);
 /// share one down-projection GEMM (their a stacked, cast once to x's dtype), the input
 /// gradient is one GEMM accumulating into another (dy W + (dy b) a, no separate add), the
 /// up-projections add into the base output in place, and the frozen weight gets no gradient.
-/// No autograd node is made per term. Fused jobs whose terms are alike (as many rows each, the
-/// same terms on the same columns, any ranks) run as one batch of GEMMs, so that the launches
-/// do not grow with the jobs. The factors' copies in x's dtype are made once per change of
+/// No autograd node is made per term. Consecutive fused jobs whose terms are alike (as many
+/// rows each, the same terms on the same columns, any ranks) run as one batch of GEMMs, so
+/// that the launches do not grow with the jobs. The factors' copies in x's dtype are made once per change of
 /// the parameters. With `value_needed` false only what the backward needs is computed. A quantized
 /// weight is dequantized in the forward and again in the backward. x: [..., in], weight: W [out,
 /// in] -> [..., out]

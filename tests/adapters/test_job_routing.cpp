@@ -132,16 +132,17 @@ TEST_CASE("each job trains only its own adapters", "[adapters][jobs]") {
 
 TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give alone",
           "[adapters][jobs]") {
-  // Three jobs on every projection with other ranks and scalings (LoRA r=2 and r=4, MultiLoRA
+  // Jobs on every projection with other ranks and scalings (LoRA r=2, r=4 and r=3, MultiLoRA
   // 2 x r=2) and as many rows each: the projections batch them, each rank padded to the
-  // largest; values and gradients are those of each job's rows alone.
+  // largest; a DoRA job among them (which does not batch) splits them into two batches.
+  // Values and gradients are those of each job's rows alone.
   for (const bool checkpoint : {false, true}) {
     INFO("checkpointed layers: " << checkpoint);
     torch::manual_seed(5);
     auto model =
         load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
     model->checkpoint_layers = checkpoint;
-    auto routing = route_jobs(model->adapter_sites(), 3);
+    auto routing = route_jobs(model->adapter_sites(), 5);
     AdapterSettings s;
     s.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
     s.r = 2, s.alpha = 4;
@@ -150,9 +151,13 @@ TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give
     find_adapter("lora").attach_new(s, routing.sites[1]);
     s.r = 2, s.alpha = 3, s.options["n"] = 2, s.options["scale"] = "vector";
     find_adapter("multilora").attach_new(s, routing.sites[2]);
+    s.options.clear();
+    find_adapter("dora").attach_new(s, routing.sites[3]);
+    s.r = 3, s.alpha = 6;
+    find_adapter("lora").attach_new(s, routing.sites[4]);
     routing.place_routers();
     std::vector<torch::Tensor> params;
-    for (size_t j = 0; j < 3; ++j)
+    for (size_t j = 0; j < 5; ++j)
       for (auto& p : trainable_parameters(model, routing.sites[j])) {
         torch::NoGradGuard no_grad;
         p.set_data(torch::randn_like(p, torch::kFloat64) * 0.2);
@@ -167,9 +172,9 @@ TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give
       }
       return out;
     };
-    const std::vector<JobRows::Span> spans = {{2, 2}, {0, 2}, {1, 2}};
-    const auto ids = torch::randint(3, 320, {6, 7}, torch::kInt64);
-    const auto weight = torch::randn({6, 7, model->config.hidden_size}, torch::kFloat64);
+    const std::vector<JobRows::Span> spans = {{2, 2}, {0, 2}, {3, 2}, {1, 2}, {4, 2}};
+    const auto ids = torch::randint(3, 320, {10, 7}, torch::kInt64);
+    const auto weight = torch::randn({10, 7, model->config.hidden_size}, torch::kFloat64);
     routing.set_rows(spans);
     const auto fused = model->forward(ids);
     (fused * weight).sum().backward();
