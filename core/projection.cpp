@@ -239,33 +239,45 @@ struct GroupBatch {
   size_t per_job() const { return cols.size(); }                   // T
 };
 
-std::optional<GroupBatch> batch_of(const std::vector<TermGroup>& groups,
-                                   const std::vector<int64_t>& code,
-                                   at::TensorList factors) {
-  if (groups.size() < 2) return std::nullopt;
-  GroupBatch b;
-  b.jobs = static_cast<int64_t>(groups.size()), b.rows = groups[0].rows, b.row = groups[0].row;
-  const size_t per = groups[0].count;
-  for (size_t j = 0; j < groups.size(); ++j) {
-    const auto& g = groups[j];
-    if (g.count != per || g.rows != b.rows || g.row != b.row + static_cast<int64_t>(j) * b.rows)
-      return std::nullopt;
-    for (size_t i = 0; i < per; ++i) {
-      const size_t t = g.first + i;
-      const auto& a = factors[2 * t];
-      if (code[kCode * t + 3] >= 0 || a.scalar_type() != factors[0].scalar_type() ||
-          factors[2 * t + 1].scalar_type() != factors[1].scalar_type())
-        return std::nullopt;
-      const auto col = code[kCode * t + 2], out = factors[2 * t + 1].size(0);
-      if (j == 0) {
-        b.cols.push_back(col), b.outs.push_back(out), b.padded.push_back(a.size(0));
-      } else if (b.cols[i] != col || b.outs[i] != out) {
-        return std::nullopt;
-      }
-      b.padded[i] = std::max(b.padded[i], a.size(0));
-      b.term.push_back(t);
+// The longest run of alike groups from groups[first] on, as one batch; none if it is shorter
+// than two groups.
+std::optional<GroupBatch> batch_from(const std::vector<TermGroup>& groups,
+                                     size_t first,
+                                     const std::vector<int64_t>& code,
+                                     at::TensorList factors) {
+  const auto& g0 = groups[first];
+  // Group first + j fits: its terms on the next rows, each like g0's in columns, width and
+  // dtypes, none with an output scale.
+  const auto fits = [&](size_t j) {
+    const auto& g = groups[first + j];
+    if (g.count != g0.count || g.rows != g0.rows ||
+        g.row != g0.row + static_cast<int64_t>(j) * g0.rows)
+      return false;
+    for (size_t i = 0; i < g.count; ++i) {
+      const size_t t = g.first + i, t0 = g0.first + i;
+      if (code[kCode * t + 3] >= 0 || code[kCode * t + 2] != code[kCode * t0 + 2] ||
+          factors[2 * t + 1].size(0) != factors[2 * t0 + 1].size(0) ||
+          factors[2 * t].scalar_type() != factors[2 * t0].scalar_type() ||
+          factors[2 * t + 1].scalar_type() != factors[2 * t0 + 1].scalar_type())
+        return false;
     }
+    return true;
+  };
+  size_t n = 0;
+  while (first + n < groups.size() && fits(n)) ++n;
+  if (n < 2) return std::nullopt;
+  GroupBatch b;
+  b.jobs = static_cast<int64_t>(n), b.rows = g0.rows, b.row = g0.row;
+  for (size_t i = 0; i < g0.count; ++i) {
+    const size_t t0 = g0.first + i;
+    b.cols.push_back(code[kCode * t0 + 2]), b.outs.push_back(factors[2 * t0 + 1].size(0));
+    int64_t rank = 0;
+    for (size_t j = 0; j < n; ++j)
+      rank = std::max(rank, factors[2 * (groups[first + j].first + i)].size(0));
+    b.padded.push_back(rank);
   }
+  for (size_t j = 0; j < n; ++j)
+    for (size_t i = 0; i < g0.count; ++i) b.term.push_back(groups[first + j].first + i);
   int64_t k = 0;
   for (const auto p : b.padded) b.offset.push_back(k), k += p;
   return b;
@@ -284,17 +296,9 @@ std::vector<Unit> units_of(const std::vector<TermGroup>& groups,
                            at::TensorList factors) {
   std::vector<Unit> out;
   for (size_t i = 0; i < groups.size();) {
-    Unit u{groups[i], std::nullopt};
-    size_t end = i + 1;
-    for (size_t e = i + 2; e <= groups.size(); ++e) {
-      auto b = batch_of({groups.begin() + static_cast<std::ptrdiff_t>(i),
-                         groups.begin() + static_cast<std::ptrdiff_t>(e)},
-                        code, factors);
-      if (!b) break;
-      u.batch = std::move(b), end = e;
-    }
+    Unit u{groups[i], batch_from(groups, i, code, factors)};
+    i += u.batch ? static_cast<size_t>(u.batch->jobs) : 1;
     out.push_back(std::move(u));
-    i = end;
   }
   return out;
 }

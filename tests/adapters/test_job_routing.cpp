@@ -19,6 +19,18 @@ struct ThreeJobs {
   std::vector<std::vector<torch::Tensor>> params;  // per job
 };
 
+// Places the routers, gives every job's parameters random float64 values (B = 0 no more) and
+// sets the model training.
+void start_training(ThreeJobs& t) {
+  t.routing.place_routers();
+  for (size_t j = 0; j < t.routing.sites.size(); ++j) {
+    t.params.push_back(trainable_parameters(t.model, t.routing.sites[j]));
+    torch::NoGradGuard no_grad;
+    for (auto& p : t.params.back()) p.set_data(torch::randn_like(p, torch::kFloat64) * 0.2);
+  }
+  t.model->train();
+}
+
 // lora on q and v; multilora on everything; mixlora with a LoRA on q; a job with nothing;
 // dora on attention and down.
 ThreeJobs three_jobs() {
@@ -41,14 +53,7 @@ ThreeJobs three_jobs() {
   AdapterSettings dora = lora;
   dora.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"};
   find_adapter("dora").attach_new(dora, t.routing.sites[4]);
-  t.routing.place_routers();
-  for (size_t j = 0; j < 5; ++j) {
-    t.params.push_back(trainable_parameters(t.model, t.routing.sites[j]));
-    torch::NoGradGuard no_grad;
-    // In float64, and B = 0 no more.
-    for (auto& p : t.params.back()) p.set_data(torch::randn_like(p, torch::kFloat64) * 0.2);
-  }
-  t.model->train();
+  start_training(t);
   return t;
 }
 
@@ -139,55 +144,41 @@ TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give
   for (const bool checkpoint : {false, true}) {
     INFO("checkpointed layers: " << checkpoint);
     torch::manual_seed(5);
-    auto model =
-        load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
-    model->checkpoint_layers = checkpoint;
-    auto routing = route_jobs(model->adapter_sites(), 5);
+    ThreeJobs t;
+    t.model = load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
+    t.model->checkpoint_layers = checkpoint;
+    t.routing = route_jobs(t.model->adapter_sites(), 5);
     AdapterSettings s;
     s.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
     s.r = 2, s.alpha = 4;
-    find_adapter("lora").attach_new(s, routing.sites[0]);
+    find_adapter("lora").attach_new(s, t.routing.sites[0]);
     s.r = 4, s.alpha = 2;
-    find_adapter("lora").attach_new(s, routing.sites[1]);
+    find_adapter("lora").attach_new(s, t.routing.sites[1]);
     s.r = 2, s.alpha = 3, s.options["n"] = 2, s.options["scale"] = "vector";
-    find_adapter("multilora").attach_new(s, routing.sites[2]);
+    find_adapter("multilora").attach_new(s, t.routing.sites[2]);
     s.options.clear();
-    find_adapter("dora").attach_new(s, routing.sites[3]);
+    find_adapter("dora").attach_new(s, t.routing.sites[3]);
     s.r = 3, s.alpha = 6;
-    find_adapter("lora").attach_new(s, routing.sites[4]);
-    routing.place_routers();
-    std::vector<torch::Tensor> params;
-    for (size_t j = 0; j < 5; ++j)
-      for (auto& p : trainable_parameters(model, routing.sites[j])) {
-        torch::NoGradGuard no_grad;
-        p.set_data(torch::randn_like(p, torch::kFloat64) * 0.2);
-        params.push_back(p);
-      }
-    model->train();
-    auto grads = [&] {
-      std::vector<torch::Tensor> out;
-      for (auto& p : params) {
-        out.push_back(p.grad().clone());
-        p.mutable_grad() = torch::Tensor();
-      }
-      return out;
-    };
+    find_adapter("lora").attach_new(s, t.routing.sites[4]);
+    start_training(t);
     const std::vector<JobRows::Span> spans = {{2, 2}, {0, 2}, {3, 2}, {1, 2}, {4, 2}};
     const auto ids = torch::randint(3, 320, {10, 7}, torch::kInt64);
-    const auto weight = torch::randn({10, 7, model->config.hidden_size}, torch::kFloat64);
-    routing.set_rows(spans);
-    const auto fused = model->forward(ids);
+    const auto weight = torch::randn({10, 7, t.model->config.hidden_size}, torch::kFloat64);
+    t.routing.set_rows(spans);
+    const auto fused = t.model->forward(ids);
     (fused * weight).sum().backward();
-    const auto fused_grads = grads();
+    const auto fused_grads = grads_of(t);
+    clear_grads(t);
     std::vector<torch::Tensor> alone;
     for (size_t i = 0; i < spans.size(); ++i) {
-      routing.set_rows({{spans[i].job, 0}});
-      alone.push_back(model->forward(ids.narrow(0, 2 * i, 2)));
+      t.routing.set_rows({{spans[i].job, 0}});
+      alone.push_back(t.model->forward(ids.narrow(0, 2 * i, 2)));
       (alone.back() * weight.narrow(0, 2 * i, 2)).sum().backward();
     }
     REQUIRE(torch::allclose(fused, torch::cat(alone, 0), 1e-10, 1e-12));
-    const auto alone_grads = grads();
-    for (size_t i = 0; i < params.size(); ++i) {
+    const auto alone_grads = grads_of(t);
+    REQUIRE(fused_grads.size() == alone_grads.size());
+    for (size_t i = 0; i < fused_grads.size(); ++i) {
       INFO("gradient " << i);
       REQUIRE(alone_grads[i].abs().sum().item<double>() > 0);
       REQUIRE(torch::allclose(fused_grads[i], alone_grads[i], 1e-10, 1e-12));
