@@ -34,6 +34,18 @@ torch::Tensor causal_attention(const torch::Tensor& q,
   return compat::sdpa(q, kk, vv, mask, offset == 0 && tq > 1, scale, flash_gqa);
 }
 
+namespace {
+
+// [B, H, T, D] <-> [B*T, H, D]: the projections' layout, so usually a view.
+torch::Tensor tokens(const torch::Tensor& x) {
+  return x.transpose(1, 2).reshape({x.size(0) * x.size(2), x.size(1), x.size(3)});
+}
+torch::Tensor from_tokens(const torch::Tensor& y, int64_t b) {
+  return y.view({b, y.size(0) / b, y.size(1), y.size(2)}).transpose(1, 2);
+}
+
+}  // namespace
+
 torch::Tensor record_attention(const torch::Tensor& q,
                                const torch::Tensor& k,
                                const torch::Tensor& v,
@@ -41,21 +53,38 @@ torch::Tensor record_attention(const torch::Tensor& q,
                                const torch::Tensor& segment_ids,
                                const torch::Tensor& cu_seqlens,
                                int64_t max_len) {
-  const auto b = q.size(0), heads = q.size(1), t = q.size(2), d = q.size(3);
+  const auto b = q.size(0), heads = q.size(1), t = q.size(2);
   if (compat::has_varlen_flash(q)) {
-    // [B, H, T, D] -> [B*T, H, D] (the projections' layout, so usually a view) and back.
-    auto tokens = [&](const torch::Tensor& x) {
-      return x.transpose(1, 2).reshape({b * t, x.size(1), d});
-    };
-    return compat::varlen_flash(tokens(q), tokens(k), tokens(v), cu_seqlens, max_len, scale)
-        .view({b, t, heads, d})
-        .transpose(1, 2);
+    return from_tokens(
+        compat::varlen_flash(tokens(q), tokens(k), tokens(v), cu_seqlens, max_len, scale), b);
   }
   const auto causal =
       torch::ones({t, t}, torch::dtype(torch::kBool).device(q.device())).tril();  // [T, T]
   const auto same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1);         // [B, T, T]
   return compat::sdpa(q, repeat_kv(k, heads), repeat_kv(v, heads),
                       (causal.unsqueeze(0) & same).unsqueeze(1), /*causal=*/false, scale);
+}
+
+torch::Tensor kept_flash_attention(const torch::Tensor& q,
+                                   const torch::Tensor& k,
+                                   const torch::Tensor& v,
+                                   double scale,
+                                   const torch::Tensor& cu_seqlens,
+                                   int64_t max_len,
+                                   compat::FlashState& kept) {
+  const auto b = q.size(0), t = q.size(2);
+  auto cu = cu_seqlens;  // [S + 1] int32
+  if (!cu.defined()) {
+    cu = torch::arange(0, (b + 1) * t, t, torch::dtype(torch::kInt32).device(q.device()));
+    max_len = t;
+  }
+  // With gradients on and nothing kept there is nothing to keep for: a plain differentiable
+  // forward, never an output the backward would not reach.
+  if (kept.defined() || torch::GradMode::is_enabled())
+    return from_tokens(
+        compat::varlen_flash(tokens(q), tokens(k), tokens(v), cu, max_len, scale, kept), b);
+  kept = compat::varlen_flash_forward(tokens(q), tokens(k), tokens(v), cu, max_len, scale);
+  return from_tokens(kept.out, b);
 }
 
 torch::Tensor masked_attention(const torch::Tensor& q,

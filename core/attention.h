@@ -8,6 +8,10 @@
 
 namespace lorafit {
 
+namespace compat {
+struct FlashState;
+}
+
 /// How S2-Attn shifts the second half of the heads (see s2_attention).
 enum class S2Shift { Roll, NoWrap, None };
 
@@ -36,6 +40,21 @@ torch::Tensor record_attention(const torch::Tensor& q,
                                const torch::Tensor& segment_ids,
                                const torch::Tensor& cu_seqlens,
                                int64_t max_len);
+
+/// Causal attention within each record through flash attention (has_varlen_flash(q)), for a
+/// checkpointed layer that keeps the attention (train.checkpoint_keep: [attention]). Run
+/// without gradients (the layer's first forward) it fills `kept` with the forward's state;
+/// given that state (the recomputation, on the same q, k, v) it returns the same output,
+/// differentiable, without running the forward again. cu_seqlens: [S + 1] int32 over the B*T
+/// tokens, max_len the longest record; undefined: each row is one record of T tokens.
+/// q: [B, H, T, D], k, v: [B, KV, T, D] after RoPE -> [B, H, T, D]
+torch::Tensor kept_flash_attention(const torch::Tensor& q,
+                                   const torch::Tensor& k,
+                                   const torch::Tensor& v,
+                                   double scale,
+                                   const torch::Tensor& cu_seqlens,
+                                   int64_t max_len,
+                                   compat::FlashState& kept);
 
 /// Attention of every query over the keys `mask` allows ([Tq, Tk] or broadcastable to
 /// [B, H, Tq, Tk], bool, true where allowed; every query must be allowed some key).

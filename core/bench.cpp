@@ -63,8 +63,7 @@ BenchResult run_bench(const BenchOptions& o) {
   const auto quantize = parse_quantize(recipe.quantize, "quantize");
   auto model = o.model.empty() ? random_llama(builtin_shape(o.shape), device, dtype, 0, quantize)
                                : load_llama(o.model, device, dtype, quantize);
-  model->checkpoint_layers = recipe.train.gradient_checkpointing;
-  use_longlora_attention(model, recipe.longlora);
+  use_recipe_layers(model, recipe);
   const auto& spec = find_adapter(recipe.adapter.type);
   const auto settings = adapter_settings(recipe.adapter);
   // As the trainer fuses jobs: each attaches its own adapter to its own view of the sites and

@@ -61,9 +61,31 @@ inline torch::Tensor sdpa(const torch::Tensor& q,
 #endif
 }
 
+/// One flash attention forward's output and what its backward reads: the log-sum-exp of each
+/// head and token, and the dropout RNG's seed and offset (unused, no dropout). Opaque beyond
+/// `out`; kept by a checkpointed layer so that its recomputation skips the forward.
+struct FlashState {
+  torch::Tensor out;  // [N, H, D]
+  torch::Tensor lse, seed, offset;
+  bool defined() const { return out.defined(); }
+};
+
 #if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
 namespace detail {
-// Flash attention over variable-length sequences, forward and backward (no dropout).
+inline FlashState flash_forward(const torch::Tensor& q,
+                                const torch::Tensor& k,
+                                const torch::Tensor& v,
+                                const torch::Tensor& cu_seqlens,
+                                int64_t max_len,
+                                double scale) {
+  const auto r = at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+                                              /*dropout_p=*/0.0, /*is_causal=*/true,
+                                              /*return_debug_mask=*/false, scale);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+// Flash attention over variable-length sequences, forward and backward (no dropout). Given a
+// forward's state (out non-empty), it returns that output instead of running the forward.
 struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
                                torch::Tensor q /*[N, H, D]*/,
@@ -71,17 +93,17 @@ struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
                                torch::Tensor v /*[N, KV, D]*/,
                                torch::Tensor cu_seqlens /*[S + 1] int32*/,
                                int64_t max_len,
-                               double scale) {
-    const auto r = at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
-                                                /*dropout_p=*/0.0, /*is_causal=*/true,
-                                                /*return_debug_mask=*/false, scale);
-    const auto& out = std::get<0>(r);  // [N, H, D]
-    // The log-sum-exp per head and token, and the (unused) dropout seed, for the backward.
-    ctx->save_for_backward(
-        {q, k, v, out, std::get<1>(r), cu_seqlens, std::get<2>(r), std::get<3>(r)});
+                               double scale,
+                               torch::Tensor out /*[N, H, D], or empty*/,
+                               torch::Tensor lse,
+                               torch::Tensor seed,
+                               torch::Tensor offset) {
+    const auto st = out.numel() ? FlashState{out, lse, seed, offset}
+                                : flash_forward(q, k, v, cu_seqlens, max_len, scale);
+    ctx->save_for_backward({q, k, v, st.out, st.lse, cu_seqlens, st.seed, st.offset});
     ctx->saved_data["max_len"] = max_len;
     ctx->saved_data["scale"] = scale;
-    return out;
+    return st.out;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
@@ -90,8 +112,9 @@ struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
     const auto d = at::_flash_attention_backward(
         grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[5], max_len, max_len,
         /*dropout_p=*/0.0, /*is_causal=*/true, s[6], s[7], ctx->saved_data["scale"].toDouble());
-    return {std::get<0>(d),  std::get<1>(d),  std::get<2>(d),
-            torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    torch::autograd::tensor_list out(10);
+    out[0] = std::get<0>(d), out[1] = std::get<1>(d), out[2] = std::get<2>(d);
+    return out;
   }
 };
 }  // namespace detail
@@ -111,19 +134,41 @@ inline bool has_varlen_flash(const torch::Tensor& q) {
 }
 
 /// Causal attention within each of the sequences that cu_seqlens ([S + 1] int32, starting at
-/// 0) cuts the N tokens into, differentiable; k and v may have fewer heads (grouped KV).
-/// Only where has_varlen_flash(q). q: [N, H, D], k, v: [N, KV, D] -> [N, H, D]
+/// 0) cuts the N tokens into, differentiable; k and v may have fewer heads (grouped KV). With
+/// `kept`, the state of an earlier forward of the same q, k, v (varlen_flash_forward), the
+/// forward is not run again. Only where has_varlen_flash(q). q: [N, H, D], k, v: [N, KV, D]
+/// -> [N, H, D]
 inline torch::Tensor varlen_flash(const torch::Tensor& q,
                                   const torch::Tensor& k,
                                   const torch::Tensor& v,
                                   const torch::Tensor& cu_seqlens,
                                   int64_t max_len,
-                                  double scale) {
+                                  double scale,
+                                  const FlashState& kept = {}) {
 #if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
-  return detail::VarlenFlash::apply(q, k, v, cu_seqlens, max_len, scale);
+  const auto none = torch::empty({0}, q.options());
+  return detail::VarlenFlash::apply(
+      q, k, v, cu_seqlens, max_len, scale, kept.defined() ? kept.out : none,
+      kept.defined() ? kept.lse : none, kept.defined() ? kept.seed : none,
+      kept.defined() ? kept.offset : none);
+#else
+  (void)k, (void)v, (void)cu_seqlens, (void)max_len, (void)scale, (void)kept;
+  TORCH_CHECK(false, "varlen_flash: no flash attention in this build, for ", q.device());
+#endif
+}
+
+/// varlen_flash's forward alone, not differentiable, with the state its backward reads.
+inline FlashState varlen_flash_forward(const torch::Tensor& q,
+                                       const torch::Tensor& k,
+                                       const torch::Tensor& v,
+                                       const torch::Tensor& cu_seqlens,
+                                       int64_t max_len,
+                                       double scale) {
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+  return detail::flash_forward(q, k, v, cu_seqlens, max_len, scale);
 #else
   (void)k, (void)v, (void)cu_seqlens, (void)max_len, (void)scale;
-  TORCH_CHECK(false, "varlen_flash: no flash attention in this build, for ", q.device());
+  TORCH_CHECK(false, "varlen_flash_forward: no flash attention in this build, for ", q.device());
 #endif
 }
 

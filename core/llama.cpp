@@ -87,7 +87,9 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c,
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
                                      const Positions& pos,
                                      KVCache* cache,
-                                     size_t layer) {
+                                     size_t layer,
+                                     compat::FlashState* kept,
+                                     bool value_needed) {
   const auto b = x.size(0), t = x.size(1);
   auto qkv = project_group(x, qkv_weight, {q_proj.get(), k_proj.get(), v_proj.get()},
                            qkv_bias);  // [B, T, (H + 2 KV) * D]
@@ -125,13 +127,15 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
     }
     y = s2_attention(q, k, v, scale, static_cast<int64_t>(group), s2_shift, pos.keep,
                      pos.segments.ids);
+  } else if (kept && !cache && compat::has_varlen_flash(q)) {
+    y = kept_flash_attention(q, k, v, scale, pos.segments.cu_seqlens, pos.segments.max_len, *kept);
   } else if (pos.segments.defined()) {
     y = record_attention(q, k, v, scale, pos.segments.ids, pos.segments.cu_seqlens,
                          pos.segments.max_len);
   } else {
     y = causal_attention(q, k, v, scale, offset);
   }
-  return o_proj(y.transpose(1, 2).reshape({b, t, heads * head_dim}));
+  return o_proj->forward(y.transpose(1, 2).reshape({b, t, heads * head_dim}), value_needed);
 }
 
 MlpImpl::MlpImpl(const LlamaConfig& c,
@@ -197,11 +201,48 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
   return x + mlp(post_attention_layernorm(x));
 }
 
-std::vector<torch::Tensor> DecoderLayerImpl::graph_for_backward(const torch::Tensor& h,
-                                                                const Positions& pos) {
-  auto x = h + self_attn(input_layernorm(h), pos);
+struct LayerKept {
+  compat::FlashState attention;
+  torch::Tensor residual;  // [B, T, C]: h + attn
+};
+
+torch::Tensor DecoderLayerImpl::forward_keeping(const torch::Tensor& h,
+                                                const Positions& pos,
+                                                CheckpointKeep keep,
+                                                LayerKept& kept) {
+  auto x = h + self_attn(input_layernorm(h), pos, nullptr, 0,
+                         keep.attention ? &kept.attention : nullptr);
+  if (keep.residual) kept.residual = x;
+  return x + mlp(post_attention_layernorm(x));
+}
+
+torch::Tensor DecoderLayerImpl::backward_by_recomputing(const torch::Tensor& h,
+                                                        const Positions& pos,
+                                                        const torch::Tensor& grad,
+                                                        LayerKept& kept) {
+  auto hg = h.detach().requires_grad_(true);
+  torch::AutoGradMode grad_on(true);
+  const bool from_residual = kept.residual.defined();
+  auto attn = self_attn(input_layernorm(hg), pos, nullptr, 0,
+                        kept.attention.defined() ? &kept.attention : nullptr,
+                        /*value_needed=*/!from_residual);
+  // From the kept residual the MLP's part of the graph stops at x, whose gradient then goes
+  // into the attention's part: two passes, where one pass through h + attn needs its value.
+  auto x = from_residual ? kept.residual.detach().requires_grad_(true) : hg + attn;
   auto mlp_out = mlp->forward(post_attention_layernorm(x), /*value_needed=*/false);
-  return {x, mlp_out, mlp->adapter ? mlp->adapter->take_backward_root() : torch::Tensor()};
+  std::vector<torch::Tensor> roots{mlp_out}, root_grads{grad};
+  if (!from_residual) roots.push_back(x), root_grads.push_back(grad);
+  if (mlp->adapter) {
+    if (auto aux = mlp->adapter->take_backward_root(); aux.defined()) {
+      roots.push_back(aux);
+      root_grads.push_back(torch::ones_like(aux));
+    }
+  }
+  torch::autograd::backward(roots, root_grads);
+  if (!from_residual) return hg.grad();
+  const auto x_grad = grad + x.grad();  // [B, T, C]
+  torch::autograd::backward({attn}, {x_grad});
+  return hg.grad() + x_grad;
 }
 
 LlamaBodyImpl::LlamaBodyImpl(const LlamaConfig& c,
@@ -269,17 +310,17 @@ Positions LlamaForCausalLMImpl::positions(const torch::Tensor& at, torch::Dtype 
 
 namespace {
 
-// Activation checkpointing for one decoder layer: the forward keeps only the layer's input;
-// the backward runs the layer again with gradients on and back-propagates through it, skipping
-// the MLP's down projection GEMM, whose value the backward never reads (a fifth of a layer's
-// FLOPs). The RNG state is replayed so the recomputation draws the same dropout masks.
+// Activation checkpointing for one decoder layer: the forward keeps only the layer's input
+// (and what train.checkpoint_keep asks); the backward runs the layer again with gradients on
+// and back-propagates through it (DecoderLayerImpl::backward_by_recomputing). The RNG state is
+// replayed so the recomputation draws the same dropout masks.
 // LibTorch 1.13's Function::apply takes no undefined tensor: "no padding" and "no packed
 // records" travel as empty tensors.
 torch::Tensor arg(const torch::Tensor& t) {
   return t.defined() ? t : torch::empty({0});
 }
 torch::Tensor of_arg(const torch::Tensor& a) {
-  return a.numel() ? a : torch::Tensor();
+  return a.defined() && a.numel() ? a : torch::Tensor();
 }
 Positions positions_of(const torch::autograd::variable_list& saved, int64_t max_len) {
   return {saved[1], saved[2], of_arg(saved[3]),
@@ -295,37 +336,40 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
                                torch::Tensor segment_ids,
                                torch::Tensor cu_seqlens,
                                int64_t max_len,
-                               int64_t layer_address) {
-    ctx->save_for_backward({h, cos, sin, keep, segment_ids, cu_seqlens});
+                               int64_t layer_address,
+                               bool keep_attention,
+                               bool keep_residual) {
     ctx->saved_data["layer"] = layer_address;
     ctx->saved_data["max_len"] = max_len;
     ctx->saved_data["rng"] = compat::rng_state(h.device());
     torch::NoGradGuard no_grad;
-    return reinterpret_cast<DecoderLayerImpl*>(layer_address)
-        ->forward(h, positions_of({h, cos, sin, keep, segment_ids, cu_seqlens}, max_len));
+    LayerKept kept;
+    auto out = reinterpret_cast<DecoderLayerImpl*>(layer_address)
+                   ->forward_keeping(
+                       h, positions_of({h, cos, sin, keep, segment_ids, cu_seqlens}, max_len),
+                       {keep_attention, keep_residual}, kept);
+    const auto& a = kept.attention;
+    ctx->save_for_backward({h, cos, sin, keep, segment_ids, cu_seqlens, arg(a.out), arg(a.lse),
+                            arg(a.seed), arg(a.offset), arg(kept.residual)});
+    return out;
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
-    auto h = saved[0].detach().requires_grad_(true);
+    const auto& h = saved[0];
+    LayerKept kept;
+    if (of_arg(saved[6]).defined()) kept.attention = {saved[6], saved[7], saved[8], saved[9]};
+    kept.residual = of_arg(saved[10]);
     const auto now = compat::rng_state(h.device());
     compat::set_rng_state(h.device(), ctx->saved_data["rng"].toTensor());
-    std::vector<torch::Tensor> parts;  // h + attn, mlp: [B, T, C] each; an adapter's []
-    {
-      torch::AutoGradMode grad_on(true);
-      parts = layer->graph_for_backward(h, positions_of(saved, ctx->saved_data["max_len"].toInt()));
-    }
+    auto h_grad = layer->backward_by_recomputing(
+        h, positions_of(saved, ctx->saved_data["max_len"].toInt()), grads[0], kept);
     compat::set_rng_state(h.device(), now);
-    std::vector<torch::Tensor> roots{parts[0], parts[1]}, root_grads{grads[0], grads[0]};
-    if (parts[2].defined()) {
-      roots.push_back(parts[2]);
-      root_grads.push_back(torch::ones_like(parts[2]));
-    }
-    torch::autograd::backward(roots, root_grads);
-    return {h.grad(),        torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    torch::autograd::tensor_list out(10);
+    out[0] = h_grad;
+    return out;
   }
 };
 
@@ -352,7 +396,8 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
     auto* layer = model->layers[i]->as<DecoderLayerImpl>();
     h = checkpoint ? CheckpointedLayer::apply(h, pos.cos, pos.sin, arg(pos.keep), arg(segments.ids),
                                               arg(segments.cu_seqlens), segments.max_len,
-                                              reinterpret_cast<int64_t>(layer))
+                                              reinterpret_cast<int64_t>(layer),
+                                              checkpoint_keep.attention, checkpoint_keep.residual)
                    : layer->forward(h, pos, cache, i);
   }
   if (cache) cache->length += ids.size(1);

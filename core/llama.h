@@ -76,11 +76,15 @@ struct AttentionImpl : torch::nn::Module {
                 const torch::TensorOptions& o,
                 Quantize quantize = Quantize::None);
   /// x: [B, T, C] -> [B, T, C]. With a cache, x holds the positions after the cached ones,
-  /// and this layer's keys and values are appended to it.
+  /// and this layer's keys and values are appended to it. With `kept`, flash attention keeps
+  /// its state there or reads it back (kept_flash_attention); `value_needed` as
+  /// ProjectionImpl::forward's, for o_proj.
   torch::Tensor forward(const torch::Tensor& x,
                         const Positions& pos,
                         KVCache* cache = nullptr,
-                        size_t layer = 0);
+                        size_t layer = 0,
+                        compat::FlashState* kept = nullptr,
+                        bool value_needed = true);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   torch::Tensor qkv_weight;  // [(H + 2 KV) * D, C]: q, k and v's weights view it; or undefined
@@ -113,6 +117,17 @@ struct MlpImpl : torch::nn::Module {
 };
 TORCH_MODULE(Mlp);
 
+/// What a checkpointed layer keeps of its first forward (train.checkpoint_keep), so that its
+/// recomputation for the backward does less, for more memory per layer.
+struct CheckpointKeep {
+  bool attention = false;  // flash attention's output and log-sum-exp ([B, T, H*D] + fp32
+                           // [H, B*T]): no attention forward again; CUDA bf16/f16 only
+  bool residual = false;   // h + attn ([B, T, C]): no o_proj GEMM, the MLP recomputes from it
+};
+
+/// One checkpointed layer's kept activations (llama.cpp).
+struct LayerKept;
+
 struct DecoderLayerImpl : torch::nn::Module {
   DecoderLayerImpl(const LlamaConfig& c,
                    int64_t index,
@@ -123,12 +138,20 @@ struct DecoderLayerImpl : torch::nn::Module {
                         const Positions& pos,
                         KVCache* cache = nullptr,
                         size_t layer = 0);
-  /// For a recomputing backward pass: the two terms whose sum is the layer's output, h + attn
-  /// and mlp, where the MLP's last GEMM is skipped (the graph needs its input, not its value).
-  /// Back-propagating the output's gradient into both gives the layer's gradients.
-  /// A third root, when the MLP's adapter has a loss term of its own for this layer, is the
-  /// scalar to back-propagate with gradient 1 (undefined otherwise).
-  std::vector<torch::Tensor> graph_for_backward(const torch::Tensor& h, const Positions& pos);
+  /// A checkpointed layer's first forward (no gradients), keeping in `kept` what `keep` asks.
+  torch::Tensor forward_keeping(const torch::Tensor& h,
+                                const Positions& pos,
+                                CheckpointKeep keep,
+                                LayerKept& kept);
+  /// A checkpointed layer's backward: recomputes the layer from h (and from what it kept) with
+  /// gradients on and back-propagates `grad` ([B, T, C], the output's) into the adapters'
+  /// parameters; returns h's gradient. The GEMMs whose values the backward never reads are
+  /// skipped: the MLP's down projection, and o_proj's when the residual was kept. A MixLoRA
+  /// adapter's loss term of its own for this layer is back-propagated too.
+  torch::Tensor backward_by_recomputing(const torch::Tensor& h,
+                                        const Positions& pos,
+                                        const torch::Tensor& grad,
+                                        LayerKept& kept);
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
@@ -193,6 +216,8 @@ struct LlamaForCausalLMImpl : torch::nn::Module {
   /// Recompute each decoder layer in the backward pass instead of keeping its activations
   /// (training only): less memory for one more forward.
   bool checkpoint_layers = false;
+  /// What the recomputation need not compute again (train.checkpoint_keep).
+  CheckpointKeep checkpoint_keep;
   LlamaBody model{nullptr};
   Projection lm_head{nullptr};
   torch::Tensor inv_freq;  // [head_dim / 2] f32, not a checkpoint tensor

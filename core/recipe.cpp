@@ -130,6 +130,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("train.weight_decay", r.train.weight_decay, at_least(0));
   f("train.max_grad_norm", r.train.max_grad_norm, at_least(0));
   f("train.gradient_checkpointing", r.train.gradient_checkpointing, Rule{});
+  f("train.checkpoint_keep", r.train.checkpoint_keep, Rule{});
   f("train.log_every", r.train.log_every, at_least(1));
   f("train.eval_every", r.train.eval_every, at_least(0));
   f("train.save_every", r.train.save_every, at_least(0));
@@ -539,6 +540,21 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                        ") must be a multiple of 'train.micro_batch_size' (" +
                        std::to_string(r.train.micro_batch_size) + ")");
   }
+  std::set<std::string> kept;
+  for (const auto& k : r.train.checkpoint_keep) {
+    if (k != "attention" && k != "residual") {
+      problems.push_back("'train.checkpoint_keep' lists '" + k +
+                         "', expected attention and/or residual" +
+                         did_you_mean(k, {"attention", "residual"}));
+    } else if (!kept.insert(k).second) {
+      problems.push_back("'train.checkpoint_keep' lists '" + k + "' twice");
+    }
+  }
+  if (!r.train.checkpoint_keep.empty() && !r.train.gradient_checkpointing) {
+    problems.push_back(
+        "'train.checkpoint_keep' says what checkpointed layers keep, but "
+        "train.gradient_checkpointing is false (hint: set it true, or drop checkpoint_keep)");
+  }
   std::vector<std::string> types;
   for (const auto& spec : adapter_specs()) types.emplace_back(spec.name);
   const auto* spec = find_adapter_if(r.adapter.type);
@@ -683,10 +699,11 @@ void check_jobs(const Recipe& top,
                                             : " cannot share the base with other jobs") +
                          " (hint: give it a recipe of its own)");
     }
-    if (j.train.gradient_checkpointing != top.train.gradient_checkpointing) {
-      problems.push_back(label +
-                         "'train.gradient_checkpointing' is shared by all jobs (hint: set it at "
-                         "the top of the recipe)");
+    if (j.train.gradient_checkpointing != top.train.gradient_checkpointing ||
+        j.train.checkpoint_keep != top.train.checkpoint_keep) {
+      const bool keep = j.train.gradient_checkpointing == top.train.gradient_checkpointing;
+      problems.push_back(label + "'train." + (keep ? "checkpoint_keep" : "gradient_checkpointing") +
+                         "' is shared by all jobs (hint: set it at the top of the recipe)");
     }
   }
   if (jobs.size() >= 2 && top.cola.enabled()) {
@@ -864,6 +881,7 @@ bool applies(const Recipe& r, const std::string& key) {
   if (key == "train.warmup_steps") return t.warmup_ratio == 0;
   if (key == "train.warmup_ratio") return t.warmup_ratio > 0;
   if (key == "train.save_total_limit") return t.save_total_limit > 0;
+  if (key == "train.checkpoint_keep") return !t.checkpoint_keep.empty();
   const DistributedRecipe defaults;
   if (key == "distributed.timeout_s") return r.distributed.timeout_s != defaults.timeout_s;
   if (key == "distributed.bucket_mb") return r.distributed.bucket_mb != defaults.bucket_mb;

@@ -55,6 +55,9 @@ struct TrainRecipe {
   double weight_decay = 0.0;
   double max_grad_norm = 1.0;  // 0 turns clipping off
   bool gradient_checkpointing = false;
+  // What checkpointed layers keep for their recomputation: attention and/or residual (empty:
+  // everything is recomputed).
+  std::vector<std::string> checkpoint_keep;
   int64_t log_every = 10;
   int64_t eval_every = 100;      // 0: no evaluation during training
   int64_t save_every = 200;      // 0: no checkpoints during training

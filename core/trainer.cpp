@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -294,7 +295,14 @@ size_t batch_length_multiple(const LongLoraRecipe& l) {
   return l.enabled ? static_cast<size_t>(std::llround(2.0 / l.group_ratio)) : 1;
 }
 
-void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& l) {
+void use_recipe_layers(LlamaForCausalLM& model, const Recipe& recipe) {
+  const auto& t = recipe.train;
+  auto keeps = [&](const char* what) {
+    return std::count(t.checkpoint_keep.begin(), t.checkpoint_keep.end(), what) > 0;
+  };
+  model->checkpoint_layers = t.gradient_checkpointing;
+  model->checkpoint_keep = {keeps("attention"), keeps("residual")};
+  const auto& l = recipe.longlora;
   if (!l.enabled) return;
   model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll
                                : l.shift == "nowrap" ? S2Shift::NoWrap
@@ -415,8 +423,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
     attach_job(job, model);
   }
   routing.place_routers();
-  model->checkpoint_layers = jobs.front().recipe.train.gradient_checkpointing;
-  use_longlora_attention(model, recipe.longlora);
+  use_recipe_layers(model, recipe);
   const size_t pad_multiple = batch_length_multiple(recipe.longlora);
   for (auto& job : jobs) {
     new_optimizer(job, model);

@@ -44,8 +44,9 @@ std::vector<std::string> describe_data(const Recipe& recipe, std::vector<std::st
 /// and half-groups must split it); else 1.
 size_t batch_length_multiple(const LongLoraRecipe& longlora);
 
-/// Turns on a recipe's S2-Attn (longlora block) in the model's layers; nothing without one.
-void use_longlora_attention(LlamaForCausalLM& model, const LongLoraRecipe& longlora);
+/// Sets the model's layers up as the recipe trains them: activation checkpointing and what it
+/// keeps (train.gradient_checkpointing, train.checkpoint_keep), and S2-Attn (a longlora block).
+void use_recipe_layers(LlamaForCausalLM& model, const Recipe& recipe);
 
 /// One job's rows in a batch, as the training step weighs them.
 struct StepPart {

@@ -28,6 +28,9 @@ SHAPES = {
                                       "original_max_position_embeddings": 8192}),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
 }
 
 

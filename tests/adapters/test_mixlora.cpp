@@ -193,7 +193,7 @@ TEST_CASE("MixLoRA with checkpointed layers gets the gradients of the plain back
           "[adapters][mixlora]") {
   // float64, two micro-batches with padding: the auxiliary loss's gradient must reach the
   // routers through the recomputation as it does through the kept graph.
-  auto grads = [](bool checkpoint) {
+  auto grads = [](bool checkpoint, bool keep_residual) {
     torch::manual_seed(11);
     auto model =
         load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
@@ -213,6 +213,7 @@ TEST_CASE("MixLoRA with checkpointed layers gets the gradients of the plain back
     const auto params = trainable_parameters(model);
     model->train();
     model->checkpoint_layers = checkpoint;
+    model->checkpoint_keep.residual = keep_residual;
     std::vector<Batch> batches;
     for (int i = 0; i < 2; ++i) {
       auto ids = torch::randint(3, 320, {2, 7}, torch::kInt64);
@@ -229,11 +230,14 @@ TEST_CASE("MixLoRA with checkpointed layers gets the gradients of the plain back
     for (const auto& p : params) out.push_back(p.grad().clone());
     return out;
   };
-  const auto plain = grads(false), checkpointed = grads(true);
-  REQUIRE(plain.size() == checkpointed.size());
-  for (size_t i = 0; i < plain.size(); ++i) {
-    INFO(i);
-    REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
+  const auto plain = grads(false, false);
+  for (const bool keep_residual : {false, true}) {
+    const auto checkpointed = grads(true, keep_residual);
+    REQUIRE(plain.size() == checkpointed.size());
+    for (size_t i = 0; i < plain.size(); ++i) {
+      INFO(i << ", keeping the residual: " << keep_residual);
+      REQUIRE(torch::allclose(plain[i], checkpointed[i], 1e-10, 1e-12));
+    }
   }
   // The routers' gradients include the auxiliary loss: without it they would differ.
   REQUIRE(plain[1].item<double>() > 0);

@@ -9,8 +9,8 @@
 #include "core/datasets.h"
 #include "core/errors.h"
 #include "core/eval.h"
-#include "core/loss.h"
 #include "core/llama.h"
+#include "core/loss.h"
 #include "core/safetensors.h"
 #include "test_util.h"
 
@@ -184,6 +184,7 @@ TEST_CASE("full fine-tuning trains every base tensor once and checkpointing keep
     REQUIRE(model->lm_head->weight.requires_grad());
     model->train();
     model->checkpoint_layers = checkpoint;
+    model->checkpoint_keep.residual = true;  // o_proj's weight gradient without its value
     torch::manual_seed(3);
     auto ids = torch::randint(3, 320, {2, 10}, torch::kInt64);
     model->logits(model->forward(ids)).pow(2).mean().backward();
@@ -196,12 +197,14 @@ TEST_CASE("full fine-tuning trains every base tensor once and checkpointing keep
 }
 
 TEST_CASE("activation checkpointing gives the gradients of the plain backward", "[core][llama]") {
-  // In float64, with LoRA dropout: the recomputation must replay the same dropout masks.
-  auto grads = [](bool checkpoint) {
+  // In float64, with LoRA dropout: the recomputation must replay the same dropout masks. A
+  // kept residual skips o_proj's GEMM and splits the backward in two (attention keeps only
+  // where flash attention runs, so on the CPU it is recomputed).
+  auto grads = [](bool checkpoint, CheckpointKeep keep) {
     torch::manual_seed(5);
     auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
-    find_adapter("lora").attach_new({4, 8.0, 0.2, false, {"q_proj", "v_proj", "down_proj"}},
-                                    model->adapter_sites());
+    find_adapter("lora").attach_new(
+        {4, 8.0, 0.2, false, {"q_proj", "v_proj", "o_proj", "down_proj"}}, model->adapter_sites());
     for (auto p : model->projections()) {
       if (p->adapter) {
         torch::NoGradGuard g;
@@ -212,14 +215,19 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
     const auto params = trainable_parameters(model);
     model->train();
     model->checkpoint_layers = checkpoint;
+    model->checkpoint_keep = keep;
     auto ids = torch::randint(3, 320, {2, 10}, torch::kInt64);
     model->logits(model->forward(ids)).pow(2).mean().backward();
     std::vector<torch::Tensor> out;
     for (const auto& p : params) out.push_back(p.grad().clone());
     return out;
   };
-  const auto plain = grads(false), checkpointed = grads(true);
-  lorafit::test::require_same_gradients(plain, checkpointed);
+  const auto plain = grads(false, {});
+  for (const auto keep :
+       {CheckpointKeep{}, CheckpointKeep{false, true}, CheckpointKeep{true, true}}) {
+    INFO("keeping attention " << keep.attention << ", residual " << keep.residual);
+    lorafit::test::require_same_gradients(plain, grads(true, keep));
+  }
 }
 
 TEST_CASE("the chunked loss head gives the composite log-softmax and its gradients",

@@ -66,7 +66,10 @@ TEST_CASE("overrides with --set reach any key by its dotted path", "[core][recip
 }
 
 TEST_CASE("the resolved recipe reads back as the same recipe", "[core][recipe]") {
-  const auto r = load_text(base_recipe(), {"adapter.targets=all-linear", "train.warmup_steps=3"});
+  const auto r = load_text(base_recipe(), {"adapter.targets=all-linear", "train.warmup_steps=3",
+                                           "train.gradient_checkpointing=true",
+                                           "train.checkpoint_keep=[attention, residual]"});
+  REQUIRE(r.train.checkpoint_keep == std::vector<std::string>{"attention", "residual"});
   const auto yaml = recipe_to_yaml(r);
   REQUIRE(recipe_to_yaml(load_text(yaml)) == yaml);
 }
@@ -102,6 +105,14 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"longlora.shift=rol"}, "(did you mean 'roll'?)"},
       {{"longlora.rope_scale=0.5"}, "expected auto or a factor >= 1"},
       {{"longlora.trainable=[embed, norms]"}, "lists 'norms', expected embed and/or norm"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[attention, residul]"},
+       "lists 'residul', expected attention and/or residual (did you mean 'residual'?)"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[residual, residual]"},
+       "'train.checkpoint_keep' lists 'residual' twice"},
+      {{"train.checkpoint_keep=[attention]"}, "train.gradient_checkpointing is false"},
+      {{"train.gradient_checkpointing=true",
+        "jobs=[{name: a}, {name: b, train: {checkpoint_keep: [attention]}}]"},
+       "job 'b': 'train.checkpoint_keep' is shared by all jobs"},
       {{"cola.knots=[0.5, 0.3]"}, "'cola.knots' must be ascending fractions"},
       {{"cola.knots=0.5"}, "'cola.knots' must be a list of numbers"},
       {{"cola.links=3", "cola.ranks=[8, 4]"}, "'cola.ranks' lists 2 ranks for a chain of 3"},
