@@ -65,24 +65,35 @@ torch::Tensor record_attention(const torch::Tensor& q,
                       (causal.unsqueeze(0) & same).unsqueeze(1), /*causal=*/false, scale);
 }
 
-torch::Tensor kept_flash_attention(const torch::Tensor& q,
-                                   const torch::Tensor& k,
-                                   const torch::Tensor& v,
-                                   double scale,
-                                   const torch::Tensor& cu_seqlens,
-                                   int64_t max_len,
-                                   compat::FlashState& kept) {
+torch::Tensor kept_attention(const torch::Tensor& q,
+                             const torch::Tensor& k,
+                             const torch::Tensor& v,
+                             double scale,
+                             const torch::Tensor& cu_seqlens,
+                             int64_t max_len,
+                             compat::AttentionState& kept) {
+  // With gradients on and nothing kept there is nothing to keep for: a plain differentiable
+  // forward, never an output the backward would not reach. The kept output's shape says which
+  // kernel made it.
+  const bool replay = kept.defined() || torch::GradMode::is_enabled();
+  // Whole rows run the kernel SDPA runs for them when that is cuDNN's (Hopper), so that
+  // keeping changes no number; packed records, and whole rows elsewhere, run varlen flash.
+  if (kept.defined() ? kept.out.dim() == 4
+                     : !cu_seqlens.defined() && compat::sdpa_runs_cudnn(q, k, v, scale)) {
+    if (replay) return compat::cudnn_causal(q, k, v, scale, kept);
+    kept = compat::cudnn_causal_forward(q, k, v, scale);
+    return kept.out;
+  }
   const auto b = q.size(0), t = q.size(2);
   auto cu = cu_seqlens;  // [S + 1] int32
   if (!cu.defined()) {
     cu = torch::arange(0, (b + 1) * t, t, torch::dtype(torch::kInt32).device(q.device()));
     max_len = t;
   }
-  // With gradients on and nothing kept there is nothing to keep for: a plain differentiable
-  // forward, never an output the backward would not reach.
-  if (kept.defined() || torch::GradMode::is_enabled())
+  if (replay) {
     return from_tokens(
         compat::varlen_flash(tokens(q), tokens(k), tokens(v), cu, max_len, scale, kept), b);
+  }
   kept = compat::varlen_flash_forward(tokens(q), tokens(k), tokens(v), cu, max_len, scale);
   return from_tokens(kept.out, b);
 }

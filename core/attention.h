@@ -9,7 +9,7 @@
 namespace lorafit {
 
 namespace compat {
-struct FlashState;
+struct AttentionState;
 }
 
 /// How S2-Attn shifts the second half of the heads (see s2_attention).
@@ -41,20 +41,21 @@ torch::Tensor record_attention(const torch::Tensor& q,
                                const torch::Tensor& cu_seqlens,
                                int64_t max_len);
 
-/// Causal attention within each record through flash attention (has_varlen_flash(q)), for a
-/// checkpointed layer that keeps the attention (train.checkpoint_keep: [attention]). Run
+/// Causal attention within each record through a fused kernel that keeps its state, for a
+/// checkpointed layer that keeps the attention (train.checkpoint_keep: [attention]): cuDNN's
+/// for whole rows where SDPA runs it, else flash attention's (has_varlen_flash(q)). Run
 /// without gradients (the layer's first forward) it fills `kept` with the forward's state;
 /// given that state (the recomputation, on the same q, k, v) it returns the same output,
 /// differentiable, without running the forward again. cu_seqlens: [S + 1] int32 over the B*T
 /// tokens, max_len the longest record; undefined: each row is one record of T tokens.
 /// q: [B, H, T, D], k, v: [B, KV, T, D] after RoPE -> [B, H, T, D]
-torch::Tensor kept_flash_attention(const torch::Tensor& q,
-                                   const torch::Tensor& k,
-                                   const torch::Tensor& v,
-                                   double scale,
-                                   const torch::Tensor& cu_seqlens,
-                                   int64_t max_len,
-                                   compat::FlashState& kept);
+torch::Tensor kept_attention(const torch::Tensor& q,
+                             const torch::Tensor& k,
+                             const torch::Tensor& v,
+                             double scale,
+                             const torch::Tensor& cu_seqlens,
+                             int64_t max_len,
+                             compat::AttentionState& kept);
 
 /// Attention of every query over the keys `mask` allows ([Tq, Tk] or broadcastable to
 /// [B, H, Tq, Tk], bool, true where allowed; every query must be allowed some key).

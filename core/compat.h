@@ -15,6 +15,7 @@
 #include <torch/cuda.h>
 #endif
 
+#include <array>
 #include <cmath>
 
 namespace c10d {
@@ -61,23 +62,32 @@ inline torch::Tensor sdpa(const torch::Tensor& q,
 #endif
 }
 
-/// One flash attention forward's output and what its backward reads: the log-sum-exp of each
+/// One fused attention forward's output and what its backward reads: the log-sum-exp of each
 /// head and token, and the dropout RNG's seed and offset (unused, no dropout). Opaque beyond
-/// `out`; kept by a checkpointed layer so that its recomputation skips the forward.
-struct FlashState {
-  torch::Tensor out;  // [N, H, D]
+/// `out`, whose shape tells the kernel: [B, H, T, D] cuDNN's (cudnn_causal), [N, H, D] flash's
+/// (varlen_flash). Kept by a checkpointed layer so that its recomputation skips the forward.
+struct AttentionState {
+  torch::Tensor out;
   torch::Tensor lse, seed, offset;
   bool defined() const { return out.defined(); }
 };
 
 #if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
 namespace detail {
-inline FlashState flash_forward(const torch::Tensor& q,
-                                const torch::Tensor& k,
-                                const torch::Tensor& v,
-                                const torch::Tensor& cu_seqlens,
-                                int64_t max_len,
-                                double scale) {
+// A kept state as the attention Functions' last four arguments: empty tensors when nothing is
+// kept (a Function's inputs are never undefined).
+inline std::array<torch::Tensor, 4> state_args(const AttentionState& kept, const torch::Tensor& q) {
+  if (kept.defined()) return {kept.out, kept.lse, kept.seed, kept.offset};
+  const auto none = torch::empty({0}, q.options());
+  return {none, none, none, none};
+}
+
+inline AttentionState flash_forward(const torch::Tensor& q,
+                                    const torch::Tensor& k,
+                                    const torch::Tensor& v,
+                                    const torch::Tensor& cu_seqlens,
+                                    int64_t max_len,
+                                    double scale) {
   const auto r = at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
                                               /*dropout_p=*/0.0, /*is_causal=*/true,
                                               /*return_debug_mask=*/false, scale);
@@ -98,7 +108,7 @@ struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
                                torch::Tensor lse,
                                torch::Tensor seed,
                                torch::Tensor offset) {
-    const auto st = out.numel() ? FlashState{out, lse, seed, offset}
+    const auto st = out.numel() ? AttentionState{out, lse, seed, offset}
                                 : flash_forward(q, k, v, cu_seqlens, max_len, scale);
     ctx->save_for_backward({q, k, v, st.out, st.lse, cu_seqlens, st.seed, st.offset});
     ctx->saved_data["max_len"] = max_len;
@@ -117,8 +127,98 @@ struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
     return out;
   }
 };
+
+inline AttentionState cudnn_forward(const torch::Tensor& q,
+                                    const torch::Tensor& k,
+                                    const torch::Tensor& v,
+                                    double scale) {
+  const auto r = at::_scaled_dot_product_cudnn_attention(
+      q, k, v, c10::nullopt, /*compute_log_sumexp=*/true, /*dropout_p=*/0.0,
+      /*is_causal=*/true, /*return_debug_mask=*/false, scale);
+  return {std::get<0>(r), std::get<1>(r), std::get<6>(r), std::get<7>(r)};
+}
+
+// cuDNN's causal attention over whole rows, forward and backward, as SDPA runs it; given a
+// forward's state (out non-empty), it returns that output instead of running the forward.
+struct CudnnCausal : torch::autograd::Function<CudnnCausal> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
+                               torch::Tensor q /*[B, H, T, D]*/,
+                               torch::Tensor k /*[B, KV, T, D]*/,
+                               torch::Tensor v /*[B, KV, T, D]*/,
+                               double scale,
+                               torch::Tensor out /*[B, H, T, D], or empty*/,
+                               torch::Tensor lse,
+                               torch::Tensor seed,
+                               torch::Tensor offset) {
+    const auto st =
+        out.numel() ? AttentionState{out, lse, seed, offset} : cudnn_forward(q, k, v, scale);
+    ctx->save_for_backward({q, k, v, st.out, st.lse, st.seed, st.offset});
+    ctx->saved_data["scale"] = scale;
+    return st.out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto d = at::_scaled_dot_product_cudnn_attention_backward(
+        grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], /*attn_bias=*/torch::Tensor(),
+        /*cum_seq_q=*/torch::Tensor(), /*cum_seq_k=*/torch::Tensor(), s[0].size(2), s[1].size(2),
+        /*dropout_p=*/0.0, /*is_causal=*/true, ctx->saved_data["scale"].toDouble());
+    torch::autograd::tensor_list out(8);
+    out[0] = std::get<0>(d), out[1] = std::get<1>(d), out[2] = std::get<2>(d);
+    return out;
+  }
+};
 }  // namespace detail
 #endif
+
+/// Whether SDPA runs cuDNN's fused kernel for causal attention over q, k, v (grouped KV heads
+/// read in place): LibTorch 2.x picks it on Hopper for bf16. Then cudnn_causal computes what
+/// SDPA does. q: [B, H, T, D], k, v: [B, KV, T, D]
+inline bool sdpa_runs_cudnn(const torch::Tensor& q,
+                            const torch::Tensor& k,
+                            const torch::Tensor& v,
+                            double scale) {
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+  constexpr int64_t kCudnnAttention = 3;  // at::SDPBackend::cudnn_attention
+  return q.is_cuda() &&
+         at::_fused_sdp_choice(q, k, v, c10::nullopt, /*dropout_p=*/0.0,
+                               /*is_causal=*/true, scale,
+                               /*enable_gqa=*/k.size(1) != q.size(1)) == kCudnnAttention;
+#else
+  (void)q, (void)k, (void)v, (void)scale;
+  return false;
+#endif
+}
+
+/// cuDNN's causal attention, differentiable; with `kept`, the state of an earlier forward of
+/// the same q, k, v (cudnn_causal_forward), the forward is not run again. Only where
+/// sdpa_runs_cudnn. q: [B, H, T, D], k, v: [B, KV, T, D] -> [B, H, T, D]
+inline torch::Tensor cudnn_causal(const torch::Tensor& q,
+                                  const torch::Tensor& k,
+                                  const torch::Tensor& v,
+                                  double scale,
+                                  const AttentionState& kept = {}) {
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+  const auto st = detail::state_args(kept, q);
+  return detail::CudnnCausal::apply(q, k, v, scale, st[0], st[1], st[2], st[3]);
+#else
+  (void)k, (void)v, (void)scale, (void)kept;
+  TORCH_CHECK(false, "cudnn_causal: no cuDNN attention in this build, for ", q.device());
+#endif
+}
+
+/// cudnn_causal's forward alone, not differentiable, with the state its backward reads.
+inline AttentionState cudnn_causal_forward(const torch::Tensor& q,
+                                           const torch::Tensor& k,
+                                           const torch::Tensor& v,
+                                           double scale) {
+#if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
+  return detail::cudnn_forward(q, k, v, scale);
+#else
+  (void)k, (void)v, (void)scale;
+  TORCH_CHECK(false, "cudnn_causal_forward: no cuDNN attention in this build, for ", q.device());
+#endif
+}
 
 /// Whether varlen_flash runs for q: flash attention's variable-length kernels are LibTorch
 /// 2.x's, on CUDA, for bf16/f16 and head sizes up to 256.
@@ -144,13 +244,11 @@ inline torch::Tensor varlen_flash(const torch::Tensor& q,
                                   const torch::Tensor& cu_seqlens,
                                   int64_t max_len,
                                   double scale,
-                                  const FlashState& kept = {}) {
+                                  const AttentionState& kept = {}) {
 #if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
-  const auto none = torch::empty({0}, q.options());
-  return detail::VarlenFlash::apply(
-      q, k, v, cu_seqlens, max_len, scale, kept.defined() ? kept.out : none,
-      kept.defined() ? kept.lse : none, kept.defined() ? kept.seed : none,
-      kept.defined() ? kept.offset : none);
+  const auto st = detail::state_args(kept, q);
+  return detail::VarlenFlash::apply(q, k, v, cu_seqlens, max_len, scale, st[0], st[1], st[2],
+                                    st[3]);
 #else
   (void)k, (void)v, (void)cu_seqlens, (void)max_len, (void)scale, (void)kept;
   TORCH_CHECK(false, "varlen_flash: no flash attention in this build, for ", q.device());
@@ -158,12 +256,12 @@ inline torch::Tensor varlen_flash(const torch::Tensor& q,
 }
 
 /// varlen_flash's forward alone, not differentiable, with the state its backward reads.
-inline FlashState varlen_flash_forward(const torch::Tensor& q,
-                                       const torch::Tensor& k,
-                                       const torch::Tensor& v,
-                                       const torch::Tensor& cu_seqlens,
-                                       int64_t max_len,
-                                       double scale) {
+inline AttentionState varlen_flash_forward(const torch::Tensor& q,
+                                           const torch::Tensor& k,
+                                           const torch::Tensor& v,
+                                           const torch::Tensor& cu_seqlens,
+                                           int64_t max_len,
+                                           double scale) {
 #if TORCH_VERSION_MAJOR >= 2 && defined(LORAFIT_WITH_CUDA)
   return detail::flash_forward(q, k, v, cu_seqlens, max_len, scale);
 #else

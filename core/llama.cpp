@@ -88,7 +88,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
                                      const Positions& pos,
                                      KVCache* cache,
                                      size_t layer,
-                                     compat::FlashState* kept,
+                                     compat::AttentionState* kept,
                                      bool value_needed) {
   const auto b = x.size(0), t = x.size(1);
   auto qkv = project_group(x, qkv_weight, {q_proj.get(), k_proj.get(), v_proj.get()},
@@ -128,7 +128,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x,
     y = s2_attention(q, k, v, scale, static_cast<int64_t>(group), s2_shift, pos.keep,
                      pos.segments.ids);
   } else if (kept && !cache && compat::has_varlen_flash(q)) {
-    y = kept_flash_attention(q, k, v, scale, pos.segments.cu_seqlens, pos.segments.max_len, *kept);
+    y = kept_attention(q, k, v, scale, pos.segments.cu_seqlens, pos.segments.max_len, *kept);
   } else if (pos.segments.defined()) {
     y = record_attention(q, k, v, scale, pos.segments.ids, pos.segments.cu_seqlens,
                          pos.segments.max_len);
@@ -202,7 +202,7 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
 }
 
 struct LayerKept {
-  compat::FlashState attention;
+  compat::AttentionState attention;
   torch::Tensor residual;  // [B, T, C]: h + attn
 };
 
@@ -320,7 +320,7 @@ torch::Tensor arg(const torch::Tensor& t) {
   return t.defined() ? t : torch::empty({0});
 }
 torch::Tensor of_arg(const torch::Tensor& a) {
-  return a.defined() && a.numel() ? a : torch::Tensor();
+  return a.numel() ? a : torch::Tensor();
 }
 Positions positions_of(const torch::autograd::variable_list& saved, int64_t max_len) {
   return {saved[1], saved[2], of_arg(saved[3]),

@@ -77,13 +77,13 @@ struct AttentionImpl : torch::nn::Module {
                 Quantize quantize = Quantize::None);
   /// x: [B, T, C] -> [B, T, C]. With a cache, x holds the positions after the cached ones,
   /// and this layer's keys and values are appended to it. With `kept`, flash attention keeps
-  /// its state there or reads it back (kept_flash_attention); `value_needed` as
+  /// its state there or reads it back (kept_attention); `value_needed` as
   /// ProjectionImpl::forward's, for o_proj.
   torch::Tensor forward(const torch::Tensor& x,
                         const Positions& pos,
                         KVCache* cache = nullptr,
                         size_t layer = 0,
-                        compat::FlashState* kept = nullptr,
+                        compat::AttentionState* kept = nullptr,
                         bool value_needed = true);
 
   Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
@@ -120,8 +120,8 @@ TORCH_MODULE(Mlp);
 /// What a checkpointed layer keeps of its first forward (train.checkpoint_keep), so that its
 /// recomputation for the backward does less, for more memory per layer.
 struct CheckpointKeep {
-  bool attention = false;  // flash attention's output and log-sum-exp ([B, T, H*D] + fp32
-                           // [H, B*T]): no attention forward again; CUDA bf16/f16 only
+  bool attention = false;  // the fused attention's output and log-sum-exp ([B, T, H*D] +
+                           // fp32 [B, H, T]): no attention forward again; CUDA bf16/f16 only
   bool residual = false;   // h + attn ([B, T, C]): no o_proj GEMM, the MLP recomputes from it
 };
 

@@ -27,39 +27,45 @@ TEST_CASE("kept flash attention replays its output and gives attention's gradien
           "[gpu][checkpoint]") {
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(3);
-  const int64_t b = 2, t = 48, heads = 8, kv = 2, d = 64;
+  // The 7B rows' head size, grouped KV heads: on Hopper SDPA runs cuDNN's kernel for whole
+  // rows, which the kept attention then runs too.
+  const int64_t b = 2, t = 128, heads = 8, kv = 2, d = 128;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const auto bf16 = torch::dtype(torch::kBFloat16).device(torch::kCUDA);
   // The projections' layout, [B, T, heads, D], seen as [B, heads, T, D].
   auto heads_of = [&](int64_t n) { return torch::randn({b, t, n, d}, bf16).transpose(1, 2); };
   const auto q = heads_of(heads), k = heads_of(kv), v = heads_of(kv);
   const auto dy = torch::randn({b, heads, t, d}, bf16);
-  // Row 0: records of 30 and 18 tokens; row 1: one of 48.
-  const auto cu = torch::tensor({0, 30, 48, 96}, torch::kInt32).to(torch::kCUDA);
+  // Row 0: records of 90 and 38 tokens; row 1: one of 128.
+  const auto cu = torch::tensor({0, 90, 128, 256}, torch::kInt32).to(torch::kCUDA);
   const auto segment_ids =
-      torch::cat({torch::zeros({30}), torch::ones({18}), torch::full({48}, 2.0)})
+      torch::cat({torch::zeros({90}), torch::ones({38}), torch::full({128}, 2.0)})
           .to(torch::kInt64)
           .view({b, t})
           .to(torch::kCUDA);
   for (const bool packed : {false, true}) {
     INFO("packed records: " << packed);
-    compat::FlashState kept;
+    compat::AttentionState kept;
     torch::Tensor first;  // [B, H, T, D]
     {
       torch::NoGradGuard no_grad;
-      first = kept_flash_attention(q, k, v, scale, packed ? cu : torch::Tensor(), 30, kept);
+      first = kept_attention(q, k, v, scale, packed ? cu : torch::Tensor(), 128, kept);
     }
     REQUIRE(kept.defined());
+    // cuDNN's state for whole rows where SDPA runs cuDNN, flash's otherwise.
+    const bool cudnn = !packed && compat::sdpa_runs_cudnn(q, k, v, scale);
+    INFO("cuDNN: " << cudnn);
+    REQUIRE(kept.out.dim() == (cudnn ? 4 : 3));
     auto grads = [&](bool replay) {
       auto ql = q.detach().requires_grad_(true), kl = k.detach().requires_grad_(true),
            vl = v.detach().requires_grad_(true);
       torch::Tensor y;
       if (replay) {
-        y = kept_flash_attention(ql, kl, vl, scale, packed ? cu : torch::Tensor(), 30, kept);
+        y = kept_attention(ql, kl, vl, scale, packed ? cu : torch::Tensor(), 128, kept);
         // The kept output itself: no forward ran again.
         REQUIRE(y.data_ptr() == first.data_ptr());
       } else {
-        y = packed ? record_attention(ql, kl, vl, scale, segment_ids, cu, 30)
+        y = packed ? record_attention(ql, kl, vl, scale, segment_ids, cu, 128)
                    : causal_attention(ql, kl, vl, scale);
       }
       y.backward(dy);
