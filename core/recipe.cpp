@@ -699,11 +699,14 @@ void check_jobs(const Recipe& top,
                                             : " cannot share the base with other jobs") +
                          " (hint: give it a recipe of its own)");
     }
-    if (j.train.gradient_checkpointing != top.train.gradient_checkpointing ||
-        j.train.checkpoint_keep != top.train.checkpoint_keep) {
-      const bool keep = j.train.gradient_checkpointing == top.train.gradient_checkpointing;
-      problems.push_back(label + "'train." + (keep ? "checkpoint_keep" : "gradient_checkpointing") +
-                         "' is shared by all jobs (hint: set it at the top of the recipe)");
+    for (const auto& [key, same] :
+         {std::pair{"gradient_checkpointing",
+                    j.train.gradient_checkpointing == top.train.gradient_checkpointing},
+          std::pair{"checkpoint_keep", j.train.checkpoint_keep == top.train.checkpoint_keep}}) {
+      if (!same) {
+        problems.push_back(label + "'train." + key +
+                           "' is shared by all jobs (hint: set it at the top of the recipe)");
+      }
     }
   }
   if (jobs.size() >= 2 && top.cola.enabled()) {

@@ -168,6 +168,14 @@ double rel_err(const T& a, const T& b) {
   return (a - b).abs().max().template item<double>() / b.abs().max().template item<double>();
 }
 
+/// rel_err for tensors of any dtype and device: the difference taken in float64, and no
+/// division by zero for an all-zero reference.
+inline double rel_err_f64(const torch::Tensor& a, const torch::Tensor& ref) {
+  const auto r = ref.to(torch::kFloat64);
+  return (a.to(torch::kFloat64) - r).abs().max().item<double>() /
+         std::max(r.abs().max().item<double>(), 1e-30);
+}
+
 /// Gradients of a recomputing backward pass (checkpointed layers) against the plain one's:
 /// as many, each nonzero, equal to float64 round-off.
 inline void require_same_gradients(const std::vector<torch::Tensor>& plain,

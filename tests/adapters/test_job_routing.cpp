@@ -99,13 +99,7 @@ TEST_CASE("a fused batch gives each job what its rows give alone", "[adapters][j
       row += s.rows;
     }
     REQUIRE(torch::allclose(fused, torch::cat(alone, 0), 1e-10, 1e-12));
-    const auto alone_grads = grads_of(t);
-    REQUIRE(fused_grads.size() == alone_grads.size());
-    for (size_t i = 0; i < fused_grads.size(); ++i) {
-      INFO("gradient " << i);
-      REQUIRE(alone_grads[i].abs().sum().item<double>() > 0);
-      REQUIRE(torch::allclose(fused_grads[i], alone_grads[i], 1e-10, 1e-12));
-    }
+    lorafit::test::require_same_gradients(grads_of(t), fused_grads);
   }
 }
 
@@ -177,12 +171,6 @@ TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give
       (alone.back() * weight.narrow(0, 2 * i, 2)).sum().backward();
     }
     REQUIRE(torch::allclose(fused, torch::cat(alone, 0), 1e-10, 1e-12));
-    const auto alone_grads = grads_of(t);
-    REQUIRE(fused_grads.size() == alone_grads.size());
-    for (size_t i = 0; i < fused_grads.size(); ++i) {
-      INFO("gradient " << i);
-      REQUIRE(alone_grads[i].abs().sum().item<double>() > 0);
-      REQUIRE(torch::allclose(fused_grads[i], alone_grads[i], 1e-10, 1e-12));
-    }
+    lorafit::test::require_same_gradients(grads_of(t), fused_grads);
   }
 }

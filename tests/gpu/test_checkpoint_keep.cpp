@@ -1,6 +1,7 @@
-// Checkpointed layers that keep flash attention's state (train.checkpoint_keep) on CUDA: the
-// recomputation returns the kept output without running the forward again, and the gradients
-// are those of attention run anew, per row and per packed record, and through a whole model.
+// Checkpointed layers that keep the fused attention's state (train.checkpoint_keep) on CUDA:
+// the recomputation returns the kept output without running the forward again, and the
+// gradients are those of attention run anew, per row (cuDNN where SDPA runs it) and per packed
+// record (flash), and through a whole model.
 #include <catch2/catch.hpp>
 
 #include "adapters/lora.h"
@@ -10,20 +11,12 @@
 #include "core/attention.h"
 #include "core/compat.h"
 #include "core/llama.h"
+#include "test_util.h"
 
 using namespace lorafit;
+using lorafit::test::rel_err_f64;
 
-namespace {
-
-double rel_err(const torch::Tensor& a, const torch::Tensor& ref) {
-  const auto r = ref.to(torch::kFloat64);
-  return (a.to(torch::kFloat64) - r).abs().max().item<double>() /
-         std::max(r.abs().max().item<double>(), 1e-30);
-}
-
-}  // namespace
-
-TEST_CASE("kept flash attention replays its output and gives attention's gradients on CUDA",
+TEST_CASE("kept attention replays its output and gives attention's gradients on CUDA",
           "[gpu][checkpoint]") {
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(3);
@@ -74,7 +67,7 @@ TEST_CASE("kept flash attention replays its output and gives attention's gradien
     const auto replayed = grads(true), anew = grads(false);
     for (size_t i = 0; i < anew.size(); ++i) {
       INFO("output " << i << " (0: value, then the gradients of q, k, v)");
-      REQUIRE(rel_err(replayed[i], anew[i]) < 1e-2);
+      REQUIRE(rel_err_f64(replayed[i], anew[i]) < 1e-2);
     }
   }
 }
@@ -109,6 +102,6 @@ TEST_CASE(
   for (size_t i = 0; i < plain.size(); ++i) {
     INFO("parameter " << i);
     // As close to the plain backward as a full recomputation is, give or take bf16 noise.
-    REQUIRE(rel_err(kept[i], plain[i]) < 2 * rel_err(recomputed[i], plain[i]) + 2e-2);
+    REQUIRE(rel_err_f64(kept[i], plain[i]) < 2 * rel_err_f64(recomputed[i], plain[i]) + 2e-2);
   }
 }

@@ -3,8 +3,10 @@
 #include <catch2/catch.hpp>
 
 #include "core/fused_ops.h"
+#include "test_util.h"
 
 using namespace lorafit;
+using lorafit::test::rel_err_f64;
 
 namespace {
 
@@ -22,13 +24,6 @@ std::vector<torch::Tensor> value_and_grads(F f,
   return result;
 }
 
-// Largest difference relative to the largest magnitude of the reference.
-double rel_err(const torch::Tensor& a, const torch::Tensor& ref) {
-  const auto r = ref.to(torch::kFloat64);
-  return (a.to(torch::kFloat64) - r).abs().max().item<double>() /
-         std::max(r.abs().max().item<double>(), 1e-30);
-}
-
 // float64: the kernel equals the composite to rounding error. bf16: the kernel is no further
 // from the float64 truth than the bf16 composite is, give or take one bf16 rounding.
 void check(const std::vector<torch::Tensor>& fused,
@@ -42,8 +37,8 @@ void check(const std::vector<torch::Tensor>& fused,
     if (dtype == torch::kFloat64) {
       REQUIRE(torch::allclose(fused[i], plain[i], 1e-10, 1e-12));
     } else {
-      REQUIRE(rel_err(fused[i], truth[i]) <=
-              std::max(2 * rel_err(plain[i], truth[i]), std::pow(2.0, -8)));
+      REQUIRE(rel_err_f64(fused[i], truth[i]) <=
+              std::max(2 * rel_err_f64(plain[i], truth[i]), std::pow(2.0, -8)));
     }
   }
 }

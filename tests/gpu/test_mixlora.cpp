@@ -5,8 +5,10 @@
 
 #include "adapters/mixlora.h"
 #include "core/llama.h"
+#include "test_util.h"
 
 using namespace lorafit;
+using lorafit::test::rel_err_f64;
 
 namespace {
 
@@ -55,12 +57,6 @@ Run run(torch::Dtype dtype, bool per_expert, const torch::Tensor& x, const torch
   return r;
 }
 
-double rel_err(const torch::Tensor& a, const torch::Tensor& ref) {
-  const auto r = ref.to(torch::kFloat64);
-  return (a.to(torch::kFloat64) - r).abs().max().item<double>() /
-         std::max(r.abs().max().item<double>(), 1e-30);
-}
-
 }  // namespace
 
 TEST_CASE("MixLoRA's fast path on CUDA is as close to float64 as the per-expert path in bf16",
@@ -76,8 +72,8 @@ TEST_CASE("MixLoRA's fast path on CUDA is as close to float64 as the per-expert 
   for (size_t i = 0; i < truth.values.size(); ++i) {
     INFO("value " << i << " (0: output, 1: dx, then the adapter's parameters)");
     REQUIRE(torch::allclose(fast64.values[i], truth.values[i], 1e-9, 1e-11));
-    const double ours = rel_err(fast.values[i], truth.values[i]),
-                 theirs = rel_err(per_expert.values[i], truth.values[i]);
+    const double ours = rel_err_f64(fast.values[i], truth.values[i]),
+                 theirs = rel_err_f64(per_expert.values[i], truth.values[i]);
     INFO("fast path " << ours << ", per-expert path " << theirs);
     REQUIRE(ours <= std::max(2 * theirs, std::pow(2.0, -7)));
   }
