@@ -44,6 +44,7 @@ Action add_bench(CLI::App& app) {
     if (*json) {
       fmt::print("{}\n", nlohmann::json{{"tokens_per_s", r.tokens_per_s},
                                         {"padding", r.padding},
+                                        {"graphed", r.graphed},
                                         {"step_ms", r.step_ms},
                                         {"peak_mem_gib", r.peak_mem_gib},
                                         {"mfu", r.mfu},
@@ -57,8 +58,9 @@ Action add_bench(CLI::App& app) {
     } else {
       fmt::print(
           "{:.0f} tokens/s  {:.1f} ms/step  peak {:.2f} GiB  MFU {:.3f}  loss {:.4f}  padding "
-          "{:.1f}%  ({} trainable, {})\n",
+          "{:.1f}%{}  ({} trainable, {})\n",
           r.tokens_per_s, r.step_ms, r.peak_mem_gib, r.mfu, r.loss, 100 * r.padding,
+          r.graphed > 0 ? fmt::format("  graphed {:.0f}%", 100 * r.graphed) : "",
           r.trainable_params, r.device);
     }
   };

@@ -13,6 +13,7 @@
 #include "core/device.h"
 #include "core/errors.h"
 #include "core/optimizer.h"
+#include "core/step_graphs.h"
 #include "core/trainer.h"
 #include "tokenizer/tokenizer.h"
 
@@ -58,6 +59,7 @@ BenchResult run_bench(const BenchOptions& o) {
                     "fused jobs share; hint: bench one job, or jobs of an adapter",
                     o.jobs, recipe.adapter.type));
   const auto device = pick_device(o.device);
+  if (recipe.train.cuda_graphs) StepGraphs::check(device, 1);
   const auto dtype = pick_dtype(recipe.dtype, device);
   torch::manual_seed(static_cast<uint64_t>(recipe.seed));
   const auto quantize = parse_quantize(recipe.quantize, "quantize");
@@ -88,6 +90,13 @@ BenchResult run_bench(const BenchOptions& o) {
   }
   routing.place_routers();
   model->train();
+  std::optional<StepGraphs> graphs;
+  if (recipe.train.cuda_graphs) {
+    std::vector<torch::Tensor> trainable;
+    for (size_t j = 0; j < jobs; ++j)
+      for (auto& t : gradient_tensors(optimizers[j], masters[j])) trainable.push_back(t);
+    graphs.emplace(device, std::move(trainable));
+  }
 
   const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
   // Each step's micro-batches: the same random rows every step, or each job's next rows of
@@ -138,7 +147,11 @@ BenchResult run_bench(const BenchOptions& o) {
       }
       const auto batch = collate(group, device, pad_multiple);
       routing.set_rows(spans);
-      forward_backward(model, batch, parts);
+      if (graphs) {
+        graphs->forward_backward(model, batch, spans, parts);
+      } else {
+        forward_backward(model, batch, parts);
+      }
       real += batch.tokens;
       slots += batch.ids.numel();
     }
@@ -147,8 +160,14 @@ BenchResult run_bench(const BenchOptions& o) {
     for (size_t j = 0; j < jobs; ++j)
       apply_update(optimizers[j], masters[j], recipe.train.lr, recipe.train.max_grad_norm);
   };
+  // A graph's memory is allocated once, when it is captured in a warm-up step, and stays in
+  // its pool: replays allocate nothing, so the captures' peak counts as well.
+  if (graphs) compat::reset_peak_memory(device);
   for (int64_t i = 0; i < o.warmup_steps; ++i) step();
+  const int64_t warm_passes = graphs ? graphs->passes() : 0;
+  const int64_t warm_replays = graphs ? graphs->replayed() : 0;
   compat::synchronize(device);
+  const double capture_peak = graphs ? compat::peak_memory_gib(device) : 0.0;
   compat::reset_peak_memory(device);
   if (!o.profile.empty()) compat::profile_start();
   real = slots = 0;
@@ -162,9 +181,12 @@ BenchResult run_bench(const BenchOptions& o) {
   r.step_ms = secs / o.steps * 1e3;
   r.tokens_per_s = static_cast<double>(real) / secs;
   r.padding = 1.0 - static_cast<double>(real) / static_cast<double>(slots);
+  if (graphs)
+    r.graphed = static_cast<double>(graphs->replayed() - warm_replays) /
+                static_cast<double>(std::max<int64_t>(1, graphs->passes() - warm_passes));
   // Attention's FLOPs at the rows' mean length (packed records see less of it).
   const int64_t seq = o.data.empty() ? o.seq : slots / (o.steps * o.batch * o.jobs);
-  r.peak_mem_gib = compat::peak_memory_gib(device);
+  r.peak_mem_gib = std::max(compat::peak_memory_gib(device), capture_peak);
   r.mfu =
       device.is_cuda()
           ? r.tokens_per_s *

@@ -27,6 +27,7 @@ struct BenchOptions {
 struct BenchResult {
   double tokens_per_s = 0;  // real (not padding) tokens
   double padding = 0;       // the share of the rows' tokens that were padding
+  double graphed = 0;       // train.cuda_graphs: the share of the timed passes replayed
   double step_ms = 0;
   double peak_mem_gib = 0;
   double mfu = 0;   // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU

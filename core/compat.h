@@ -9,14 +9,22 @@
 #include <torch/csrc/autograd/profiler_kineto.h>
 #endif
 #ifdef LORAFIT_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/cuda.h>
 #endif
 
 #include <array>
 #include <cmath>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <vector>
 
 namespace c10d {
 class Backend;
@@ -283,9 +291,116 @@ inline void set_cpu_rng_state(const torch::Tensor& state) {
   gen.set_state(state);
 }
 
+/// Whether work queued now on `device`'s current stream is being captured into a CUDA graph
+/// (recorded to be replayed, not run): never on the CPU.
+inline bool capturing(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  return device.is_cuda() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+/// CUDA graphs that share one side stream and one private memory pool: they never run at once,
+/// and what one leaves allocated (its outputs) no other reuses. LibTorch with CUDA only; the
+/// constructor throws elsewhere.
+class GraphSet {
+ public:
+  explicit GraphSet(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+    if (device.is_cuda()) {
+      stream_ = std::make_unique<c10::cuda::CUDAStream>(
+          c10::cuda::getStreamFromPool(false, device.index() < 0 ? 0 : device.index()));
+      pool_ = at::cuda::graph_pool_handle();
+      return;
+    }
+#endif
+    throw std::runtime_error("CUDA graphs need a CUDA device and LibTorch with CUDA (here: " +
+                             device.str() + ", LibTorch " TORCH_VERSION ")");
+  }
+
+  /// Runs `body` on the side stream, after the work queued on the current stream and before
+  /// what it queues next (warms a graph's kernels and workspaces up outside a capture).
+  void run(const std::function<void()>& body) {
+    on_side_stream(body);
+  }
+
+  /// Records what `body` queues (none of it runs) as a graph; -> its index for `replay`.
+  size_t capture(const std::function<void()>& body) {
+#ifdef LORAFIT_WITH_CUDA
+    graphs_.push_back(std::make_unique<at::cuda::CUDAGraph>());
+    auto& graph = *graphs_.back();
+    on_side_stream([&] {
+      graph.capture_begin(pool_);
+      try {
+        body();
+      } catch (...) {
+        try {
+          graph.capture_end();
+        } catch (...) {  // the capture is void already: the body's error is the one to report
+        }
+        graphs_.pop_back();
+        throw;
+      }
+      graph.capture_end();
+    });
+    // The cached blocks of eager passes (the warm-up's) serve no graph: back to the device, so
+    // that the process holds the graphs' pool and not both.
+    c10::cuda::CUDACachingAllocator::emptyCache();
+#else
+    (void)body;
+#endif
+    return graphs_.size() - 1;
+  }
+
+  /// Queues graph `g`'s work on the current stream.
+  void replay(size_t g) {
+#ifdef LORAFIT_WITH_CUDA
+    graphs_.at(g)->replay();
+#else
+    (void)g;
+#endif
+  }
+
+  size_t size() const {
+    return graphs_.size();
+  }
+
+ private:
+  void on_side_stream(const std::function<void()>& body) {
+#ifdef LORAFIT_WITH_CUDA
+    const auto current = c10::cuda::getCurrentCUDAStream(stream_->device_index());
+    at::cuda::CUDAEvent before, after;
+    before.record(current);
+    before.block(*stream_);
+    {
+      const c10::cuda::CUDAStreamGuard guard(*stream_);
+      body();
+    }
+    after.record(*stream_);
+    after.block(current);
+#else
+    body();
+#endif
+  }
+
+#ifdef LORAFIT_WITH_CUDA
+  std::unique_ptr<c10::cuda::CUDAStream> stream_;
+  at::cuda::MempoolId_t pool_;
+  std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs_;
+#else
+  std::vector<int> graphs_;
+#endif
+};
+
 /// The random state that dropout on `device` draws from, and setting it back (activation
-/// checkpointing replays it).
+/// checkpointing replays it). Undefined while a CUDA graph is being captured, where the
+/// generator's offset cannot be read (graphs are refused where a recomputation would replay
+/// dropout), and setting an undefined state does nothing.
 inline torch::Tensor rng_state(torch::Device device) {
+  if (capturing(device)) return {};
 #ifdef LORAFIT_WITH_CUDA
   if (device.is_cuda()) {
     auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index() < 0 ? 0 : device.index());
@@ -297,6 +412,7 @@ inline torch::Tensor rng_state(torch::Device device) {
 }
 
 inline void set_rng_state(torch::Device device, const torch::Tensor& state) {
+  if (!state.defined()) return;
 #ifdef LORAFIT_WITH_CUDA
   if (device.is_cuda()) {
     auto gen = at::cuda::detail::getDefaultCUDAGenerator(device.index() < 0 ? 0 : device.index());

@@ -109,12 +109,7 @@ void new_optimizer(Job& job, LlamaForCausalLM& model) {
 
 std::vector<torch::Tensor> gradient_holders(const Job& job) {
   if (job.shards) return job.shards->model;
-  auto out = job.optimizer->params;
-  if (job.masters)
-    for (auto& t : out)
-      for (size_t i = 0; i < job.masters->masters.size(); ++i)
-        if (t.is_same(job.masters->masters[i])) t = job.masters->model[i];
-  return out;
+  return gradient_tensors(*job.optimizer, job.masters);
 }
 
 void copy_adapter_weights(Job& job, LlamaForCausalLM& model, const std::string& dir) {

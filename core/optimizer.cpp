@@ -121,6 +121,16 @@ void MasterWeights::publish() {
   for (size_t i = 0; i < model.size(); ++i) model[i].copy_(masters[i]);
 }
 
+std::vector<torch::Tensor> gradient_tensors(const AdamW& optimizer,
+                                            const std::optional<MasterWeights>& masters) {
+  auto out = optimizer.params;
+  if (masters)
+    for (auto& t : out)
+      for (size_t i = 0; i < masters->masters.size(); ++i)
+        if (t.is_same(masters->masters[i])) t = masters->model[i];
+  return out;
+}
+
 std::optional<MasterWeights> masters_for(std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> low;
   for (const auto& p : params)

@@ -62,6 +62,11 @@ struct MasterWeights {
   std::vector<torch::Tensor> masters;  // fp32, shaped as model
 };
 
+/// The tensors whose gradients the backward fills for `optimizer`: its parameters, each master
+/// replaced by the model tensor it masters.
+std::vector<torch::Tensor> gradient_tensors(const AdamW& optimizer,
+                                            const std::optional<MasterWeights>& masters);
+
 /// Masters for the trainable tensors not in fp32, put in their place in `params` (what the
 /// optimizer then updates); nullopt when every tensor is fp32 already.
 std::optional<MasterWeights> masters_for(std::vector<torch::Tensor>& params);

@@ -7,6 +7,8 @@
 #include <numeric>
 #include <tuple>
 
+#include "core/compat.h"
+
 namespace lorafit {
 
 int64_t BaseWeight::rows() const {
@@ -152,9 +154,14 @@ class FactorCopies {
                     int layout,
                     const std::vector<double>& extra,
                     const Build& build) {
-    // A part computed in this forward (MultiLoRA's scaled b) is new every time: not kept.
+    // A part computed in this forward (MultiLoRA's scaled b) is new every time: not kept. In a
+    // CUDA graph every copy is made anew: each replay follows an optimizer step.
     for (const auto& p : parts)
       if (!p.is_leaf()) return build(parts);
+    if (compat::capturing(parts[0].device())) {
+      const torch::NoGradGuard no_grad;
+      return build(parts);
+    }
     const std::lock_guard<std::mutex> lock(mutex_);
     const Key key{parts[0].unsafeGetTensorImpl(), parts.size(), dtype, layout};
     auto it = entries_.find(key);

@@ -131,6 +131,7 @@ void visit_fields(Recipe_& r, F&& f) {
   f("train.max_grad_norm", r.train.max_grad_norm, at_least(0));
   f("train.gradient_checkpointing", r.train.gradient_checkpointing, Rule{});
   f("train.checkpoint_keep", r.train.checkpoint_keep, Rule{});
+  f("train.cuda_graphs", r.train.cuda_graphs, Rule{});
   f("train.log_every", r.train.log_every, at_least(1));
   f("train.eval_every", r.train.eval_every, at_least(0));
   f("train.save_every", r.train.save_every, at_least(0));
@@ -555,12 +556,28 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
         "'train.checkpoint_keep' says what checkpointed layers keep, but "
         "train.gradient_checkpointing is false (hint: set it true, or drop checkpoint_keep)");
   }
+  if (r.train.cuda_graphs && r.train.gradient_checkpointing && r.adapter.dropout > 0) {
+    problems.push_back(
+        "'train.cuda_graphs' with train.gradient_checkpointing needs adapter.dropout 0: the "
+        "recomputation replays dropout's random state, which a graph cannot read (hint: set "
+        "adapter.dropout: 0, or drop one of the two)");
+  }
   std::vector<std::string> types;
   for (const auto& spec : adapter_specs()) types.emplace_back(spec.name);
   const auto* spec = find_adapter_if(r.adapter.type);
   if (!spec) {
     problems.push_back("'adapter.type' is '" + r.adapter.type + "', expected one of: " +
                        join_problems(types) + did_you_mean(r.adapter.type, types));
+  }
+  if (r.train.cuda_graphs && r.cola.enabled()) {
+    problems.push_back(
+        "'train.cuda_graphs' with cola: each link starts new adapter tensors, which the graphs "
+        "captured before do not read (hint: drop one of the two)");
+  }
+  if (r.train.cuda_graphs && spec && spec->aux_loss) {
+    problems.push_back("'train.cuda_graphs': adapter.type " + r.adapter.type +
+                       " routes each token on the host's count of its experts' rows, which a "
+                       "graph cannot replay (hint: drop cuda_graphs for this adapter)");
   }
   if (r.adapter.targets.empty()) problems.push_back("'adapter.targets' is empty");
   if (spec && spec->trains_base && !r.adapter.init.empty()) {
@@ -702,7 +719,8 @@ void check_jobs(const Recipe& top,
     for (const auto& [key, same] :
          {std::pair{"gradient_checkpointing",
                     j.train.gradient_checkpointing == top.train.gradient_checkpointing},
-          std::pair{"checkpoint_keep", j.train.checkpoint_keep == top.train.checkpoint_keep}}) {
+          std::pair{"checkpoint_keep", j.train.checkpoint_keep == top.train.checkpoint_keep},
+          std::pair{"cuda_graphs", j.train.cuda_graphs == top.train.cuda_graphs}}) {
       if (!same) {
         problems.push_back(label + "'train." + key +
                            "' is shared by all jobs (hint: set it at the top of the recipe)");
@@ -885,6 +903,7 @@ bool applies(const Recipe& r, const std::string& key) {
   if (key == "train.warmup_ratio") return t.warmup_ratio > 0;
   if (key == "train.save_total_limit") return t.save_total_limit > 0;
   if (key == "train.checkpoint_keep") return !t.checkpoint_keep.empty();
+  if (key == "train.cuda_graphs") return t.cuda_graphs;
   const DistributedRecipe defaults;
   if (key == "distributed.timeout_s") return r.distributed.timeout_s != defaults.timeout_s;
   if (key == "distributed.bucket_mb") return r.distributed.bucket_mb != defaults.bucket_mb;
@@ -981,9 +1000,10 @@ Recipe parse_recipe_text(const std::string& yaml, const std::string& name) {
 
 const std::vector<std::string>& resume_changeable_keys() {
   static const std::vector<std::string> keys = {
-      "output",          "device",           "train.steps",           "train.epochs",
-      "train.log_every", "train.eval_every", "train.save_every",      "train.save_total_limit",
-      "data.valid",      "max_concurrent",   "distributed.timeout_s", "distributed.bucket_mb"};
+      "output",           "device",           "train.steps",           "train.epochs",
+      "train.log_every",  "train.eval_every", "train.save_every",      "train.save_total_limit",
+      "data.valid",       "max_concurrent",   "distributed.timeout_s", "distributed.bucket_mb",
+      "train.cuda_graphs"};
   return keys;
 }
 

@@ -58,6 +58,9 @@ struct TrainRecipe {
   // What checkpointed layers keep for their recomputation: attention and/or residual (empty:
   // everything is recomputed).
   std::vector<std::string> checkpoint_keep;
+  // Replay each forward-backward pass whose batch layout repeats from a CUDA graph (one launch
+  // for its thousands of kernels); CUDA only.
+  bool cuda_graphs = false;
   int64_t log_every = 10;
   int64_t eval_every = 100;      // 0: no evaluation during training
   int64_t save_every = 200;      // 0: no checkpoints during training

@@ -30,6 +30,7 @@
 #include "core/optimizer.h"
 #include "core/run_dir.h"
 #include "core/safetensors.h"
+#include "core/step_graphs.h"
 #include "core/stop_signal.h"
 
 namespace lorafit {
@@ -408,6 +409,7 @@ void train(const Recipe& recipe, const TrainRun& run) {
   World world(launch, device, std::chrono::seconds(recipe.distributed.timeout_s),
               static_cast<int64_t>(recipe.distributed.bucket_mb * (1 << 20)));
   OverlappedGradients overlap(world);
+  if (recipe.train.cuda_graphs) StepGraphs::check(device, world.size());
   for (auto& job : jobs) {
     const auto& tr = job.recipe.train;
     job.writes = world.main();
@@ -428,6 +430,13 @@ void train(const Recipe& recipe, const TrainRun& run) {
   for (auto& job : jobs) {
     new_optimizer(job, model);
     if (!job.recipe.adapter.init.empty()) copy_adapter_weights(job, model, job.recipe.adapter.init);
+  }
+  std::optional<StepGraphs> graphs;
+  if (recipe.train.cuda_graphs) {
+    std::vector<torch::Tensor> trainable;
+    for (const auto& job : jobs)
+      for (auto& t : gradient_holders(job)) trainable.push_back(t);
+    graphs.emplace(device, std::move(trainable));
   }
 
   // Only now, with data and model loaded, does the run write anything (rank 0 alone): it
@@ -516,10 +525,16 @@ void train(const Recipe& recipe, const TrainRun& run) {
     overlap.arm(finishing, finishing_step);
     for (const auto& group : group_by_length(parts)) {
       const auto batch = collate(group, device, pad_multiple);
-      routing.set_rows(spans_of(group));
+      const auto spans = spans_of(group);
+      routing.set_rows(spans);
       for (const auto& part : group)
         jobs[part.job].step_slots += static_cast<int64_t>(part.rows.size()) * batch.ids.size(1);
-      forward_backward(model, batch, loss_parts(jobs, group));  // forward, loss, backward
+      // Forward, loss, backward: replayed from a CUDA graph where this layout was captured.
+      if (graphs) {
+        graphs->forward_backward(model, batch, spans, loss_parts(jobs, group));
+      } else {
+        forward_backward(model, batch, loss_parts(jobs, group));
+      }
     }
     overlap.finish();
     for (const auto& part : parts) {
@@ -562,6 +577,11 @@ void train(const Recipe& recipe, const TrainRun& run) {
         job.status = Job::Status::Stopped;
       }
     }
+  }
+  if (graphs && world.main()) {
+    fmt::print(stderr,
+               "lorafit: cuda_graphs replayed {} of {} forward-backward passes ({} graphs)\n",
+               graphs->replayed(), graphs->passes(), graphs->captured());
   }
   if (stopping) {
     std::string where;

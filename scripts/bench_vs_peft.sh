@@ -9,12 +9,14 @@
 # COMPILED="" skips compiled PEFT. The Llama-3-8B row with checkpointing (llama3-8b:4096:1:1)
 # is not among the defaults, for time; add it with ROWS. On checkpointed rows lorafit runs once
 # for each value of train.checkpoint_keep in KEEPS (default "none attention,residual"; "none"
-# recomputes everything), against the same PEFT runs.
+# recomputes everything), against the same PEFT runs. GRAPHS="false true" runs lorafit on
+# each row both eagerly and with train.cuda_graphs (default: false).
 set -uo pipefail
 source scripts/gpu_common.sh
 rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1}"
 compiled="${COMPILED-$rows}"
 keeps="${KEEPS-none attention,residual}"
+graph_modes="${GRAPHS:-false}"
 gpu_build bench lorafit
 results="$out/bench.jsonl"
 : > "$results"
@@ -24,12 +26,15 @@ for row in $rows; do
   comp='{}'
   [[ " $compiled " == *" $row "* ]] && comp=$(python3 scripts/peft_bench.py "$shape" "$seq" "$batch" "$ckpt" 1 2>> "$out/bench.log" || echo '{}')
   for keep in $([ "$ckpt" = 1 ] && echo "$keeps" || echo none); do
-    sets=(--set train.gradient_checkpointing=$([ "$ckpt" = 1 ] && echo true || echo false))
-    [ "$keep" != none ] && sets+=(--set "train.checkpoint_keep=[$keep]")
-    ours=$(./build-gpu/lorafit bench --shape "$shape" --seq "$seq" --batch "$batch" --device cuda --json \
-           "${sets[@]}" 2>> "$out/bench.log" || echo '{}')
-    label=$row$([ "$ckpt" = 1 ] && echo " keep=$keep")
-    echo "{\"row\": \"$label\", \"lorafit\": $ours, \"peft\": $eager, \"peft_compiled\": $comp}" >> "$results"
+    for graphs in $graph_modes; do
+      sets=(--set train.gradient_checkpointing=$([ "$ckpt" = 1 ] && echo true || echo false))
+      [ "$keep" != none ] && sets+=(--set "train.checkpoint_keep=[$keep]")
+      sets+=(--set train.cuda_graphs=$graphs)
+      ours=$(./build-gpu/lorafit bench --shape "$shape" --seq "$seq" --batch "$batch" --device cuda --json \
+             "${sets[@]}" 2>> "$out/bench.log" || echo '{}')
+      label=$row$([ "$ckpt" = 1 ] && echo " keep=$keep")$([ "$graphs" = true ] && echo " graphs")
+      echo "{\"row\": \"$label\", \"lorafit\": $ours, \"peft\": $eager, \"peft_compiled\": $comp}" >> "$results"
+    done
   done
 done
 python3 - "$results" <<'PY'

@@ -4,7 +4,8 @@
 # with its own token data (512-token rows, micro-batches of 4 rows, 8 rows per step), trained
 #  - fused: one process, `jobs:` (one base, the four jobs' rows in every forward pass);
 #  - one after another: four `lorafit train` runs of the jobs' own resolved recipes;
-#  - side by side: the same four runs as four processes at once.
+#  - side by side: the same four runs as four processes at once;
+#  - fused, graphs: the fused run with train.cuda_graphs (not with MIXED=1).
 # Prints total time (process start to end, model loads included), tokens/s over that time,
 # steady tokens/s (the last logged interval: summed over concurrent jobs, averaged over
 # sequential ones), peak GPU memory (nvidia-smi: every process, CUDA contexts included) and
@@ -87,6 +88,12 @@ measure() {
   python3 -c "import sys; m=[int(l) for l in open('$samples') if l.strip().isdigit()]; print(f'{$t1-$t0:.2f} {max(m)-$idle}')"
 }
 fused() { $bin train "$work/jobs.yaml" 2> "$out/jobs-fused.log"; }
+# The fused run replaying its passes from CUDA graphs (MixLoRA, which routes on host counts,
+# refuses them: no such row for MIXED=1).
+fused_graphs() {
+  $bin train "$work/jobs.yaml" --set train.cuda_graphs=true --set output="$work/graphs" \
+    2> "$out/jobs-graphs.log"
+}
 sequential() {
   for j in "${jobs[@]}"; do
     $bin train "$work/fused/$j/recipe.yaml" --set output="$work/seq/$j" 2> "$out/jobs-seq-$j.log"
@@ -111,7 +118,9 @@ echo "== four LoRA jobs, ${steps} steps each, Llama-3.2-1B shape, bf16"
 f=$(measure fused fused) || true
 s=$(measure seq sequential) || true
 b=$(measure side side_by_side) || true
-python3 - "$work" "$steps" "$f" "$s" "$b" "${jobs[*]}" <<'PY'
+g=""
+((${MIXED:-0})) || g=$(measure graphs fused_graphs) || true
+python3 - "$work" "$steps" "$f" "$s" "$b" "${jobs[*]}" "$g" <<'PY'
 import json, os, sys
 work, steps = sys.argv[1], int(sys.argv[2])
 jobs = sys.argv[6].split()
@@ -122,7 +131,10 @@ def last(path, key):
 rows = []
 for mode, folder, m, concurrent in (("fused", "fused", sys.argv[3], True),
                                     ("one after other", "seq", sys.argv[4], False),
-                                    ("side by side", "side", sys.argv[5], True)):
+                                    ("side by side", "side", sys.argv[5], True),
+                                    ("fused, graphs", "graphs", sys.argv[7], True)):
+    if mode == "fused, graphs" and not m.strip():
+        continue
     secs, mib = (float(x) for x in m.split()) if m.strip() else (float("nan"), float("nan"))
     rates = [last(f"{work}/{folder}/{j}/metrics.jsonl", "tokens_per_s") for j in jobs]
     steady = sum(rates) if concurrent else sum(rates) / len(rates)

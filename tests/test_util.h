@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "core/run_dir.h"
+#include "core/safetensors.h"
 
 namespace lorafit::test {
 
@@ -174,6 +175,17 @@ inline double rel_err_f64(const torch::Tensor& a, const torch::Tensor& ref) {
   const auto r = ref.to(torch::kFloat64);
   return (a.to(torch::kFloat64) - r).abs().max().item<double>() /
          std::max(r.abs().max().item<double>(), 1e-30);
+}
+
+/// The largest difference between the tensors of two adapter folders (same names required).
+inline double adapter_diff(const std::string& a_dir, const std::string& b_dir) {
+  SafetensorsFile a(a_dir + "/adapter_model.safetensors");
+  SafetensorsFile b(b_dir + "/adapter_model.safetensors");
+  REQUIRE(a.header().entries.size() == b.header().entries.size());
+  double worst = 0;
+  for (const auto& e : a.header().entries)
+    worst = std::max(worst, (a.tensor(e.name) - b.tensor(e.name)).abs().max().item<double>());
+  return worst;
 }
 
 /// Gradients of a recomputing backward pass (checkpointed layers) against the plain one's:

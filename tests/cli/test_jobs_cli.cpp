@@ -9,6 +9,7 @@ namespace fs = std::filesystem;
 using lorafit::test::read_text;
 using lorafit::test::run_lorafit;
 constexpr auto q = lorafit::test::quote;
+using lorafit::test::adapter_diff;
 using lorafit::test::TempDir;
 
 namespace {
@@ -56,17 +57,6 @@ lorafit::test::RunResult train_recipe(const std::string& path, const std::string
 std::string write_recipe(const TempDir& tmp, const std::string& name, const std::string& text) {
   lorafit::test::write_text(tmp / name, text);
   return tmp / name;
-}
-
-// The largest difference between the tensors of two adapter folders (same names required).
-double adapter_diff(const std::string& a_dir, const std::string& b_dir) {
-  SafetensorsFile a(a_dir + "/adapter_model.safetensors");
-  SafetensorsFile b(b_dir + "/adapter_model.safetensors");
-  REQUIRE(a.header().entries.size() == b.header().entries.size());
-  double worst = 0;
-  for (const auto& e : a.header().entries)
-    worst = std::max(worst, (a.tensor(e.name) - b.tensor(e.name)).abs().max().item<double>());
-  return worst;
 }
 
 }  // namespace

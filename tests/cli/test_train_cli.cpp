@@ -287,6 +287,16 @@ TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]
   const auto shared_base = run_lorafit("bench --shape tiny --jobs 2 --set adapter.type=full");
   REQUIRE(shared_base.code == 2);
   REQUIRE_THAT(shared_base.err, Catch::Contains("adapter.type 'full'"));
+  // CUDA graphs on the CPU: a recipe error before any weight is made, in bench as in train.
+  const auto graphs_bench =
+      run_lorafit("bench --shape tiny --device cpu --set train.cuda_graphs=true");
+  REQUIRE(graphs_bench.code == 2);
+  REQUIRE_THAT(graphs_bench.err, Catch::Contains("'train.cuda_graphs' needs a CUDA device"));
+  const TempDir graphs_tmp;
+  const auto graphs_train = train(graphs_tmp / "out", "--set train.cuda_graphs=true");
+  REQUIRE(graphs_train.code == 2);
+  REQUIRE_THAT(graphs_train.err, Catch::Contains("this run trains on cpu"));
+  REQUIRE(!fs::exists(fs::path(graphs_tmp / "out") / "recipe.yaml"));
 
   // The rows of a dataset: the stories of recipes/tiny.yaml through the model's tokenizer,
   // packed and padded, and the tokens counted are the real ones.
