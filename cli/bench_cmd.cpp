@@ -47,6 +47,7 @@ Action add_bench(CLI::App& app) {
                                         {"graphed", r.graphed},
                                         {"step_ms", r.step_ms},
                                         {"peak_mem_gib", r.peak_mem_gib},
+                                        {"peak_reserved_gib", r.peak_reserved_gib},
                                         {"mfu", r.mfu},
                                         {"loss", r.loss},
                                         {"trainable_params", r.trainable_params},

@@ -168,6 +168,7 @@ BenchResult run_bench(const BenchOptions& o) {
   const int64_t warm_replays = graphs ? graphs->replayed() : 0;
   compat::synchronize(device);
   const double capture_peak = graphs ? compat::peak_memory_gib(device) : 0.0;
+  const double capture_reserved = graphs ? compat::peak_reserved_gib(device) : 0.0;
   compat::reset_peak_memory(device);
   if (!o.profile.empty()) compat::profile_start();
   real = slots = 0;
@@ -187,6 +188,7 @@ BenchResult run_bench(const BenchOptions& o) {
   // Attention's FLOPs at the rows' mean length (packed records see less of it).
   const int64_t seq = o.data.empty() ? o.seq : slots / (o.steps * o.batch * o.jobs);
   r.peak_mem_gib = std::max(compat::peak_memory_gib(device), capture_peak);
+  r.peak_reserved_gib = std::max(compat::peak_reserved_gib(device), capture_reserved);
   r.mfu =
       device.is_cuda()
           ? r.tokens_per_s *

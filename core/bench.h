@@ -30,8 +30,9 @@ struct BenchResult {
   double graphed = 0;       // train.cuda_graphs: the share of the timed passes replayed
   double step_ms = 0;
   double peak_mem_gib = 0;
-  double mfu = 0;   // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU
-  double loss = 0;  // of the last step, to show the run is sane
+  double peak_reserved_gib = 0;  // what the CUDA caching allocator held (0 on the CPU)
+  double mfu = 0;                // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU
+  double loss = 0;               // of the last step, to show the run is sane
   int64_t trainable_params = 0;
   std::string device;
 };

@@ -330,6 +330,9 @@ class GraphSet {
   /// Records what `body` queues (none of it runs) as a graph; -> its index for `replay`.
   size_t capture(const std::function<void()>& body) {
 #ifdef LORAFIT_WITH_CUDA
+    // The cached blocks of eager passes (the warm-up's) serve no graph: back to the device
+    // before the capture fills its pool, so that the process never holds both.
+    c10::cuda::CUDACachingAllocator::emptyCache();
     graphs_.push_back(std::make_unique<at::cuda::CUDAGraph>());
     auto& graph = *graphs_.back();
     on_side_stream([&] {
@@ -346,9 +349,6 @@ class GraphSet {
       }
       graph.capture_end();
     });
-    // The cached blocks of eager passes (the warm-up's) serve no graph: back to the device, so
-    // that the process holds the graphs' pool and not both.
-    c10::cuda::CUDACachingAllocator::emptyCache();
 #else
     (void)body;
 #endif
@@ -437,6 +437,20 @@ inline double peak_memory_gib(torch::Device device) {
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<double>(usage.ru_maxrss) / (1 << 20);  // KiB
+}
+
+/// The most memory the CUDA caching allocator has held from the device since the last reset,
+/// in GiB (what the process takes beyond its CUDA context); 0 on the CPU.
+inline double peak_reserved_gib(torch::Device device) {
+#ifdef LORAFIT_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    return static_cast<double>(stats.reserved_bytes[0].peak) / (1 << 30);
+  }
+#endif
+  (void)device;
+  return 0.0;
 }
 
 inline void reset_peak_memory(torch::Device device) {

@@ -33,10 +33,13 @@ rows = {}
 for line in open(sys.argv[1]):
     x = json.loads(line)
     rows.setdefault(x["row"], {})[x["graphs"]] = x["r"]
-print(f"{'shape:seq:batch:jobs:ckpt':28s} {'eager tok/s':>11s} {'GiB':>6s} | {'graphs tok/s':>12s} {'GiB':>6s} {'replayed':>8s} | {'x':>5s}")
+print("GiB: peak of tensors / peak the allocator held")
+print(f"{'shape:seq:batch:jobs:ckpt':28s} {'eager tok/s':>11s} {'GiB':>11s} | {'graphs tok/s':>12s} {'GiB':>11s} {'replayed':>8s} | {'x':>5s}")
+def gib(r):
+    return f"{r.get('peak_mem_gib', 0):5.2f}/{r.get('peak_reserved_gib', 0):5.2f}"
 for row, r in rows.items():
     e, g = r.get(False, {}), r.get(True, {})
     te, tg = e.get("tokens_per_s", 0), g.get("tokens_per_s", 0)
-    print(f"{row:28s} {te:11.0f} {e.get('peak_mem_gib', 0):6.2f} | {tg:12.0f} {g.get('peak_mem_gib', 0):6.2f} "
+    print(f"{row:28s} {te:11.0f} {gib(e):>11s} | {tg:12.0f} {gib(g):>11s} "
           f"{100 * g.get('graphed', 0):7.0f}% | {tg / te if te else float('nan'):5.2f}")
 PY
