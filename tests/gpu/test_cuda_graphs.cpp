@@ -18,8 +18,6 @@ using lorafit::test::TempDir;
 
 namespace {
 
-const std::vector<std::string> kJobs = {"lora", "dora", "multi"};
-
 std::string recipe(const std::string& out, bool graphs, const std::string& dtype, bool ckpt) {
   return R"(model: tests/fixtures/gqa_llama3/model
 output: )" +
