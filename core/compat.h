@@ -321,12 +321,6 @@ class GraphSet {
                              device.str() + ", LibTorch " TORCH_VERSION ")");
   }
 
-  /// Runs `body` on the side stream, after the work queued on the current stream and before
-  /// what it queues next (warms a graph's kernels and workspaces up outside a capture).
-  void run(const std::function<void()>& body) {
-    on_side_stream(body);
-  }
-
   /// Records what `body` queues (none of it runs) as a graph; -> its index for `replay`.
   size_t capture(const std::function<void()>& body) {
 #ifdef LORAFIT_WITH_CUDA
@@ -335,7 +329,7 @@ class GraphSet {
     c10::cuda::CUDACachingAllocator::emptyCache();
     graphs_.push_back(std::make_unique<at::cuda::CUDAGraph>());
     auto& graph = *graphs_.back();
-    on_side_stream([&] {
+    run([&] {
       graph.capture_begin(pool_);
       try {
         body();
@@ -368,8 +362,10 @@ class GraphSet {
     return graphs_.size();
   }
 
- private:
-  void on_side_stream(const std::function<void()>& body) {
+  /// Runs `body` on the side stream, after the work queued on the current stream and before
+  /// what it queues next (a capture, or the eager pass that warms a graph's kernels and
+  /// workspaces up outside one).
+  void run(const std::function<void()>& body) {
 #ifdef LORAFIT_WITH_CUDA
     const auto current = c10::cuda::getCurrentCUDAStream(stream_->device_index());
     at::cuda::CUDAEvent before, after;
@@ -386,6 +382,7 @@ class GraphSet {
 #endif
   }
 
+ private:
 #ifdef LORAFIT_WITH_CUDA
   std::unique_ptr<c10::cuda::CUDAStream> stream_;
   at::cuda::MempoolId_t pool_;

@@ -38,7 +38,7 @@ void StepGraphs::forward_backward(LlamaForCausalLM& model,
   if (!graphable || it == layouts_.end()) return lorafit::forward_backward(model, batch, parts);
   auto& l = it->second;
   if (l.seen++ == 0) return eager_finding_reached(l, model, batch, parts);
-  if (!l.captured) capture(l, model, batch, parts);
+  if (!l.graph) capture(l, model, batch, parts);
   replay(l, batch, parts);
   ++replayed_;
 }
@@ -76,7 +76,7 @@ void StepGraphs::capture(Layout& l,
   l.inputs.labels = torch::empty_like(batch.labels);
   if (batch.keep.defined()) l.inputs.keep = torch::empty_like(batch.keep);
   l.inputs.tokens = batch.tokens;
-  l.targets =
+  l.reciprocals =
       torch::ones({static_cast<int64_t>(parts.size())}, batch.ids.options().dtype(torch::kFloat64));
   // The graph adds to the gradients that exist when it is captured, in place (autograd
   // accumulates so), and so to these very tensors in every replay.
@@ -96,7 +96,7 @@ void StepGraphs::capture(Layout& l,
       for (size_t i = 0; i < nll.size(); ++i) {
         // As micro_batch_loss, which divides by the count: a division by a host number is a
         // multiplication by its reciprocal on the GPU, and this gives the same bits.
-        const auto loss = nll[i] * l.targets[static_cast<int64_t>(i)];
+        const auto loss = nll[i] * l.reciprocals[static_cast<int64_t>(i)];
         l.losses[i] = loss.detach();
         total = total.defined() ? total + loss : loss;
       }
@@ -108,7 +108,6 @@ void StepGraphs::capture(Layout& l,
         "(hint: set train.cuda_graphs: false)",
         batch.ids.size(0), batch.ids.size(1), e.what()));
   }
-  l.captured = true;
 }
 
 void StepGraphs::replay(Layout& l, const Batch& batch, const std::vector<StepPart>& parts) {
@@ -116,12 +115,12 @@ void StepGraphs::replay(Layout& l, const Batch& batch, const std::vector<StepPar
   l.inputs.ids.copy_(batch.ids);
   l.inputs.labels.copy_(batch.labels);
   if (l.inputs.keep.defined()) l.inputs.keep.copy_(batch.keep);
-  std::vector<double> reciprocals;
+  std::vector<double> values;
   for (const auto& p : parts)
-    reciprocals.push_back(1.0 / static_cast<double>(std::max<int64_t>(1, p.targets)));
+    values.push_back(1.0 / static_cast<double>(std::max<int64_t>(1, p.targets)));
   // Pinned, so that the copy does not wait for the stream; a fresh buffer each time (the
   // host allocator keeps it until the copy has run).
-  l.targets.copy_(torch::tensor(reciprocals, torch::kFloat64).pin_memory(), /*non_blocking=*/true);
+  l.reciprocals.copy_(torch::tensor(values, torch::kFloat64).pin_memory(), /*non_blocking=*/true);
   // Each gradient the graph adds to is the tensor's own: a step's first pass finds none (the
   // optimizer cleared it), and an eager pass of another layout may have made another.
   std::vector<torch::Tensor> cleared;
@@ -136,7 +135,7 @@ void StepGraphs::replay(Layout& l, const Batch& batch, const std::vector<StepPar
     t.mutable_grad() = l.grads[k];
   }
   if (!cleared.empty()) at::_foreach_zero_(cleared);
-  graphs_.replay(l.graph);
+  graphs_.replay(*l.graph);
   for (size_t i = 0; i < parts.size(); ++i) {
     auto& sum = parts[i].loss->nll;
     sum = sum.defined() ? sum + l.losses[i] : l.losses[i].clone();

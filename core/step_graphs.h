@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <map>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -20,7 +21,8 @@ namespace lorafit {
 /// forward_backward, replayed from a CUDA graph wherever a batch's layout repeats: its shape,
 /// whether it pads, and which job owns which rows. A layout's first pass runs eagerly (and
 /// finds the tensors its backward reaches), its second is captured, and every later one
-/// copies the batch and each part's target count into the graph's inputs and replays it.
+/// copies the batch and each part's reciprocal target count into the graph's inputs and
+/// replays it.
 /// Gradients add up in place across passes, graphed or not, as autograd's do. Packed records
 /// (their cumulative lengths change from batch to batch), strategies with a term of their own
 /// (MixLoRA routes on host counts) and layouts beyond kMaxGraphs run eagerly.
@@ -49,11 +51,10 @@ class StepGraphs {
     int64_t seen = 0;
     std::vector<size_t> reached;        // trainable_ indices that the backward reaches
     Batch inputs;                       // the graph's ids, labels ([B, T]) and keep ([B, T])
-    torch::Tensor targets;              // [P] f64: each part's target count of its step
+    torch::Tensor reciprocals;          // [P] f64: 1 / each part's target count of its step
     std::vector<torch::Tensor> grads;   // shaped as trainable_[reached[i]]: the graph adds to them
     std::vector<torch::Tensor> losses;  // [] f64 each: each part's loss, as the replay leaves it
-    size_t graph = 0;
-    bool captured = false;
+    std::optional<size_t> graph;        // in graphs_, once captured
   };
   using Key = std::tuple<std::vector<int64_t>, bool, std::vector<std::pair<size_t, int64_t>>>;
 
