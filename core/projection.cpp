@@ -366,6 +366,59 @@ torch::Tensor batch_scales(const GroupBatch& b,
   return t;
 }
 
+// Term t's output columns [first, first + width).
+std::pair<int64_t, int64_t> columns_of(const std::vector<int64_t>& code,
+                                       at::TensorList factors,
+                                       size_t t) {
+  return {code[kCode * t + 2], factors[2 * t + 1].size(0)};
+}
+
+// Whether the forward writes the update first and lets the base GEMM add onto it (beta 1),
+// and if so which terms write their columns (beta 0) rather than add to them: the terms must
+// cover every row, and each term's columns must be another's exactly or no other's. A
+// low-rank add after the base GEMM reads and writes its columns once more (cuBLAS runs such
+// shallow adds at 0.7-2.6 TB/s on an H200, where a copy moves 4), while the compute-bound base
+// GEMM reads them in its epilogue almost for free (docs/perf-notes.md, entry 12).
+std::optional<std::vector<bool>> update_first(const std::vector<int64_t>& code,
+                                              int64_t rows,
+                                              int64_t out,
+                                              at::TensorList factors) {
+  const size_t terms = code.size() / kCode;
+  if (terms == 0) return std::nullopt;
+  std::vector<bool> writes(terms, true);
+  for (size_t t = 0; t < terms; ++t) {
+    if (code[kCode * t] != 0 || code[kCode * t + 1] != rows) return std::nullopt;
+    const auto [c, w] = columns_of(code, factors, t);
+    if (c < 0 || c + w > out) return std::nullopt;
+    for (size_t u = 0; u < t; ++u) {
+      const auto [cu, wu] = columns_of(code, factors, u);
+      if (cu == c && wu == w) {
+        writes[t] = false;
+      } else if (c < cu + wu && cu < c + w) {
+        return std::nullopt;
+      }
+    }
+  }
+  return writes;
+}
+
+// The output columns that no term covers, as (first, width) runs.
+std::vector<std::pair<int64_t, int64_t>> uncovered_columns(const std::vector<int64_t>& code,
+                                                           at::TensorList factors,
+                                                           int64_t out) {
+  std::vector<std::pair<int64_t, int64_t>> covered;
+  for (size_t t = 0; t * kCode < code.size(); ++t) covered.push_back(columns_of(code, factors, t));
+  std::sort(covered.begin(), covered.end());
+  std::vector<std::pair<int64_t, int64_t>> gaps;
+  int64_t at = 0;
+  for (const auto& [c, w] : covered) {
+    if (c > at) gaps.emplace_back(at, c - at);
+    at = std::max(at, c + w);
+  }
+  if (at < out) gaps.emplace_back(at, out - at);
+  return gaps;
+}
+
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
   // factors: a_0, b_0, a_1, b_1, ... (a_t [k_t, in], b_t [out_t, k_t]), then the output scales
   // ([out_t]) of the terms that have one; any floating dtype.
@@ -388,7 +441,9 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     const size_t terms = code.size() / kCode;
     const bool scaled = factors.size() > 2 * terms;
     value_needed = value_needed || scaled;  // a scale's gradient reads the output
-    torch::Tensor y = value_needed
+    const auto first = value_needed ? update_first(code, x2.size(0), shape.back(), factors)
+                                    : std::optional<std::vector<bool>>();
+    torch::Tensor y = value_needed && !first
                           ? torch::mm(x2, weight_of(weight, nf4, nf4_rows, x2.size(1), dtype).t())
                           : torch::empty({x2.size(0), shape.back()}, x.options());
     // Saved: x, weight, the factors, then per unit (a group, or a batch of them) its stacked a
@@ -430,11 +485,16 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
         if (value_needed) {
           y.narrow(0, g.row, g.rows)
               .narrow(1, code[kCode * t + 2], b.size(0))
-              .addmm_(xa.narrow(1, k, b.size(1)), b.t(), 1, scales[t]);
+              .addmm_(xa.narrow(1, k, b.size(1)), b.t(), first && (*first)[t] ? 0 : 1, scales[t]);
         }
         saved.push_back(b);
         k += b.size(1);
       }
+    }
+    if (first) {
+      for (const auto& [col, width] : uncovered_columns(code, factors, shape.back()))
+        y.narrow(1, col, width).zero_();
+      y.addmm_(x2, weight_of(weight, nf4, nf4_rows, x2.size(1), dtype).t());
     }
     for (size_t t = 0; t < terms; ++t) {
       if (code[kCode * t + 3] < 0) continue;
@@ -502,12 +562,19 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
       }
     }
     torch::Tensor dx, dw;
-    if (ctx->needs_input_grad(0))
-      dx = torch::mm(dy, weight_of(saved[1], nf4, nf4_rows, x2.size(1), dy.scalar_type()));
-    if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
     size_t at = 2 + 2 * terms + n_scales;  // each group's stacked a, xa and its terms' b
     const std::vector<torch::Tensor> factors(saved.begin() + 2, saved.begin() + at);
-    for (const auto& u : units_of(groups_of(code), code, factors)) {
+    const auto units = units_of(groups_of(code), code, factors);
+    // As in the forward, one group on every row writes its part of dx first and the base
+    // GEMM adds onto it, instead of a low-rank add after the base GEMM.
+    const bool dx_first = units.size() == 1 && !units[0].batch && units[0].group.rows == x2.size(0);
+    if (ctx->needs_input_grad(0)) {
+      dx = dx_first
+               ? torch::empty({x2.size(0), x2.size(1)}, dy.options())
+               : torch::mm(dy, weight_of(saved[1], nf4, nf4_rows, x2.size(1), dy.scalar_type()));
+    }
+    if (ctx->needs_input_grad(1)) dw = torch::mm(dy.t(), x2);
+    for (const auto& u : units) {
       if (u.batch) {
         const auto& jb = *u.batch;
         const auto &a = saved[at], &xa = saved[at + 1];  // [J, Kp, in], [J, n, Kp]
@@ -579,7 +646,7 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
         }
         k += b.size(1);
       }
-      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa_t.t(), a, 1, s);
+      if (dx.defined()) dx.narrow(0, g.row, g.rows).addmm_(dxa_t.t(), a, dx_first ? 0 : 1, s);
       bool any_a = false;
       for (size_t t = g.first; t < g.first + g.count; ++t)
         any_a = any_a || ctx->needs_input_grad(2 + 2 * t);
@@ -596,6 +663,8 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
         k += a_t.size(0);
       }
     }
+    if (dx.defined() && dx_first)
+      dx.addmm_(dy, weight_of(saved[1], nf4, nf4_rows, x2.size(1), dy.scalar_type()));
     if (dx.defined()) {
       auto shape = grads[0].sizes().vec();
       shape.back() = x2.size(1);

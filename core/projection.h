@@ -143,16 +143,17 @@ std::string projection_kind(const std::string& name);
 
 /// x W^T plus the update's terms (then their output scales), with a hand-written backward: the
 /// output is kept for a scale's gradient (sum over rows of dy * y / scale, so a column whose
-/// scale is exactly 0 gets none); the terms that share rows
-/// share one down-projection GEMM (their a stacked, cast once to x's dtype), the input
-/// gradient is one GEMM accumulating into another (dy W + (dy b) a, no separate add), the
-/// up-projections add into the base output in place, and the frozen weight gets no gradient.
-/// No autograd node is made per term. Consecutive fused jobs whose terms are alike (as many
-/// rows each, the same terms on the same columns, any ranks) run as one batch of GEMMs, so
-/// that the launches do not grow with the jobs. The factors' copies in x's dtype are made once per change of
-/// the parameters. With `value_needed` false only what the backward needs is computed. A quantized
-/// weight is dequantized in the forward and again in the backward. x: [..., in], weight: W [out,
-/// in] -> [..., out]
+/// scale is exactly 0 gets none); the terms that share rows share one down-projection GEMM
+/// (their a stacked, cast once to x's dtype), the input gradient is one GEMM accumulating into
+/// another (dy W + (dy b) a, no separate add), and the frozen weight gets no gradient. Where
+/// the terms cover every row (one job), the up-projections (and the input gradient's low-rank
+/// part) are written first and the base GEMM adds onto them; otherwise they add into the base
+/// output in place. No autograd node is made per term. Consecutive fused jobs whose terms are
+/// alike (as many rows each, the same terms on the same columns, any ranks) run as one batch of
+/// GEMMs, so that the launches do not grow with the jobs. The factors' copies in x's dtype are
+/// made once per change of the parameters. With `value_needed` false only what the backward
+/// needs is computed. A quantized weight is dequantized in the forward and again in the
+/// backward. x: [..., in], weight: W [out, in] -> [..., out]
 torch::Tensor low_rank_linear(const torch::Tensor& x,
                               const BaseWeight& weight,
                               const LowRank& update,

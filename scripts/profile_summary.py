@@ -10,6 +10,15 @@ import collections
 import json
 
 
+def kernel_class(name):
+    low = name.lower()
+    if any(k in low for k in ("fmha", "flash", "cudnn", "attention")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")):
+        return "GEMM"
+    return "other"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
@@ -63,6 +72,10 @@ def main():
         for name, us in counter.most_common(a.top):
             print(f"{name:<112} {us / 1e3 / n:7.2f} {100 * us / busy:5.1f}")
 
+    by_class = collections.Counter()
+    for name, us in by_kernel.items():
+        by_class[kernel_class(name)] += us
+    table("by class (GEMM, attention, the rest)", by_class)
     table("by ATen op", by_op)
     table("by kernel", by_kernel)
 

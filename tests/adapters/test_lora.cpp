@@ -93,6 +93,46 @@ TEST_CASE("the fused low-rank projection has the composite's gradients in float6
   }
 }
 
+TEST_CASE("terms on some output columns: two on the same ones add up, the rest is the base's",
+          "[adapters][lora]") {
+  // The update is written before the base GEMM adds onto it, so a column no term covers must
+  // still be written: freed memory of the output's size full of NaN would show if it is not.
+  const auto f64 = torch::kFloat64;
+  auto x = torch::randn({4, 6}, f64).requires_grad_(true);
+  const auto w = torch::randn({12, 6}, f64);
+  std::vector<torch::Tensor> factors{torch::randn({2, 6}, f64), torch::randn({5, 2}, f64),
+                                     torch::randn({3, 6}, f64), torch::randn({5, 3}, f64),
+                                     torch::randn({2, 6}, f64), torch::randn({4, 2}, f64)};
+  for (auto& f : factors) f.requires_grad_(true);
+  LowRank u;
+  u.terms = {LowRankTerm(factors[0], factors[1], 0.5), LowRankTerm(factors[2], factors[3], 2.0),
+             LowRankTerm(factors[4], factors[5], 1.5)};
+  u.terms[2].col = 8;
+  const auto upstream = torch::randn({4, 12}, f64);
+  auto grads = [&](const torch::Tensor& y) {
+    y.backward(upstream);
+    std::vector<torch::Tensor> g{y.detach(), x.grad().clone()};
+    x.mutable_grad().reset();
+    for (auto& f : factors) {
+      g.push_back(f.grad().clone());
+      f.mutable_grad().reset();
+    }
+    return g;
+  };
+  auto term = [&](int i, double s) {
+    return s * x.matmul(factors[2 * i].t()).matmul(factors[2 * i + 1].t());
+  };
+  for (int poison = 0; poison < 4; ++poison) torch::full({4, 12}, NAN, f64);
+  const auto fused = grads(low_rank_linear(x, w, u));
+  const auto plain =
+      grads(x.matmul(w.t()) +
+            torch::cat({term(0, 0.5) + term(1, 2.0), torch::zeros({4, 3}, f64), term(2, 1.5)}, 1));
+  for (size_t i = 0; i < fused.size(); ++i) {
+    INFO(i);
+    REQUIRE(torch::allclose(fused[i], plain[i], 1e-10, 1e-12));
+  }
+}
+
 TEST_CASE("a group of projections equals each projection on its own, with gradients",
           "[adapters][lora]") {
   // q with LoRA, k with none, v with MultiLoRA, over one stacked weight, in float64.
