@@ -188,6 +188,20 @@ inline double adapter_diff(const std::string& a_dir, const std::string& b_dir) {
   return worst;
 }
 
+/// y's value, then the gradient that y.backward(upstream) gives each of `inputs`, which is
+/// cleared after so that the next call starts from none.
+inline std::vector<torch::Tensor> value_and_grads(const torch::Tensor& y,
+                                                  const torch::Tensor& upstream,
+                                                  const std::vector<torch::Tensor>& inputs) {
+  y.backward(upstream);
+  std::vector<torch::Tensor> out{y.detach()};
+  for (auto t : inputs) {
+    out.push_back(t.grad().clone());
+    t.mutable_grad().reset();
+  }
+  return out;
+}
+
 /// Gradients of a recomputing backward pass (checkpointed layers) against the plain one's:
 /// as many, each nonzero, equal to float64 round-off.
 inline void require_same_gradients(const std::vector<torch::Tensor>& plain,

@@ -64,20 +64,16 @@ TEST_CASE("DoRA's fused projection has the dense composite's gradients in float6
   auto dv = moved_dora(*ps[2], 3, 1.5);
   ps[0]->attach(dq.ptr());
   ps[2]->attach(dv.ptr());
-  std::vector<torch::Tensor> params{dq->lora_A, dq->lora_B, dq->lora_magnitude_vector,
-                                    dv->lora_A, dv->lora_B, dv->lora_magnitude_vector};
   auto x = torch::randn({2, 3, 6}, torch::kFloat64).requires_grad_(true);
   auto upstream = torch::randn({2, 3, 12}, torch::kFloat64);
-  auto run = [&](const torch::Tensor& y) {
-    y.backward(upstream);
-    std::vector<torch::Tensor> out{y.detach(), x.grad().clone()};
-    x.mutable_grad().reset();
-    for (auto& t : params) {
-      out.push_back(t.grad().clone());
-      t.mutable_grad().reset();
-    }
-    return out;
-  };
+  const std::vector<torch::Tensor> inputs{x,
+                                          dq->lora_A,
+                                          dq->lora_B,
+                                          dq->lora_magnitude_vector,
+                                          dv->lora_A,
+                                          dv->lora_B,
+                                          dv->lora_magnitude_vector};
+  auto run = [&](const torch::Tensor& y) { return test::value_and_grads(y, upstream, inputs); };
   const auto dense = run(
       torch::cat({dense_dora(x, *ps[0], *dq), ps[1](x), dense_dora(x, *ps[2], *dv) + bias}, -1));
   const auto grouped = run(project_group(x, stacked, {ps[0].get(), ps[1].get(), ps[2].get()},

@@ -77,13 +77,7 @@ TEST_CASE("the fused low-rank projection has the composite's gradients in float6
   auto b = torch::randn({5, 3}, torch::kFloat64).requires_grad_(true);
   auto upstream = torch::randn({2, 3, 5}, torch::kFloat64);
   auto grads = [&](const torch::Tensor& y) {
-    y.backward(upstream);
-    std::vector<torch::Tensor> g{y.detach()};
-    for (auto* t : {&x, &w, &a, &b}) {
-      g.push_back(t->grad().clone());
-      t->mutable_grad().reset();
-    }
-    return g;
+    return test::value_and_grads(y, upstream, {x, w, a, b});
   };
   const auto fused = grads(low_rank_linear(x, w, LowRank{{{a, b, 0.75}}}));
   const auto plain = grads(x.matmul(w.t()) + 0.75 * x.matmul(a.t()).matmul(b.t()));
@@ -109,16 +103,9 @@ TEST_CASE("terms on some output columns: two on the same ones add up, the rest i
              LowRankTerm(factors[4], factors[5], 1.5)};
   u.terms[2].col = 8;
   const auto upstream = torch::randn({4, 12}, f64);
-  auto grads = [&](const torch::Tensor& y) {
-    y.backward(upstream);
-    std::vector<torch::Tensor> g{y.detach(), x.grad().clone()};
-    x.mutable_grad().reset();
-    for (auto& f : factors) {
-      g.push_back(f.grad().clone());
-      f.mutable_grad().reset();
-    }
-    return g;
-  };
+  auto inputs = factors;
+  inputs.insert(inputs.begin(), x);
+  auto grads = [&](const torch::Tensor& y) { return test::value_and_grads(y, upstream, inputs); };
   auto term = [&](int i, double s) {
     return s * x.matmul(factors[2 * i].t()).matmul(factors[2 * i + 1].t());
   };
@@ -153,20 +140,11 @@ TEST_CASE("a group of projections equals each projection on its own, with gradie
   }
   ps[0]->attach(lora.ptr());
   ps[2]->attach(multi.ptr());
-  std::vector<torch::Tensor> params{lora->lora_A, lora->lora_B, multi->lora_A, multi->lora_B,
-                                    multi->scale};
   auto x = torch::randn({2, 3, 6}, torch::kFloat64).requires_grad_(true);
   auto upstream = torch::randn({2, 3, 12}, torch::kFloat64);
-  auto run = [&](const torch::Tensor& y) {
-    y.backward(upstream);
-    std::vector<torch::Tensor> out{y.detach(), x.grad().clone()};
-    x.mutable_grad().reset();
-    for (auto& p : params) {
-      out.push_back(p.grad().clone());
-      p.mutable_grad().reset();
-    }
-    return out;
-  };
+  const std::vector<torch::Tensor> inputs{
+      x, lora->lora_A, lora->lora_B, multi->lora_A, multi->lora_B, multi->scale};
+  auto run = [&](const torch::Tensor& y) { return test::value_and_grads(y, upstream, inputs); };
   const auto grouped = run(project_group(x, stacked, {ps[0].get(), ps[1].get(), ps[2].get()}));
   const auto separate = run(torch::cat({ps[0](x), ps[1](x), ps[2](x)}, -1));
   for (size_t i = 0; i < grouped.size(); ++i) {
