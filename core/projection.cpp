@@ -366,57 +366,46 @@ torch::Tensor batch_scales(const GroupBatch& b,
   return t;
 }
 
-// Term t's output columns [first, first + width).
-std::pair<int64_t, int64_t> columns_of(const std::vector<int64_t>& code,
-                                       at::TensorList factors,
-                                       size_t t) {
-  return {code[kCode * t + 2], factors[2 * t + 1].size(0)};
-}
+// How the forward writes the update first and lets the base GEMM add onto it (beta 1): which
+// terms write their columns (beta 0) rather than add to them, and the column runs (first,
+// width) that no term covers, which are zeroed. It needs terms on every row, each term's
+// columns another's exactly or no other's. A low-rank add after the base GEMM reads and writes
+// its columns once more (cuBLAS runs such shallow adds at 0.7-2.6 TB/s on an H200, where a
+// copy moves 4), while the compute-bound base GEMM reads them in its epilogue almost for free
+// (docs/perf-notes.md, entry 12).
+struct UpdateFirst {
+  std::vector<bool> writes;                         // per term
+  std::vector<std::pair<int64_t, int64_t>> zeroed;  // column runs no term covers
+};
 
-// Whether the forward writes the update first and lets the base GEMM add onto it (beta 1),
-// and if so which terms write their columns (beta 0) rather than add to them: the terms must
-// cover every row, and each term's columns must be another's exactly or no other's. A
-// low-rank add after the base GEMM reads and writes its columns once more (cuBLAS runs such
-// shallow adds at 0.7-2.6 TB/s on an H200, where a copy moves 4), while the compute-bound base
-// GEMM reads them in its epilogue almost for free (docs/perf-notes.md, entry 12).
-std::optional<std::vector<bool>> update_first(const std::vector<int64_t>& code,
-                                              int64_t rows,
-                                              int64_t out,
-                                              at::TensorList factors) {
+std::optional<UpdateFirst> update_first(const std::vector<int64_t>& code,
+                                        int64_t rows,
+                                        int64_t out,
+                                        at::TensorList factors) {
   const size_t terms = code.size() / kCode;
   if (terms == 0) return std::nullopt;
-  std::vector<bool> writes(terms, true);
+  UpdateFirst plan{std::vector<bool>(terms, true), {}};
+  std::vector<std::pair<int64_t, int64_t>> covered;  // (first column, width) per term
   for (size_t t = 0; t < terms; ++t) {
     if (code[kCode * t] != 0 || code[kCode * t + 1] != rows) return std::nullopt;
-    const auto [c, w] = columns_of(code, factors, t);
-    if (c < 0 || c + w > out) return std::nullopt;
-    for (size_t u = 0; u < t; ++u) {
-      const auto [cu, wu] = columns_of(code, factors, u);
+    const int64_t c = code[kCode * t + 2], w = factors[2 * t + 1].size(0);
+    for (const auto& [cu, wu] : covered) {
       if (cu == c && wu == w) {
-        writes[t] = false;
+        plan.writes[t] = false;
       } else if (c < cu + wu && cu < c + w) {
         return std::nullopt;
       }
     }
+    covered.emplace_back(c, w);
   }
-  return writes;
-}
-
-// The output columns that no term covers, as (first, width) runs.
-std::vector<std::pair<int64_t, int64_t>> uncovered_columns(const std::vector<int64_t>& code,
-                                                           at::TensorList factors,
-                                                           int64_t out) {
-  std::vector<std::pair<int64_t, int64_t>> covered;
-  for (size_t t = 0; t * kCode < code.size(); ++t) covered.push_back(columns_of(code, factors, t));
   std::sort(covered.begin(), covered.end());
-  std::vector<std::pair<int64_t, int64_t>> gaps;
   int64_t at = 0;
   for (const auto& [c, w] : covered) {
-    if (c > at) gaps.emplace_back(at, c - at);
+    if (c > at) plan.zeroed.emplace_back(at, c - at);
     at = std::max(at, c + w);
   }
-  if (at < out) gaps.emplace_back(at, out - at);
-  return gaps;
+  if (at < out) plan.zeroed.emplace_back(at, out - at);
+  return plan;
 }
 
 struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
@@ -442,7 +431,7 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
     const bool scaled = factors.size() > 2 * terms;
     value_needed = value_needed || scaled;  // a scale's gradient reads the output
     const auto first = value_needed ? update_first(code, x2.size(0), shape.back(), factors)
-                                    : std::optional<std::vector<bool>>();
+                                    : std::optional<UpdateFirst>();
     torch::Tensor y = value_needed && !first
                           ? torch::mm(x2, weight_of(weight, nf4, nf4_rows, x2.size(1), dtype).t())
                           : torch::empty({x2.size(0), shape.back()}, x.options());
@@ -485,15 +474,15 @@ struct LowRankLinear : torch::autograd::Function<LowRankLinear> {
         if (value_needed) {
           y.narrow(0, g.row, g.rows)
               .narrow(1, code[kCode * t + 2], b.size(0))
-              .addmm_(xa.narrow(1, k, b.size(1)), b.t(), first && (*first)[t] ? 0 : 1, scales[t]);
+              .addmm_(xa.narrow(1, k, b.size(1)), b.t(), first && first->writes[t] ? 0 : 1,
+                      scales[t]);
         }
         saved.push_back(b);
         k += b.size(1);
       }
     }
     if (first) {
-      for (const auto& [col, width] : uncovered_columns(code, factors, shape.back()))
-        y.narrow(1, col, width).zero_();
+      for (const auto& [col, width] : first->zeroed) y.narrow(1, col, width).zero_();
       y.addmm_(x2, weight_of(weight, nf4, nf4_rows, x2.size(1), dtype).t());
     }
     for (size_t t = 0; t < terms; ++t) {

@@ -77,7 +77,6 @@ def attention_seconds(batch, heads, kv, seq, d):
 
 
 def main():
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     big = randn(8192, 8192)
     peak = 2 * 8192**3 / timed(lambda: big @ big, reps=10) / 1e12
     print(f"{torch.cuda.get_device_name()}: bf16 8192^3 GEMM {peak:.0f} TFLOP/s")
@@ -85,7 +84,7 @@ def main():
         shape, seq, batch, ckpt = row.split(":")
         seq, batch, ckpt = int(seq), int(batch), ckpt == "1"
         c, inter, layers, heads, kv, vocab = SHAPES[shape]
-        d, n = c // heads, int(seq) * int(batch)
+        d, n = c // heads, seq * batch
         projections = {  # name: (in, out), the way lorafit groups them
             "qkv": (c, (heads + 2 * kv) * d), "o": (c, c), "gate_up": (c, 2 * inter),
             "down": (inter, c)}
@@ -114,6 +113,7 @@ def main():
             print(f"floor, {label:24s} {seconds * 1e3:7.1f} ms/step {n / seconds:8.0f} tok/s"
                   f"  MFU {flops * n / seconds / PEAK:.3f}")
         print(f"LoRA's kernels {layers * lora * 1e3:.1f} ms/step")
+
 
 if __name__ == "__main__":
     main()
