@@ -358,9 +358,13 @@ QKV split_rope(const torch::Tensor& qkv,
                int64_t kv_heads,
                const torch::Tensor& cos,
                const torch::Tensor& sin) {
-  if (!fused_kernels_for(qkv) || qkv.dim() != 3 || qkv.stride(2) != 1 ||
-      cos.scalar_type() != qkv.scalar_type() || cos.dim() != 2 || cos.size(0) != qkv.size(1) ||
-      cos.size(1) % 2 != 0)
+  // One table for all rows ([T, D]) or one per row ([B, T, D]: packed records' positions).
+  const bool table_fits =
+      qkv.dim() == 3 &&
+      (cos.dim() == 2 ? cos.size(0) == qkv.size(1)
+                      : cos.dim() == 3 && cos.size(0) == qkv.size(0) && cos.size(1) == qkv.size(1));
+  if (!fused_kernels_for(qkv) || !table_fits || qkv.stride(2) != 1 ||
+      cos.scalar_type() != qkv.scalar_type() || cos.size(-1) % 2 != 0)
     return composite::split_rope(qkv, heads, kv_heads, cos, sin);
   auto out = SplitRopeFn::apply(qkv, heads, kv_heads, cos, sin);
   return {out[0], out[1], out[2]};

@@ -155,6 +155,9 @@ TEST_CASE("fused q/k/v split with RoPE equals the composite with GQA on CUDA", "
           value_and_grads(run(composite::split_rope, cos, sin), {qkv}, dy),
           value_and_grads(run(composite::split_rope, f64(cos), f64(sin)), {f64(qkv)}, f64(dy)),
           dtype);
+    // The kernel ran, not the composite it is checked against.
+    const auto q = split_rope(qkv.clone().requires_grad_(true), h, kv, cos, sin).q;
+    REQUIRE_THAT(q.grad_fn()->name(), Catch::Contains("SplitRopeFn"));
   }
 }
 
