@@ -177,8 +177,15 @@ torch::Tensor MlpImpl::forward(const torch::Tensor& x, bool value_needed) {
 }
 
 torch::Tensor MlpImpl::forward_plain(const torch::Tensor& x, bool value_needed) {
-  return down_proj->forward(
-      swiglu(project_group(x, gate_up_weight, {gate_proj.get(), up_proj.get()})), value_needed);
+  return down(gate_up(x), value_needed);
+}
+
+torch::Tensor MlpImpl::gate_up(const torch::Tensor& x, bool value_needed) {
+  return project_group(x, gate_up_weight, {gate_proj.get(), up_proj.get()}, {}, value_needed);
+}
+
+torch::Tensor MlpImpl::down(const torch::Tensor& gate_up, bool value_needed) {
+  return down_proj->forward(swiglu(gate_up), value_needed);
 }
 
 DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c,
@@ -204,6 +211,7 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h,
 struct LayerKept {
   compat::AttentionState attention;
   torch::Tensor residual;  // [B, T, C]: h + attn
+  torch::Tensor gate_up;   // [B, T, 2I]: the gate and up projections' output
 };
 
 torch::Tensor DecoderLayerImpl::forward_keeping(const torch::Tensor& h,
@@ -213,7 +221,9 @@ torch::Tensor DecoderLayerImpl::forward_keeping(const torch::Tensor& h,
   auto x = h + self_attn(input_layernorm(h), pos, nullptr, 0,
                          keep.attention ? &kept.attention : nullptr);
   if (keep.residual) kept.residual = x;
-  return x + mlp(post_attention_layernorm(x));
+  if (!keep.gate_up || mlp->adapter) return x + mlp(post_attention_layernorm(x));
+  kept.gate_up = mlp->gate_up(post_attention_layernorm(x));
+  return x + mlp->down(kept.gate_up);
 }
 
 torch::Tensor DecoderLayerImpl::backward_by_recomputing(const torch::Tensor& h,
@@ -229,8 +239,18 @@ torch::Tensor DecoderLayerImpl::backward_by_recomputing(const torch::Tensor& h,
   // From the kept residual the MLP's part of the graph stops at x, whose gradient then goes
   // into the attention's part: two passes, where one pass through h + attn needs its value.
   auto x = from_residual ? kept.residual.detach().requires_grad_(true) : hg + attn;
-  auto mlp_out = mlp->forward(post_attention_layernorm(x), /*value_needed=*/false);
-  std::vector<torch::Tensor> roots{mlp_out}, root_grads{grad};
+  std::vector<torch::Tensor> roots, root_grads;
+  if (kept.gate_up.defined()) {
+    // The MLP's backward starts from the kept gate/up output, whose gradient then enters the
+    // projections' graph (built first, as the forward drew its dropout masks).
+    auto gate_up = mlp->gate_up(post_attention_layernorm(x), /*value_needed=*/false);
+    auto kept_gate_up = kept.gate_up.detach().requires_grad_(true);
+    torch::autograd::backward({mlp->down(kept_gate_up, /*value_needed=*/false)}, {grad});
+    roots.push_back(gate_up), root_grads.push_back(kept_gate_up.grad());
+  } else {
+    roots.push_back(mlp->forward(post_attention_layernorm(x), /*value_needed=*/false));
+    root_grads.push_back(grad);
+  }
   if (!from_residual) roots.push_back(x), root_grads.push_back(grad);
   if (mlp->adapter) {
     if (auto aux = mlp->adapter->take_backward_root(); aux.defined()) {
@@ -338,7 +358,8 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
                                int64_t max_len,
                                int64_t layer_address,
                                bool keep_attention,
-                               bool keep_residual) {
+                               bool keep_residual,
+                               bool keep_gate_up) {
     ctx->saved_data["layer"] = layer_address;
     ctx->saved_data["max_len"] = max_len;
     ctx->saved_data["rng"] = compat::rng_state(h.device());
@@ -347,10 +368,10 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     auto out = reinterpret_cast<DecoderLayerImpl*>(layer_address)
                    ->forward_keeping(
                        h, positions_of({h, cos, sin, keep, segment_ids, cu_seqlens}, max_len),
-                       {keep_attention, keep_residual}, kept);
+                       {keep_attention, keep_residual, keep_gate_up}, kept);
     const auto& a = kept.attention;
     ctx->save_for_backward({h, cos, sin, keep, segment_ids, cu_seqlens, arg(a.out), arg(a.lse),
-                            arg(a.seed), arg(a.offset), arg(kept.residual)});
+                            arg(a.seed), arg(a.offset), arg(kept.residual), arg(kept.gate_up)});
     return out;
   }
 
@@ -362,12 +383,13 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     LayerKept kept;
     if (of_arg(saved[6]).defined()) kept.attention = {saved[6], saved[7], saved[8], saved[9]};
     kept.residual = of_arg(saved[10]);
+    kept.gate_up = of_arg(saved[11]);
     const auto now = compat::rng_state(h.device());
     compat::set_rng_state(h.device(), ctx->saved_data["rng"].toTensor());
     auto h_grad = layer->backward_by_recomputing(
         h, positions_of(saved, ctx->saved_data["max_len"].toInt()), grads[0], kept);
     compat::set_rng_state(h.device(), now);
-    torch::autograd::tensor_list out(10);
+    torch::autograd::tensor_list out(11);
     out[0] = h_grad;
     return out;
   }
@@ -394,11 +416,12 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto* layer = model->layers[i]->as<DecoderLayerImpl>();
-    h = checkpoint ? CheckpointedLayer::apply(h, pos.cos, pos.sin, arg(pos.keep), arg(segments.ids),
-                                              arg(segments.cu_seqlens), segments.max_len,
-                                              reinterpret_cast<int64_t>(layer),
-                                              checkpoint_keep.attention, checkpoint_keep.residual)
-                   : layer->forward(h, pos, cache, i);
+    h = checkpoint
+            ? CheckpointedLayer::apply(h, pos.cos, pos.sin, arg(pos.keep), arg(segments.ids),
+                                       arg(segments.cu_seqlens), segments.max_len,
+                                       reinterpret_cast<int64_t>(layer), checkpoint_keep.attention,
+                                       checkpoint_keep.residual, checkpoint_keep.gate_up)
+            : layer->forward(h, pos, cache, i);
   }
   if (cache) cache->length += ids.size(1);
   return model->norm(h);

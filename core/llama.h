@@ -107,6 +107,11 @@ struct MlpImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, bool value_needed = true);
   /// The block through its projections (and their adapters), ignoring a block adapter.
   torch::Tensor forward_plain(const torch::Tensor& x, bool value_needed = true);
+  /// forward_plain's two halves: the gate and up projections, x [B, T, C] -> [B, T, 2I], and
+  /// SwiGLU with the down projection after them, [B, T, 2I] -> [B, T, C]; `value_needed` as
+  /// ProjectionImpl::forward's.
+  torch::Tensor gate_up(const torch::Tensor& x, bool value_needed = true);
+  torch::Tensor down(const torch::Tensor& gate_up, bool value_needed = true);
   /// Puts a block-level adapter (MixLoRA) on this MLP, registered as "adapter"; from then on
   /// it computes the block.
   void attach(std::shared_ptr<FfnAdapterImpl> adapter);
@@ -123,6 +128,8 @@ struct CheckpointKeep {
   bool attention = false;  // the fused attention's output and log-sum-exp ([B, T, H*D] +
                            // fp32 [B, H, T]): no attention forward again; CUDA bf16/f16 only
   bool residual = false;   // h + attn ([B, T, C]): no o_proj GEMM, the MLP recomputes from it
+  bool gate_up = false;    // the gate and up projections' output ([B, T, 2I]): no gate/up
+                           // GEMM again; in layers whose MLP has no block adapter (MixLoRA)
 };
 
 /// One checkpointed layer's kept activations (llama.cpp).
@@ -146,7 +153,8 @@ struct DecoderLayerImpl : torch::nn::Module {
   /// A checkpointed layer's backward: recomputes the layer from h (and from what it kept) with
   /// gradients on and back-propagates `grad` ([B, T, C], the output's) into the adapters'
   /// parameters; returns h's gradient. The GEMMs whose values the backward never reads are
-  /// skipped: the MLP's down projection, and o_proj's when the residual was kept. A MixLoRA
+  /// skipped: the MLP's down projection, o_proj's when the residual was kept, and gate's and
+  /// up's when their output was. A MixLoRA
   /// adapter's loss term of its own for this layer is back-propagated too.
   torch::Tensor backward_by_recomputing(const torch::Tensor& h,
                                         const Positions& pos,

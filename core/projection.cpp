@@ -768,7 +768,8 @@ std::string projection_kind(const std::string& name) {
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
                             const std::vector<ProjectionImpl*>& group,
-                            const torch::Tensor& bias) {
+                            const torch::Tensor& bias,
+                            bool value_needed) {
   LowRank update;
   BaseWeight base(weight);
   bool grouped = !weight.defined() || !weight.requires_grad();
@@ -803,17 +804,17 @@ torch::Tensor project_group(const torch::Tensor& x,
   }
   if (!grouped || row != base.rows()) {
     std::vector<torch::Tensor> outs;
-    for (auto* p : group) outs.push_back(p->forward(x));
+    for (auto* p : group) outs.push_back(p->forward(x, value_needed));
     return torch::cat(outs, -1);
   }
-  if (update.terms.empty() && weight.defined())
+  if (update.terms.empty() && weight.defined() && value_needed)
     return torch::nn::functional::linear(x, weight, bias);
   // Terms on the same rows side by side (a job's, when jobs share the batch), so they share
   // one down-projection.
   std::stable_sort(update.terms.begin(), update.terms.end(), [](const auto& a, const auto& b) {
     return std::make_pair(a.row_begin, a.row_end) < std::make_pair(b.row_begin, b.row_end);
   });
-  const auto y = low_rank_linear(x, base, update);
+  const auto y = low_rank_linear(x, base, update, value_needed);
   return bias.defined() ? y + bias : y;
 }
 

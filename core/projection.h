@@ -175,11 +175,13 @@ torch::Tensor adapted_output(ProjectionAdapterImpl& adapter,
 /// instead. `bias` [sum of outs], when the projections have biases, is theirs stacked the same
 /// way (undefined when they have none). Quantized projections have no stacked dense weight:
 /// `weight` is then undefined and their NF4 weights make the group's, block by block.
+/// `value_needed` as ProjectionImpl::forward's.
 /// x: [..., in] -> [..., sum of outs], each projection's output in its columns.
 torch::Tensor project_group(const torch::Tensor& x,
                             const torch::Tensor& weight,
                             const std::vector<ProjectionImpl*>& group,
-                            const torch::Tensor& bias = {});
+                            const torch::Tensor& bias = {},
+                            bool value_needed = true);
 
 /// Attaches make(projection) to every projection whose kind is in `kinds`: the one loop
 /// by which each strategy puts fresh adapters on a model.

@@ -543,10 +543,10 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   }
   std::set<std::string> kept;
   for (const auto& k : r.train.checkpoint_keep) {
-    if (k != "attention" && k != "residual") {
+    if (k != "attention" && k != "residual" && k != "gate_up") {
       problems.push_back("'train.checkpoint_keep' lists '" + k +
-                         "', expected attention and/or residual" +
-                         did_you_mean(k, {"attention", "residual"}));
+                         "', expected any of attention, residual and gate_up" +
+                         did_you_mean(k, {"attention", "residual", "gate_up"}));
     } else if (!kept.insert(k).second) {
       problems.push_back("'train.checkpoint_keep' lists '" + k + "' twice");
     }

@@ -302,7 +302,7 @@ void use_recipe_layers(LlamaForCausalLM& model, const Recipe& recipe) {
     return std::count(t.checkpoint_keep.begin(), t.checkpoint_keep.end(), what) > 0;
   };
   model->checkpoint_layers = t.gradient_checkpointing;
-  model->checkpoint_keep = {keeps("attention"), keeps("residual")};
+  model->checkpoint_keep = {keeps("attention"), keeps("residual"), keeps("gate_up")};
   const auto& l = recipe.longlora;
   if (!l.enabled) return;
   model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll

@@ -141,7 +141,9 @@ TEST_CASE("jobs alike in shape run as one batch of GEMMs and give what they give
     ThreeJobs t;
     t.model = load_llama(lorafit::test::fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
     t.model->checkpoint_layers = checkpoint;
-    t.model->checkpoint_keep.residual = checkpoint;  // o_proj's batch without its value
+    // o_proj's batch without its value, and gate/up's from their kept output.
+    t.model->checkpoint_keep.residual = checkpoint;
+    t.model->checkpoint_keep.gate_up = checkpoint;
     t.routing = route_jobs(t.model->adapter_sites(), 5);
     AdapterSettings s;
     s.targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};

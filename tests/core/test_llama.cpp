@@ -184,7 +184,9 @@ TEST_CASE("full fine-tuning trains every base tensor once and checkpointing keep
     REQUIRE(model->lm_head->weight.requires_grad());
     model->train();
     model->checkpoint_layers = checkpoint;
-    model->checkpoint_keep.residual = true;  // o_proj's weight gradient without its value
+    // o_proj's weight gradient without its value, gate's and up's from their kept output
+    model->checkpoint_keep.residual = true;
+    model->checkpoint_keep.gate_up = true;
     torch::manual_seed(3);
     auto ids = torch::randint(3, 320, {2, 10}, torch::kInt64);
     model->logits(model->forward(ids)).pow(2).mean().backward();
@@ -197,14 +199,17 @@ TEST_CASE("full fine-tuning trains every base tensor once and checkpointing keep
 }
 
 TEST_CASE("activation checkpointing gives the gradients of the plain backward", "[core][llama]") {
-  // In float64, with LoRA dropout: the recomputation must replay the same dropout masks. A
-  // kept residual skips o_proj's GEMM and splits the backward in two (attention keeps only
-  // where flash attention runs, so on the CPU it is recomputed).
-  auto grads = [](bool checkpoint, CheckpointKeep keep) {
+  // In float64, with LoRA dropout (the recomputation must replay the same dropout masks) and
+  // without (the fused projections skip the GEMMs whose values the backward never reads). A
+  // kept residual skips o_proj's GEMM and splits the backward in two; a kept gate/up output
+  // skips their GEMM and runs the MLP's backward from it first (attention keeps only where
+  // flash attention runs, so on the CPU it is recomputed).
+  auto grads = [](double dropout, bool checkpoint, CheckpointKeep keep) {
     torch::manual_seed(5);
     auto model = load_llama(fixture("gqa_llama3/model"), torch::kCPU, torch::kFloat64);
     find_adapter("lora").attach_new(
-        {4, 8.0, 0.2, false, {"q_proj", "v_proj", "o_proj", "down_proj"}}, model->adapter_sites());
+        {4, 8.0, dropout, false, {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"}},
+        model->adapter_sites());
     for (auto p : model->projections()) {
       if (p->adapter) {
         torch::NoGradGuard g;
@@ -222,11 +227,15 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
     for (const auto& p : params) out.push_back(p.grad().clone());
     return out;
   };
-  const auto plain = grads(false, {});
-  for (const auto keep :
-       {CheckpointKeep{}, CheckpointKeep{false, true}, CheckpointKeep{true, true}}) {
-    INFO("keeping attention " << keep.attention << ", residual " << keep.residual);
-    lorafit::test::require_same_gradients(plain, grads(true, keep));
+  for (const double dropout : {0.2, 0.0}) {
+    const auto plain = grads(dropout, false, {});
+    for (const auto keep :
+         {CheckpointKeep{}, CheckpointKeep{false, true}, CheckpointKeep{true, true},
+          CheckpointKeep{false, false, true}, CheckpointKeep{false, true, true}}) {
+      INFO("dropout " << dropout << ", keeping attention " << keep.attention << ", residual "
+                      << keep.residual << ", gate/up " << keep.gate_up);
+      lorafit::test::require_same_gradients(plain, grads(dropout, true, keep));
+    }
   }
 }
 

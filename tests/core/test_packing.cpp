@@ -126,11 +126,13 @@ TEST_CASE("a packed batch gives each record what it gives alone", "[core][packin
     REQUIRE(packed_rows > 0);
     REQUIRE(rows.size() >= 2);  // a row for each job
     for (const std::string what : {"lora", "mixlora", "jobs"}) {
-      for (const int checkpoint : {0, 1, 2}) {  // 2: checkpointed, keeping the residual
+      // 2: checkpointed, keeping the residual and (where no MixLoRA is) gate/up's output
+      for (const int checkpoint : {0, 1, 2}) {
         INFO(format << ", " << what << ", checkpointed: " << checkpoint);
         auto s = setup(what);
         s.model->checkpoint_layers = checkpoint > 0;
         s.model->checkpoint_keep.residual = checkpoint == 2;
+        s.model->checkpoint_keep.gate_up = checkpoint == 2;
         std::vector<size_t> all(rows.size());
         std::iota(all.begin(), all.end(), 0);
         // With jobs, job 0 has the first half of the rows and job 1 the rest.

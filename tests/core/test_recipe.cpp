@@ -68,8 +68,8 @@ TEST_CASE("overrides with --set reach any key by its dotted path", "[core][recip
 TEST_CASE("the resolved recipe reads back as the same recipe", "[core][recipe]") {
   const auto r = load_text(base_recipe(), {"adapter.targets=all-linear", "train.warmup_steps=3",
                                            "train.gradient_checkpointing=true",
-                                           "train.checkpoint_keep=[attention, residual]"});
-  REQUIRE(r.train.checkpoint_keep == std::vector<std::string>{"attention", "residual"});
+                                           "train.checkpoint_keep=[attention, residual, gate_up]"});
+  REQUIRE(r.train.checkpoint_keep == std::vector<std::string>{"attention", "residual", "gate_up"});
   const auto yaml = recipe_to_yaml(r);
   REQUIRE(recipe_to_yaml(load_text(yaml)) == yaml);
 }
@@ -106,7 +106,8 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
       {{"longlora.rope_scale=0.5"}, "expected auto or a factor >= 1"},
       {{"longlora.trainable=[embed, norms]"}, "lists 'norms', expected embed and/or norm"},
       {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[attention, residul]"},
-       "lists 'residul', expected attention and/or residual (did you mean 'residual'?)"},
+       "lists 'residul', expected any of attention, residual and gate_up (did you mean "
+       "'residual'?)"},
       {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[residual, residual]"},
        "'train.checkpoint_keep' lists 'residual' twice"},
       {{"train.checkpoint_keep=[attention]"}, "train.gradient_checkpointing is false"},

@@ -73,8 +73,8 @@ TEST_CASE("kept attention replays its output and gives attention's gradients on 
 }
 
 TEST_CASE(
-    "checkpointed layers that keep attention and the residual give the plain gradients "
-    "on CUDA",
+    "checkpointed layers that keep attention, the residual and gate/up's output give the plain "
+    "gradients on CUDA",
     "[gpu][checkpoint]") {
   REQUIRE(torch::cuda::is_available());
   auto grads = [](bool checkpoint, CheckpointKeep keep) {
@@ -96,12 +96,14 @@ TEST_CASE(
     for (const auto& p : params) out.push_back(p.grad().clone());
     return out;
   };
-  const auto plain = grads(false, {}), recomputed = grads(true, {}),
-             kept = grads(true, {true, true});
-  REQUIRE(kept.size() == plain.size());
-  for (size_t i = 0; i < plain.size(); ++i) {
-    INFO("parameter " << i);
-    // As close to the plain backward as a full recomputation is, give or take bf16 noise.
-    REQUIRE(rel_err_f64(kept[i], plain[i]) < 2 * rel_err_f64(recomputed[i], plain[i]) + 2e-2);
+  const auto plain = grads(false, {}), recomputed = grads(true, {});
+  for (const auto keep : {CheckpointKeep{true, true}, CheckpointKeep{true, true, true}}) {
+    const auto kept = grads(true, keep);
+    REQUIRE(kept.size() == plain.size());
+    for (size_t i = 0; i < plain.size(); ++i) {
+      INFO("keeping gate/up " << keep.gate_up << ", parameter " << i);
+      // As close to the plain backward as a full recomputation is, give or take bf16 noise.
+      REQUIRE(rel_err_f64(kept[i], plain[i]) < 2 * rel_err_f64(recomputed[i], plain[i]) + 2e-2);
+    }
   }
 }
