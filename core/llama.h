@@ -154,8 +154,8 @@ struct DecoderLayerImpl : torch::nn::Module {
   /// gradients on and back-propagates `grad` ([B, T, C], the output's) into the adapters'
   /// parameters; returns h's gradient. The GEMMs whose values the backward never reads are
   /// skipped: the MLP's down projection, o_proj's when the residual was kept, and gate's and
-  /// up's when their output was. A MixLoRA
-  /// adapter's loss term of its own for this layer is back-propagated too.
+  /// up's when their output was. A MixLoRA adapter's loss term of its own for this layer is
+  /// back-propagated too.
   torch::Tensor backward_by_recomputing(const torch::Tensor& h,
                                         const Positions& pos,
                                         const torch::Tensor& grad,
