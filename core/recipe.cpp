@@ -541,12 +541,13 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
                        ") must be a multiple of 'train.micro_batch_size' (" +
                        std::to_string(r.train.micro_batch_size) + ")");
   }
+  const std::vector<std::string> keepable{"attention", "residual", "gate_up"};
   std::set<std::string> kept;
   for (const auto& k : r.train.checkpoint_keep) {
-    if (k != "attention" && k != "residual" && k != "gate_up") {
+    if (std::find(keepable.begin(), keepable.end(), k) == keepable.end()) {
       problems.push_back("'train.checkpoint_keep' lists '" + k +
                          "', expected any of attention, residual and gate_up" +
-                         did_you_mean(k, {"attention", "residual", "gate_up"}));
+                         did_you_mean(k, keepable));
     } else if (!kept.insert(k).second) {
       problems.push_back("'train.checkpoint_keep' lists '" + k + "' twice");
     }
