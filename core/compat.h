@@ -472,7 +472,7 @@ inline void synchronize(torch::Device device) {
 
 /// Multiplies every tensor in place by a 0-dim tensor without reading it on the host (2.x has
 /// the multi-tensor overload; 1.13, CPU only here, reads the value).
-inline void foreach_scale_(std::vector<torch::Tensor>& tensors, const torch::Tensor& factor) {
+inline void foreach_scale_(const std::vector<torch::Tensor>& tensors, const torch::Tensor& factor) {
 #if TORCH_VERSION_MAJOR >= 2
   at::_foreach_mul_(tensors, factor);
 #else

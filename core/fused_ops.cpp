@@ -1,5 +1,7 @@
 #include "core/fused_ops.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -385,6 +387,76 @@ std::pair<torch::Tensor, torch::Tensor> target_log_softmax(torch::Tensor logits,
   return {logp, grad ? l : torch::Tensor()};
 }
 
+bool adamw_kernel_step(const std::vector<torch::Tensor>& p,
+                       const std::vector<torch::Tensor>& g,
+                       const std::vector<torch::Tensor>& m,
+                       const std::vector<torch::Tensor>& v,
+                       const AdamWUpdate& u,
+                       const std::function<torch::Tensor(torch::Tensor)>& sum_over_ranks,
+                       torch::Tensor& norm) {
+  if (p.empty() || !fused_kernels_for(p[0])) return false;
+  const auto device = p[0].device();
+  auto fits = [&](const torch::Tensor& t, const torch::Tensor& like) {
+    return t.device() == device && t.scalar_type() == torch::kFloat32 && t.is_contiguous() &&
+           t.numel() == like.numel();
+  };
+  std::vector<kernels::AdamWTensor> tensors;
+  std::vector<kernels::AdamWChunk> chunks;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (!fits(p[i], p[i]) || !fits(g[i], p[i]) || !fits(m[i], p[i]) || !fits(v[i], p[i]))
+      return false;
+    tensors.push_back({p[i].data_ptr<float>(), g[i].data_ptr<float>(), m[i].data_ptr<float>(),
+                       v[i].data_ptr<float>()});
+    const int64_t n = p[i].numel();
+    for (int64_t b = 0; b < n; b += kernels::kAdamWChunk)
+      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kernels::kAdamWChunk)});
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  // The tables, then the finished-blocks counter (zero), staged in pinned memory: the caching
+  // host allocator holds the buffer until the stream's copy of it is done. Filled here, as
+  // torch::zeros would wake a thread pool to clear a few kilobytes.
+  const size_t tensor_bytes = tensors.size() * sizeof(kernels::AdamWTensor);
+  const size_t chunk_bytes = chunks.size() * sizeof(kernels::AdamWChunk);
+  auto staged = torch::empty({static_cast<int64_t>(tensor_bytes + chunk_bytes + sizeof(unsigned))},
+                             torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
+  auto* bytes = staged.data_ptr<uint8_t>();
+  std::memcpy(bytes, tensors.data(), tensor_bytes);
+  std::memcpy(bytes + tensor_bytes, chunks.data(), chunk_bytes);
+  std::memset(bytes + tensor_bytes + chunk_bytes, 0, sizeof(unsigned));
+  const auto table = staged.to(torch::TensorOptions().device(device), /*non_blocking=*/true);
+  auto* on_device = table.data_ptr<uint8_t>();
+  const auto* tensor_table = reinterpret_cast<const kernels::AdamWTensor*>(on_device);
+  const auto* chunk_table = reinterpret_cast<const kernels::AdamWChunk*>(on_device + tensor_bytes);
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  const auto stream = stream_of(p[0]);
+  torch::Tensor sq;  // [], the squared norm of every gradient
+  if (u.max_grad_norm > 0) {
+    auto partials = torch::empty({n_chunks}, p[0].options());  // [chunks]
+    sq = torch::empty({}, p[0].options());
+    kernels::adamw_grad_sq(tensor_table, chunk_table, n_chunks, partials.data_ptr<float>(),
+                           reinterpret_cast<unsigned*>(on_device + tensor_bytes + chunk_bytes),
+                           sq.data_ptr<float>(), stream);
+    if (sum_over_ranks) sq = sum_over_ranks(sq).contiguous();
+    norm = sq.sqrt();
+  }
+  const kernels::AdamWScalars s{static_cast<float>(1 - u.lr * u.weight_decay),
+                                static_cast<float>(u.beta1),
+                                static_cast<float>(1 - u.beta1),
+                                static_cast<float>(u.beta2),
+                                static_cast<float>(1 - u.beta2),
+                                static_cast<float>(u.eps),
+                                static_cast<float>(std::sqrt(u.bias2)),
+                                static_cast<float>(u.lr / u.bias1),
+                                static_cast<float>(u.max_grad_norm)};
+  kernels::adamw_update(tensor_table, chunk_table, n_chunks,
+                        sq.defined() ? sq.data_ptr<float>() : nullptr, s, stream);
+  // Written behind autograd's back: the version counters are what tells the factors' cached
+  // low-precision copies (core/projection.cpp) that the parameters changed.
+  for (const auto* list : {&p, &m, &v})
+    for (const auto& t : *list) torch::autograd::impl::bump_version(t);
+  return true;
+}
+
 bool nf4_dequantize_kernel(const Nf4Weight& q, const torch::Tensor& code2, torch::Tensor& out) {
   if (!fused_kernels_for(out)) return false;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -398,6 +470,16 @@ bool nf4_dequantize_kernel(const Nf4Weight& q, const torch::Tensor& code2, torch
 #else
 
 bool nf4_dequantize_kernel(const Nf4Weight&, const torch::Tensor&, torch::Tensor&) {
+  return false;
+}
+
+bool adamw_kernel_step(const std::vector<torch::Tensor>&,
+                       const std::vector<torch::Tensor>&,
+                       const std::vector<torch::Tensor>&,
+                       const std::vector<torch::Tensor>&,
+                       const AdamWUpdate&,
+                       const std::function<torch::Tensor(torch::Tensor)>&,
+                       torch::Tensor&) {
   return false;
 }
 

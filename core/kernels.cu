@@ -1,6 +1,6 @@
 // lorafit's CUDA kernels: RMSNorm, SwiGLU, RoPE and the loss head's log-softmax, forward and
 // backward, each one or two passes over memory where the composite of LibTorch ops takes five
-// to ten. See core/kernels.h.
+// to ten; NF4 dequantization; AdamW's step over all trained tensors. See core/kernels.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -514,6 +514,51 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed,
   }
 }
 
+__global__ void adamw_grad_sq_kernel(const AdamWTensor* __restrict__ tensors,
+                                     const AdamWChunk* __restrict__ chunks,
+                                     float* __restrict__ partials,
+                                     unsigned* __restrict__ done,
+                                     float* __restrict__ sq) {
+  const AdamWChunk c = chunks[blockIdx.x];
+  const float* g = tensors[c.tensor].g;
+  float s = 0;
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kBlock) s += g[i] * g[i];
+  s = block_sum(s);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = s;
+    __threadfence();  // the partial is visible before the count says so
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  float total = 0;
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += kBlock) total += __ldcg(partials + i);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    *sq = total;
+    *done = 0;
+  }
+}
+
+__global__ void adamw_update_kernel(const AdamWTensor* __restrict__ tensors,
+                                    const AdamWChunk* __restrict__ chunks,
+                                    const float* __restrict__ sq,
+                                    AdamWScalars s) {
+  const AdamWChunk c = chunks[blockIdx.x];
+  const AdamWTensor t = tensors[c.tensor];
+  const float clip = sq ? fminf(1.0f, s.max_grad_norm / (sqrtf(*sq) + 1e-6f)) : 1.0f;
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kBlock) {
+    const float g = t.g[i] * clip;
+    const float m = t.m[i] * s.beta1 + s.one_minus_beta1 * g;
+    const float v = t.v[i] * s.beta2 + s.one_minus_beta2 * (g * g);
+    const float denom = sqrtf(v) / s.sqrt_bias2 + s.eps;
+    t.m[i] = m;
+    t.v[i] = v;
+    t.p[i] = t.p[i] * s.decay - s.step_size * (m / denom);
+  }
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -753,6 +798,31 @@ void nf4_dequantize(Dtype dt,
     wide ? launch(nf4_dequantize_kernel<T, W>, W) : launch(nf4_dequantize_kernel<T, 1>, 1);
   });
   check_launch("nf4_dequantize");
+}
+
+void adamw_grad_sq(const AdamWTensor* tensors,
+                   const AdamWChunk* chunks,
+                   int64_t n_chunks,
+                   float* partials,
+                   unsigned* done,
+                   float* sq,
+                   Stream stream) {
+  if (n_chunks == 0) return;
+  adamw_grad_sq_kernel<<<static_cast<unsigned>(n_chunks), kBlock, 0, stream>>>(tensors, chunks,
+                                                                               partials, done, sq);
+  check_launch("adamw_grad_sq");
+}
+
+void adamw_update(const AdamWTensor* tensors,
+                  const AdamWChunk* chunks,
+                  int64_t n_chunks,
+                  const float* sq,
+                  const AdamWScalars& s,
+                  Stream stream) {
+  if (n_chunks == 0) return;
+  adamw_update_kernel<<<static_cast<unsigned>(n_chunks), kBlock, 0, stream>>>(tensors, chunks, sq,
+                                                                              s);
+  check_launch("adamw_update");
 }
 
 }  // namespace lorafit::kernels

@@ -110,6 +110,44 @@ void rope(Dtype dt,
           bool inverse,
           Stream stream);
 
+// AdamW over many fp32 tensors in two launches, for core/optimizer.cpp: the tensors and their
+// chunks of at most kAdamWChunk elements (one block each) sit in device memory, as
+// core/fused_ops.cpp copies them there each step (the gradients are new tensors every step).
+constexpr int64_t kAdamWChunk = 16384;
+struct AdamWTensor {
+  float* p;        // the parameter
+  const float* g;  // its gradient
+  float* m;        // first moment
+  float* v;        // second moment
+};
+struct AdamWChunk {
+  int64_t tensor, begin, end;  // elements [begin, end) of tensors[tensor]
+};
+// sq = sum of every gradient's squares, summed in a fixed order whatever the block timing:
+// each chunk's sum goes to partials [chunks], and the last block to finish adds them up and
+// resets `done` (one counter, zero before the first call) to zero.
+void adamw_grad_sq(const AdamWTensor* tensors,
+                   const AdamWChunk* chunks,
+                   int64_t n_chunks,
+                   float* partials,
+                   unsigned* done,
+                   float* sq,
+                   Stream stream);
+// With the gradient g scaled by c = min(1, max_grad_norm / (sqrt(*sq) + 1e-6)) (c = 1 where
+// sq is null): p *= decay; m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+// p -= step_size (m / (sqrt(v) / sqrt_bias2 + eps)), in the order and rounding of the multi-tensor
+// ops that core/optimizer.cpp runs elsewhere (each scalar rounded from double once, as theirs).
+struct AdamWScalars {
+  float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, sqrt_bias2, step_size,
+      max_grad_norm;
+};
+void adamw_update(const AdamWTensor* tensors,
+                  const AdamWChunk* chunks,
+                  int64_t n_chunks,
+                  const float* sq,
+                  const AdamWScalars& s,
+                  Stream stream);
+
 // The 16 NF4 values (bitsandbytes' table), shared by the kernel and core/nf4.cpp.
 constexpr float kNf4Values[16] = {-1.0f,
                                   -0.6961928009986877f,

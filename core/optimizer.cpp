@@ -4,9 +4,40 @@
 
 #include "core/compat.h"
 #include "core/errors.h"
+#include "core/fused_ops.h"
 #include "core/safetensors.h"
 
 namespace lorafit {
+
+namespace {
+
+// AdamW's step as multi-tensor LibTorch ops, where adamw_kernel_step does not run (the CPU).
+torch::Tensor foreach_step(const std::vector<torch::Tensor>& p,
+                           const std::vector<torch::Tensor>& g,
+                           const std::vector<torch::Tensor>& m,
+                           const std::vector<torch::Tensor>& v,
+                           const AdamWUpdate& u,
+                           const std::function<torch::Tensor(torch::Tensor)>& sum_over_ranks) {
+  torch::Tensor norm;
+  if (u.max_grad_norm > 0) {
+    norm = torch::stack(at::_foreach_norm(g, 2)).norm();
+    if (sum_over_ranks) norm = sum_over_ranks(norm.square()).sqrt();
+    // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when that is below 1.
+    compat::foreach_scale_(g, (u.max_grad_norm / (norm + 1e-6)).clamp_max(1.0));
+  }
+  if (u.weight_decay != 0) at::_foreach_mul_(p, 1 - u.lr * u.weight_decay);
+  at::_foreach_mul_(m, u.beta1);
+  at::_foreach_add_(m, g, 1 - u.beta1);
+  at::_foreach_mul_(v, u.beta2);
+  at::_foreach_addcmul_(v, g, g, 1 - u.beta2);
+  auto denom = at::_foreach_sqrt(v);
+  at::_foreach_div_(denom, std::sqrt(u.bias2));
+  at::_foreach_add_(denom, u.eps);
+  at::_foreach_addcdiv_(p, m, denom, -u.lr / u.bias1);
+  return norm;
+}
+
+}  // namespace
 
 AdamW::AdamW(std::vector<torch::Tensor> p, AdamWSettings s) : params(std::move(p)), settings(s) {
   torch::NoGradGuard no_grad;
@@ -29,26 +60,19 @@ torch::Tensor AdamW::step(double lr,
     m.push_back(exp_avg[i]);
     v.push_back(exp_avg_sq[i]);
   }
-  torch::Tensor norm;
-  if (max_grad_norm > 0 && !g.empty()) {
-    norm = torch::stack(at::_foreach_norm(g, 2)).norm();
-    if (sum_over_ranks) norm = sum_over_ranks(norm.square()).sqrt();
-    // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when that is below 1.
-    compat::foreach_scale_(g, (max_grad_norm / (norm + 1e-6)).clamp_max(1.0));
-  }
   ++steps;
   const auto& s = settings;
-  const double bias1 = 1 - std::pow(s.beta1, static_cast<double>(steps));
-  const double bias2 = 1 - std::pow(s.beta2, static_cast<double>(steps));
-  if (s.weight_decay != 0) at::_foreach_mul_(p, 1 - lr * s.weight_decay);
-  at::_foreach_mul_(m, s.beta1);
-  at::_foreach_add_(m, g, 1 - s.beta1);
-  at::_foreach_mul_(v, s.beta2);
-  at::_foreach_addcmul_(v, g, g, 1 - s.beta2);
-  auto denom = at::_foreach_sqrt(v);
-  at::_foreach_div_(denom, std::sqrt(bias2));
-  at::_foreach_add_(denom, s.eps);
-  at::_foreach_addcdiv_(p, m, denom, -lr / bias1);
+  const AdamWUpdate update{lr,
+                           s.beta1,
+                           s.beta2,
+                           s.eps,
+                           s.weight_decay,
+                           1 - std::pow(s.beta1, static_cast<double>(steps)),
+                           1 - std::pow(s.beta2, static_cast<double>(steps)),
+                           g.empty() ? 0.0 : max_grad_norm};
+  torch::Tensor norm;
+  if (!adamw_kernel_step(p, g, m, v, update, sum_over_ranks, norm))
+    norm = foreach_step(p, g, m, v, update, sum_over_ranks);
   for (auto& t : p) t.mutable_grad() = torch::Tensor();
   return norm;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where the GPU time of a profiled run goes: reads the Chrome trace that `lorafit bench
 --profile FILE` (or torch.profiler's export_chrome_trace) writes and prints GPU kernel time
-grouped by kernel and by the innermost ATen op that launched it, against the wall time.
+grouped by kernel and by the innermost ATen op that launched it, against the wall time, and
+the time the GPU sat idle, by the op whose kernel it was waiting for.
 
 usage: profile_summary.py TRACE.json [--steps N] [--top K]
 """
@@ -78,6 +79,23 @@ def main():
     table("by class (GEMM, attention, the rest)", by_class)
     table("by ATen op", by_op)
     table("by kernel", by_kernel)
+
+    # Idle time: the gaps in the union of all streams' kernels, each charged to the op that
+    # launched the kernel ending it (what the GPU waited for: a host sync, a slow launch).
+    idle = collections.Counter()
+    gaps = collections.Counter()
+    reach = start
+    for k in sorted(kernels, key=lambda k: k["ts"]):
+        if k["ts"] > reach:
+            op = launcher.get(k.get("args", {}).get("correlation"), "(unknown)")
+            idle[op] += k["ts"] - reach
+            gaps[op] += 1
+        reach = max(reach, k["ts"] + k["dur"])
+    total_idle = sum(idle.values())
+    print(f"\nidle {total_idle / 1e3 / n:.1f} ms/step in {sum(gaps.values()) // n} gaps/step; "
+          f"by the op launching the kernel after the gap")
+    for name, us in idle.most_common(a.top):
+        print(f"{name:<100} {gaps[name] / n:8.1f} gaps {us / 1e3 / n:7.2f} ms/step")
 
 
 if __name__ == "__main__":
