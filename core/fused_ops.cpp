@@ -236,6 +236,14 @@ struct MoeSwigluFn : torch::autograd::Function<MoeSwigluFn> {
   }
 };
 
+// x and y [B, H, T, D] (D contiguous) by their strides, as the kernels read them.
+kernels::RopeShape heads_shape(const torch::Tensor& x,
+                               const torch::Tensor& y,
+                               int64_t table_stride_b) {
+  return {x.size(0),   x.size(1),   x.size(2),   x.size(3),   x.stride(0),   x.stride(1),
+          x.stride(2), y.stride(0), y.stride(1), y.stride(2), table_stride_b};
+}
+
 // Rotates x [B, H, T, D] (D contiguous) into y [B, H, T, D] (D contiguous), any other strides.
 void rope_into(const torch::Tensor& x,
                const torch::Tensor& y,
@@ -244,11 +252,14 @@ void rope_into(const torch::Tensor& x,
                bool inverse) {
   // A table per row ([B, T, D]) or one for all rows ([T, D]).
   const int64_t table_stride_b = cos.dim() == 3 ? x.size(2) * x.size(3) : 0;
-  const kernels::RopeShape shape{x.size(0),   x.size(1),   x.size(2),     x.size(3),
-                                 x.stride(0), x.stride(1), x.stride(2),   y.stride(0),
-                                 y.stride(1), y.stride(2), table_stride_b};
-  kernels::rope(kernel_dtype(x), x.data_ptr(), shape, cos.data_ptr(), sin.data_ptr(), y.data_ptr(),
-                inverse, stream_of(x));
+  kernels::rope(kernel_dtype(x), x.data_ptr(), heads_shape(x, y, table_stride_b), cos.data_ptr(),
+                sin.data_ptr(), y.data_ptr(), inverse, stream_of(x));
+}
+
+// y = x for x and y [B, H, T, D] (D contiguous), any other strides.
+void copy_heads_into(const torch::Tensor& x, const torch::Tensor& y) {
+  kernels::copy_heads(kernel_dtype(x), x.data_ptr(), heads_shape(x, y, 0), y.data_ptr(),
+                      stream_of(x));
 }
 
 // A fresh [B, n, T, D] viewing a contiguous [B, T, n, D] (the projections' and flash's layout).
@@ -273,7 +284,7 @@ struct SplitRopeFn : torch::autograd::Function<SplitRopeFn> {
     auto v = heads_tensor(b, kv_heads, t, d, qkv);
     rope_into(part(0, heads), q, c, s, /*inverse=*/false);
     rope_into(part(heads, kv_heads), k, c, s, /*inverse=*/false);
-    v.copy_(part(heads + kv_heads, kv_heads));
+    copy_heads_into(part(heads + kv_heads, kv_heads), v);
     ctx->save_for_backward({c, s});
     ctx->saved_data["shape"] = torch::IValue(std::vector<int64_t>{heads, kv_heads});
     return {q, k, v};
@@ -302,7 +313,7 @@ struct SplitRopeFn : torch::autograd::Function<SplitRopeFn> {
          [&](const torch::Tensor& g) { rope_into(g, dq_part, saved[0], saved[1], true); });
     fill(dk, dk_part,
          [&](const torch::Tensor& g) { rope_into(g, dk_part, saved[0], saved[1], true); });
-    fill(dv, dv_part, [&](const torch::Tensor& g) { dv_part.copy_(g); });
+    fill(dv, dv_part, [&](const torch::Tensor& g) { copy_heads_into(g, dv_part); });
     return {dqkv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };

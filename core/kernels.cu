@@ -559,6 +559,22 @@ __global__ void adamw_update_kernel(const AdamWTensor* __restrict__ tensors,
   }
 }
 
+template <typename T, int N>
+__global__ void copy_heads_kernel(const T* __restrict__ x, RopeShape s, T* __restrict__ y) {
+  using P = Pack<T, N>;
+  const int64_t groups = s.d / N;
+  const int64_t total = s.b * s.t * s.h * groups;
+  for (int64_t idx = blockIdx.x * int64_t(kBlock) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * kBlock) {
+    const int64_t j = (idx % groups) * N;
+    const int64_t row = idx / groups;  // (b * T + t) * H + h
+    const int64_t h = row % s.h, bt = row / s.h;
+    const int64_t t = bt % s.t, b = bt / s.t;
+    *reinterpret_cast<P*>(y + b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t + j) =
+        *reinterpret_cast<const P*>(x + b * s.stride_b + h * s.stride_h + t * s.stride_t + j);
+  }
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -772,6 +788,27 @@ void rope(Dtype dt,
     wide ? launch(rope_kernel<T, W>, W) : launch(rope_kernel<T, 1>, 1);
   });
   check_launch("rope");
+}
+
+void copy_heads(Dtype dt, const void* x, const RopeShape& shape, void* y, Stream stream) {
+  const int64_t n = shape.b * shape.h * shape.t * shape.d;
+  if (n == 0) return;
+  dispatch(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int W = kWide<T>;
+    bool wide = shape.d % W == 0;
+    for (int64_t stride : {shape.stride_b, shape.stride_h, shape.stride_t, shape.out_stride_b,
+                           shape.out_stride_h, shape.out_stride_t})
+      wide = wide && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    for (const void* p : {x, static_cast<const void*>(y)})
+      wide = wide && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    auto launch = [&](auto kernel, int per) {
+      kernel<<<grid_for(n / per), kBlock, 0, stream>>>(static_cast<const T*>(x), shape,
+                                                       static_cast<T*>(y));
+    };
+    wide ? launch(copy_heads_kernel<T, W>, W) : launch(copy_heads_kernel<T, 1>, 1);
+  });
+  check_launch("copy_heads");
 }
 
 void nf4_dequantize(Dtype dt,

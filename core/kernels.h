@@ -148,6 +148,11 @@ void adamw_update(const AdamWTensor* tensors,
                   const AdamWScalars& s,
                   Stream stream);
 
+// y = x for x and y [B, H, T, D] given by their strides as in RopeShape (D contiguous; the
+// tables' stride unused): v's heads out of the fused q/k/v output and their gradient back, in
+// 16-byte moves where LibTorch's strided copy moves an element a thread.
+void copy_heads(Dtype dt, const void* x, const RopeShape& shape, void* y, Stream stream);
+
 // The 16 NF4 values (bitsandbytes' table), shared by the kernel and core/nf4.cpp.
 constexpr float kNf4Values[16] = {-1.0f,
                                   -0.6961928009986877f,
