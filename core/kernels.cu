@@ -547,7 +547,9 @@ __global__ void adamw_update_kernel(const AdamWTensor* __restrict__ tensors,
                                     AdamWScalars s) {
   const AdamWChunk c = chunks[blockIdx.x];
   const AdamWTensor t = tensors[c.tensor];
-  const float clip = sq ? fminf(1.0f, s.max_grad_norm / (sqrtf(*sq) + 1e-6f)) : 1.0f;
+  // As clamp_max: a NaN norm makes the gradients NaN, as clip_grad_norm_ does (fminf would not).
+  const float coef = sq ? s.max_grad_norm / (sqrtf(*sq) + 1e-6f) : 1.0f;
+  const float clip = coef >= 1.0f ? 1.0f : coef;
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kBlock) {
     const float g = t.g[i] * clip;
     const float m = t.m[i] * s.beta1 + s.one_minus_beta1 * g;

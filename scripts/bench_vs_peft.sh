@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Issue 4's table in one GPU call: builds lorafit (build-gpu/, incremental), then runs lorafit
 # bench and PEFT + transformers (eager, and under torch.compile for the rows COMPILED lists:
-# all by default) on the same shapes, and prints the ratios. Needs .gpu-deps. The four rows
-# with compiled PEFT take about 13 minutes (the 7B compile warms up for 2.5 min a row): over
-# one call's 10-minute limit, so run them as two calls of two rows each:
+# all by default) on the same shapes, and prints the ratios. Needs .gpu-deps. The five rows
+# with compiled PEFT take about 17 minutes (the 7B and 8B compiles warm up for 2.5 min a row):
+# over one call's 10-minute limit, so run them as three calls:
 #   ROWS="llama-1b:2048:4:0 llama-1b:8192:1:1" bash scripts/bench_vs_peft.sh
 #   ROWS="llama2-7b:2048:2:0 llama2-7b:4096:1:1" bash scripts/bench_vs_peft.sh
-# COMPILED="" skips compiled PEFT. The Llama-3-8B row with checkpointing (llama3-8b:4096:1:1)
-# is not among the defaults, for time; add it with ROWS. On checkpointed rows lorafit runs once
-# for each value of train.checkpoint_keep in KEEPS (default "none attention,residual"; "none"
-# recomputes everything), against the same PEFT runs. GRAPHS="false true" runs lorafit on
+#   ROWS="llama3-8b:4096:1:1" bash scripts/bench_vs_peft.sh
+# COMPILED="" skips compiled PEFT (all five rows then fit one call). On checkpointed rows
+# lorafit runs once for each value of train.checkpoint_keep in KEEPS (default "none
+# attention,residual"; "none" recomputes everything), against the same PEFT runs. GRAPHS="false true" runs lorafit on
 # each row both eagerly and with train.cuda_graphs (default: false).
 set -uo pipefail
 source scripts/gpu_common.sh
-rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1}"
+rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1 llama3-8b:4096:1:1}"
 compiled="${COMPILED-$rows}"
 keeps="${KEEPS-none attention,residual}"
 graph_modes="${GRAPHS:-false}"

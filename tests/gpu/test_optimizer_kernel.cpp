@@ -2,6 +2,7 @@
 // run on the CPU on the same values: clipped and not, with weight decay, a tensor without a
 // gradient, tensors of several chunks, and a norm summed over (pretend) ranks.
 #include <catch2/catch.hpp>
+#include <cmath>
 
 #include "core/fused_ops.h"
 #include "core/optimizer.h"
@@ -73,4 +74,18 @@ TEST_CASE("AdamW's kernels run for fp32 contiguous CUDA tensors only", "[gpu][op
   REQUIRE(!run(p.t()));  // not contiguous
   REQUIRE(!run(p.to(torch::kBFloat16)));
   REQUIRE(!run(p.cpu()));
+}
+
+TEST_CASE("AdamW's kernels spread a NaN gradient through clipping as clip_grad_norm_ does",
+          "[gpu][optimizer]") {
+  for (auto device : {torch::Device(torch::kCPU), torch::Device(torch::kCUDA)}) {
+    INFO(device);
+    auto params = params_on(device);
+    AdamW adamw(params, AdamWSettings{});
+    for (auto& p : params) p.mutable_grad() = torch::ones_like(p);
+    params[1].mutable_grad()[0] = std::nan("");
+    const auto norm = adamw.step(1e-2, 1.0);
+    REQUIRE(std::isnan(norm.item<double>()));
+    for (const auto& p : params) REQUIRE(p.isnan().all().item<bool>());
+  }
 }
