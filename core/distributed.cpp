@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/function.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdlib>
 #include <mutex>
 
@@ -150,6 +151,10 @@ World::World(const Launch& launch,
              int64_t bucket_bytes)
     : launch_(launch), impl_(std::make_unique<Impl>()) {
   if (launch.world_size <= 1) return;
+  // A write to a peer that died raises SIGPIPE where the socket code does not pass
+  // MSG_NOSIGNAL (the fresh-clone CI once saw a surviving rank end so, exit 141, no message).
+  // Ignored, the write fails instead, and the collective's error names the peer.
+  std::signal(SIGPIPE, SIG_IGN);
 #ifndef LORAFIT_WITH_NCCL
   // A backend this LibTorch lacks is refused before any rank waits for the others.
   if (device.is_cuda()) throw ConfigError("data parallelism on CUDA needs a LibTorch with NCCL");
