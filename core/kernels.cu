@@ -72,6 +72,32 @@ bool rows_aligned(std::initializer_list<const void*> buffers, int64_t cols, int 
   return true;
 }
 
+// Whether every row of a walk over heads (RopeShape) starts on a 16-byte boundary, in x, in y
+// and in the given buffers.
+bool heads_aligned(const RopeShape& s, int bytes, std::initializer_list<const void*> buffers) {
+  for (int64_t stride :
+       {s.stride_b, s.stride_h, s.stride_t, s.out_stride_b, s.out_stride_h, s.out_stride_t})
+    if (stride * bytes % 16 != 0) return false;
+  for (const void* p : buffers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// Where element idx of a walk over the [B, T, H] rows of a RopeShape falls, `groups` packs of N
+// a row (D, then the heads, fastest: the order both layouts store them in): the row's start in
+// x and in y, its b and t, and the first element j of its pack.
+struct HeadRow {
+  int64_t x, y, b, t, j;
+};
+template <int N>
+__device__ HeadRow head_row(const RopeShape& s, int64_t idx, int64_t groups) {
+  const int64_t row = idx / groups;  // (b * T + t) * H + h
+  const int64_t h = row % s.h, bt = row / s.h;
+  const int64_t t = bt % s.t, b = bt / s.t;
+  return {b * s.stride_b + h * s.stride_h + t * s.stride_t,
+          b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t, b, t, (idx % groups) * N};
+}
+
 // Sum over the block; every thread gets the result.
 template <typename Acc>
 __device__ Acc block_sum(Acc v) {
@@ -427,15 +453,13 @@ __global__ void rope_kernel(const T* __restrict__ x,
   const int64_t total = s.b * s.t * s.h * groups;
   for (int64_t idx = blockIdx.x * int64_t(kBlock) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * kBlock) {
-    const int64_t j = (idx % groups) * N;
-    const int64_t row = idx / groups;  // (b * T + t) * H + h
-    const int64_t h = row % s.h, bt = row / s.h;
-    const int64_t t = bt % s.t, b = bt / s.t;
-    const T* xr = x + b * s.stride_b + h * s.stride_h + t * s.stride_t;
-    T* yr = y + b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t;
+    const HeadRow at_row = head_row<N>(s, idx, groups);
+    const int64_t j = at_row.j;
+    const T* xr = x + at_row.x;
+    T* yr = y + at_row.y;
     const P x1 = *reinterpret_cast<const P*>(xr + j),
             x2 = *reinterpret_cast<const P*>(xr + j + half);
-    const int64_t at = b * s.table_stride_b + t * s.d + j;
+    const int64_t at = at_row.b * s.table_stride_b + at_row.t * s.d + j;
     const P c1 = *reinterpret_cast<const P*>(cos + at),
             c2 = *reinterpret_cast<const P*>(cos + at + half);
     const P s1 = *reinterpret_cast<const P*>(sin + at),
@@ -568,12 +592,9 @@ __global__ void copy_heads_kernel(const T* __restrict__ x, RopeShape s, T* __res
   const int64_t total = s.b * s.t * s.h * groups;
   for (int64_t idx = blockIdx.x * int64_t(kBlock) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * kBlock) {
-    const int64_t j = (idx % groups) * N;
-    const int64_t row = idx / groups;  // (b * T + t) * H + h
-    const int64_t h = row % s.h, bt = row / s.h;
-    const int64_t t = bt % s.t, b = bt / s.t;
-    *reinterpret_cast<P*>(y + b * s.out_stride_b + h * s.out_stride_h + t * s.out_stride_t + j) =
-        *reinterpret_cast<const P*>(x + b * s.stride_b + h * s.stride_h + t * s.stride_t + j);
+    const HeadRow at_row = head_row<N>(s, idx, groups);
+    *reinterpret_cast<P*>(y + at_row.y + at_row.j) =
+        *reinterpret_cast<const P*>(x + at_row.x + at_row.j);
   }
 }
 
@@ -775,13 +796,9 @@ void rope(Dtype dt,
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
-    // Every row start and the half-way point must sit on a 16-byte boundary.
-    bool wide = half % W == 0;
-    for (int64_t stride : {shape.stride_b, shape.stride_h, shape.stride_t, shape.out_stride_b,
-                           shape.out_stride_h, shape.out_stride_t, shape.d})
-      wide = wide && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-    for (const void* p : {x, cos, sin, static_cast<const void*>(y)})
-      wide = wide && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    // Every row start and the half-way point (so also each table row, D = 2 half) must sit on a
+    // 16-byte boundary.
+    const bool wide = half % W == 0 && heads_aligned(shape, sizeof(T), {x, cos, sin, y});
     auto launch = [&](auto kernel, int per) {
       kernel<<<grid_for(shape.b * shape.h * shape.t * half / per), kBlock, 0, stream>>>(
           static_cast<const T*>(x), shape, static_cast<const T*>(cos), static_cast<const T*>(sin),
@@ -798,12 +815,7 @@ void copy_heads(Dtype dt, const void* x, const RopeShape& shape, void* y, Stream
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int W = kWide<T>;
-    bool wide = shape.d % W == 0;
-    for (int64_t stride : {shape.stride_b, shape.stride_h, shape.stride_t, shape.out_stride_b,
-                           shape.out_stride_h, shape.out_stride_t})
-      wide = wide && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-    for (const void* p : {x, static_cast<const void*>(y)})
-      wide = wide && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    const bool wide = shape.d % W == 0 && heads_aligned(shape, sizeof(T), {x, y});
     auto launch = [&](auto kernel, int per) {
       kernel<<<grid_for(n / per), kBlock, 0, stream>>>(static_cast<const T*>(x), shape,
                                                        static_cast<T*>(y));
