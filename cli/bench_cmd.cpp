@@ -22,7 +22,10 @@ Action add_bench(CLI::App& app) {
                   "train the rows of this dataset, read as data.format, data.max_seq_len and "
                   "data.packing say (--set); with --shape, format tokens")
       ->check(CLI::ExistingFile);
-  cmd->add_option("--batch", o->batch, "sequences per step, of each job")->check(in_range(1));
+  cmd->add_option("--batch", o->batch,
+                  "sequences per step, of each job, in one forward pass (fewer a pass with "
+                  "--set train.micro_batch_size)")
+      ->check(in_range(1));
   cmd->add_option("--jobs", o->jobs, "fused jobs on the one base, each its own adapter and rows")
       ->check(in_range(1, 64));
   cmd->add_option("--set", o->overrides,
@@ -54,6 +57,7 @@ Action add_bench(CLI::App& app) {
                                         {"device", r.device},
                                         {"seq", o->seq},
                                         {"batch", o->batch},
+                                        {"micro_batch", r.micro_batch},
                                         {"jobs", o->jobs}}
                              .dump());
     } else {

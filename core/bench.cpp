@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
 
@@ -98,7 +99,10 @@ BenchResult run_bench(const BenchOptions& o) {
     graphs.emplace(device, std::move(trainable));
   }
 
-  const int64_t micro = std::min(o.batch, recipe.train.micro_batch_size);
+  const bool micro_set = std::any_of(
+      o.overrides.begin(), o.overrides.end(),
+      [](const std::string& kv) { return kv.rfind("train.micro_batch_size=", 0) == 0; });
+  const int64_t micro = micro_set ? std::min(o.batch, recipe.train.micro_batch_size) : o.batch;
   // Each step's micro-batches: the same random rows every step, or each job's next rows of
   // --data, collated in the step as the trainer does.
   std::vector<Example> random_rows, examples;
@@ -198,6 +202,7 @@ BenchResult run_bench(const BenchOptions& o) {
           : 0.0;
   for (const auto& opt : optimizers)
     for (const auto& p : opt.params) r.trainable_params += p.numel();
+  r.micro_batch = micro;
   r.device = device.str();
   return r;
 }

@@ -15,8 +15,10 @@ struct BenchOptions {
   // `seq` tokens a row.
   std::string data;
   int64_t seq = 2048;
-  int64_t batch = 1;  // sequences per step, of each job
-  int64_t jobs = 1;   // fused jobs (ASPEN), each with its own adapter, rows and optimizer
+  // Sequences per step, of each job: one forward pass, as peers' benchmarks run a batch, unless
+  // the overrides set train.micro_batch_size (then in micro-batches of that many).
+  int64_t batch = 1;
+  int64_t jobs = 1;  // fused jobs (ASPEN), each with its own adapter, rows and optimizer
   std::vector<std::string> overrides;  // recipe keys: adapter.*, train.gradient_checkpointing, ...
   std::string device = "auto";
   int64_t warmup_steps = 3;
@@ -34,6 +36,7 @@ struct BenchResult {
   double mfu = 0;                // model FLOPs per second over the GPU's bf16 peak; 0 on the CPU
   double loss = 0;               // of the last step, to show the run is sane
   int64_t trainable_params = 0;
+  int64_t micro_batch = 0;  // each job's rows in one forward pass
   std::string device;
 };
 

@@ -3,9 +3,8 @@
 # bench and PEFT + transformers (eager, and under torch.compile for the rows COMPILED lists:
 # all by default) on the same shapes, and prints the ratios. Needs .gpu-deps. The five rows
 # with compiled PEFT take about 17 minutes (the 7B and 8B compiles warm up for 2.5 min a row):
-# over one call's 10-minute limit. PREBUILT=1 skips the build (2-3 minutes): build-gpu/ then
-# holds only lorafit and liblorafit_sentencepiece.so, from an earlier call's build brought back
-# and carried in. With it the five rows fit two calls:
+# over one call's 10-minute limit. PREBUILT=1 skips the build (gpu_common.sh), and with it the
+# five rows fit two calls:
 #   PREBUILT=1 KEEPS=attention,residual ROWS="llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0" bash scripts/bench_vs_peft.sh
 #   PREBUILT=1 KEEPS=attention,residual ROWS="llama2-7b:4096:1:1 llama3-8b:4096:1:1" bash scripts/bench_vs_peft.sh
 # COMPILED="" skips compiled PEFT (all five rows then fit one call). On checkpointed rows
@@ -18,7 +17,7 @@ rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4
 compiled="${COMPILED-$rows}"
 keeps="${KEEPS-none attention,residual}"
 graph_modes="${GRAPHS:-false}"
-[ "${PREBUILT:-0}" = 1 ] || gpu_build bench lorafit
+gpu_build bench lorafit
 results="$out/bench.jsonl"
 : > "$results"
 for row in $rows; do

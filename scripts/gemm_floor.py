@@ -5,6 +5,8 @@ where a checkpointed layer recomputes it), the loss head's two GEMMs, and causal
 forward and backward through SDPA, each timed alone at the step's sizes. A second floor adds
 LoRA's six skinny GEMMs per target (r=16, all seven projections), run as lorafit runs them.
 Compared with `lorafit bench` on the same row, the gap is what the rest of the step costs.
+Attention is timed again right after GEMMs, as it runs in a step; the floor takes the figure
+measured alone.
 
 usage: gemm_floor.py SHAPE:SEQ:BATCH:CKPT [...]    (CKPT 1: the layer keeps attention and the
 residual, so its recomputation runs the q/k/v and gate/up GEMMs again, not attention or o/down)
@@ -22,16 +24,24 @@ PEAK = 798e12  # bf16 GEMM rate that lorafit's MFU counts against (8192^3 on an 
 RANK = 16
 
 
-def timed(fn, reps=20):
+def timed(fn, reps=20, before=None):
+    """Seconds of one fn() on the GPU; with `before`, run ahead of each fn() and not timed."""
     for _ in range(3):
+        if before:
+            before()
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
+    marks = []
+    for _ in range(1 if before is None else reps):
+        if before:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps if before is None else 1):
+            fn()
+        end.record()
+        marks.append((start, end))
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3  # seconds
+    return sum(s.elapsed_time(e) for s, e in marks) / reps / 1e3
 
 
 def randn(*size):
@@ -62,17 +72,21 @@ def lora_seconds(n, k, m):
     return timed(step)
 
 
-def attention_seconds(batch, heads, kv, seq, d):
-    q = randn(batch, heads, seq, d).requires_grad_()
-    k = randn(batch, kv, seq, d).requires_grad_()
-    v = randn(batch, kv, seq, d).requires_grad_()
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                           enable_gqa=kv != heads)
-    g = torch.randn_like(out)
-    fwd = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=kv != heads))
-    both = timed(lambda: torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=kv != heads), (q, k, v), g))
+def attention_seconds(batch, heads, kv, seq, d, before=None):
+    """Forward and backward seconds of causal SDPA on q, k, v and the output's gradient as
+    [B, H, T, D] views of [B, T, H, D] memory, the layout lorafit's projections give it (cuDNN
+    runs the same kernels as fast on contiguous [B, H, T, D]); `before` as timed's."""
+    def make(n):
+        return randn(batch, seq, n, d).transpose(1, 2).requires_grad_()
+
+    q, k, v = make(heads), make(kv), make(kv)
+    g = randn(batch, seq, heads, d).transpose(1, 2)
+
+    def forward():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                enable_gqa=kv != heads)
+    fwd = timed(forward, before=before)
+    both = timed(lambda: torch.autograd.grad(forward(), (q, k, v), g), before=before)
     return fwd, both - fwd
 
 
@@ -99,6 +113,11 @@ def main():
             params += k * m
         afwd, abwd = attention_seconds(batch, heads, kv, seq, d)
         print(f"{'attention':10s} {afwd * 1e3:7.3f}       {abwd * 1e3:8.3f}")
+        # As in a step, where GEMMs run just before: the GPU's clocks under their power draw.
+        x, w = randn(n, c), randn(2 * inter, c)
+        gfwd, gbwd = attention_seconds(batch, heads, kv, seq, d,
+                                       before=lambda: [x @ w.t() for _ in range(3)])
+        print(f"{' after GEMMs':10s}{gfwd * 1e3:7.3f}       {gbwd * 1e3:8.3f}")
         hfwd, hbwd, _, _ = gemm_pair(n, c, vocab)
         print(f"{'head':10s} {hfwd * 1e3:7.3f}       {hbwd * 1e3:8.3f}")
         lora = sum(lora_seconds(n, k, m) for k, m in

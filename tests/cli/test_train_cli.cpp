@@ -271,6 +271,19 @@ TEST_CASE("bench prints throughput and memory as JSON on the CPU", "[cli][bench]
   REQUIRE(ckpt.code == 0);
   REQUIRE(nlohmann::json::parse(ckpt.out)["loss"].get<double>() ==
           Approx(j["loss"].get<double>()).epsilon(1e-5));
+  // --batch rows run as one forward pass, as peers' benchmarks run theirs; a micro-batch size
+  // that the overrides set splits them, and the accumulated step trains the same numbers.
+  const auto whole =
+      run_lorafit("bench --shape tiny --seq 64 --batch 8 --steps 2 --warmup 1 --device cpu --json");
+  const auto split = run_lorafit(
+      "bench --shape tiny --seq 64 --batch 8 --steps 2 --warmup 1 --device cpu --json "
+      "--set train.micro_batch_size=2");
+  REQUIRE(whole.code == 0);
+  REQUIRE(split.code == 0);
+  const auto w = nlohmann::json::parse(whole.out), s = nlohmann::json::parse(split.out);
+  REQUIRE(w["micro_batch"] == 8);
+  REQUIRE(s["micro_batch"] == 2);
+  REQUIRE(s["loss"].get<double>() == Approx(w["loss"].get<double>()).epsilon(1e-5));
   const auto bad = run_lorafit("bench --shape tiny --set adapter.rank=3");
   REQUIRE(bad.code == 2);
   REQUIRE_THAT(bad.err, Catch::Contains("adapter.rank"));
