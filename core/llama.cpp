@@ -416,12 +416,12 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids,
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto* layer = model->layers[i]->as<DecoderLayerImpl>();
-    h = checkpoint
-            ? CheckpointedLayer::apply(h, pos.cos, pos.sin, arg(pos.keep), arg(segments.ids),
-                                       arg(segments.cu_seqlens), segments.max_len,
-                                       reinterpret_cast<int64_t>(layer), checkpoint_keep.attention,
-                                       checkpoint_keep.residual, checkpoint_keep.gate_up)
-            : layer->forward(h, pos, cache, i);
+    const auto keeps = checkpoint_keep.in_layer(static_cast<int64_t>(i));
+    h = checkpoint ? CheckpointedLayer::apply(h, pos.cos, pos.sin, arg(pos.keep), arg(segments.ids),
+                                              arg(segments.cu_seqlens), segments.max_len,
+                                              reinterpret_cast<int64_t>(layer), keeps.attention,
+                                              keeps.residual, keeps.gate_up)
+                   : layer->forward(h, pos, cache, i);
   }
   if (cache) cache->length += ids.size(1);
   return model->norm(h);

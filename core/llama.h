@@ -7,6 +7,7 @@
 
 #include <torch/torch.h>
 
+#include <limits>
 #include <string>
 
 #include "core/attention.h"
@@ -130,6 +131,17 @@ struct CheckpointKeep {
   bool residual = false;   // h + attn ([B, T, C]): no o_proj GEMM, the MLP recomputes from it
   bool gate_up = false;    // the gate and up projections' output ([B, T, 2I]): no gate/up
                            // GEMM again; in layers whose MLP has no block adapter (MixLoRA)
+  static constexpr int64_t kEveryLayer = std::numeric_limits<int64_t>::max();
+  /// How many layers from the first keep each ("gate_up:14"), so that a memory budget can
+  /// hold part of the larger activations; the other layers recompute it.
+  int64_t attention_layers = kEveryLayer, residual_layers = kEveryLayer,
+          gate_up_layers = kEveryLayer;
+
+  /// What layer `i` (from 0) keeps.
+  CheckpointKeep in_layer(int64_t i) const {
+    return {attention && i < attention_layers, residual && i < residual_layers,
+            gate_up && i < gate_up_layers};
+  }
 };
 
 /// One checkpointed layer's kept activations (llama.cpp).

@@ -212,18 +212,26 @@ struct Reader {
   }
 
   bool read(const std::string& key, const YAML::Node& n, std::vector<std::string>& value) {
-    if (n.IsScalar() && n.Scalar() == "all-linear") {
+    const bool targets = key == "adapter.targets";
+    if (targets && n.IsScalar() && n.Scalar() == "all-linear") {
       value = kProjectionKinds;
       return true;
     }
     if (!n.IsSequence()) {
-      problems.push_back("'" + key + "' must be a list of module names or all-linear" + where(n));
+      problems.push_back("'" + key + "' must be a list of " +
+                         (targets ? "module names or all-linear" : "names") + where(n));
       return false;
     }
     value.clear();
     for (const auto& item : n) {
       if (!item.IsScalar()) {
-        problems.push_back("'" + key + "' must list module names" + where(n));
+        // "gate_up: 14" in a flow list is a one-pair map, "gate_up:14" the item meant.
+        problems.push_back("'" + key + "' must list " + (targets ? "module names" : "names") +
+                           where(n) +
+                           (item.IsMap() && key == "train.checkpoint_keep"
+                                ? " (hint: 'name: value' with a space is a map; a layer count "
+                                  "is written gate_up:14)"
+                                : ""));
         return false;
       }
       value.push_back(item.Scalar());
@@ -544,12 +552,17 @@ void check_recipe(const Recipe& r, bool check_files, std::vector<std::string>& p
   const std::vector<std::string> keepable{"attention", "residual", "gate_up"};
   std::set<std::string> kept;
   for (const auto& k : r.train.checkpoint_keep) {
-    if (std::find(keepable.begin(), keepable.end(), k) == keepable.end()) {
+    const auto item = checkpoint_keep_item(k);
+    if (!item) {
       problems.push_back("'train.checkpoint_keep' lists '" + k +
+                         "', whose layer count after ':' is not a positive integer (e.g. "
+                         "gate_up:14 keeps gate_up in the first 14 layers)");
+    } else if (std::find(keepable.begin(), keepable.end(), item->what) == keepable.end()) {
+      problems.push_back("'train.checkpoint_keep' lists '" + item->what +
                          "', expected any of attention, residual and gate_up" +
-                         did_you_mean(k, keepable));
-    } else if (!kept.insert(k).second) {
-      problems.push_back("'train.checkpoint_keep' lists '" + k + "' twice");
+                         did_you_mean(item->what, keepable));
+    } else if (!kept.insert(item->what).second) {
+      problems.push_back("'train.checkpoint_keep' lists '" + item->what + "' twice");
     }
   }
   if (!r.train.checkpoint_keep.empty() && !r.train.gradient_checkpointing) {
@@ -862,6 +875,19 @@ AdapterSettings adapter_settings(const AdapterRecipe& a) {
 
 std::vector<Recipe> recipe_jobs(const Recipe& recipe) {
   return recipe.jobs.empty() ? std::vector<Recipe>{recipe} : recipe.jobs;
+}
+
+std::optional<CheckpointKeepItem> checkpoint_keep_item(const std::string& text) {
+  const auto colon = text.find(':');
+  CheckpointKeepItem item{text.substr(0, colon)};
+  if (colon == std::string::npos) return item;
+  const auto count = text.substr(colon + 1);
+  if (count.empty() || count.size() > 9 ||
+      count.find_first_not_of("0123456789") != std::string::npos)
+    return std::nullopt;
+  item.layers = std::stoll(count);
+  if (item.layers == 0) return std::nullopt;
+  return item;
 }
 
 namespace {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,8 +56,8 @@ struct TrainRecipe {
   double weight_decay = 0.0;
   double max_grad_norm = 1.0;  // 0 turns clipping off
   bool gradient_checkpointing = false;
-  // What checkpointed layers keep for their recomputation: attention and/or residual (empty:
-  // everything is recomputed).
+  // What checkpointed layers keep for their recomputation: attention, residual and/or gate_up,
+  // each in every layer or ("gate_up:14") in the first N (empty: everything is recomputed).
   std::vector<std::string> checkpoint_keep;
   // Replay each forward-backward pass whose batch layout repeats from a CUDA graph (one launch
   // for its thousands of kernels); CUDA only.
@@ -119,6 +120,16 @@ struct Recipe {
 
 /// The jobs a recipe trains: its `jobs`, or the recipe itself.
 std::vector<Recipe> recipe_jobs(const Recipe& recipe);
+
+/// One item of train.checkpoint_keep: "gate_up" (every checkpointed layer keeps it) or
+/// "gate_up:14" (the first 14 layers do), so that a memory budget can hold part of a large
+/// activation. `layers` is 0 for every layer; std::nullopt when the count is not a positive
+/// integer.
+struct CheckpointKeepItem {
+  std::string what;
+  int64_t layers = 0;
+};
+std::optional<CheckpointKeepItem> checkpoint_keep_item(const std::string& text);
 
 /// Reads a recipe file ("-" for standard input), applies `overrides` ("data.max_seq_len=1024"),
 /// and checks everything that can be checked without loading weights: unknown keys (with a

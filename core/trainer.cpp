@@ -298,11 +298,16 @@ size_t batch_length_multiple(const LongLoraRecipe& l) {
 
 void use_recipe_layers(LlamaForCausalLM& model, const Recipe& recipe) {
   const auto& t = recipe.train;
-  auto keeps = [&](const char* what) {
-    return std::count(t.checkpoint_keep.begin(), t.checkpoint_keep.end(), what) > 0;
-  };
+  CheckpointKeep keep;
+  for (const auto& text : t.checkpoint_keep) {
+    const auto item = checkpoint_keep_item(text).value();  // the recipe checked it
+    const auto layers = item.layers > 0 ? item.layers : CheckpointKeep::kEveryLayer;
+    if (item.what == "attention") keep.attention = true, keep.attention_layers = layers;
+    if (item.what == "residual") keep.residual = true, keep.residual_layers = layers;
+    if (item.what == "gate_up") keep.gate_up = true, keep.gate_up_layers = layers;
+  }
   model->checkpoint_layers = t.gradient_checkpointing;
-  model->checkpoint_keep = {keeps("attention"), keeps("residual"), keeps("gate_up")};
+  model->checkpoint_keep = keep;
   const auto& l = recipe.longlora;
   if (!l.enabled) return;
   model->use_s2(l.group_ratio, l.shift == "roll"     ? S2Shift::Roll

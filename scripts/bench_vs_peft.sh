@@ -9,8 +9,12 @@
 #   PREBUILT=1 KEEPS=attention,residual ROWS="llama2-7b:4096:1:1 llama3-8b:4096:1:1" bash scripts/bench_vs_peft.sh
 # COMPILED="" skips compiled PEFT (all five rows then fit one call). On checkpointed rows
 # lorafit runs once for each value of train.checkpoint_keep in KEEPS (default "none
-# attention,residual"; "none" recomputes everything), against the same PEFT runs. GRAPHS="false true" runs lorafit on
-# each row both eagerly and with train.cuda_graphs (default: false).
+# attention,residual"; "none" recomputes everything), against the same PEFT runs. "match"
+# keeps attention, the residual and gate/up's output in as many layers as fit eager PEFT's peak
+# memory on that row: two short probe runs measure lorafit's memory keeping attention and the
+# residual, and what one layer's gate/up adds (KEEPS="attention,residual match" compares at
+# PEFT's memory). GRAPHS="false true" runs lorafit on each row both eagerly and with
+# train.cuda_graphs (default: false).
 set -uo pipefail
 source scripts/gpu_common.sh
 rows="${ROWS:-llama-1b:2048:4:0 llama-1b:8192:1:1 llama2-7b:2048:2:0 llama2-7b:4096:1:1 llama3-8b:4096:1:1}"
@@ -18,6 +22,22 @@ compiled="${COMPILED-$rows}"
 keeps="${KEEPS-none attention,residual}"
 graph_modes="${GRAPHS:-false}"
 gpu_build bench lorafit
+# match_peft_memory SHAPE SEQ BATCH PEFT_JSON: the checkpoint_keep list for "match".
+match_peft_memory() {
+  local probe=(./build-gpu/lorafit bench --shape "$1" --seq "$2" --batch "$3" --device cuda --json
+               --steps 1 --warmup 1 --set train.gradient_checkpointing=true)
+  local base one
+  base=$("${probe[@]}" --set "train.checkpoint_keep=[attention,residual]" 2>> "$out/bench.log") &&
+    one=$("${probe[@]}" --set "train.checkpoint_keep=[attention,residual,gate_up:1]" 2>> "$out/bench.log") ||
+    return 1
+  python3 - "$base" "$one" "$4" <<'PY'
+import json, math, sys
+base, one, peft = (json.loads(a) for a in sys.argv[1:])
+layer = one["peak_mem_gib"] - base["peak_mem_gib"]
+n = math.floor((peft["peak_mem_gib"] - base["peak_mem_gib"]) / layer) if layer > 0 and peft else 0
+print("attention,residual" + (f",gate_up:{n}" if n > 0 else ""))
+PY
+}
 results="$out/bench.jsonl"
 : > "$results"
 for row in $rows; do
@@ -26,6 +46,9 @@ for row in $rows; do
   comp='{}'
   [[ " $compiled " == *" $row "* ]] && comp=$(python3 scripts/peft_bench.py "$shape" "$seq" "$batch" "$ckpt" 1 2>> "$out/bench.log" || echo '{}')
   for keep in $([ "$ckpt" = 1 ] && echo "$keeps" || echo none); do
+    if [ "$keep" = match ]; then
+      keep=$(match_peft_memory "$shape" "$seq" "$batch" "$eager") || continue
+    fi
     for graphs in $graph_modes; do
       sets=(--set train.gradient_checkpointing=$([ "$ckpt" = 1 ] && echo true || echo false))
       [ "$keep" != none ] && sets+=(--set "train.checkpoint_keep=[$keep]")

@@ -227,13 +227,18 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward", 
     for (const auto& p : params) out.push_back(p.grad().clone());
     return out;
   };
+  // The first layer alone keeping gate/up: the layers that keep and those that recompute it
+  // hand each other their gradients.
+  auto first_gate_up = CheckpointKeep{false, true, true};
+  first_gate_up.gate_up_layers = 1;
   for (const double dropout : {0.2, 0.0}) {
     const auto plain = grads(dropout, false, {});
     for (const auto keep :
          {CheckpointKeep{}, CheckpointKeep{false, true}, CheckpointKeep{true, true},
-          CheckpointKeep{false, false, true}, CheckpointKeep{false, true, true}}) {
+          CheckpointKeep{false, false, true}, CheckpointKeep{false, true, true}, first_gate_up}) {
       INFO("dropout " << dropout << ", keeping attention " << keep.attention << ", residual "
-                      << keep.residual << ", gate/up " << keep.gate_up);
+                      << keep.residual << ", gate/up " << keep.gate_up << " in "
+                      << keep.gate_up_layers << " layers");
       lorafit::test::require_same_gradients(plain, grads(dropout, true, keep));
     }
   }

@@ -66,10 +66,12 @@ TEST_CASE("overrides with --set reach any key by its dotted path", "[core][recip
 }
 
 TEST_CASE("the resolved recipe reads back as the same recipe", "[core][recipe]") {
-  const auto r = load_text(base_recipe(), {"adapter.targets=all-linear", "train.warmup_steps=3",
-                                           "train.gradient_checkpointing=true",
-                                           "train.checkpoint_keep=[attention, residual, gate_up]"});
-  REQUIRE(r.train.checkpoint_keep == std::vector<std::string>{"attention", "residual", "gate_up"});
+  const auto r =
+      load_text(base_recipe(), {"adapter.targets=all-linear", "train.warmup_steps=3",
+                                "train.gradient_checkpointing=true",
+                                "train.checkpoint_keep=[attention, residual, gate_up:3]"});
+  REQUIRE(r.train.checkpoint_keep ==
+          std::vector<std::string>{"attention", "residual", "gate_up:3"});
   const auto yaml = recipe_to_yaml(r);
   REQUIRE(recipe_to_yaml(load_text(yaml)) == yaml);
 }
@@ -110,6 +112,18 @@ TEST_CASE("broken recipes name the key that is wrong", "[core][recipe]") {
        "'residual'?)"},
       {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[residual, residual]"},
        "'train.checkpoint_keep' lists 'residual' twice"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[residual, gate_up:0]"},
+       "lists 'gate_up:0', whose layer count after ':' is not a positive integer"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[gate_up:half]"},
+       "lists 'gate_up:half', whose layer count"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[gate_upp:4]"},
+       "lists 'gate_upp', expected any of attention, residual and gate_up (did you mean "
+       "'gate_up'?)"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[gate_up, gate_up:4]"},
+       "'train.checkpoint_keep' lists 'gate_up' twice"},
+      {{"train.gradient_checkpointing=true", "train.checkpoint_keep=[residual, gate_up: 4]"},
+       "'train.checkpoint_keep' must list names (line 1) (hint: 'name: value' with a space is a "
+       "map; a layer count is written gate_up:14)"},
       {{"train.checkpoint_keep=[attention]"}, "train.gradient_checkpointing is false"},
       {{"train.gradient_checkpointing=true",
         "jobs=[{name: a}, {name: b, train: {checkpoint_keep: [attention]}}]"},
@@ -299,4 +313,16 @@ TEST_CASE("warmup and the batch can each be said one of two ways, not both", "[c
   REQUIRE(gas.train.gradient_accumulation_steps == 3);
   REQUIRE_THAT(recipe_to_yaml(gas), Catch::Contains("gradient_accumulation_steps: 3") &&
                                         !Catch::Contains("\n  batch_size: "));
+}
+
+TEST_CASE("checkpoint_keep's layer counts reach the layers they name", "[core][recipe]") {
+  const auto r = load_text(base_recipe(), {"train.gradient_checkpointing=true",
+                                           "train.checkpoint_keep=[residual, gate_up:1]"});
+  auto model = load_llama(r.model, torch::kCPU, torch::kFloat32);
+  use_recipe_layers(model, r);
+  REQUIRE(model->checkpoint_layers);
+  const auto first = model->checkpoint_keep.in_layer(0),
+             second = model->checkpoint_keep.in_layer(1);
+  REQUIRE((first.residual && first.gate_up && !first.attention));
+  REQUIRE((second.residual && !second.gate_up && !second.attention));
 }
